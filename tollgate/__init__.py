@@ -1,0 +1,1 @@
+"""Tollgate: durable business lifecycles on Temporal, with Postgres-guarded state."""

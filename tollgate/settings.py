@@ -1,0 +1,60 @@
+"""Settings for every Tollgate process, read from the environment.
+
+The defaults point at the local stack that ``make up`` runs, so ``python starter.py``
+in another terminal reaches it with no configuration. Point Tollgate at your own
+Temporal and Postgres by exporting ``TEMPORAL_ADDRESS`` and ``DATABASE_URL``.
+
+The ports are deliberately not Temporal's 7233/8233 or Postgres's 5432: a developer
+machine often already runs those, and the local stack must not collide with them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TEMPORAL_PORT = 17233
+DEFAULT_TEMPORAL_UI_PORT = 18233
+DEFAULT_POSTGRES_PORT = 15432
+DEFAULT_SANDBOX_PORT = 18081
+
+#: Where the local stack keeps its data (Postgres cluster, Temporal's SQLite file, logs).
+DEFAULT_STATE_DIR = Path(".tollgate")
+
+
+class Settings(BaseSettings):
+    """Every knob a Tollgate process reads. Environment variable = field name, upper-case."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    temporal_address: str = f"127.0.0.1:{DEFAULT_TEMPORAL_PORT}"
+    temporal_namespace: str = "default"
+    temporal_ui_url: str = f"http://127.0.0.1:{DEFAULT_TEMPORAL_UI_PORT}"
+    task_queue: str = "tollgate-orders"
+
+    database_url: str = f"postgresql://tollgate@127.0.0.1:{DEFAULT_POSTGRES_PORT}/tollgate"
+    database_pool_max: int = Field(default=10, ge=1)
+
+    sandbox_url: str = f"http://127.0.0.1:{DEFAULT_SANDBOX_PORT}"
+    #: Per-request timeout for provider calls; an activity's own timeout bounds retries.
+    provider_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    #: Worker slot limits: how many activities / workflow tasks one worker runs at once.
+    max_concurrent_activities: int = Field(default=100, ge=1)
+    max_concurrent_workflow_tasks: int = Field(default=100, ge=1)
+
+    #: OTLP/HTTP endpoint for traces (e.g. http://127.0.0.1:4318). Unset: no export.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "tollgate"
+    log_level: str = "INFO"
+
+    state_dir: Path = DEFAULT_STATE_DIR
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
