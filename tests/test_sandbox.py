@@ -1,0 +1,743 @@
+"""Tests of the provider sandbox: ledger, idempotency, voids and fault injection.
+
+Most tests talk to a fresh in-process app through ``httpx.ASGITransport``; the last one
+runs the real uvicorn server on a socket to prove the sandbox works over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from tollgate.sandbox import (
+    FaultSpec,
+    SandboxAdmin,
+    SandboxAdminError,
+    SandboxConfig,
+    create_app,
+)
+from tollgate.sandbox import __main__ as sandbox_main
+
+CHARGES = "/payments/charges"
+REFUNDS = "/payments/refunds"
+RESERVATIONS = "/inventory/reservations"
+RELEASES = "/inventory/releases"
+
+
+@pytest.fixture
+def app() -> Starlette:
+    return create_app()
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as c:
+        yield c
+
+
+@pytest.fixture
+async def admin(app: Starlette) -> AsyncIterator[SandboxAdmin]:
+    async with SandboxAdmin("http://sandbox", transport=httpx.ASGITransport(app=app)) as a:
+        yield a
+
+
+def charge_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "order_id": "o-1",
+        "customer_id": "c-1",
+        "amount_cents": 2_500,
+        "currency": "USD",
+    }
+    body.update(overrides)
+    return body
+
+
+async def post(client: httpx.AsyncClient, path: str, key: str, body: Any) -> httpx.Response:
+    return await client.post(path, json=body, headers={"Idempotency-Key": key})
+
+
+async def charge(client: httpx.AsyncClient, key: str, **overrides: Any) -> httpx.Response:
+    return await post(client, CHARGES, key, charge_body(**overrides))
+
+
+async def reserve(
+    client: httpx.AsyncClient, key: str, items: list[dict[str, Any]], order_id: str = "o-1"
+) -> httpx.Response:
+    return await post(client, RESERVATIONS, key, {"order_id": order_id, "items": items})
+
+
+# --------------------------------------------------------------------------- payments
+
+
+async def test_health(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert await admin.health() == {"status": "ok"}
+
+
+async def test_charge_happy_path(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    response = await charge(client, "k-charge")
+    assert response.status_code == 201
+    body = response.json()
+    assert body == {
+        "charge_id": body["charge_id"],
+        "order_id": "o-1",
+        "customer_id": "c-1",
+        "amount_cents": 2_500,
+        "currency": "USD",
+        "status": "captured",
+        "idempotency_key": "k-charge",
+    }
+    assert body["charge_id"].startswith("ch_")
+
+    ledger = await admin.ledger()
+    assert len(ledger.charges) == 1
+    entry = ledger.charges[0]
+    assert entry.charge_id == body["charge_id"]
+    assert entry.status == "captured"
+    assert entry.idempotency_key == "k-charge"
+    assert entry.created_at.tzinfo is not None
+
+
+async def test_retry_with_same_key_replays_without_a_second_charge(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    first = await charge(client, "k-1")
+    # Same body, different key order and whitespace: still the same request.
+    replay = await client.post(
+        CHARGES,
+        content=(
+            b'{"currency": "USD", "amount_cents": 2500,\n "customer_id": "c-1", "order_id": "o-1"}'
+        ),
+        headers={"Idempotency-Key": "k-1", "Content-Type": "application/json"},
+    )
+    assert replay.status_code == 201
+    assert replay.json() == first.json()
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert len((await admin.ledger()).charges) == 1
+
+
+async def test_provider_post_without_idempotency_key_is_400(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    for path, body in [
+        (CHARGES, charge_body()),
+        (REFUNDS, {"order_id": "o-1", "charge_idempotency_key": "k"}),
+        (RESERVATIONS, {"order_id": "o-1", "items": [{"sku": "WIDGET", "quantity": 1}]}),
+        (RELEASES, {"order_id": "o-1", "reservation_idempotency_key": "k"}),
+    ]:
+        response = await client.post(path, json=body)
+        assert response.status_code == 400, path
+        assert response.json()["error"] == "invalid_request"
+        assert "Idempotency-Key" in response.json()["message"]
+    ledger = await admin.ledger()
+    assert ledger.charges == [] and ledger.voids == [] and ledger.reservations == []
+
+
+async def test_declined_charge_replays_the_same_402(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.decline_customer("c-bad")
+    first = await charge(client, "k-decl", customer_id="c-bad")
+    assert first.status_code == 402
+    assert first.json()["error"] == "card_declined"
+
+    # The card is fixed now, but a retry of the declined request is the same request:
+    # it must get the same decision, not a new one.
+    await admin.allow_customer("c-bad")
+    retry = await charge(client, "k-decl", customer_id="c-bad")
+    assert retry.status_code == 402
+    assert retry.json() == first.json()
+
+    fresh = await charge(client, "k-decl-2", customer_id="c-bad")
+    assert fresh.status_code == 201
+    assert len((await admin.ledger()).charges) == 1
+
+
+async def test_charge_over_card_limit_is_insufficient_funds() -> None:
+    app = create_app(SandboxConfig(card_limit_cents=10_000))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://sandbox"
+    ) as client:
+        over = await charge(client, "k-over", amount_cents=10_001)
+        assert over.status_code == 402
+        assert over.json()["error"] == "insufficient_funds"
+        at_limit = await charge(client, "k-at", amount_cents=10_000)
+        assert at_limit.status_code == 201
+
+
+async def test_declined_customers_from_config() -> None:
+    app = create_app(SandboxConfig(declined_customers={"c-x"}))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://sandbox"
+    ) as client:
+        assert (await charge(client, "k", customer_id="c-x")).status_code == 402
+
+
+async def test_same_key_different_body_is_conflict(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    assert (await charge(client, "k-c")).status_code == 201
+    conflict = await charge(client, "k-c", amount_cents=9_999)
+    assert conflict.status_code == 409
+    assert conflict.json()["error"] == "idempotency_conflict"
+    ledger = await admin.ledger()
+    assert [c.amount_cents for c in ledger.charges] == [2_500]
+
+
+async def test_idempotency_keys_are_scoped_per_endpoint(client: httpx.AsyncClient) -> None:
+    assert (await charge(client, "shared")).status_code == 201
+    # Same key on another provider and on another payments endpoint: independent.
+    assert (await reserve(client, "shared", [{"sku": "WIDGET", "quantity": 1}])).status_code == 201
+    refund = await post(
+        client, REFUNDS, "shared", {"order_id": "o-1", "charge_idempotency_key": "shared"}
+    )
+    assert refund.status_code == 201
+
+
+async def test_refund_before_charge_voids_and_late_charge_is_refused(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    refund = await post(
+        client, REFUNDS, "k-ref", {"order_id": "o-1", "charge_idempotency_key": "k-late"}
+    )
+    assert refund.status_code == 200
+    assert refund.json() == {
+        "status": "voided",
+        "refund_id": None,
+        "charge_id": None,
+        "amount_cents": 0,
+    }
+
+    late = await charge(client, "k-late")
+    assert late.status_code == 409
+    assert late.json()["error"] == "voided"
+
+    # A second compensation attempt (new key) does not add a second tombstone.
+    again = await post(
+        client, REFUNDS, "k-ref-2", {"order_id": "o-1", "charge_idempotency_key": "k-late"}
+    )
+    assert again.json()["status"] == "voided"
+
+    ledger = await admin.ledger()
+    assert ledger.charges == []
+    assert ledger.refunds == []
+    assert len(ledger.voids) == 1
+    void = ledger.voids[0]
+    assert (void.provider, void.kind, void.idempotency_key, void.voided_by) == (
+        "payments",
+        "charge",
+        "k-late",
+        "k-ref",
+    )
+
+
+async def test_refund_twice_makes_one_refund(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    charged = (await charge(client, "k-ch")).json()
+    body = {"order_id": "o-1", "charge_idempotency_key": "k-ch", "reason": "cancelled"}
+
+    first = await post(client, REFUNDS, "k-r1", body)
+    assert first.status_code == 201
+    assert first.json() == {
+        "status": "refunded",
+        "refund_id": first.json()["refund_id"],
+        "charge_id": charged["charge_id"],
+        "amount_cents": 2_500,
+    }
+    # A different compensation attempt: 200 with the existing refund.
+    second = await post(client, REFUNDS, "k-r2", body)
+    assert second.status_code == 200
+    assert second.json() == first.json()
+    # A retry of the first attempt: its stored 201.
+    replay = await post(client, REFUNDS, "k-r1", body)
+    assert replay.status_code == 201
+    assert replay.json() == first.json()
+
+    ledger = await admin.ledger()
+    assert len(ledger.refunds) == 1
+    assert ledger.refunds[0].reason == "cancelled"
+    assert ledger.refunds[0].charge_idempotency_key == "k-ch"
+    assert ledger.charges[0].status == "refunded"
+
+
+async def test_refund_of_another_orders_charge_is_refused(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await charge(client, "k-ch", order_id="o-1")
+    wrong = await post(
+        client, REFUNDS, "k-r", {"order_id": "o-2", "charge_idempotency_key": "k-ch"}
+    )
+    assert wrong.status_code == 409
+    assert wrong.json()["error"] == "order_mismatch"
+    ledger = await admin.ledger()
+    assert ledger.refunds == [] and ledger.charges[0].status == "captured"
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+async def test_get_sku(client: httpx.AsyncClient) -> None:
+    found = await client.get("/inventory/skus/GADGET")
+    assert found.status_code == 200
+    assert found.json() == {"sku": "GADGET", "available": 50}
+    missing = await client.get("/inventory/skus/NOPE")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "unknown_sku"
+
+
+async def test_reservation_success_decrements_stock(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    items = [{"sku": "WIDGET", "quantity": 3}, {"sku": "GIZMO", "quantity": 25}]
+    response = await reserve(client, "k-res", items)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["status"] == "reserved"
+    assert body["items"] == items
+    assert body["idempotency_key"] == "k-res"
+    stock = await admin.stock()
+    assert stock["WIDGET"] == 97
+    assert stock["GIZMO"] == 0
+    ledger = await admin.ledger(order_id="o-1")
+    assert [r.reservation_id for r in ledger.reservations] == [body["reservation_id"]]
+
+
+async def test_reservation_is_all_or_nothing(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    before = await admin.stock()
+
+    short = await reserve(
+        client, "k-1", [{"sku": "WIDGET", "quantity": 5}, {"sku": "GADGET", "quantity": 51}]
+    )
+    assert short.status_code == 422
+    assert short.json() == {
+        "error": "out_of_stock",
+        "sku": "GADGET",
+        "requested": 51,
+        "available": 50,
+        "message": short.json()["message"],
+    }
+
+    unknown = await reserve(
+        client, "k-2", [{"sku": "WIDGET", "quantity": 5}, {"sku": "NOPE", "quantity": 1}]
+    )
+    assert unknown.status_code == 422
+    assert unknown.json()["error"] == "unknown_sku"
+    assert unknown.json()["sku"] == "NOPE"
+
+    # Two lines of the same sku add up: 20 + 10 GIZMO > 25.
+    summed = await reserve(
+        client, "k-3", [{"sku": "GIZMO", "quantity": 20}, {"sku": "GIZMO", "quantity": 10}]
+    )
+    assert summed.status_code == 422
+    assert summed.json()["requested"] == 30
+
+    soldout = await reserve(client, "k-4", [{"sku": "SOLDOUT", "quantity": 1}])
+    assert soldout.json()["error"] == "out_of_stock"
+
+    assert await admin.stock() == before
+    assert (await admin.ledger()).reservations == []
+
+
+async def test_release_restores_stock(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    reserved = (await reserve(client, "k-res", [{"sku": "WIDGET", "quantity": 10}])).json()
+    assert (await admin.stock())["WIDGET"] == 90
+
+    body = {"order_id": "o-1", "reservation_idempotency_key": "k-res"}
+    released = await post(client, RELEASES, "k-rel", body)
+    assert released.status_code == 201
+    assert released.json() == {
+        "status": "released",
+        "release_id": released.json()["release_id"],
+        "reservation_id": reserved["reservation_id"],
+    }
+    assert (await admin.stock())["WIDGET"] == 100
+
+    # A second release does not give the stock back twice.
+    again = await post(client, RELEASES, "k-rel-2", body)
+    assert again.status_code == 200
+    assert again.json() == released.json()
+    assert (await admin.stock())["WIDGET"] == 100
+
+    ledger = await admin.ledger()
+    assert ledger.reservations[0].status == "released"
+    assert len(ledger.releases) == 1
+
+
+async def test_release_before_reservation_voids(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    body = {"order_id": "o-1", "reservation_idempotency_key": "k-late"}
+    voided = await post(client, RELEASES, "k-rel", body)
+    assert voided.status_code == 200
+    assert voided.json() == {"status": "voided", "release_id": None, "reservation_id": None}
+
+    late = await reserve(client, "k-late", [{"sku": "WIDGET", "quantity": 1}])
+    assert late.status_code == 409
+    assert late.json()["error"] == "voided"
+    assert (await admin.stock())["WIDGET"] == 100
+    assert [v.kind for v in (await admin.ledger()).voids] == ["reservation"]
+
+
+async def test_concurrent_reservations_do_not_oversell(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    # Latency before the lock makes all ten requests overlap.
+    await admin.set_fault("inventory", FaultSpec(latency_ms=50))
+    responses = await asyncio.gather(
+        *(reserve(client, f"k-{i}", [{"sku": "GIZMO", "quantity": 3}]) for i in range(10))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] * 8 + [422] * 2
+    assert (await admin.stock())["GIZMO"] == 1
+
+
+async def test_concurrent_same_key_charges_once(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("payments", FaultSpec(latency_ms=50))
+    responses = await asyncio.gather(*(charge(client, "k-same") for _ in range(10)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["charge_id"] for r in responses}) == 1
+    assert len((await admin.ledger()).charges) == 1
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def test_fail_next_three_then_success_charges_once(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("payments", FaultSpec(fail_next=3))
+    statuses = []
+    for _ in range(3):
+        response = await charge(client, "k-retry")
+        statuses.append(response.status_code)
+        assert response.json()["error"] == "injected_fault"
+        # "before" faults touch nothing.
+        assert (await admin.ledger()).charges == []
+    assert statuses == [503, 503, 503]
+    assert (await admin.faults())["payments"].fail_next == 0
+
+    final = await charge(client, "k-retry")
+    assert final.status_code == 201
+    assert "Idempotent-Replayed" not in final.headers
+    assert len((await admin.ledger()).charges) == 1
+    assert (await admin.request_counts())["payments"] == 4
+
+
+async def test_fail_status_is_configurable(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    await admin.set_fault("inventory", FaultSpec(fail_next=1, fail_status=429))
+    assert (await client.get("/inventory/skus/WIDGET")).status_code == 429
+    assert (await client.get("/inventory/skus/WIDGET")).status_code == 200
+
+
+async def test_fail_after_processing_loses_only_the_response(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("payments", FaultSpec(fail_next=1, fail_phase="after"))
+    lost = await charge(client, "k-after")
+    assert lost.status_code == 503
+    assert lost.json()["error"] == "injected_fault"
+
+    ledger = await admin.ledger()
+    assert len(ledger.charges) == 1
+
+    retry = await charge(client, "k-after")
+    assert retry.status_code == 201
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.json()["charge_id"] == ledger.charges[0].charge_id
+    assert len((await admin.ledger()).charges) == 1
+
+
+async def test_fail_rate_is_reproducible_from_the_seed() -> None:
+    async def pattern(seed: int, rate: float) -> list[int]:
+        app = create_app(SandboxConfig(seed=seed))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://sandbox"
+        ) as client:
+            await client.put("/admin/faults/inventory", json={"fail_rate": rate})
+            return [(await client.get("/inventory/skus/WIDGET")).status_code for _ in range(40)]
+
+    first = await pattern(7, 0.5)
+    assert first == await pattern(7, 0.5)
+    assert set(first) == {200, 503}
+    assert first != await pattern(8, 0.5)
+    assert set(await pattern(7, 1.0)) == {503}
+    assert set(await pattern(7, 0.0)) == {200}
+
+
+async def test_latency_after_lets_a_release_overtake_the_response(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    # The reservation lands at once but its answer is held back: meanwhile the caller's
+    # compensation arrives. It must find (and release) the reservation, not void it.
+    await admin.set_fault("inventory", FaultSpec(latency_ms=300, latency_phase="after"))
+    pending = asyncio.create_task(reserve(client, "k-res", [{"sku": "WIDGET", "quantity": 4}]))
+    deadline = time.monotonic() + 2
+    while (await admin.stock())["WIDGET"] != 96:
+        assert time.monotonic() < deadline, "reservation never reached the ledger"
+        await asyncio.sleep(0.01)
+    assert not pending.done()
+
+    released = await post(
+        client, RELEASES, "k-rel", {"order_id": "o-1", "reservation_idempotency_key": "k-res"}
+    )
+    assert released.status_code == 201
+    assert released.json()["status"] == "released"
+
+    reserved = await pending
+    assert reserved.status_code == 201
+    assert released.json()["reservation_id"] == reserved.json()["reservation_id"]
+    assert (await admin.stock())["WIDGET"] == 100
+    ledger = await admin.ledger()
+    assert [r.status for r in ledger.reservations] == ["released"]
+    assert ledger.voids == []
+
+
+async def test_latency_before_lets_a_release_void_the_reservation(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("inventory", FaultSpec(latency_ms=300))
+    pending = asyncio.create_task(reserve(client, "k-res", [{"sku": "WIDGET", "quantity": 4}]))
+    await asyncio.sleep(0.05)
+    # Only the slow reservation keeps its latency; the release goes straight through.
+    await admin.clear_faults("inventory")
+    released = await post(
+        client, RELEASES, "k-rel", {"order_id": "o-1", "reservation_idempotency_key": "k-res"}
+    )
+    assert released.json()["status"] == "voided"
+
+    late = await pending
+    assert late.status_code == 409
+    assert late.json()["error"] == "voided"
+    assert (await admin.stock())["WIDGET"] == 100
+    assert (await admin.ledger()).reservations == []
+
+
+async def test_fault_admin_api(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    spec = FaultSpec(latency_ms=5, fail_rate=0.25, fail_status=502, fail_phase="after")
+    assert await admin.set_fault("payments", spec) == spec
+    faults = await admin.faults()
+    assert faults == {"payments": spec, "inventory": FaultSpec()}
+
+    await admin.set_fault("inventory", FaultSpec(fail_next=2))
+    await admin.clear_faults("payments")
+    faults = await admin.faults()
+    assert faults["payments"] == FaultSpec()
+    assert faults["inventory"].fail_next == 2
+
+    await admin.clear_faults()
+    assert all(f == FaultSpec() for f in (await admin.faults()).values())
+
+    with pytest.raises(SandboxAdminError) as unknown:
+        await admin.set_fault("carrier-pigeon", FaultSpec())
+    assert unknown.value.status_code == 404
+    assert unknown.value.body["error"] == "unknown_provider"
+
+    bad = await client.put("/admin/faults/payments", json={"fail_rate": 1.5})
+    assert bad.status_code == 400
+    assert "fail_rate" in bad.json()["message"]
+    typo = await client.put("/admin/faults/payments", json={"fail_nxt": 1})
+    assert typo.status_code == 400
+    assert "fail_nxt" in typo.json()["message"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (CHARGES, charge_body(amount_cents="lots"), "amount_cents"),
+        (CHARGES, charge_body(amount_cents=0), "amount_cents"),
+        (CHARGES, charge_body(amount_cents=12.5), "amount_cents"),
+        (CHARGES, charge_body(currency="usd"), "currency"),
+        (CHARGES, {k: v for k, v in charge_body().items() if k != "customer_id"}, "customer_id"),
+        (CHARGES, charge_body(amount=1), "amount"),
+        (REFUNDS, {"order_id": "o-1"}, "charge_idempotency_key"),
+        (RESERVATIONS, {"order_id": "o-1", "items": []}, "items"),
+        (
+            RESERVATIONS,
+            {"order_id": "o-1", "items": [{"sku": "WIDGET", "quantity": 0}]},
+            "items.0.quantity",
+        ),
+        (RELEASES, {"reservation_idempotency_key": "k"}, "order_id"),
+    ],
+)
+async def test_invalid_body_names_the_field(
+    client: httpx.AsyncClient, admin: SandboxAdmin, path: str, body: Any, field: str
+) -> None:
+    response = await post(client, path, "k-invalid", body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert field in response.json()["message"]
+    assert field in response.json()["fields"]
+    # Nothing was stored: the corrected request with the same key goes through.
+    if path == CHARGES:
+        assert (await charge(client, "k-invalid")).status_code == 201
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
+    for content in (b"{not json", b"", b"[1, 2]"):
+        response = await client.post(CHARGES, content=content, headers={"Idempotency-Key": "k"})
+        assert response.status_code == 400, content
+        assert response.json()["error"] == "invalid_request"
+
+
+async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/payments/nope")
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+    wrong_method = await client.get(CHARGES)
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == "method_not_allowed"
+
+
+# --------------------------------------------------------------------------- admin
+
+
+async def test_request_counts(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    assert await admin.request_counts() == {"payments": 0, "inventory": 0}
+    await admin.set_fault("payments", FaultSpec(fail_next=1))
+    await charge(client, "k")  # injected failure: still reached the provider
+    await charge(client, "k")
+    await charge(client, "k")  # replay
+    await client.post(CHARGES, json=charge_body())  # no key: reached it too
+    await client.get("/inventory/skus/WIDGET")
+    await client.get("/inventory/skus/NOPE")
+    # Admin calls are not provider traffic.
+    await admin.stock()
+    await admin.ledger()
+    assert await admin.request_counts() == {"payments": 4, "inventory": 2}
+
+
+async def test_stock_admin(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    await admin.set_stock("NEW-SKU", 3)
+    await admin.set_stock("WIDGET", 1)
+    stock = await admin.stock()
+    assert stock["NEW-SKU"] == 3 and stock["WIDGET"] == 1
+    assert (await reserve(client, "k", [{"sku": "NEW-SKU", "quantity": 3}])).status_code == 201
+    with pytest.raises(ValueError):
+        await admin.set_stock("WIDGET", -1)  # refused client-side by the shared model
+    negative = await client.put("/admin/stock/WIDGET", json={"quantity": -1})
+    assert negative.status_code == 400
+    assert "quantity" in negative.json()["message"]
+
+
+async def test_ledger_filters_by_order(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    await charge(client, "k-a", order_id="o-a")
+    await charge(client, "k-b", order_id="o-b")
+    await reserve(client, "r-b", [{"sku": "WIDGET", "quantity": 1}], order_id="o-b")
+    await post(client, REFUNDS, "x", {"order_id": "o-c", "charge_idempotency_key": "k-c"})
+
+    only_b = await admin.ledger(order_id="o-b")
+    assert [c.order_id for c in only_b.charges] == ["o-b"]
+    assert len(only_b.reservations) == 1
+    assert only_b.voids == []
+    assert len((await admin.ledger(order_id="o-c")).voids) == 1
+    everything = await admin.ledger()
+    assert len(everything.charges) == 2
+
+
+async def test_reset_restores_the_start(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    first = (await charge(client, "k")).json()
+    await reserve(client, "r", [{"sku": "WIDGET", "quantity": 7}])
+    await admin.set_stock("EXTRA", 1)
+    await admin.decline_customer("c-2")
+    await admin.set_fault("payments", FaultSpec(latency_ms=1))
+
+    await admin.reset()
+
+    assert await admin.stock() == {"WIDGET": 100, "GADGET": 50, "GIZMO": 25, "SOLDOUT": 0}
+    ledger = await admin.ledger()
+    assert ledger.charges == [] and ledger.reservations == []
+    assert await admin.request_counts() == {"payments": 0, "inventory": 0}
+    assert (await admin.faults())["payments"] == FaultSpec()
+    assert (await charge(client, "k2", customer_id="c-2")).status_code == 201
+    # Stored answers are gone too: the old key makes a new charge, not a replay.
+    again = await charge(client, "k")
+    assert again.status_code == 201
+    assert again.json()["charge_id"] != first["charge_id"]
+
+
+def test_main_reads_seed_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_run(app: Starlette, **kwargs: Any) -> None:
+        seen.update(kwargs, config=app.state.sandbox.config)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setenv("SANDBOX_SEED", "42")
+    sandbox_main.main(["--port", "19999"])
+    assert seen["config"].seed == 42
+    assert (seen["host"], seen["port"], seen["log_level"]) == ("127.0.0.1", 19999, "warning")
+    sandbox_main.main(["--seed", "3"])
+    assert seen["config"].seed == 3
+
+
+# --------------------------------------------------------------------------- real server
+
+
+async def test_real_server_over_a_socket() -> None:
+    """Hang longer than the client's timeout; the refund voids the key; the late charge
+    lands after the client gave up and is refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Bind here and hand the socket over: no window for another process to take the port.
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(), log_level="warning", lifespan="off", access_log=False)
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert not serving.done(), "server exited during startup"
+            assert time.monotonic() < deadline, "server did not start"
+            await asyncio.sleep(0.01)
+
+        url = f"http://127.0.0.1:{port}"
+        async with (
+            SandboxAdmin(url) as admin,
+            httpx.AsyncClient(base_url=url, timeout=0.2) as client,
+        ):
+            assert await admin.health() == {"status": "ok"}
+            await admin.set_fault("payments", FaultSpec(hang_ms=500))
+            with pytest.raises(httpx.TimeoutException):
+                await charge(client, "k-hung")
+
+            await admin.clear_faults()
+            refund = await post(
+                client, REFUNDS, "k-comp", {"order_id": "o-1", "charge_idempotency_key": "k-hung"}
+            )
+            assert refund.json()["status"] == "voided"
+
+            # Well past the hang: the abandoned charge has been processed (and refused).
+            await asyncio.sleep(1.0)
+            retry = await charge(client, "k-hung")
+            assert retry.status_code == 409
+            assert retry.json()["error"] == "voided"
+            assert retry.headers.get("Idempotent-Replayed") == "true"
+
+            ledger = await admin.ledger()
+            assert ledger.charges == []
+            assert [v.idempotency_key for v in ledger.voids] == ["k-hung"]
+            assert (await admin.request_counts())["payments"] == 3
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=10)
