@@ -1,0 +1,314 @@
+"""The local stack against real processes: Postgres, the Temporal dev server, the sandbox.
+
+Each test starts its own servers on free ports in a tmp dir, so they run alongside the
+session-wide servers of ``conftest.py`` and alongside a ``make up`` on the default ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import psutil  # type: ignore[import-untyped]
+import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+
+import tollgate.stack.temporal as stack_temporal
+from tollgate.names import SEARCH_ATTRIBUTES
+from tollgate.settings import Settings
+from tollgate.stack import (
+    LocalPostgres,
+    LocalStack,
+    SandboxProcess,
+    StackError,
+    TemporalDevServer,
+    WorkerProcess,
+    free_port,
+    port_is_free,
+)
+
+LOCALHOST = "127.0.0.1"
+
+
+@pytest.fixture
+def listening_port() -> Iterator[int]:
+    """A port something else is listening on for the duration of the test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_free_port_is_free_until_taken(listening_port: int) -> None:
+    port = free_port()
+    assert port_is_free(LOCALHOST, port)
+    assert not port_is_free(LOCALHOST, listening_port)
+
+
+async def test_postgres_lifecycle(tmp_path: Path) -> None:
+    server = LocalPostgres(tmp_path / "pg" / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        assert server.url == f"postgresql://tollgate@127.0.0.1:{server.port}/tollgate"
+        conn = await asyncpg.connect(server.url)
+        try:
+            assert await conn.fetchval("SELECT current_user") == "tollgate"
+            await conn.execute("CREATE TABLE survivors (name text)")
+            await conn.execute("INSERT INTO survivors VALUES ('restart')")
+        finally:
+            await conn.close()
+
+        await server.restart()
+        assert await _survivors(server) == ["restart"]
+
+        # A crash: SIGKILL leaves postmaster.pid behind, which must not block the restart.
+        server.kill()
+        await server.start()
+        assert (server.data_dir / "postmaster.pid").exists()
+        assert await _survivors(server) == ["restart"]
+
+        # A second server on the same cluster is refused with a clear message.
+        twin = LocalPostgres(server.data_dir, free_port(), durable=False)
+        with pytest.raises(StackError, match="already running"):
+            await twin.start()
+    finally:
+        await server.stop()
+    assert not server.running
+    assert server.returncode == 0
+    assert not (server.data_dir / "postmaster.pid").exists()
+
+
+async def test_postgres_start_failure_quotes_the_log(tmp_path: Path, listening_port: int) -> None:
+    server = LocalPostgres(tmp_path / "data", listening_port, durable=False, start_timeout=20)
+    with pytest.raises(StackError, match="Address already in use") as caught:
+        await server.start()
+    assert str(server.log_file) in str(caught.value)
+    assert not server.running
+
+
+async def _survivors(server: LocalPostgres) -> list[str]:
+    conn = await asyncpg.connect(server.url)
+    try:
+        return [row["name"] for row in await conn.fetch("SELECT name FROM survivors")]
+    finally:
+        await conn.close()
+
+
+async def _registered_attributes(server: TemporalDevServer) -> dict[str, str]:
+    client = await server.connect()
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace="default")
+    )
+    return {
+        name: IndexedValueType.Name(value).removeprefix("INDEXED_VALUE_TYPE_")
+        for name, value in listed.custom_attributes.items()
+    }
+
+
+def _expected(attributes: dict[str, str]) -> dict[str, str]:
+    return {name: kind.upper() for name, kind in attributes.items()}
+
+
+async def test_temporal_dev_server_headless(tmp_path: Path) -> None:
+    server = TemporalDevServer(free_port(), None, log_file=tmp_path / "temporal.log")
+    assert server.ui_url is None
+    await server.start()
+    try:
+        assert server.address == f"127.0.0.1:{server.port}"
+        registered = await _registered_attributes(server)
+        assert _expected(SEARCH_ATTRIBUTES).items() <= registered.items()
+    finally:
+        await server.stop()
+    assert server.returncode == 0
+    assert port_is_free(LOCALHOST, server.port)
+
+
+async def test_temporal_registers_new_attributes_on_an_existing_db(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI ignores --search-attribute for an existing db file; start() fills the gap."""
+    first, *rest = SEARCH_ATTRIBUTES.items()
+    assert rest, "the test needs at least two search attributes"
+    server = TemporalDevServer(free_port(), None, db_filename=tmp_path / "temporal.db")
+
+    # An older Tollgate knew only the first attribute.
+    monkeypatch.setattr(stack_temporal, "SEARCH_ATTRIBUTES", dict([first]))
+    await server.start()
+    server.kill()  # Also: a crash must not keep the db file from being reopened.
+
+    monkeypatch.setattr(stack_temporal, "SEARCH_ATTRIBUTES", dict(SEARCH_ATTRIBUTES))
+    await server.start()
+    try:
+        registered = await _registered_attributes(server)
+        assert _expected(SEARCH_ATTRIBUTES).items() <= registered.items()
+    finally:
+        server.kill()
+
+    # Same name, other type: refuse rather than run with a broken attribute.
+    name, kind = first
+    monkeypatch.setattr(
+        stack_temporal, "SEARCH_ATTRIBUTES", {name: "Int" if kind != "Int" else "Keyword"}
+    )
+    with pytest.raises(StackError, match=f"search attribute {name} is registered as"):
+        await server.start()
+    assert not server.running
+
+
+async def test_sandbox_process(tmp_path: Path) -> None:
+    sandbox = SandboxProcess(free_port(), log_file=tmp_path / "sandbox.log")
+    await sandbox.start()
+    try:
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"{sandbox.url}/health")
+        assert response.status_code == 200
+    finally:
+        await sandbox.stop()
+    assert not sandbox.running
+
+
+def _fake_worker(directory: Path, body: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "worker.py").write_text(textwrap.dedent(body))
+    return directory
+
+
+async def test_worker_ready_line_and_env(tmp_path: Path) -> None:
+    project = _fake_worker(
+        tmp_path / "project",
+        """
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print("connecting to", os.environ["TEMPORAL_ADDRESS"])
+        time.sleep(0.3)
+        print("worker ready")
+        time.sleep(60)
+        """,
+    )
+    log = tmp_path / "worker.log"
+    log.write_text("worker ready (a previous run's line must not count)\n")
+    worker = WorkerProcess({"TEMPORAL_ADDRESS": "127.0.0.1:1"}, project, log_file=log)
+    await worker.start()
+    assert worker.running
+    assert "connecting to 127.0.0.1:1" in worker.log_tail()
+    await worker.stop()
+    assert worker.returncode == 0
+
+
+async def test_worker_that_dies_is_reported(tmp_path: Path) -> None:
+    project = _fake_worker(tmp_path, "import sys; print('no database'); sys.exit(3)")
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    with pytest.raises(StackError, match=r"(?s)exited with status 3.*no database"):
+        await worker.start()
+
+
+def _stack(tmp_path: Path, **overrides: object) -> LocalStack:
+    options: dict[str, object] = {
+        "temporal_port": free_port(),
+        "ui_port": None,
+        "postgres_port": free_port(),
+        "sandbox_port": free_port(),
+        "temporal_db_file": False,
+        "durable": False,
+    }
+    options.update(overrides)
+    return LocalStack(tmp_path / "state", **options)  # type: ignore[arg-type]
+
+
+async def test_stack_names_the_busy_port_and_its_variable(
+    tmp_path: Path, listening_port: int
+) -> None:
+    stack = _stack(tmp_path, sandbox_port=listening_port)
+    with pytest.raises(StackError, match=f"port {listening_port} .*SANDBOX_URL"):
+        await stack.start()
+    assert not any(part.running for part in stack.components)
+
+
+async def test_stack_reaps_processes_left_by_a_crashed_run(
+    tmp_path: Path, listening_port: int
+) -> None:
+    """A run that died without stopping its children (no pdeathsig: macOS) leaves pid
+    records; the next start stops those processes before checking ports."""
+    orphan = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)", start_new_session=True
+    )
+    try:
+        run_dir = tmp_path / "state" / "run"
+        run_dir.mkdir(parents=True)
+        record = {
+            "pid": orphan.pid,
+            "create_time": psutil.Process(orphan.pid).create_time(),
+            "signal": int(signal.SIGTERM),
+        }
+        (run_dir / "sandbox.json").write_text(json.dumps(record))
+        stack = _stack(tmp_path, sandbox_port=listening_port)
+        with pytest.raises(StackError, match="already in use"):
+            await stack.start()
+        assert await asyncio.wait_for(orphan.wait(), 5) == -signal.SIGTERM
+        assert not (run_dir / "sandbox.json").exists()
+    finally:
+        if orphan.returncode is None:
+            orphan.kill()
+            await orphan.wait()
+
+
+async def test_one_stack_per_state_directory(tmp_path: Path, listening_port: int) -> None:
+    holder = _stack(tmp_path, sandbox_port=listening_port)
+    holder._acquire_lock()
+    try:
+        with pytest.raises(StackError, match=f"already running from .*pid {os.getpid()}"):
+            await _stack(tmp_path).start()
+    finally:
+        holder._release_lock()
+
+
+def test_from_settings_reads_ports_and_external_database(tmp_path: Path) -> None:
+    settings = Settings(
+        temporal_address="127.0.0.1:27233",
+        temporal_ui_url="http://localhost:28233",
+        sandbox_url="http://127.0.0.1:28081",
+        state_dir=tmp_path,
+    )
+    stack = LocalStack.from_settings(settings)
+    assert stack.temporal.port == 27233
+    assert stack.temporal.ui_port == 28233
+    assert stack.sandbox.port == 28081
+    assert stack.postgres is not None and stack.postgres.data_dir == tmp_path / "pgdata"
+    assert stack.env() == {
+        "TEMPORAL_ADDRESS": "127.0.0.1:27233",
+        "DATABASE_URL": stack.postgres.url,
+        "SANDBOX_URL": "http://127.0.0.1:28081",
+        "TEMPORAL_UI_URL": "http://127.0.0.1:28233",
+    }
+
+    external = "postgresql://me@db.example:5432/tollgate"
+    stack = LocalStack.from_settings(Settings(database_url=external), headless=True)
+    assert stack.postgres is None
+    assert stack.database_url == external
+    assert "TEMPORAL_UI_URL" not in stack.env()
+
+    with pytest.raises(StackError, match="TEMPORAL_ADDRESS"):
+        LocalStack.from_settings(Settings(temporal_address="temporal.example:7233"))
+
+
+async def test_whole_stack(tmp_path: Path) -> None:
+    """Postgres, Temporal, sandbox, migrations and the real worker, then a clean stop."""
+    async with _stack(tmp_path) as stack:
+        assert stack.worker is not None and stack.worker.running
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") >= 1
+        finally:
+            await conn.close()
+        assert sorted(stack.env()) == ["DATABASE_URL", "SANDBOX_URL", "TEMPORAL_ADDRESS"]
+    assert not any(part.running for part in stack.components)
+    assert not list((stack.state_dir / "run").glob("*.json"))
