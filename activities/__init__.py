@@ -1,0 +1,52 @@
+"""Activities: every side effect of Tollgate (Postgres writes, provider calls).
+
+Each module holds one class per dependency set; the worker builds each once with its
+clients and registers the bound methods.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+from opentelemetry import trace
+from temporalio import activity
+
+from tollgate.errors import TollgateError, to_application_error
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def classified(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn domain errors raised by an activity into typed ``ApplicationError``s."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except TollgateError as exc:
+            raise to_application_error(exc) from exc
+
+    return wrapper
+
+
+def current_trace_id() -> str | None:
+    """Hex id of the active OpenTelemetry trace, for the audit table and logs."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def current_workflow_id() -> str:
+    """Id of the workflow that scheduled the running activity."""
+    workflow_id = activity.info().workflow_id
+    if not workflow_id:
+        raise RuntimeError("Tollgate activities only run on behalf of a workflow")
+    return workflow_id
+
+
+def current_actor() -> str:
+    """Who is writing, as the audit table records it."""
+    info = activity.info()
+    return f"worker:{info.workflow_id}:{info.activity_type}"

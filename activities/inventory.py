@@ -1,0 +1,76 @@
+"""Inventory activities: validate an order against the catalog, reserve and release stock."""
+
+from __future__ import annotations
+
+import httpx
+from temporalio import activity
+
+from activities import classified
+from tollgate.errors import UnknownSku
+from tollgate.models import (
+    MAX_AMOUNT_CENTS,
+    SUPPORTED_CURRENCIES,
+    CompensationResult,
+    OrderInput,
+    ReleaseInput,
+    ReserveInput,
+    ReserveResult,
+    ValidateResult,
+)
+from tollgate.providers import ProviderClient, require_str
+
+
+class InventoryActivities:
+    """Calls the inventory service. Reservations are all-or-nothing on its side."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._inventory = ProviderClient(http, "inventory")
+
+    @activity.defn(name="validate_order")
+    @classified
+    async def validate(self, order: OrderInput) -> ValidateResult:
+        """Business checks an order must pass before money moves: every problem is listed."""
+        problems: list[str] = []
+        if order.currency not in SUPPORTED_CURRENCIES:
+            problems.append(f"currency {order.currency} is not supported")
+        if order.amount_cents > MAX_AMOUNT_CENTS:
+            problems.append(
+                f"amount {order.amount_cents} cents exceeds the limit of {MAX_AMOUNT_CENTS}"
+            )
+        for item in order.items:
+            try:
+                await self._inventory.call("GET", f"/inventory/skus/{item.sku}")
+            except UnknownSku:
+                problems.append(f"unknown SKU {item.sku}")
+        return ValidateResult(problems=problems)
+
+    @activity.defn(name="reserve_inventory")
+    @classified
+    async def reserve(self, req: ReserveInput) -> ReserveResult:
+        """Reserve every item of the order, or none."""
+        _, body = await self._inventory.call(
+            "POST",
+            "/inventory/reservations",
+            json={"order_id": req.order_id, "items": [i.model_dump() for i in req.items]},
+            idempotency_key=req.idempotency_key,
+        )
+        return ReserveResult(reservation_id=require_str("inventory", body, "reservation_id"))
+
+    @activity.defn(name="release_inventory")
+    @classified
+    async def release(self, req: ReleaseInput) -> CompensationResult:
+        """Release the reservation made with ``reservation_idempotency_key``, if any."""
+        _, body = await self._inventory.call(
+            "POST",
+            "/inventory/releases",
+            json={
+                "order_id": req.order_id,
+                "reservation_idempotency_key": req.reservation_idempotency_key,
+            },
+            idempotency_key=req.idempotency_key,
+        )
+        if require_str("inventory", body, "status") == "voided":
+            return CompensationResult(outcome="voided")
+        return CompensationResult(
+            outcome="released", reference=require_str("inventory", body, "release_id")
+        )

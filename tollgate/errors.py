@@ -1,0 +1,166 @@
+"""Tollgate's error taxonomy.
+
+Errors are classified where they happen. Activities raise the domain errors below;
+``to_application_error`` turns them into Temporal ``ApplicationError``s whose ``type``
+is the class name, so workflows and retry policies name them without importing
+activity code. Transient errors are retried by Temporal with backoff; permanent ones
+are non-retryable and end the step.
+
+    TollgateError
+    ├── InputError                      bad input at an edge (CLI, workflow input); nothing written
+    ├── OrderNotFound                   no such order row                            [permanent]
+    ├── TransitionError
+    │   ├── IllegalTransition           the trigger refused an edge (SQLSTATE TG001) [permanent]
+    │   ├── VersionConflict             someone else moved the row first             [permanent]
+    │   └── OrderCancelled              ...and what they did was cancel it           [permanent]
+    └── ProviderError                   a call to payment / inventory went wrong
+        ├── ProviderUnavailable         timeout, connection error, 5xx, 429          [transient]
+        ├── MalformedProviderResponse   2xx whose body is not what the API promises  [transient]
+        └── ProviderRejected            a business answer: the provider said no      [permanent]
+            ├── PaymentDeclined         card_declined, insufficient_funds
+            ├── OutOfStock
+            ├── UnknownSku
+            ├── InvalidProviderRequest  the provider found our request malformed (400)
+            ├── IdempotencyConflict     same key, different body (409)
+            └── StepVoided              a compensation for this key ran first (409 voided)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.exceptions import ApplicationError
+
+
+class TollgateError(Exception):
+    """Base of every error Tollgate raises on purpose."""
+
+    retryable = False
+
+    def details(self) -> dict[str, Any]:
+        """Structured details carried into the ``ApplicationError``."""
+        return {}
+
+
+class InputError(TollgateError, ValueError):
+    """Input at an edge is malformed; the message names the problem."""
+
+
+class OrderNotFound(TollgateError):
+    """No order with this id exists in Postgres."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id!r} does not exist")
+        self.order_id = order_id
+
+
+class TransitionError(TollgateError):
+    """A status change could not be applied."""
+
+
+class IllegalTransition(TransitionError):
+    """The transition trigger refused the edge."""
+
+    def __init__(self, order_id: str, message: str) -> None:
+        super().__init__(message)
+        self.order_id = order_id
+
+
+class VersionConflict(TransitionError):
+    """The row's version moved since it was read: another writer got there first."""
+
+    def __init__(self, order_id: str, expected: int, status: str, version: int) -> None:
+        super().__init__(
+            f"order {order_id}: expected version {expected}, found version {version} ({status})"
+        )
+        self.order_id, self.expected, self.status, self.version = (
+            order_id,
+            expected,
+            status,
+            version,
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"status": self.status, "version": self.version}
+
+
+class OrderCancelled(VersionConflict):
+    """The row moved because a cancellation was recorded; cancellation wins."""
+
+
+class ProviderError(TollgateError):
+    """A provider call failed."""
+
+    def __init__(self, provider: str, message: str, *, code: str | None = None) -> None:
+        super().__init__(f"{provider}: {message}")
+        self.provider, self.code = provider, code
+
+    def details(self) -> dict[str, Any]:
+        return {"provider": self.provider, "code": self.code}
+
+
+class ProviderUnavailable(ProviderError):
+    """Timeout, connection failure, 5xx or 429: worth retrying later."""
+
+    retryable = True
+
+
+class MalformedProviderResponse(ProviderError):
+    """A success status with a body we cannot use. Retried: the request is idempotent."""
+
+    retryable = True
+
+
+class ProviderRejected(ProviderError):
+    """The provider answered and the answer is no."""
+
+
+class PaymentDeclined(ProviderRejected):
+    """The card was declined (``card_declined``, ``insufficient_funds``)."""
+
+
+class OutOfStock(ProviderRejected):
+    """Not enough stock for an item."""
+
+
+class UnknownSku(ProviderRejected):
+    """The inventory does not know an item."""
+
+
+class InvalidProviderRequest(ProviderRejected):
+    """The provider found our request malformed."""
+
+
+class IdempotencyConflict(ProviderRejected):
+    """The idempotency key was already used with a different body."""
+
+
+class StepVoided(ProviderRejected):
+    """A compensation for this idempotency key ran before the step itself."""
+
+
+#: Types no retry policy should retry. Workflows list them in ``non_retryable_error_types``.
+PERMANENT_ERROR_TYPES: tuple[str, ...] = tuple(
+    cls.__name__
+    for cls in (
+        InputError,
+        OrderNotFound,
+        IllegalTransition,
+        VersionConflict,
+        OrderCancelled,
+        ProviderRejected,
+        PaymentDeclined,
+        OutOfStock,
+        UnknownSku,
+        InvalidProviderRequest,
+        IdempotencyConflict,
+        StepVoided,
+    )
+)
+
+
+def to_application_error(exc: TollgateError) -> ApplicationError:
+    """The Temporal form of a domain error: ``type`` = class name, retryable per class."""
+    return ApplicationError(
+        str(exc), exc.details(), type=type(exc).__name__, non_retryable=not exc.retryable
+    )
