@@ -1,0 +1,1 @@
+"""Workflows: orchestration only. Deterministic; every side effect is an activity."""
