@@ -1,0 +1,244 @@
+"""The demo scenarios: each order's expected end, checked against Postgres and the ledger.
+
+Run by ``python starter.py demo`` against a running stack, and by ``make demo`` after it
+brings one up. The scenarios script provider faults through the sandbox's admin API,
+so they run one after another (faults are per provider, not per order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.table import Table
+
+from tollgate import db
+from tollgate.models import OrderInput, OrderProgress, OrderResult, RetrySettings
+from tollgate.names import ORDER_STATUS_QUERY
+from tollgate.sandbox import FaultSpec, Ledger, SandboxAdmin
+from tollgate.service import OrderService, build_order
+from tollgate.settings import Settings
+from tollgate.states import OrderStatus
+from tollgate.temporal import connect
+
+#: Short backoffs so the flaky-gateway scenario recovers in seconds, not minutes.
+DEMO_RETRY = RetrySettings(
+    activity_timeout=timedelta(seconds=10),
+    initial_interval=timedelta(milliseconds=300),
+    maximum_interval=timedelta(seconds=2),
+)
+
+
+class LedgerCounts(BaseModel):
+    """What the sandbox ledger holds for one order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    charged: int
+    captured: int
+    refunded: int
+    reserved: int
+    released: int
+
+    @classmethod
+    def of(cls, ledger: Ledger) -> LedgerCounts:
+        return cls(
+            charged=len(ledger.charges),
+            captured=sum(1 for c in ledger.charges if c.status == "captured"),
+            refunded=len(ledger.refunds),
+            reserved=len(ledger.reservations),
+            released=len(ledger.releases),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"charges {self.charged} (captured {self.captured}), refunds {self.refunded}, "
+            f"reservations {self.reserved}, releases {self.released}"
+        )
+
+
+class DemoOutcome(BaseModel):
+    """One scenario's result and whether it matched what was expected."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scenario: str
+    order_id: str
+    expected_status: OrderStatus
+    status: OrderStatus
+    expected_ledger: LedgerCounts
+    ledger: LedgerCounts
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == self.expected_status and self.ledger == self.expected_ledger
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    customer: str
+    items: list[tuple[str, int]]
+    amount_cents: int
+    expected_status: OrderStatus
+    expected_ledger: LedgerCounts
+    #: Runs after the order starts and before its result is awaited (faults, cancels).
+    drive: Callable[[DemoContext, str], Awaitable[None]] | None = None
+    #: Runs before the order starts (set faults, declines).
+    prepare: Callable[[SandboxAdmin], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class DemoContext:
+    service: OrderService
+    sandbox: SandboxAdmin
+
+
+async def _decline_mallory(sandbox: SandboxAdmin) -> None:
+    await sandbox.decline_customer("mallory")
+
+
+async def _flaky_gateway(sandbox: SandboxAdmin) -> None:
+    # "after": the gateway charges, then the answer is lost. The retries reuse the
+    # idempotency key and get the original charge back instead of charging again.
+    await sandbox.set_fault("payments", FaultSpec(fail_next=3, fail_status=503, fail_phase="after"))
+
+
+async def _slow_inventory(sandbox: SandboxAdmin) -> None:
+    # The reservation lands at once but its answer takes seconds: an outcome the
+    # workflow cannot know when the cancellation arrives.
+    await sandbox.set_fault("inventory", FaultSpec(latency_ms=3000, latency_phase="after"))
+
+
+async def _cancel_while_reserving(ctx: DemoContext, order_id: str) -> None:
+    handle = ctx.service.handle(order_id)
+    for _ in range(400):
+        progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
+        if progress.step == "reserving":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError(f"{order_id} never reached the reserving step")
+    await asyncio.sleep(0.3)  # let the reservation request reach the provider
+    await ctx.service.cancel(order_id, reason="customer changed their mind", requested_by="demo")
+
+
+def _counts(
+    charged: int, captured: int, refunded: int, reserved: int, released: int
+) -> LedgerCounts:
+    return LedgerCounts(
+        charged=charged, captured=captured, refunded=refunded, reserved=reserved, released=released
+    )
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        "happy path", "alice", [("WIDGET", 2)], 1998, OrderStatus.COMPLETED, _counts(1, 1, 0, 1, 0)
+    ),
+    Scenario(
+        "declined card",
+        "mallory",
+        [("WIDGET", 1)],
+        999,
+        OrderStatus.FAILED,
+        _counts(0, 0, 0, 0, 0),
+        prepare=_decline_mallory,
+    ),
+    Scenario(
+        "out of stock", "bob", [("SOLDOUT", 1)], 4999, OrderStatus.FAILED, _counts(1, 0, 1, 0, 0)
+    ),
+    Scenario(
+        "cancel while reserving is slow",
+        "carol",
+        [("GADGET", 1)],
+        2500,
+        OrderStatus.CANCELLED,
+        _counts(1, 0, 1, 1, 1),
+        prepare=_slow_inventory,
+        drive=_cancel_while_reserving,
+    ),
+    Scenario(
+        "gateway fails 3 times, then recovers",
+        "dave",
+        [("GIZMO", 3)],
+        7497,
+        OrderStatus.COMPLETED,
+        _counts(1, 1, 0, 1, 0),
+        prepare=_flaky_gateway,
+    ),
+)
+
+
+async def run_scenario(ctx: DemoContext, scenario: Scenario, run_id: str) -> DemoOutcome:
+    """Start one scenario's order, drive it, and compare its end with the expectation."""
+    order: OrderInput = build_order(
+        order_id=f"demo-{run_id}-{scenario.customer}",
+        customer_id=scenario.customer,
+        items=[{"sku": s, "quantity": q} for s, q in scenario.items],
+        amount_cents=scenario.amount_cents,
+        currency="USD",
+        retry=DEMO_RETRY,
+    )
+    await ctx.sandbox.clear_faults()
+    if scenario.prepare:
+        await scenario.prepare(ctx.sandbox)
+    try:
+        handle = await ctx.service.create(order)
+        if scenario.drive:
+            await scenario.drive(ctx, order.order_id)
+        result: OrderResult = await handle.result()
+    finally:
+        await ctx.sandbox.clear_faults()
+    row = await ctx.service.row(order.order_id)
+    ledger = LedgerCounts.of(await ctx.sandbox.ledger(order.order_id))
+    detail = row.failure_reason or row.cancel_reason or ""
+    if result.compensations:
+        detail = f"{detail} [{', '.join(result.compensations)}]".strip()
+    return DemoOutcome(
+        scenario=scenario.name,
+        order_id=order.order_id,
+        expected_status=scenario.expected_status,
+        status=row.status,
+        expected_ledger=scenario.expected_ledger,
+        ledger=ledger,
+        detail=detail,
+    )
+
+
+async def run_demo(settings: Settings) -> list[DemoOutcome]:
+    """Run every scenario against the stack the settings point at."""
+    client = await connect(settings)
+    pool = await db.create_pool(settings.database_url, max_size=4)
+    run_id = uuid.uuid4().hex[:6]
+    try:
+        async with SandboxAdmin(settings.sandbox_url) as sandbox:
+            ctx = DemoContext(OrderService(client, pool, settings.task_queue), sandbox)
+            return [await run_scenario(ctx, s, run_id) for s in SCENARIOS]
+    finally:
+        await pool.close()
+
+
+def print_outcomes(outcomes: list[DemoOutcome], settings: Settings, console: Console) -> None:
+    """The table ``make demo`` ends with, and where to look next."""
+    table = Table("scenario", "order", "status", "ledger", "ok", title="Tollgate demo")
+    for o in outcomes:
+        status = (
+            o.status.value
+            if o.status == o.expected_status
+            else f"{o.status} (want {o.expected_status})"
+        )
+        ledger = o.ledger.describe()
+        if o.ledger != o.expected_ledger:
+            ledger += f"\n(want {o.expected_ledger.describe()})"
+        table.add_row(o.scenario, o.order_id, status, ledger, "yes" if o.ok else "[red]NO[/red]")
+    console.print(table)
+    console.print(
+        f"Web UI: {settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows"
+    )
+    console.print("Inspect one: python starter.py order status <order id>")

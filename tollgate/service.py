@@ -1,0 +1,215 @@
+"""What users do to orders (create, cancel, inspect), shared by the CLI, demo and tests.
+
+Each operation writes Postgres first and talks to Temporal second, and is arranged so
+that a failure in between leaves nothing half-done: an order row is committed only if
+its workflow started; a cancellation is recorded before the workflow is told.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, ValidationError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from tollgate import db
+from tollgate.errors import InputError, OrderNotFound
+from tollgate.models import CancelOrderRequest, OrderInput, OrderProgress, OrderResult
+from tollgate.names import (
+    CUSTOMER_ID_ATTR,
+    ORDER_CANCEL_SIGNAL,
+    ORDER_STATUS_ATTR,
+    ORDER_STATUS_QUERY,
+    order_workflow_id,
+)
+from tollgate.states import OrderStatus
+from workflows.order import OrderWorkflow
+
+
+def parse_item(text: str) -> dict[str, object]:
+    """``SKU:QTY`` -> ``{"sku": ..., "quantity": ...}``; a clear error otherwise."""
+    sku, sep, qty = text.partition(":")
+    if not sep or not sku or not qty.isdigit():
+        raise InputError(f"item {text!r} is not SKU:QTY (e.g. WIDGET:2)")
+    return {"sku": sku.strip().upper(), "quantity": int(qty)}
+
+
+def parse_amount(text: str) -> int:
+    """A decimal amount in major units (``12.34``) -> integer cents."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise InputError(f"amount {text!r} is not a number") from None
+    if not value.is_finite() or value <= 0:
+        raise InputError(f"amount must be positive, got {text}")
+    if value != value.quantize(Decimal("0.01")):
+        raise InputError(f"amount {text} has more than two decimal places")
+    return int(value * 100)
+
+
+def build_order(**fields: object) -> OrderInput:
+    """Validate an order; a pydantic error becomes one line naming the field."""
+    try:
+        return OrderInput.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "order"
+        raise InputError(f"{where}: {first['msg']}") from None
+
+
+class CancelOutcome(BaseModel):
+    """What ``cancel`` did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: str
+    recorded: bool
+    status: OrderStatus
+    version: int
+    signalled: bool
+    message: str
+
+
+class OrderReport(BaseModel):
+    """Everything ``order status`` shows: the row, its audit trail, the workflow."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order: db.OrderRow
+    transitions: list[db.AuditRow]
+    workflow_id: str
+    workflow_status: str | None
+    workflow_progress: OrderProgress | None
+    checked_at: datetime
+
+
+class OrderService:
+    """Order operations over one Temporal client and one Postgres pool."""
+
+    def __init__(self, client: Client, pool: asyncpg.Pool, task_queue: str) -> None:
+        self._client = client
+        self._pool = pool
+        self._task_queue = task_queue
+
+    def handle(self, order_id: str) -> WorkflowHandle[OrderWorkflow, OrderResult]:
+        """The workflow handle of an order."""
+        return self._client.get_workflow_handle_for(OrderWorkflow.run, order_workflow_id(order_id))
+
+    async def row(self, order_id: str) -> db.OrderRow:
+        """The order's row in Postgres, or ``OrderNotFound``."""
+        row = await db.get_order(self._pool, order_id)
+        if row is None:
+            raise OrderNotFound(order_id)
+        return row
+
+    async def create(self, order: OrderInput) -> WorkflowHandle[OrderWorkflow, OrderResult]:
+        """Insert the PENDING row and start its workflow, both or neither.
+
+        The row insert and the start share one database transaction: if Temporal refuses
+        the start (the order already has a lifecycle) or cannot be reached, the insert
+        rolls back. If the commit itself fails after the start, the workflow's first
+        activity inserts the identical row, so the order is still recorded.
+        """
+        workflow_id = order_workflow_id(order.order_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            existing = await db.get_order(conn, order.order_id)
+            if existing is not None:
+                raise InputError(f"order {order.order_id} already exists ({existing.status})")
+            await db.insert_order(conn, order, workflow_id=workflow_id, actor="cli:create")
+            try:
+                return await self._client.start_workflow(
+                    OrderWorkflow.run,
+                    order,
+                    id=workflow_id,
+                    task_queue=self._task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                    # An order id names one checkout forever, even after it ended.
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    search_attributes=TypedSearchAttributes(
+                        [
+                            SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
+                            SearchAttributePair(CUSTOMER_ID_ATTR, order.customer_id),
+                        ]
+                    ),
+                    static_summary=(
+                        f"Order {order.order_id}: {len(order.items)} item(s), "
+                        f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
+                    ),
+                )
+            except WorkflowAlreadyStartedError:
+                raise InputError(
+                    f"order {order.order_id} already has a lifecycle ({workflow_id}); "
+                    "order ids cannot be reused"
+                ) from None
+
+    async def cancel(self, order_id: str, *, reason: str, requested_by: str) -> CancelOutcome:
+        """Record CANCELLING in Postgres (version-checked), then signal the workflow."""
+        state = await db.request_cancellation(
+            self._pool, order_id, reason=reason, actor=f"cli:{requested_by}"
+        )
+        if state.status.terminal:
+            return CancelOutcome(
+                order_id=order_id,
+                recorded=False,
+                status=state.status,
+                version=state.version,
+                signalled=False,
+                message=f"order {order_id} is already {state.status}; nothing to cancel",
+            )
+        signalled = True
+        try:
+            await self.handle(order_id).signal(
+                ORDER_CANCEL_SIGNAL, CancelOrderRequest(reason=reason, requested_by=requested_by)
+            )
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            signalled = False
+        message = (
+            f"cancellation of {order_id} recorded; the workflow is compensating"
+            if signalled
+            else f"cancellation of {order_id} recorded, but its workflow is not running"
+        )
+        return CancelOutcome(
+            order_id=order_id,
+            recorded=True,
+            status=state.status,
+            version=state.version,
+            signalled=signalled,
+            message=message,
+        )
+
+    async def report(self, order_id: str) -> OrderReport:
+        """The row, its audited transitions, and the workflow's status and live progress."""
+        row = await self.row(order_id)
+        transitions = await db.list_transitions(self._pool, order_id)
+        handle = self.handle(order_id)
+        workflow_status: str | None = None
+        progress: OrderProgress | None = None
+        try:
+            description = await handle.describe()
+            if description.status is not None:
+                workflow_status = description.status.name
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+        return OrderReport(
+            order=row,
+            transitions=transitions,
+            workflow_id=row.workflow_id,
+            workflow_status=workflow_status,
+            workflow_progress=progress,
+            checked_at=datetime.now().astimezone(),
+        )
