@@ -1,0 +1,167 @@
+"""Real parts for the tests: Postgres, the Temporal dev server, the provider sandbox.
+
+One of each per test session (starting them is the slow part); a fresh task queue and
+fresh order ids per test keep tests apart. Set ``TOLLGATE_TEST_DATABASE_URL`` to run
+against your own Postgres instead of a throw-away embedded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+import uvicorn
+from temporalio.client import Client
+
+from tollgate import db
+from tollgate.migrate import apply_migrations
+from tollgate.models import OrderInput, RetrySettings
+from tollgate.providers import build_http_client
+from tollgate.sandbox import SandboxAdmin, create_app
+from tollgate.service import OrderService, build_order
+from tollgate.settings import Settings
+from tollgate.stack import LocalPostgres, TemporalDevServer, free_port
+from tollgate.telemetry import configure_tracing
+from tollgate.temporal import connect
+from tollgate.worker import build_worker
+
+#: Backoffs for tests: fast enough that a few retries take well under a second.
+FAST_RETRY = RetrySettings(
+    activity_timeout=timedelta(seconds=5),
+    initial_interval=timedelta(milliseconds=50),
+    maximum_interval=timedelta(milliseconds=200),
+    maximum_attempts=5,
+)
+
+
+@pytest.fixture(scope="session")
+async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A migrated Postgres database: embedded, or ``TOLLGATE_TEST_DATABASE_URL``."""
+    external = os.environ.get("TOLLGATE_TEST_DATABASE_URL")
+    if external:
+        await apply_migrations(external)
+        yield external
+        return
+    server = LocalPostgres(tmp_path_factory.mktemp("pg") / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        await apply_migrations(server.url)
+        yield server.url
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A Temporal dev server (headless) with Tollgate's search attributes registered."""
+    log = tmp_path_factory.mktemp("temporal") / "temporal.log"
+    server = TemporalDevServer(free_port(), None, log_file=log)
+    await server.start()
+    try:
+        yield server.address
+    finally:
+        await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def sandbox_url() -> AsyncIterator[str]:
+    """The provider sandbox, served over a real socket from this process."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, temporal_address: str, sandbox_url: str) -> Settings:
+    return Settings(
+        temporal_address=temporal_address,
+        database_url=database_url,
+        sandbox_url=sandbox_url,
+        provider_timeout_seconds=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> Client:
+    # A real tracer provider, as the worker process installs, so trace ids reach the audit.
+    configure_tracing(settings)
+    return await connect(settings)
+
+
+@pytest.fixture(scope="session")
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(settings.database_url, max_size=10)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def sandbox(sandbox_url: str) -> AsyncIterator[SandboxAdmin]:
+    """Admin access to the sandbox; faults are cleared before and after each test."""
+    async with SandboxAdmin(sandbox_url) as admin:
+        await admin.clear_faults()
+        try:
+            yield admin
+        finally:
+            await admin.clear_faults()
+
+
+@dataclass
+class Harness:
+    """A running worker on its own task queue, and the service to drive orders with."""
+
+    task_queue: str
+    service: OrderService
+    client: Client
+    pool: asyncpg.Pool
+    sandbox: SandboxAdmin
+    settings: Settings
+
+    def order(self, **overrides: object) -> OrderInput:
+        """A valid order with a fresh id; keyword arguments override fields."""
+        fields: dict[str, object] = {
+            "order_id": f"t-{uuid.uuid4().hex[:12]}",
+            "customer_id": "alice",
+            "items": [{"sku": "WIDGET", "quantity": 1}],
+            "amount_cents": 1250,
+            "currency": "USD",
+            "retry": FAST_RETRY,
+        }
+        fields.update(overrides)
+        return build_order(**fields)
+
+
+@pytest.fixture
+async def h(
+    client: Client, settings: Settings, pool: asyncpg.Pool, sandbox: SandboxAdmin
+) -> AsyncIterator[Harness]:
+    task_queue = f"test-{uuid.uuid4().hex[:8]}"
+    async with build_http_client(settings) as http:
+        async with build_worker(client, settings, pool, http, task_queue=task_queue):
+            yield Harness(
+                task_queue, OrderService(client, pool, task_queue), client, pool, sandbox, settings
+            )
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent

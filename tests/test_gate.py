@@ -1,0 +1,269 @@
+"""The gate in Postgres: transition trigger, version column, audit, migrations.
+
+These talk to Postgres with plain SQL, the way a person at psql would, to show the
+guarantees hold whoever writes, not only when Tollgate's own code does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import uuid
+from collections import deque
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tollgate import db
+from tollgate.errors import OrderCancelled, VersionConflict
+from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
+from tollgate.models import OrderInput, TransitionInput
+from tollgate.states import ORDER_EDGES, OrderStatus
+
+S = OrderStatus
+
+
+def _order(order_id: str | None = None) -> OrderInput:
+    return OrderInput(
+        order_id=order_id or f"g-{uuid.uuid4().hex[:12]}",
+        customer_id="gate-test",
+        items=[{"sku": "WIDGET", "quantity": 1}],
+        amount_cents=100,
+    )
+
+
+async def _new_order(pool: asyncpg.Pool) -> str:
+    order = _order()
+    async with pool.acquire() as conn:
+        await db.insert_order(conn, order, workflow_id=f"order-{order.order_id}", actor="test")
+    return order.order_id
+
+
+def _path_to(target: OrderStatus) -> list[OrderStatus]:
+    """Shortest legal path from PENDING to ``target`` (breadth-first over the graph)."""
+    previous: dict[OrderStatus, OrderStatus | None] = {S.PENDING: None}
+    queue = deque([S.PENDING])
+    while queue:
+        node = queue.popleft()
+        for a, b in ORDER_EDGES:
+            if a == node and b not in previous:
+                previous[b] = node
+                queue.append(b)
+    path: list[OrderStatus] = []
+    node: OrderStatus | None = target
+    while node is not None:
+        path.append(node)
+        node = previous[node]
+    return path[::-1][1:]
+
+
+async def _force(pool: asyncpg.Pool, order_id: str, target: OrderStatus) -> None:
+    for step in _path_to(target):
+        await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, step.value)
+
+
+async def test_python_graph_is_the_sql_graph(pool: asyncpg.Pool) -> None:
+    sql_edges = {
+        (S(r["from_status"]), S(r["to_status"]))
+        for r in await pool.fetch("SELECT from_status, to_status FROM order_transition_edges")
+    }
+    sql_terminal = {
+        S(r["status"]) for r in await pool.fetch("SELECT status FROM order_statuses WHERE terminal")
+    }
+    sql_states = {S(r["status"]) for r in await pool.fetch("SELECT status FROM order_statuses")}
+    assert sql_edges == set(ORDER_EDGES)
+    assert sql_terminal == {s for s in S if s.terminal}
+    assert sql_states == set(S)
+
+
+async def test_every_edge_outside_the_graph_is_refused_from_plain_sql(pool: asyncpg.Pool) -> None:
+    """All 81 (from, to) pairs: edges apply, every other change of status raises TG001."""
+    refused = applied = 0
+    for src, dst in itertools.product(S, S):
+        order_id = await _new_order(pool)
+        await _force(pool, order_id, src)
+        before = await db.get_order(pool, order_id)
+        assert before is not None and before.status == src
+        if src == dst and not src.terminal:
+            # not a transition: the row keeps its status, only the version moves
+            await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, dst.value)
+            after = await db.get_order(pool, order_id)
+            assert after is not None and (after.status, after.version) == (src, before.version + 1)
+            continue
+        if (src, dst) in ORDER_EDGES:
+            await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, dst.value)
+            applied += 1
+            after = await db.get_order(pool, order_id)
+            assert after is not None and after.status == dst and after.version == before.version + 1
+            continue
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, dst.value)
+        assert caught.value.sqlstate == db.ILLEGAL_TRANSITION_SQLSTATE, (src, dst, caught.value)
+        assert f"{src.value} -> {dst.value}" in str(caught.value)
+        assert order_id in str(caught.value)
+        after = await db.get_order(pool, order_id)
+        assert after == before, "a refused transition must leave the row untouched"
+        refused += 1
+    assert applied == len(ORDER_EDGES)
+    terminal = sum(1 for s in S if s.terminal)
+    assert refused == 81 - len(ORDER_EDGES) - (len(S) - terminal)
+
+
+@pytest.mark.parametrize("state", [S.CANCELLING, S.CANCELLED])
+async def test_cancellation_never_returns_to_a_running_state(
+    pool: asyncpg.Pool, state: OrderStatus
+) -> None:
+    order_id = await _new_order(pool)
+    await _force(pool, order_id, state)
+    for running in (S.PENDING, S.VALIDATING, S.CHARGING, S.RESERVING, S.COMPENSATING, S.COMPLETED):
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await pool.execute(
+                "UPDATE orders SET status = $2 WHERE id = $1", order_id, running.value
+            )
+        assert caught.value.sqlstate == db.ILLEGAL_TRANSITION_SQLSTATE
+
+
+async def test_version_is_bumped_even_when_the_writer_forgets(pool: asyncpg.Pool) -> None:
+    order_id = await _new_order(pool)
+    await pool.execute(
+        "UPDATE orders SET status = 'VALIDATING', version = 1 WHERE id = $1", order_id
+    )
+    await pool.execute("UPDATE orders SET failure_reason = 'note' WHERE id = $1", order_id)
+    row = await db.get_order(pool, order_id)
+    assert row is not None and row.version == 3
+
+
+async def test_immutable_columns_and_initial_state(pool: asyncpg.Pool) -> None:
+    order_id = await _new_order(pool)
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await pool.execute("UPDATE orders SET amount_cents = 1 WHERE id = $1", order_id)
+    assert caught.value.sqlstate == db.IMMUTABLE_COLUMN_SQLSTATE
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await pool.execute(
+            "INSERT INTO orders (id, customer_id, items, amount_cents, currency, workflow_id, status)"
+            " VALUES ('x-completed', 'c', '[{\"sku\": \"A\", \"quantity\": 1}]', 1, 'USD', 'order-x', 'COMPLETED')"
+        )
+    assert caught.value.sqlstate == "TG004"
+
+
+async def test_audit_is_written_by_the_database_and_append_only(pool: asyncpg.Pool) -> None:
+    order_id = await _new_order(pool)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('tollgate.actor', 'alice-at-psql', true)")
+        await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order_id)
+    # a writer that describes nothing is recorded as its database role
+    await pool.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order_id)
+    audit = await db.list_transitions(pool, order_id)
+    assert [(a.from_status, a.to_status) for a in audit] == [
+        (None, S.PENDING),
+        (S.PENDING, S.VALIDATING),
+        (S.VALIDATING, S.CANCELLING),
+    ]
+    assert [a.to_version for a in audit] == [1, 2, 3]
+    assert audit[1].actor == "alice-at-psql"
+    assert audit[2].actor == await pool.fetchval("SELECT session_user")
+    for statement in (
+        "UPDATE order_transitions SET actor = 'someone else' WHERE order_id = $1",
+        "DELETE FROM order_transitions WHERE order_id = $1",
+    ):
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await pool.execute(statement, order_id)
+        assert caught.value.sqlstate == db.AUDIT_APPEND_ONLY_SQLSTATE
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await pool.execute("TRUNCATE order_transitions CASCADE")
+    assert caught.value.sqlstate == db.AUDIT_APPEND_ONLY_SQLSTATE
+    assert len(await db.list_transitions(pool, order_id)) == 3
+
+
+def _move(order_id: str, version: int, to: OrderStatus, tid: str | None = None) -> TransitionInput:
+    return TransitionInput(
+        order_id=order_id,
+        expected_version=version,
+        to_status=to,
+        transition_id=tid or f"test:{uuid.uuid4().hex}",
+        actor="test",
+    )
+
+
+async def test_concurrent_writers_on_one_row_lose_no_update(pool: asyncpg.Pool) -> None:
+    """20 writers race for the same version: one wins, the rest are told, none is lost."""
+    order_id = await _new_order(pool)
+    outcomes = await asyncio.gather(
+        *(db.apply_transition(pool, _move(order_id, 1, S.VALIDATING)) for _ in range(20)),
+        return_exceptions=True,
+    )
+    wins = [o for o in outcomes if not isinstance(o, BaseException)]
+    conflicts = [o for o in outcomes if isinstance(o, VersionConflict)]
+    assert len(wins) == 1 and wins[0].version == 2
+    assert len(conflicts) == 19
+    assert all(c.status == S.VALIDATING and c.version == 2 for c in conflicts)
+    audit = await db.list_transitions(pool, order_id)
+    assert [(a.from_status, a.to_status) for a in audit] == [
+        (None, S.PENDING),
+        (S.PENDING, S.VALIDATING),
+    ]
+
+
+async def test_increments_by_many_writers_are_all_counted(pool: asyncpg.Pool) -> None:
+    """Read-modify-write loops from 10 writers: every one of their 50 updates lands."""
+    order_id = await _new_order(pool)
+
+    async def writer(n: int) -> int:
+        done = 0
+        while done < 5:
+            row = await db.get_order(pool, order_id)
+            assert row is not None
+            updated = await pool.fetchval(
+                "UPDATE orders SET failure_reason = coalesce(failure_reason, '') || $3"
+                " WHERE id = $1 AND version = $2 RETURNING version",
+                order_id,
+                row.version,
+                f"{n},",
+            )
+            if updated is not None:
+                done += 1
+        return done
+
+    assert sum(await asyncio.gather(*(writer(n) for n in range(10)))) == 50
+    row = await db.get_order(pool, order_id)
+    assert row is not None and row.version == 51
+    assert row.failure_reason is not None and len(row.failure_reason.split(",")) - 1 == 50
+
+
+async def test_a_recorded_cancellation_wins_over_a_stale_writer(pool: asyncpg.Pool) -> None:
+    order_id = await _new_order(pool)
+    await db.apply_transition(pool, _move(order_id, 1, S.VALIDATING))
+    cancel = await db.request_cancellation(pool, order_id, reason="stop", actor="cli:test")
+    assert cancel.status == S.CANCELLING and cancel.version == 3
+    with pytest.raises(OrderCancelled):
+        await db.apply_transition(pool, _move(order_id, 2, S.CHARGING))
+    # asking again changes nothing; an ended order is reported, not moved
+    again = await db.request_cancellation(pool, order_id, reason="again", actor="cli:test")
+    assert (again.status, again.version, again.cancel_reason) == (S.CANCELLING, 3, "stop")
+    await db.apply_transition(pool, _move(order_id, 3, S.CANCELLED))
+    ended = await db.request_cancellation(pool, order_id, reason="late", actor="cli:test")
+    assert ended.status == S.CANCELLED
+
+
+async def test_retried_transition_recognises_its_own_committed_write(pool: asyncpg.Pool) -> None:
+    order_id = await _new_order(pool)
+    req = _move(order_id, 1, S.VALIDATING, tid=f"order-{order_id}:v1:VALIDATING")
+    first = await db.apply_transition(pool, req)
+    retry = await db.apply_transition(pool, req)
+    assert (first.version, first.already_applied) == (2, False)
+    assert (retry.version, retry.already_applied) == (2, True)
+    assert len(await db.list_transitions(pool, order_id)) == 2  # creation + one transition
+
+
+async def test_migrations_apply_once_and_refuse_edited_files(
+    pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    assert await apply_migrations(database_url) == []
+    edited = tmp_path / "schema"
+    shutil.copytree(SCHEMA_DIR, edited)
+    first = sorted(edited.glob("*.sql"))[0]
+    first.write_text(first.read_text() + "\n-- edited after the fact\n")
+    with pytest.raises(MigrationError, match=first.name):
+        await apply_migrations(database_url, edited)

@@ -1,0 +1,386 @@
+"""Order lifecycles end to end: real Temporal, real Postgres, providers over HTTP.
+
+Every test checks the four places a user would: the workflow's result, the Postgres
+row, its audit trail, and the sandbox ledger (what money and stock actually did).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import CancelledError, WorkflowAlreadyStartedError
+from temporalio.worker import Worker
+
+from activities.orders import OrderStoreActivities
+from tests.conftest import Harness
+from tollgate import db
+from tollgate.errors import InputError
+from tollgate.models import OrderProgress, OrderResult, TransitionInput, TransitionResult
+from tollgate.names import ORDER_STATUS_ATTR, ORDER_STATUS_QUERY
+from tollgate.providers import build_http_client
+from tollgate.sandbox import FaultSpec
+from tollgate.states import OrderStatus
+from tollgate.worker import activities_for
+from workflows.order import OrderWorkflow
+
+S = OrderStatus
+PIPELINE = [
+    (None, S.PENDING),
+    (S.PENDING, S.VALIDATING),
+    (S.VALIDATING, S.CHARGING),
+    (S.CHARGING, S.RESERVING),
+]
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def _audit(h: Harness, order_id: str) -> list[tuple[OrderStatus | None, OrderStatus]]:
+    return [(a.from_status, a.to_status) for a in await db.list_transitions(h.pool, order_id)]
+
+
+async def _maybe_record(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """With TOLLGATE_RECORD_HISTORY set, save the history for tests/test_replay.py."""
+    if os.environ.get("TOLLGATE_RECORD_HISTORY"):
+        history = await handle.fetch_history()
+        HISTORIES.mkdir(exist_ok=True)
+        (HISTORIES / f"order_{name}.json").write_text(history.to_json())
+
+
+async def _wait_for_step(h: Harness, order_id: str, step: str) -> None:
+    handle = h.service.handle(order_id)
+    for _ in range(200):
+        progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
+        if progress.step == step:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{order_id} never reached step {step}")
+
+
+async def test_happy_path_completes_with_one_charge_and_one_reservation(h: Harness) -> None:
+    order = h.order(items=[{"sku": "WIDGET", "quantity": 2}], amount_cents=1998)
+    stock_before = (await h.sandbox.stock())["WIDGET"]
+    handle = await h.service.create(order)
+    result = await handle.result()
+
+    assert result.status == S.COMPLETED and result.charge_id and result.reservation_id
+    row = await h.service.row(order.order_id)
+    assert (row.status, row.version) == (S.COMPLETED, 5)
+    assert result.version == row.version
+    assert await _audit(h, order.order_id) == [*PIPELINE, (S.RESERVING, S.COMPLETED)]
+    audit = await db.list_transitions(h.pool, order.order_id)
+    assert audit[0].actor == "cli:create"
+    assert all(a.actor == f"workflow:order-{order.order_id}" for a in audit[1:])
+    assert all(a.trace_id and len(a.trace_id) == 32 for a in audit[1:]), "trace id recorded"
+
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [(c.amount_cents, c.status) for c in ledger.charges] == [(1998, "captured")]
+    assert [r.status for r in ledger.reservations] == ["reserved"]
+    assert not ledger.refunds and not ledger.releases
+    assert (await h.sandbox.stock())["WIDGET"] == stock_before - 2
+
+    description = await handle.describe()
+    assert description.status == WorkflowExecutionStatus.COMPLETED
+    assert description.typed_search_attributes.get(ORDER_STATUS_ATTR) == "COMPLETED"
+
+    await _maybe_record(handle, "completed")
+
+
+async def test_declined_card_fails_with_nothing_charged(h: Harness) -> None:
+    await h.sandbox.decline_customer("mallory")
+    try:
+        order = h.order(customer_id="mallory")
+        result = await (await h.service.create(order)).result()
+    finally:
+        await h.sandbox.allow_customer("mallory")
+    assert result.status == S.FAILED
+    assert result.failure_reason and result.failure_reason.startswith("PaymentDeclined")
+    # the refund registered before the charge ran, and found nothing to refund
+    assert result.compensations == ["refund:voided"]
+    row = await h.service.row(order.order_id)
+    assert row.status == S.FAILED and row.failure_reason == result.failure_reason
+    assert await _audit(h, order.order_id) == [
+        *PIPELINE[:3],
+        (S.CHARGING, S.COMPENSATING),
+        (S.COMPENSATING, S.FAILED),
+    ]
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert ledger.charges == [] and ledger.refunds == [] and ledger.reservations == []
+
+
+async def test_out_of_stock_fails_with_the_charge_refunded(h: Harness) -> None:
+    order = h.order(items=[{"sku": "SOLDOUT", "quantity": 1}], amount_cents=4999)
+    handle = await h.service.create(order)
+    result = await handle.result()
+    assert result.status == S.FAILED
+    assert result.failure_reason and result.failure_reason.startswith("OutOfStock")
+    assert result.compensations == ["release:voided", "refund:refunded"]
+    assert await _audit(h, order.order_id) == [
+        *PIPELINE,
+        (S.RESERVING, S.COMPENSATING),
+        (S.COMPENSATING, S.FAILED),
+    ]
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [(c.amount_cents, c.status) for c in ledger.charges] == [(4999, "refunded")]
+    assert [r.amount_cents for r in ledger.refunds] == [4999]
+    assert ledger.reservations == []
+    await _maybe_record(handle, "out_of_stock")
+
+
+async def test_invalid_order_fails_in_validation_before_any_money_moves(h: Harness) -> None:
+    order = h.order(items=[{"sku": "NO-SUCH-THING", "quantity": 1}], currency="JPY")
+    result = await (await h.service.create(order)).result()
+    assert result.status == S.FAILED
+    assert result.failure_reason is not None
+    assert "unknown SKU NO-SUCH-THING" in result.failure_reason
+    assert "currency JPY is not supported" in result.failure_reason
+    assert result.compensations == []
+    assert await _audit(h, order.order_id) == [*PIPELINE[:2], (S.VALIDATING, S.FAILED)]
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert ledger.charges == [] and ledger.voids == []
+
+
+@pytest.mark.parametrize("phase", ["before", "after"])
+async def test_gateway_failing_three_times_then_recovering_charges_once(
+    h: Harness, phase: str
+) -> None:
+    """'after': the gateway charged but the answer was lost; retries reuse the key."""
+    await h.sandbox.set_fault("payments", FaultSpec(fail_next=3, fail_status=503, fail_phase=phase))
+    before = (await h.sandbox.request_counts())["payments"]
+    order = h.order()
+    result = await (await h.service.create(order)).result()
+    assert result.status == S.COMPLETED
+    assert (await h.sandbox.request_counts())["payments"] - before == 4
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert len(ledger.charges) == 1 and ledger.charges[0].charge_id == result.charge_id
+    assert ledger.charges[0].idempotency_key == f"order-{order.order_id}:charge"
+
+
+async def test_retries_exhausted_compensate_and_fail(h: Harness) -> None:
+    """Inventory down for good: reserving gives up, and the refund waits for recovery."""
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, "charging")
+    await h.sandbox.set_fault("inventory", FaultSpec(fail_rate=1.0, fail_status=500))
+    for _ in range(200):
+        if (await h.service.row(order.order_id)).status == S.COMPENSATING:
+            break
+        await asyncio.sleep(0.05)
+    # The release cannot reach inventory either; the order must wait, not give up on it.
+    await asyncio.sleep(0.5)
+    assert (await h.service.row(order.order_id)).status == S.COMPENSATING
+    await h.sandbox.clear_faults()
+    result = await handle.result()
+    assert result.status == S.FAILED
+    assert result.failure_reason and result.failure_reason.startswith("ProviderUnavailable")
+    assert result.compensations == ["release:voided", "refund:refunded"]
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [c.status for c in ledger.charges] == ["refunded"]
+
+
+async def test_cancel_while_reservation_is_slow_refunds_and_releases(h: Harness) -> None:
+    """The reservation lands at once but its answer is slow: cancel, and both are undone."""
+    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=1500, latency_phase="after"))
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, "reserving")
+    await asyncio.sleep(0.2)
+    outcome = await h.service.cancel(
+        order.order_id, reason="changed my mind", requested_by="tester"
+    )
+    assert outcome.recorded and outcome.signalled and outcome.status == S.CANCELLING
+    result = await handle.result()
+
+    assert result.status == S.CANCELLED and result.cancel_reason == "changed my mind"
+    row = await h.service.row(order.order_id)
+    assert (row.status, row.cancel_reason) == (S.CANCELLED, "changed my mind")
+    audit = await db.list_transitions(h.pool, order.order_id)
+    assert [(a.from_status, a.to_status) for a in audit] == [
+        *PIPELINE,
+        (S.RESERVING, S.CANCELLING),
+        (S.CANCELLING, S.CANCELLED),
+    ]
+    assert audit[-2].actor == "cli:tester" and audit[-2].reason == "changed my mind"
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [c.status for c in ledger.charges] == ["refunded"]
+    assert [r.status for r in ledger.reservations] == ["released"]
+    assert len(ledger.refunds) == 1 and len(ledger.releases) == 1
+    await _maybe_record(handle, "cancelled")
+
+
+@pytest.mark.parametrize(
+    ("step", "provider"),
+    [("validating", "inventory"), ("charging", "payments"), ("reserving", "inventory")],
+)
+async def test_cancellation_racing_each_step_leaves_nothing_charged_or_reserved(
+    h: Harness, step: str, provider: str
+) -> None:
+    """The provider is slow *before* acting: the undo voids the key and the late call is refused."""
+    order = h.order()
+    if step == "reserving":
+        handle = await h.service.create(order)
+        await _wait_for_step(h, order.order_id, "charging")
+        await h.sandbox.set_fault(provider, FaultSpec(latency_ms=1000))
+    else:
+        await h.sandbox.set_fault(provider, FaultSpec(latency_ms=1000))
+        handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, step)
+    await h.service.cancel(order.order_id, reason=f"cancel during {step}", requested_by="tester")
+    result = await handle.result()
+    await asyncio.sleep(1.2)  # let the slowed request land (and be refused) at the provider
+
+    assert result.status == S.CANCELLED
+    assert (await h.service.row(order.order_id)).status == S.CANCELLED
+    audit = await _audit(h, order.order_id)
+    assert audit[-2:] == [(S(step.upper()), S.CANCELLING), (S.CANCELLING, S.CANCELLED)]
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert not [c for c in ledger.charges if c.status == "captured"], "money left charged"
+    assert not [r for r in ledger.reservations if r.status == "reserved"], "stock left reserved"
+
+
+async def test_cancellation_recorded_only_in_postgres_still_wins(h: Harness) -> None:
+    """No signal at all: the next transition finds CANCELLING and the order compensates."""
+    await h.sandbox.set_fault("payments", FaultSpec(latency_ms=800, latency_phase="after"))
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, "charging")
+    state = await db.request_cancellation(h.pool, order.order_id, reason="from psql", actor="ops")
+    assert state.status == S.CANCELLING
+    result = await handle.result()
+    assert result.status == S.CANCELLED and result.compensations == ["refund:refunded"]
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [c.status for c in ledger.charges] == ["refunded"]
+
+
+async def test_cancel_from_temporal_compensates_and_ends_cancelled(h: Harness) -> None:
+    """A cancel from the Web UI (a Temporal cancel request) ends the same way."""
+    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=1000, latency_phase="after"))
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, "reserving")
+    await asyncio.sleep(0.2)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    assert isinstance(caught.value.cause, CancelledError)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    row = await h.service.row(order.order_id)
+    assert row.status == S.CANCELLED and row.cancel_reason == "cancelled in Temporal"
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [c.status for c in ledger.charges] == ["refunded"]
+    assert [r.status for r in ledger.reservations] == ["released"]
+
+
+async def test_cancel_of_a_finished_order_is_refused_and_changes_nothing(h: Harness) -> None:
+    order = h.order()
+    await (await h.service.create(order)).result()
+    before = await h.service.row(order.order_id)
+    outcome = await h.service.cancel(order.order_id, reason="too late", requested_by="tester")
+    assert not outcome.recorded and outcome.status == S.COMPLETED
+    assert "already COMPLETED" in outcome.message
+    assert await h.service.row(order.order_id) == before
+
+
+async def test_a_second_start_for_the_same_order_is_refused(h: Harness) -> None:
+    order = h.order()
+    handle = await h.service.create(order)
+    with pytest.raises(InputError, match="already exists"):
+        await h.service.create(order)
+    # straight at Temporal, bypassing the row check: the workflow id refuses it
+    with pytest.raises(WorkflowAlreadyStartedError):
+        await h.client.start_workflow(
+            OrderWorkflow.run,
+            order,
+            id=handle.id,
+            task_queue=h.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        )
+    assert (await handle.result()).status == S.COMPLETED
+
+
+async def test_a_start_temporal_refuses_writes_no_row(h: Harness) -> None:
+    """An order whose workflow cannot start leaves no PENDING row behind."""
+    order = h.order()
+    handle = await h.service.create(order)
+    await handle.result()
+    await h.pool.execute("SELECT 1")  # the first order exists; now reuse its id on a new row
+    twin = h.order(order_id=order.order_id + "-twin")
+    # occupy the twin's workflow id directly in Temporal, so the service's start fails
+    await h.client.start_workflow(
+        OrderWorkflow.run, twin, id=f"order-{twin.order_id}", task_queue=h.task_queue
+    )
+    await h.client.get_workflow_handle(f"order-{twin.order_id}").result()
+    await h.pool.execute("SELECT 1")
+    row = await db.get_order(h.pool, twin.order_id)
+    assert row is not None  # the workflow's own first activity recorded it
+    third = h.order(order_id=f"t-{uuid.uuid4().hex[:10]}")
+    await h.client.start_workflow(
+        OrderWorkflow.run, third, id=f"order-{third.order_id}", task_queue=f"{h.task_queue}-nobody"
+    )
+    with pytest.raises(InputError, match="already has a lifecycle"):
+        await h.service.create(third)
+    assert await db.get_order(h.pool, third.order_id) is None
+    await h.client.get_workflow_handle(f"order-{third.order_id}").terminate("test cleanup")
+
+
+class _LosesFirstReply:
+    """Stand-in for transition_order: commits, then 'loses' the reply once per transition."""
+
+    def __init__(self, real: OrderStoreActivities) -> None:
+        self.real = real
+        self.lost: set[str] = set()
+
+    @activity.defn(name="transition_order")
+    async def transition(self, req: TransitionInput) -> TransitionResult:
+        result = await self.real.transition_order(req)
+        if req.transition_id not in self.lost:
+            self.lost.add(req.transition_id)
+            raise RuntimeError("connection reset after commit (simulated)")
+        return result
+
+
+async def test_transitions_retried_after_a_committed_first_attempt_apply_once(h: Harness) -> None:
+    store = OrderStoreActivities(h.pool)
+    flaky = _LosesFirstReply(store)
+    async with build_http_client(h.settings) as http:
+        acts = [
+            a
+            for a in activities_for(h.pool, http)
+            if getattr(a, "__name__", "") != "transition_order"
+        ]
+        queue = f"{h.task_queue}-flaky"
+        async with Worker(
+            h.client,
+            task_queue=queue,
+            workflows=[OrderWorkflow],
+            activities=[*acts, flaky.transition],
+        ):
+            order = h.order()
+            result = await h.client.execute_workflow(
+                OrderWorkflow.run, order, id=f"order-{order.order_id}", task_queue=queue
+            )
+    assert result.status == S.COMPLETED and result.version == 5
+    assert len(flaky.lost) == 4, "every transition lost its first reply"
+    audit = await db.list_transitions(h.pool, order.order_id)
+    assert [(a.from_status, a.to_status) for a in audit] == [*PIPELINE, (S.RESERVING, S.COMPLETED)]
+
+
+async def test_status_query_reports_live_progress(h: Harness) -> None:
+    await h.sandbox.set_fault("payments", FaultSpec(latency_ms=600))
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, "charging")
+    progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
+    assert progress.status == S.CHARGING and progress.version == 3 and not progress.cancel_requested
+    report = await h.service.report(order.order_id)
+    assert report.workflow_status == "RUNNING" and report.workflow_progress is not None
+    result: OrderResult = await handle.result()
+    assert result.status == S.COMPLETED
+    report = await h.service.report(order.order_id)
+    assert report.workflow_status == "COMPLETED" and len(report.transitions) == 5

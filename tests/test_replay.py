@@ -1,0 +1,32 @@
+"""Replay recorded order histories against today's workflow code.
+
+A change that makes ``OrderWorkflow`` issue different commands for the same events
+(reordered activities, a new timer, a removed step) breaks running orders on deploy;
+the replayer fails here first. Re-record after an intentional, versioned change with
+``TOLLGATE_RECORD_HISTORY=1 make test`` (see tests/test_order_e2e.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workflows.order import OrderWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("order_*.json"))
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
+async def test_recorded_order_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(f"order-{path.stem}", path.read_text())
+    replayer = Replayer(workflows=[OrderWorkflow], data_converter=pydantic_data_converter)
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, result.replay_failure
+
+
+def test_there_is_a_recorded_history() -> None:
+    assert HISTORIES, "tests/histories/ holds no recorded order history"
