@@ -8,6 +8,7 @@ so they run one after another (faults are per provider, not per order).
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from tollgate.names import ORDER_STATUS_QUERY
 from tollgate.sandbox import FaultSpec, Ledger, SandboxAdmin
 from tollgate.service import OrderService, build_order
 from tollgate.settings import Settings
+from tollgate.stack import LocalStack, StackError
 from tollgate.states import OrderStatus
 from tollgate.temporal import connect
 
@@ -55,11 +57,23 @@ class LedgerCounts(BaseModel):
             released=len(ledger.releases),
         )
 
+    def money(self) -> str:
+        """Charges as a person reads them: ``1 captured``, ``1 refunded``, ``none``."""
+        parts = [f"{self.captured} captured"] if self.captured else []
+        if self.refunded:
+            parts.append(f"{self.refunded} refunded")
+        return ", ".join(parts) or "none"
+
+    def stock(self) -> str:
+        """Reservations: ``1 held``, ``1 released``, ``none``."""
+        held = self.reserved - self.released
+        parts = [f"{held} held"] if held else []
+        if self.released:
+            parts.append(f"{self.released} released")
+        return ", ".join(parts) or "none"
+
     def describe(self) -> str:
-        return (
-            f"charges {self.charged} (captured {self.captured}), refunds {self.refunded}, "
-            f"reservations {self.reserved}, releases {self.released}"
-        )
+        return f"charges: {self.money()}; reservations: {self.stock()}"
 
 
 class DemoOutcome(BaseModel):
@@ -154,7 +168,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "out of stock", "bob", [("SOLDOUT", 1)], 4999, OrderStatus.FAILED, _counts(1, 0, 1, 0, 0)
     ),
     Scenario(
-        "cancel while reserving is slow",
+        "cancel while reserving (slow)",
         "carol",
         [("GADGET", 1)],
         2500,
@@ -164,7 +178,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         drive=_cancel_while_reserving,
     ),
     Scenario(
-        "gateway fails 3 times, then recovers",
+        "gateway fails 3x, recovers",
         "dave",
         [("GIZMO", 3)],
         7497,
@@ -226,19 +240,73 @@ async def run_demo(settings: Settings) -> list[DemoOutcome]:
 
 def print_outcomes(outcomes: list[DemoOutcome], settings: Settings, console: Console) -> None:
     """The table ``make demo`` ends with, and where to look next."""
-    table = Table("scenario", "order", "status", "ledger", "ok", title="Tollgate demo")
+    table = Table(
+        "scenario", "order", "status", "charges", "reservations", "ok", title="Tollgate demo"
+    )
     for o in outcomes:
-        status = (
-            o.status.value
-            if o.status == o.expected_status
-            else f"{o.status} (want {o.expected_status})"
-        )
-        ledger = o.ledger.describe()
+        status = o.status.value
+        if o.status != o.expected_status:
+            status += f" (want {o.expected_status})"
+        money, stock = o.ledger.money(), o.ledger.stock()
         if o.ledger != o.expected_ledger:
-            ledger += f"\n(want {o.expected_ledger.describe()})"
-        table.add_row(o.scenario, o.order_id, status, ledger, "yes" if o.ok else "[red]NO[/red]")
+            money += f" (want {o.expected_ledger.money()})"
+            stock += f" (want {o.expected_ledger.stock()})"
+        table.add_row(
+            o.scenario, o.order_id, status, money, stock, "yes" if o.ok else "[red]NO[/red]"
+        )
     console.print(table)
     console.print(
         f"Web UI: {settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows"
     )
     console.print("Inspect one: python starter.py order status <order id>")
+
+
+async def _stack_is_up(settings: Settings) -> bool:
+    """Whether something already serves the sandbox and Temporal (``make up`` running)."""
+    try:
+        async with SandboxAdmin(settings.sandbox_url, timeout=1.0) as sandbox:
+            await sandbox.health()
+        await asyncio.wait_for(connect(settings), timeout=3.0)
+    except Exception:
+        return False
+    return True
+
+
+async def _main(console: Console) -> bool:
+    settings = Settings()
+    if await _stack_is_up(settings):
+        console.print(f"Using the running stack (Temporal at {settings.temporal_address}).")
+        outcomes = await run_demo(settings)
+        print_outcomes(outcomes, settings, console)
+        return all(o.ok for o in outcomes)
+
+    console.print(f"Starting the local stack in {settings.state_dir}/ ...")
+    async with LocalStack.from_settings(settings) as stack:
+        settings = Settings(**{k.lower(): v for k, v in stack.env().items()})  # type: ignore[arg-type]
+        outcomes = await run_demo(settings)
+        print_outcomes(outcomes, settings, console)
+    console.print(
+        "The stack has stopped; its state is kept in "
+        f"{settings.state_dir}/. Run `make up` to browse these workflows in the Web UI."
+    )
+    return all(o.ok for o in outcomes)
+
+
+def main() -> None:
+    """``make demo``: run the scenarios, on the running stack or on one started here."""
+    # Piped output (CI logs) gets a fixed width so the table is not squeezed to 80 columns.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+    try:
+        ok = asyncio.run(_main(console))
+    except StackError as exc:
+        console.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if not ok:
+        console.print("[red]Some outcomes differ from what was expected.[/red]")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
