@@ -14,13 +14,14 @@ a transition that finds CANCELLING in Postgres, or a Temporal cancel (e.g. the W
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.exceptions import CancelledError as TemporalCancelledError
+from temporalio.exceptions import ActivityError
+
+from workflows._support import describe, error_type, is_cancellation, run_to_completion
 
 with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
@@ -54,21 +55,6 @@ _POSTGRES_CANCEL = CancelOrderRequest(
 
 class _StepFailed(Exception):
     """A forward step cannot succeed; the order compensates and ends FAILED."""
-
-
-def _error_type(err: BaseException) -> str | None:
-    cause = err.cause if isinstance(err, ActivityError) else err
-    return cause.type if isinstance(cause, ApplicationError) else None
-
-
-def _is_cancellation(err: BaseException) -> bool:
-    return isinstance(err, ActivityError) and isinstance(err.cause, TemporalCancelledError)
-
-
-def _describe(err: BaseException) -> str:
-    cause = err.cause if isinstance(err, ActivityError) and err.cause else err
-    kind = _error_type(cause) or type(cause).__name__
-    return f"{kind}: {cause.message if isinstance(cause, ApplicationError) else cause}"
 
 
 @workflow.defn(name="OrderWorkflow")
@@ -131,14 +117,16 @@ class OrderWorkflow:
             except _StepFailed as failed:
                 self._failure_reason = str(failed)
             except ActivityError as err:
-                if _error_type(err) == OrderCancelled.__name__:
+                if error_type(err) == OrderCancelled.__name__:
                     self._note_cancel(_POSTGRES_CANCEL)
-                elif _is_cancellation(err):
+                elif is_cancellation(err):
                     self._note_cancel(_TEMPORAL_CANCEL, from_temporal=True)
                 else:
-                    self._failure_reason = _describe(err)
+                    self._failure_reason = describe(err)
 
-        result = await self._shielded(self._finish())
+        result = await run_to_completion(
+            self._finish(), lambda: self._note_cancel(_TEMPORAL_CANCEL, from_temporal=True)
+        )
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self._temporal_cancelled and result.status is OrderStatus.CANCELLED:
             # Let Temporal record the execution as Canceled, matching the row.
@@ -200,7 +188,7 @@ class OrderWorkflow:
             try:
                 return await self._fail(self._failure_reason)
             except ActivityError as err:
-                if _error_type(err) != OrderCancelled.__name__:
+                if error_type(err) != OrderCancelled.__name__:
                     raise
                 self._note_cancel(_POSTGRES_CANCEL)
         if self._cancel is not None:
@@ -325,21 +313,6 @@ class OrderWorkflow:
             start_to_close_timeout=self._order.retry.activity_timeout,
             retry_policy=retry or self._step_retry,
         )
-
-    async def _shielded(self, work: Coroutine[Any, Any, OrderResult]) -> OrderResult:
-        """Run the ending (compensations, final transition) to completion.
-
-        A second cancel from Temporal must not abandon compensations half-way, so the
-        ending runs as its own task and further cancellations are only noted.
-        """
-        task: asyncio.Task[OrderResult] = asyncio.create_task(work)
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    return task.result()
-                self._note_cancel(_TEMPORAL_CANCEL, from_temporal=True)
 
     def _result(self) -> OrderResult:
         return OrderResult(

@@ -1,0 +1,55 @@
+"""Deterministic helpers shared by the workflows (no I/O, no clocks)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, FailureError
+from temporalio.exceptions import CancelledError as TemporalCancelledError
+
+T = TypeVar("T")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost failure behind activity and child-workflow wrappers."""
+    while isinstance(err, (ActivityError, ChildWorkflowError)) and err.cause is not None:
+        err = err.cause
+    return err
+
+
+def error_type(err: BaseException) -> str | None:
+    """The ``ApplicationError.type`` at the root of ``err``, if there is one."""
+    cause = root_cause(err)
+    return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def is_cancellation(err: BaseException) -> bool:
+    """Whether an activity/child failure is only the echo of a cancellation."""
+    return isinstance(root_cause(err), TemporalCancelledError)
+
+
+def describe(err: BaseException) -> str:
+    """``Type: message`` of the root failure, for failure reasons people read."""
+    cause = root_cause(err)
+    kind = error_type(cause) or type(cause).__name__
+    message = cause.message if isinstance(cause, FailureError) else str(cause)
+    return f"{kind}: {message}"
+
+
+async def run_to_completion(work: Coroutine[Any, Any, T], on_cancel: Callable[[], None]) -> T:
+    """Run ``work`` to the end even if the workflow is cancelled meanwhile.
+
+    Compensations and final transitions must not be abandoned half-way by a second
+    cancel, so they run as their own task; each cancellation is reported to
+    ``on_cancel`` and otherwise ignored.
+    """
+    task: asyncio.Task[T] = asyncio.create_task(work)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
+            on_cancel()
