@@ -21,6 +21,8 @@ import uvicorn
 from temporalio.client import Client
 
 from tollgate import db
+from tollgate.message_models import MessageInput
+from tollgate.message_service import MessageService, build_message
 from tollgate.migrate import apply_migrations
 from tollgate.models import OrderInput, RetrySettings
 from tollgate.providers import build_http_client
@@ -137,6 +139,7 @@ class Harness:
     pool: asyncpg.Pool
     sandbox: SandboxAdmin
     settings: Settings
+    messages: MessageService
 
     def order(self, **overrides: object) -> OrderInput:
         """A valid order with a fresh id; keyword arguments override fields."""
@@ -151,6 +154,33 @@ class Harness:
         fields.update(overrides)
         return build_order(**fields)
 
+    def message(self, recipient: str, **overrides: object) -> MessageInput:
+        """A valid message to ``recipient`` with a fresh id and short timings."""
+        fields: dict[str, object] = {
+            "message_id": f"m-{uuid.uuid4().hex[:12]}",
+            "sender_id": "sam",
+            "recipient_id": recipient,
+            "recipient_email": f"{recipient}@example.com",
+            "body": "See you at noon?",
+            "deadline": timedelta(seconds=5),
+            "read_window": timedelta(seconds=5),
+            "push_heartbeat_timeout": timedelta(seconds=2),
+            "retry": FAST_RETRY,
+        }
+        fields.update(overrides)
+        return build_message(**fields)
+
+    async def devices(self, count: int, *, user: str | None = None) -> tuple[str, list[str]]:
+        """Register ``count`` devices of a fresh user; returns (user id, device ids)."""
+        user = user or f"u-{uuid.uuid4().hex[:8]}"
+        ids = []
+        for n in range(count):
+            row = await self.messages.register_device(
+                device_id=f"{user}-d{n}", user_id=user, push_token=f"tok-{user}-{n}", platform="ios"
+            )
+            ids.append(row.id)
+        return user, ids
+
 
 @pytest.fixture
 async def h(
@@ -160,7 +190,13 @@ async def h(
     async with build_http_client(settings) as http:
         async with build_worker(client, settings, pool, http, task_queue=task_queue):
             yield Harness(
-                task_queue, OrderService(client, pool, task_queue), client, pool, sandbox, settings
+                task_queue,
+                OrderService(client, pool, task_queue),
+                client,
+                pool,
+                sandbox,
+                settings,
+                MessageService(client, pool, task_queue),
             )
 
 

@@ -1,4 +1,5 @@
-"""Tests of the provider sandbox: ledger, idempotency, voids and fault injection.
+"""Tests of the provider sandbox: ledger, idempotency, voids, fault injection, and the
+push and email providers of message delivery.
 
 Most tests talk to a fresh in-process app through ``httpx.ASGITransport``; the last one
 runs the real uvicorn server on a socket to prove the sandbox works over the wire.
@@ -30,6 +31,9 @@ CHARGES = "/payments/charges"
 REFUNDS = "/payments/refunds"
 RESERVATIONS = "/inventory/reservations"
 RELEASES = "/inventory/releases"
+PUSHES = "/push/notifications"
+EMAILS = "/email/messages"
+NO_TRAFFIC = {"payments": 0, "inventory": 0, "push": 0, "email": 0}
 
 
 @pytest.fixture
@@ -73,6 +77,44 @@ async def reserve(
     client: httpx.AsyncClient, key: str, items: list[dict[str, Any]], order_id: str = "o-1"
 ) -> httpx.Response:
     return await post(client, RESERVATIONS, key, {"order_id": order_id, "items": items})
+
+
+def push_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "token": "tok-1",
+        "message_id": "m-1",
+        "kind": "message",
+        "payload": {"title": "Hi", "badge": 1},
+    }
+    body.update(overrides)
+    return body
+
+
+def email_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "to": "ada@example.com",
+        "subject": "New message",
+        "body": "You have a new message.",
+        "message_id": "m-1",
+    }
+    body.update(overrides)
+    return body
+
+
+async def push(client: httpx.AsyncClient, key: str, **overrides: Any) -> httpx.Response:
+    return await post(client, PUSHES, key, push_body(**overrides))
+
+
+async def email(client: httpx.AsyncClient, key: str, **overrides: Any) -> httpx.Response:
+    return await post(client, EMAILS, key, email_body(**overrides))
+
+
+#: A valid body for each provider POST, to show a rejected key was not used up.
+VALID_BODIES: dict[str, dict[str, Any]] = {
+    CHARGES: charge_body(),
+    PUSHES: push_body(),
+    EMAILS: email_body(),
+}
 
 
 # --------------------------------------------------------------------------- payments
@@ -135,6 +177,8 @@ async def test_provider_post_without_idempotency_key_is_400(
         (REFUNDS, {"order_id": "o-1", "charge_idempotency_key": "k"}),
         (RESERVATIONS, {"order_id": "o-1", "items": [{"sku": "WIDGET", "quantity": 1}]}),
         (RELEASES, {"order_id": "o-1", "reservation_idempotency_key": "k"}),
+        (PUSHES, push_body()),
+        (EMAILS, email_body()),
     ]:
         response = await client.post(path, json=body)
         assert response.status_code == 400, path
@@ -142,6 +186,7 @@ async def test_provider_post_without_idempotency_key_is_400(
         assert "Idempotency-Key" in response.json()["message"]
     ledger = await admin.ledger()
     assert ledger.charges == [] and ledger.voids == [] and ledger.reservations == []
+    assert ledger.pushes == [] and ledger.emails == []
 
 
 async def test_declined_charge_replays_the_same_402(
@@ -415,6 +460,301 @@ async def test_concurrent_same_key_charges_once(
     assert len((await admin.ledger()).charges) == 1
 
 
+# --------------------------------------------------------------------------- push
+
+
+async def test_push_happy_path(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    response = await push(client, "k-push")
+    assert response.status_code == 201
+    body = response.json()
+    assert body == {
+        "push_id": body["push_id"],
+        "token": "tok-1",
+        "message_id": "m-1",
+        "kind": "message",
+        "status": "sent",
+        "idempotency_key": "k-push",
+    }
+    assert body["push_id"].startswith("pu_")
+
+    ledger = await admin.ledger()
+    assert len(ledger.pushes) == 1
+    entry = ledger.pushes[0]
+    assert entry.push_id == body["push_id"]
+    assert (entry.token, entry.message_id, entry.kind) == ("tok-1", "m-1", "message")
+    assert entry.payload == {"title": "Hi", "badge": 1}
+    assert entry.idempotency_key == "k-push"
+    assert entry.created_at.tzinfo is not None
+    assert ledger.emails == [] and ledger.charges == []
+
+    # payload is optional; every kind is accepted.
+    for kind in ("read_receipt", "read_revert"):
+        bare = {k: v for k, v in push_body(kind=kind).items() if k != "payload"}
+        answer = await post(client, PUSHES, f"k-{kind}", bare)
+        assert answer.status_code == 201
+        assert answer.json()["kind"] == kind
+    assert [p.payload for p in (await admin.ledger()).pushes] == [entry.payload, {}, {}]
+
+
+async def test_push_retry_with_same_key_sends_once(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    first = await push(client, "k-same")
+    # Same request with the payload's keys in another order: not a different body.
+    replay = await push(client, "k-same", payload={"badge": 1, "title": "Hi"})
+    assert replay.status_code == 201
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json()
+
+    ledger = await admin.ledger()
+    assert [p.push_id for p in ledger.pushes] == [first.json()["push_id"]]
+
+    conflict = await push(client, "k-same", kind="read_receipt")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"] == "idempotency_conflict"
+    assert len((await admin.ledger()).pushes) == 1
+
+
+async def test_unregistered_token_is_410_and_replays(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.unregister_token("tok-gone")
+    assert await admin.unregistered_tokens() == ["tok-gone"]
+    gone = await push(client, "k-gone", token="tok-gone")
+    assert gone.status_code == 410
+    assert gone.json() == {
+        "error": "unregistered",
+        "token": "tok-gone",
+        "message": gone.json()["message"],
+    }
+
+    # The app is reinstalled, but the retry of the refused request gets the same answer.
+    await admin.register_token("tok-gone")
+    assert await admin.unregistered_tokens() == []
+    retry = await push(client, "k-gone", token="tok-gone")
+    assert retry.status_code == 410
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.json() == gone.json()
+    assert (await admin.ledger()).pushes == []
+
+    fresh = await push(client, "k-gone-2", token="tok-gone")
+    assert fresh.status_code == 201
+    assert len((await admin.ledger()).pushes) == 1
+
+
+async def test_unregistered_tokens_from_config() -> None:
+    app = create_app(SandboxConfig(unregistered_tokens={"tok-x"}))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://sandbox"
+    ) as client:
+        assert (await push(client, "k", token="tok-x")).status_code == 410
+        assert (await push(client, "k2", token="tok-y")).status_code == 201
+
+
+async def test_push_fail_next_two_then_success_sends_once(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("push", FaultSpec(fail_next=2))
+    for _ in range(2):
+        failed = await push(client, "k-retry")
+        assert failed.status_code == 503
+        assert failed.json()["error"] == "injected_fault"
+        assert (await admin.ledger()).pushes == []
+    assert (await admin.faults())["push"].fail_next == 0
+    # Faults are per provider: email is unaffected meanwhile.
+    assert (await email(client, "k-mail")).status_code == 201
+
+    final = await push(client, "k-retry")
+    assert final.status_code == 201
+    assert "Idempotent-Replayed" not in final.headers
+    assert [p.push_id for p in (await admin.ledger()).pushes] == [final.json()["push_id"]]
+
+
+async def test_push_fail_after_sends_and_the_retry_replays(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("push", FaultSpec(fail_next=1, fail_phase="after"))
+    lost = await push(client, "k-after")
+    assert lost.status_code == 503
+    assert lost.json()["error"] == "injected_fault"
+    ledger = await admin.ledger()
+    assert len(ledger.pushes) == 1
+
+    retry = await push(client, "k-after")
+    assert retry.status_code == 201
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.json()["push_id"] == ledger.pushes[0].push_id
+    assert len((await admin.ledger()).pushes) == 1
+
+
+# --------------------------------------------------------------------------- email
+
+
+async def test_email_happy_path(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    response = await email(client, "k-mail")
+    assert response.status_code == 201
+    body = response.json()
+    assert body == {
+        "email_id": body["email_id"],
+        "to": "ada@example.com",
+        "message_id": "m-1",
+        "status": "sent",
+        "idempotency_key": "k-mail",
+    }
+    assert body["email_id"].startswith("em_")
+
+    ledger = await admin.ledger()
+    assert len(ledger.emails) == 1
+    entry = ledger.emails[0]
+    assert entry.email_id == body["email_id"]
+    assert (entry.to, entry.subject, entry.body, entry.message_id) == (
+        "ada@example.com",
+        "New message",
+        "You have a new message.",
+        "m-1",
+    )
+    assert entry.idempotency_key == "k-mail"
+    assert entry.created_at.tzinfo is not None
+    assert ledger.pushes == []
+
+    # The limits themselves are fine: 200-character subject, 100 000-character body.
+    longest = await email(client, "k-long", subject="s" * 200, body="b" * 100_000)
+    assert longest.status_code == 201
+    assert (await email(client, "k-empty", body="")).status_code == 201
+
+
+async def test_email_retry_with_same_key_sends_once(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    first = await email(client, "k-same")
+    replay = await email(client, "k-same")
+    assert replay.status_code == 201
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json()
+    ledger = await admin.ledger()
+    assert [e.email_id for e in ledger.emails] == [first.json()["email_id"]]
+
+
+async def test_bounced_address_is_422_and_replays(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.bounce_address("gone@example.com")
+    assert await admin.bounced_addresses() == ["gone@example.com"]
+    bounced = await email(client, "k-b", to="gone@example.com")
+    assert bounced.status_code == 422
+    assert bounced.json() == {
+        "error": "bounced",
+        "to": "gone@example.com",
+        "message": bounced.json()["message"],
+    }
+
+    await admin.unbounce_address("gone@example.com")
+    assert await admin.bounced_addresses() == []
+    retry = await email(client, "k-b", to="gone@example.com")
+    assert retry.status_code == 422
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert (await admin.ledger()).emails == []
+    assert (await email(client, "k-b2", to="gone@example.com")).status_code == 201
+
+
+async def test_bounced_addresses_from_config() -> None:
+    app = create_app(SandboxConfig(bounced_addresses={"x@example.com"}))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://sandbox"
+    ) as client:
+        assert (await email(client, "k", to="x@example.com")).status_code == 422
+        assert (await email(client, "k2", to="y@example.com")).status_code == 201
+
+
+# --------------------------------------------------------------------------- message ledger
+
+
+async def test_ledger_filters_by_message(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    await push(client, "p-1", message_id="m-1")
+    await push(client, "p-1r", message_id="m-1", kind="read_receipt")
+    await push(client, "p-2", message_id="m-2")
+    await email(client, "e-1", message_id="m-1")
+    await email(client, "e-2", message_id="m-2")
+    await charge(client, "c-1", order_id="o-1")
+
+    only_m1 = await admin.ledger(message_id="m-1")
+    assert [(p.message_id, p.kind) for p in only_m1.pushes] == [
+        ("m-1", "message"),
+        ("m-1", "read_receipt"),
+    ]
+    assert [e.idempotency_key for e in only_m1.emails] == ["e-1"]
+    # Order entries have no message: a message filter leaves them out.
+    assert only_m1.charges == []
+
+    # ...and the other way round.
+    only_o1 = await admin.ledger(order_id="o-1")
+    assert len(only_o1.charges) == 1
+    assert only_o1.pushes == [] and only_o1.emails == []
+
+    both = await admin.ledger(order_id="o-1", message_id="m-2")
+    assert len(both.charges) == 1
+    assert [p.idempotency_key for p in both.pushes] == ["p-2"]
+    assert [e.idempotency_key for e in both.emails] == ["e-2"]
+
+    assert (await admin.ledger(message_id="m-none")).pushes == []
+    everything = await admin.ledger()
+    assert (len(everything.pushes), len(everything.emails), len(everything.charges)) == (3, 2, 1)
+
+    raw = await client.get("/admin/ledger", params={"message_id": "m-2"})
+    assert [p["idempotency_key"] for p in raw.json()["pushes"]] == ["p-2"]
+
+
+async def test_request_counts_for_push_and_email(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    await admin.set_fault("push", FaultSpec(fail_next=1))
+    await push(client, "k")  # injected failure
+    await push(client, "k")
+    await push(client, "k")  # replay
+    await client.post(PUSHES, json=push_body())  # no key
+    await email(client, "k", to="nobody")  # invalid body
+    await email(client, "k")
+    # Admin calls are not provider traffic.
+    await admin.unregister_token("tok-9")
+    await admin.bounce_address("z@example.com")
+    await admin.ledger(message_id="m-1")
+    assert await admin.request_counts() == {"payments": 0, "inventory": 0, "push": 4, "email": 2}
+
+
+async def test_reset_clears_push_and_email(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
+    first = (await push(client, "k-p")).json()
+    await email(client, "k-e")
+    await admin.unregister_token("tok-1")
+    await admin.bounce_address("ada@example.com")
+    await admin.set_fault("email", FaultSpec(fail_next=5))
+
+    await admin.reset()
+
+    ledger = await admin.ledger()
+    assert ledger.pushes == [] and ledger.emails == []
+    assert await admin.unregistered_tokens() == []
+    assert await admin.bounced_addresses() == []
+    assert await admin.request_counts() == NO_TRAFFIC
+    assert (await admin.faults())["email"] == FaultSpec()
+    # Not a replay of the old answer, and the token / address work again.
+    again = await push(client, "k-p")
+    assert again.status_code == 201
+    assert again.json()["push_id"] != first["push_id"]
+    assert (await email(client, "k-e")).status_code == 201
+
+
+async def test_reset_restores_configured_push_and_email_seeds() -> None:
+    config = SandboxConfig(unregistered_tokens={"tok-x"}, bounced_addresses={"x@example.com"})
+    app = create_app(config)
+    async with SandboxAdmin("http://sandbox", transport=httpx.ASGITransport(app=app)) as admin:
+        await admin.register_token("tok-x")
+        await admin.unbounce_address("x@example.com")
+        await admin.unregister_token("tok-y")
+        await admin.reset()
+        assert await admin.unregistered_tokens() == ["tok-x"]
+        assert await admin.bounced_addresses() == ["x@example.com"]
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -532,7 +872,12 @@ async def test_fault_admin_api(client: httpx.AsyncClient, admin: SandboxAdmin) -
     spec = FaultSpec(latency_ms=5, fail_rate=0.25, fail_status=502, fail_phase="after")
     assert await admin.set_fault("payments", spec) == spec
     faults = await admin.faults()
-    assert faults == {"payments": spec, "inventory": FaultSpec()}
+    assert faults == {
+        "payments": spec,
+        "inventory": FaultSpec(),
+        "push": FaultSpec(),
+        "email": FaultSpec(),
+    }
 
     await admin.set_fault("inventory", FaultSpec(fail_next=2))
     await admin.clear_faults("payments")
@@ -576,6 +921,18 @@ async def test_fault_admin_api(client: httpx.AsyncClient, admin: SandboxAdmin) -
             "items.0.quantity",
         ),
         (RELEASES, {"reservation_idempotency_key": "k"}, "order_id"),
+        (PUSHES, push_body(token=""), "token"),
+        (PUSHES, push_body(token="t" * 513), "token"),
+        (PUSHES, push_body(kind="ping"), "kind"),
+        (PUSHES, push_body(payload=["not", "an", "object"]), "payload"),
+        (PUSHES, {k: v for k, v in push_body().items() if k != "message_id"}, "message_id"),
+        (PUSHES, push_body(badge=3), "badge"),
+        (EMAILS, email_body(to="ada.example.com"), "to"),
+        (EMAILS, email_body(subject=""), "subject"),
+        (EMAILS, email_body(subject="s" * 201), "subject"),
+        (EMAILS, email_body(body="b" * 100_001), "body"),
+        (EMAILS, {k: v for k, v in email_body().items() if k != "message_id"}, "message_id"),
+        (EMAILS, email_body(cc="bob@example.com"), "cc"),
     ],
 )
 async def test_invalid_body_names_the_field(
@@ -587,8 +944,8 @@ async def test_invalid_body_names_the_field(
     assert field in response.json()["message"]
     assert field in response.json()["fields"]
     # Nothing was stored: the corrected request with the same key goes through.
-    if path == CHARGES:
-        assert (await charge(client, "k-invalid")).status_code == 201
+    if path in VALID_BODIES:
+        assert (await post(client, path, "k-invalid", VALID_BODIES[path])).status_code == 201
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
@@ -611,7 +968,7 @@ async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
 
 
 async def test_request_counts(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
-    assert await admin.request_counts() == {"payments": 0, "inventory": 0}
+    assert await admin.request_counts() == NO_TRAFFIC
     await admin.set_fault("payments", FaultSpec(fail_next=1))
     await charge(client, "k")  # injected failure: still reached the provider
     await charge(client, "k")
@@ -622,7 +979,7 @@ async def test_request_counts(client: httpx.AsyncClient, admin: SandboxAdmin) ->
     # Admin calls are not provider traffic.
     await admin.stock()
     await admin.ledger()
-    assert await admin.request_counts() == {"payments": 4, "inventory": 2}
+    assert await admin.request_counts() == {"payments": 4, "inventory": 2, "push": 0, "email": 0}
 
 
 async def test_stock_admin(client: httpx.AsyncClient, admin: SandboxAdmin) -> None:
@@ -665,7 +1022,7 @@ async def test_reset_restores_the_start(client: httpx.AsyncClient, admin: Sandbo
     assert await admin.stock() == {"WIDGET": 100, "GADGET": 50, "GIZMO": 25, "SOLDOUT": 0}
     ledger = await admin.ledger()
     assert ledger.charges == [] and ledger.reservations == []
-    assert await admin.request_counts() == {"payments": 0, "inventory": 0}
+    assert await admin.request_counts() == NO_TRAFFIC
     assert (await admin.faults())["payments"] == FaultSpec()
     assert (await charge(client, "k2", customer_id="c-2")).status_code == 201
     # Stored answers are gone too: the old key makes a new charge, not a replay.

@@ -9,6 +9,7 @@ first. The trigger in ``schema/001_orders.sql`` refuses illegal edges whatever w
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,15 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import BaseModel, ConfigDict
 
-from tollgate.errors import IllegalTransition, OrderCancelled, OrderNotFound, VersionConflict
+from tollgate.errors import (
+    IllegalTransition,
+    MessageNotFound,
+    MessageRecalled,
+    NotFound,
+    OrderCancelled,
+    OrderNotFound,
+    VersionConflict,
+)
 from tollgate.models import (
     BeginCancelResult,
     OrderInput,
@@ -88,7 +97,7 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
     return pool
 
 
-async def _describe_writer(
+async def describe_writer(
     conn: Connection, *, actor: str, trace_id: str | None, reason: str | None
 ) -> None:
     # Transaction-local settings the audit trigger reads (see schema/001_orders.sql).
@@ -124,7 +133,7 @@ async def insert_order(
     inserts again: whichever comes second finds the row and checks it is the same order.
     """
     async with conn.transaction():
-        await _describe_writer(conn, actor=actor, trace_id=trace_id, reason="order created")
+        await describe_writer(conn, actor=actor, trace_id=trace_id, reason="order created")
         await conn.execute(
             """
             INSERT INTO orders (id, customer_id, items, amount_cents, currency, workflow_id)
@@ -152,44 +161,99 @@ async def insert_order(
     return RecordOrderResult(status=row.status, version=row.version)
 
 
-async def apply_transition(
-    pool: asyncpg.Pool, req: TransitionInput, *, trace_id: str | None = None
+@dataclass(frozen=True)
+class Lifecycle:
+    """A table guarded by the transition trigger, and how to read a lost race on it."""
+
+    table: str
+    kind: str
+    #: Statuses that mean "a person stopped this entity": a writer that finds one yields.
+    stopped: frozenset[str]
+    stopped_error: type[VersionConflict]
+    not_found: type[NotFound]
+
+
+ORDERS = Lifecycle(
+    "orders", "order", frozenset({"CANCELLING", "CANCELLED"}), OrderCancelled, OrderNotFound
+)
+MESSAGES = Lifecycle(
+    "messages", "message", frozenset({"CANCELLED"}), MessageRecalled, MessageNotFound
+)
+
+
+async def transition_row(
+    pool: asyncpg.Pool,
+    lifecycle: Lifecycle,
+    *,
+    entity_id: str,
+    expected_version: int,
+    to_status: str,
+    transition_id: str,
+    actor: str,
+    reason: str | None = None,
+    failure_reason: str | None = None,
+    trace_id: str | None = None,
 ) -> TransitionResult:
-    """Move the order to ``req.to_status`` if it is still at ``req.expected_version``."""
+    """Move a row to ``to_status`` if it is still at ``expected_version``.
+
+    Zero rows updated means the row moved: our own earlier attempt (same transition id,
+    success), a person stopping it (``lifecycle.stopped_error``), or another writer
+    (``VersionConflict``). The trigger's refusal becomes ``IllegalTransition``.
+    """
     async with pool.acquire() as conn, conn.transaction():
-        await _describe_writer(
-            conn, actor=req.actor, trace_id=trace_id, reason=req.reason or req.failure_reason
-        )
+        await describe_writer(conn, actor=actor, trace_id=trace_id, reason=reason or failure_reason)
         try:
             version = await conn.fetchval(
-                """
-                UPDATE orders
+                f"""
+                UPDATE {lifecycle.table}
                    SET status = $3, last_transition_id = $4,
                        failure_reason = coalesce($5, failure_reason)
                  WHERE id = $1 AND version = $2
                 RETURNING version
                 """,
-                req.order_id,
-                req.expected_version,
-                req.to_status.value,
-                req.transition_id,
-                req.failure_reason,
+                entity_id,
+                expected_version,
+                to_status,
+                transition_id,
+                failure_reason,
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == ILLEGAL_TRANSITION_SQLSTATE:
-                raise IllegalTransition(req.order_id, str(exc)) from exc
+                raise IllegalTransition(entity_id, str(exc)) from exc
             raise
         if version is not None:
             return TransitionResult(version=version)
-        current = await get_order(conn, req.order_id)
+        current = await conn.fetchrow(
+            f"SELECT status, version, last_transition_id FROM {lifecycle.table} WHERE id = $1",
+            entity_id,
+        )
     if current is None:
-        raise OrderNotFound(req.order_id)
-    if current.last_transition_id == req.transition_id:
+        raise lifecycle.not_found(entity_id)
+    if current["last_transition_id"] == transition_id:
         # An earlier attempt of this activity committed and its reply was lost.
-        return TransitionResult(version=current.version, already_applied=True)
-    if current.status.cancelling:
-        raise OrderCancelled(req.order_id, req.expected_version, current.status, current.version)
-    raise VersionConflict(req.order_id, req.expected_version, current.status, current.version)
+        return TransitionResult(version=current["version"], already_applied=True)
+    error = lifecycle.stopped_error if current["status"] in lifecycle.stopped else VersionConflict
+    raise error(
+        entity_id, expected_version, current["status"], current["version"], kind=lifecycle.kind
+    )
+
+
+async def apply_transition(
+    pool: asyncpg.Pool, req: TransitionInput, *, trace_id: str | None = None
+) -> TransitionResult:
+    """Move an order along one edge; see :func:`transition_row`."""
+    return await transition_row(
+        pool,
+        ORDERS,
+        entity_id=req.order_id,
+        expected_version=req.expected_version,
+        to_status=req.to_status.value,
+        transition_id=req.transition_id,
+        actor=req.actor,
+        reason=req.reason,
+        failure_reason=req.failure_reason,
+        trace_id=trace_id,
+    )
 
 
 async def request_cancellation(
@@ -217,7 +281,7 @@ async def request_cancellation(
             )
         try:
             async with pool.acquire() as conn, conn.transaction():
-                await _describe_writer(conn, actor=actor, trace_id=trace_id, reason=reason)
+                await describe_writer(conn, actor=actor, trace_id=trace_id, reason=reason)
                 version = await conn.fetchval(
                     """
                     UPDATE orders SET status = 'CANCELLING', cancel_reason = $3,

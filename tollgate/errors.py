@@ -8,11 +8,15 @@ are non-retryable and end the step.
 
     TollgateError
     ├── InputError                      bad input at an edge (CLI, workflow input); nothing written
-    ├── OrderNotFound                   no such order row                            [permanent]
+    ├── NotFound                        no such row                                  [permanent]
+    │   ├── OrderNotFound
+    │   ├── MessageNotFound
+    │   └── DeviceNotFound
     ├── TransitionError
     │   ├── IllegalTransition           the trigger refused an edge (SQLSTATE TG001) [permanent]
-    │   ├── VersionConflict             someone else moved the row first             [permanent]
-    │   └── OrderCancelled              ...and what they did was cancel it           [permanent]
+    │   └── VersionConflict             someone else moved the row first             [permanent]
+    │       ├── OrderCancelled          ...and what they did was cancel the order
+    │       └── MessageRecalled         ...and what they did was recall the message
     └── ProviderError                   a call to payment / inventory went wrong
         ├── ProviderUnavailable         timeout, connection error, 5xx, 429          [transient]
         ├── MalformedProviderResponse   2xx whose body is not what the API promises  [transient]
@@ -22,7 +26,9 @@ are non-retryable and end the step.
             ├── UnknownSku
             ├── InvalidProviderRequest  the provider found our request malformed (400)
             ├── IdempotencyConflict     same key, different body (409)
-            └── StepVoided              a compensation for this key ran first (409 voided)
+            ├── StepVoided              a compensation for this key ran first (409 voided)
+            ├── TokenUnregistered       the push provider no longer knows a device (410)
+            └── EmailBounced            the address cannot receive mail
 """
 
 from __future__ import annotations
@@ -46,12 +52,32 @@ class InputError(TollgateError, ValueError):
     """Input at an edge is malformed; the message names the problem."""
 
 
-class OrderNotFound(TollgateError):
-    """No order with this id exists in Postgres."""
+class NotFound(TollgateError):
+    """No row with this id exists in Postgres."""
 
-    def __init__(self, order_id: str) -> None:
-        super().__init__(f"order {order_id!r} does not exist")
-        self.order_id = order_id
+    kind = "row"
+
+    def __init__(self, entity_id: str) -> None:
+        super().__init__(f"{self.kind} {entity_id!r} does not exist")
+        self.entity_id = entity_id
+
+
+class OrderNotFound(NotFound):
+    """No order with this id."""
+
+    kind = "order"
+
+
+class MessageNotFound(NotFound):
+    """No message with this id."""
+
+    kind = "message"
+
+
+class DeviceNotFound(NotFound):
+    """No device with this id."""
+
+    kind = "device"
 
 
 class TransitionError(TollgateError):
@@ -61,20 +87,22 @@ class TransitionError(TollgateError):
 class IllegalTransition(TransitionError):
     """The transition trigger refused the edge."""
 
-    def __init__(self, order_id: str, message: str) -> None:
+    def __init__(self, entity_id: str, message: str) -> None:
         super().__init__(message)
-        self.order_id = order_id
+        self.entity_id = entity_id
 
 
 class VersionConflict(TransitionError):
     """The row's version moved since it was read: another writer got there first."""
 
-    def __init__(self, order_id: str, expected: int, status: str, version: int) -> None:
+    def __init__(
+        self, entity_id: str, expected: int, status: str, version: int, *, kind: str = "order"
+    ) -> None:
         super().__init__(
-            f"order {order_id}: expected version {expected}, found version {version} ({status})"
+            f"{kind} {entity_id}: expected version {expected}, found version {version} ({status})"
         )
-        self.order_id, self.expected, self.status, self.version = (
-            order_id,
+        self.entity_id, self.expected, self.status, self.version = (
+            entity_id,
             expected,
             status,
             version,
@@ -86,6 +114,10 @@ class VersionConflict(TransitionError):
 
 class OrderCancelled(VersionConflict):
     """The row moved because a cancellation was recorded; cancellation wins."""
+
+
+class MessageRecalled(VersionConflict):
+    """The row moved because the sender recalled the message; the recall wins."""
 
 
 class ProviderError(TollgateError):
@@ -139,15 +171,27 @@ class StepVoided(ProviderRejected):
     """A compensation for this idempotency key ran before the step itself."""
 
 
+class TokenUnregistered(ProviderRejected):
+    """The push provider says the device token is gone (uninstalled app, expired token)."""
+
+
+class EmailBounced(ProviderRejected):
+    """The email provider cannot deliver to the address."""
+
+
 #: Types no retry policy should retry. Workflows list them in ``non_retryable_error_types``.
 PERMANENT_ERROR_TYPES: tuple[str, ...] = tuple(
     cls.__name__
     for cls in (
         InputError,
+        NotFound,
         OrderNotFound,
+        MessageNotFound,
+        DeviceNotFound,
         IllegalTransition,
         VersionConflict,
         OrderCancelled,
+        MessageRecalled,
         ProviderRejected,
         PaymentDeclined,
         OutOfStock,
@@ -155,6 +199,8 @@ PERMANENT_ERROR_TYPES: tuple[str, ...] = tuple(
         InvalidProviderRequest,
         IdempotencyConflict,
         StepVoided,
+        TokenUnregistered,
+        EmailBounced,
     )
 )
 

@@ -19,12 +19,27 @@ ORDER_STATUS_QUERY = "status"
 ORDER_STATUS_ATTR = SearchAttributeKey.for_keyword("OrderStatus")
 CUSTOMER_ID_ATTR = SearchAttributeKey.for_keyword("CustomerId")
 
+MESSAGE_WORKFLOW_PREFIX = "message-"
+
+#: Signals a device (or its push provider) sends: carries a ``DeviceSignal``.
+MESSAGE_DELIVERED_SIGNAL = "delivered"
+MESSAGE_READ_SIGNAL = "read"
+#: Signal the sender's recall sends: carries a ``RecallRequest``.
+MESSAGE_RECALL_SIGNAL = "recall"
+#: Query returning the message's live ``MessageProgress``.
+MESSAGE_STATUS_QUERY = "status"
+
+MESSAGE_STATUS_ATTR = SearchAttributeKey.for_keyword("MessageStatus")
+RECIPIENT_ID_ATTR = SearchAttributeKey.for_keyword("RecipientId")
+
 #: Every custom search attribute Tollgate uses, with its Temporal type. The local stack
 #: registers them on the dev server; docker-compose users register them once with
 #: ``temporal operator search-attribute create``.
 SEARCH_ATTRIBUTES: dict[str, str] = {
     ORDER_STATUS_ATTR.name: "Keyword",
     CUSTOMER_ID_ATTR.name: "Keyword",
+    MESSAGE_STATUS_ATTR.name: "Keyword",
+    RECIPIENT_ID_ATTR.name: "Keyword",
 }
 
 
@@ -38,3 +53,13 @@ def order_id_from_workflow_id(workflow_id: str) -> str:
     if not workflow_id.startswith(ORDER_WORKFLOW_PREFIX):
         raise ValueError(f"not an order workflow id: {workflow_id!r}")
     return workflow_id[len(ORDER_WORKFLOW_PREFIX) :]
+
+
+def message_workflow_id(message_id: str) -> str:
+    """The workflow id of a message's delivery lifecycle: ``message-<message id>``."""
+    return f"{MESSAGE_WORKFLOW_PREFIX}{message_id}"
+
+
+def read_sync_workflow_id(message_id: str, attempt: int) -> str:
+    """The id of the n-th read-receipt sync saga of a message (a child workflow)."""
+    return f"{message_workflow_id(message_id)}:read-sync:{attempt}"

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from tollgate.errors import (
+    EmailBounced,
     IdempotencyConflict,
     InvalidProviderRequest,
     MalformedProviderResponse,
@@ -23,6 +24,7 @@ from tollgate.errors import (
     ProviderRejected,
     ProviderUnavailable,
     StepVoided,
+    TokenUnregistered,
     UnknownSku,
 )
 from tollgate.settings import Settings
@@ -35,6 +37,8 @@ _REJECTIONS: dict[str, type[ProviderRejected]] = {
     "invalid_request": InvalidProviderRequest,
     "idempotency_conflict": IdempotencyConflict,
     "voided": StepVoided,
+    "unregistered": TokenUnregistered,
+    "bounced": EmailBounced,
 }
 
 

@@ -13,20 +13,25 @@ import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.email import EmailActivities
 from activities.inventory import InventoryActivities
+from activities.messages import MessageStoreActivities
 from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
+from activities.push import PushActivities
 from tollgate import db
 from tollgate.migrate import apply_migrations
 from tollgate.providers import build_http_client
 from tollgate.settings import Settings
 from tollgate.telemetry import configure_logging, configure_tracing
 from tollgate.temporal import connect
+from workflows.message import MessageDeliveryWorkflow
 from workflows.order import OrderWorkflow
+from workflows.read_receipts import ReadReceiptSyncWorkflow
 
 _log = logging.getLogger("tollgate.worker")
 
-WORKFLOWS: Sequence[type] = (OrderWorkflow,)
+WORKFLOWS: Sequence[type] = (OrderWorkflow, MessageDeliveryWorkflow, ReadReceiptSyncWorkflow)
 
 
 def activities_for(pool: asyncpg.Pool, http: httpx.AsyncClient) -> list[Any]:
@@ -34,6 +39,9 @@ def activities_for(pool: asyncpg.Pool, http: httpx.AsyncClient) -> list[Any]:
     store = OrderStoreActivities(pool)
     payments = PaymentActivities(http)
     inventory = InventoryActivities(http)
+    messages = MessageStoreActivities(pool)
+    push = PushActivities(pool, http)
+    email = EmailActivities(http)
     return [
         store.record_order,
         store.transition_order,
@@ -43,6 +51,14 @@ def activities_for(pool: asyncpg.Pool, http: httpx.AsyncClient) -> list[Any]:
         inventory.validate,
         inventory.reserve,
         inventory.release,
+        messages.record_message,
+        messages.transition_message,
+        messages.recall_message,
+        messages.recipient_devices,
+        messages.record_device_fact,
+        messages.clear_device_read,
+        push.push,
+        email.send,
     ]
 
 

@@ -1,19 +1,29 @@
-"""Provider sandbox: a fake payment gateway and inventory service with fault injection.
+"""Provider sandbox: a fake payment gateway, inventory service, push service (APNs / FCM)
+and email provider, with fault injection.
 
 ``create_app`` builds the Starlette app, ``python -m tollgate.sandbox`` serves it, and
-``SandboxAdmin`` scripts it (faults, stock, declines) and reads its ledger.
+``SandboxAdmin`` scripts it (faults, stock, declines, unregistered tokens, bounces) and
+reads its ledger.
 """
 
 from tollgate.sandbox.admin import SandboxAdmin, SandboxAdminError
 from tollgate.sandbox.app import SandboxState, create_app
 from tollgate.sandbox.models import (
     PROVIDERS,
+    AddressList,
     Charge,
     ChargeRequest,
     ChargeResponse,
+    Email,
+    EmailRequest,
+    EmailResponse,
     ErrorResponse,
     FaultSpec,
     Ledger,
+    Push,
+    PushKind,
+    PushRequest,
+    PushResponse,
     Refund,
     RefundRequest,
     RefundResponse,
@@ -27,17 +37,26 @@ from tollgate.sandbox.models import (
     SandboxConfig,
     SkuResponse,
     StockUpdate,
+    TokenList,
     Void,
 )
 
 __all__ = [
     "PROVIDERS",
+    "AddressList",
     "Charge",
     "ChargeRequest",
     "ChargeResponse",
+    "Email",
+    "EmailRequest",
+    "EmailResponse",
     "ErrorResponse",
     "FaultSpec",
     "Ledger",
+    "Push",
+    "PushKind",
+    "PushRequest",
+    "PushResponse",
     "Refund",
     "RefundRequest",
     "RefundResponse",
@@ -54,6 +73,7 @@ __all__ = [
     "SandboxState",
     "SkuResponse",
     "StockUpdate",
+    "TokenList",
     "Void",
     "create_app",
 ]

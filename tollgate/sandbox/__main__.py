@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options of the sandbox server."""
     parser = argparse.ArgumentParser(
         prog="python -m tollgate.sandbox",
-        description="Fake payment and inventory providers with fault injection.",
+        description="Fake payment, inventory, push and email providers with fault injection.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")

@@ -1,4 +1,5 @@
-"""Async client for the sandbox's admin API: script outages, seed stock, read the ledger.
+"""Async client for the sandbox's admin API: script outages, seed stock, unregister device
+tokens, bounce addresses, read the ledger.
 
 Tests and the demo use it against a running sandbox::
 
@@ -18,7 +19,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import TypeAdapter
 
-from tollgate.sandbox.models import FaultSpec, Ledger, StockUpdate
+from tollgate.sandbox.models import AddressList, FaultSpec, Ledger, StockUpdate, TokenList
 
 __all__ = ["SandboxAdmin", "SandboxAdminError"]
 
@@ -36,7 +37,8 @@ class SandboxAdminError(Exception):
 
 
 def _segment(value: str) -> str:
-    # Path segments are user data (sku, customer id): "/" or "?" must not reshape the URL.
+    # Path segments are user data (sku, customer id, token, address): "/" or "?" must not
+    # reshape the URL.
     return quote(value, safe="")
 
 
@@ -91,7 +93,8 @@ class SandboxAdmin:
         return body
 
     async def reset(self) -> None:
-        """Clear ledger, faults, counters and declines; restore the seed stock."""
+        """Clear ledger, faults, counters, declines, unregistered tokens and bounces; restore
+        the configured seeds (stock, declined customers, unregistered tokens, bounces)."""
         await self._call("POST", "/admin/reset")
 
     # -- faults -----------------------------------------------------------------------
@@ -139,9 +142,44 @@ class SandboxAdmin:
         """Undo :meth:`decline_customer` (already-stored declines still replay)."""
         await self._call("DELETE", f"/admin/payments/declined/{_segment(customer_id)}")
 
+    # -- push -------------------------------------------------------------------------
+
+    async def unregister_token(self, token: str) -> None:
+        """Make every new push to ``token`` fail with 410 ``unregistered``."""
+        await self._call("PUT", f"/admin/push/unregistered/{_segment(token)}")
+
+    async def register_token(self, token: str) -> None:
+        """Undo :meth:`unregister_token` (already-stored 410s still replay)."""
+        await self._call("DELETE", f"/admin/push/unregistered/{_segment(token)}")
+
+    async def unregistered_tokens(self) -> list[str]:
+        """The unregistered device tokens, sorted."""
+        body = await self._call("GET", "/admin/push/unregistered")
+        return TokenList.model_validate(body).unregistered
+
+    # -- email ------------------------------------------------------------------------
+
+    async def bounce_address(self, address: str) -> None:
+        """Make every new email to ``address`` fail with 422 ``bounced``."""
+        await self._call("PUT", f"/admin/email/bounced/{_segment(address)}")
+
+    async def unbounce_address(self, address: str) -> None:
+        """Undo :meth:`bounce_address` (already-stored bounces still replay)."""
+        await self._call("DELETE", f"/admin/email/bounced/{_segment(address)}")
+
+    async def bounced_addresses(self) -> list[str]:
+        """The bouncing addresses, sorted."""
+        body = await self._call("GET", "/admin/email/bounced")
+        return AddressList.model_validate(body).bounced
+
     # -- ledger -----------------------------------------------------------------------
 
-    async def ledger(self, order_id: str | None = None) -> Ledger:
-        """The ledger, or only ``order_id``'s entries."""
-        params = {} if order_id is None else {"order_id": order_id}
+    async def ledger(self, order_id: str | None = None, message_id: str | None = None) -> Ledger:
+        """The ledger; or only ``order_id``'s order entries and / or ``message_id``'s
+        pushes and emails (see ``SandboxState.ledger``)."""
+        params: dict[str, str] = {}
+        if order_id is not None:
+            params["order_id"] = order_id
+        if message_id is not None:
+            params["message_id"] = message_id
         return Ledger.model_validate(await self._call("GET", "/admin/ledger", params=params))

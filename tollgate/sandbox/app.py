@@ -1,9 +1,9 @@
-"""The provider sandbox: a fake payment gateway and inventory service over real HTTP.
+"""The provider sandbox: fake payments, inventory, push and email providers over real HTTP.
 
 Tests and the demo point Tollgate's activities at this app to script outages and then
 read the ledger to prove each side effect happened at most once.
 
-How a provider request is handled (``payments`` and ``inventory`` alike):
+How a provider request is handled (every provider alike):
 
 1. It is counted (``GET /admin/requests``), whatever happens next, and its body is read
    in full, so a request whose caller then times out is still carried out (late).
@@ -41,11 +41,18 @@ from starlette.routing import Route
 
 from tollgate.sandbox.models import (
     PROVIDERS,
+    AddressList,
     Charge,
     ChargeRequest,
     ChargeResponse,
+    Email,
+    EmailRequest,
+    EmailResponse,
     FaultSpec,
     Ledger,
+    Push,
+    PushRequest,
+    PushResponse,
     Refund,
     RefundRequest,
     RefundResponse,
@@ -58,6 +65,7 @@ from tollgate.sandbox.models import (
     SandboxConfig,
     SkuResponse,
     StockUpdate,
+    TokenList,
     Void,
 )
 
@@ -127,7 +135,8 @@ class ProviderState:
 
 
 class SandboxState:
-    """Everything one sandbox app knows: providers, stock, declined cards and the ledger."""
+    """Everything one sandbox app knows: providers, stock, declined cards, unregistered
+    device tokens, bounced addresses and the ledger."""
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
@@ -136,6 +145,8 @@ class SandboxState:
         }
         self.stock: dict[str, int] = {}
         self.declined: set[str] = set()
+        self.unregistered: set[str] = set()
+        self.bounced: set[str] = set()
         # Keyed by the idempotency key that created them: refunds / releases look them up
         # that way. Dicts keep insertion order, so the ledger reads oldest first.
         self.charges: dict[str, Charge] = {}
@@ -145,32 +156,52 @@ class SandboxState:
         self.releases: dict[str, Release] = {}
         # Keyed by (provider, kind, voided key).
         self.voids: dict[tuple[str, str, str], Void] = {}
+        # Keyed by the idempotency key that sent them.
+        self.pushes: dict[str, Push] = {}
+        self.emails: dict[str, Email] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Back to the configured start: seed stock, configured declines, empty ledger."""
+        """Back to the configured start: seed stock, configured declines, unregistered
+        tokens and bounces, empty ledger."""
         for provider in self.providers.values():
             provider.reset(self.config.seed)
         self.stock = dict(self.config.initial_stock)
         self.declined = set(self.config.declined_customers)
+        self.unregistered = set(self.config.unregistered_tokens)
+        self.bounced = set(self.config.bounced_addresses)
         self.charges.clear()
         self.reservations.clear()
         self.refunds.clear()
         self.releases.clear()
         self.voids.clear()
+        self.pushes.clear()
+        self.emails.clear()
 
-    def ledger(self, order_id: str | None = None) -> Ledger:
-        """The ledger, optionally only one order's entries."""
+    def ledger(self, order_id: str | None = None, message_id: str | None = None) -> Ledger:
+        """The ledger, or only the entries of one order and / or one message.
 
-        def keep(entry: Any) -> bool:
-            return order_id is None or entry.order_id == order_id
+        With neither filter, everything. Otherwise each filter selects its own kind of
+        entry (``order_id``: charges, refunds, reservations, releases, voids; ``message_id``:
+        pushes, emails) and kinds whose filter was not given are left out, so
+        ``message_id="m-1"`` alone is exactly m-1's pushes and emails.
+        """
+        everything = order_id is None and message_id is None
+
+        def order_keep(entry: Any) -> bool:
+            return everything or (order_id is not None and entry.order_id == order_id)
+
+        def message_keep(entry: Push | Email) -> bool:
+            return everything or (message_id is not None and entry.message_id == message_id)
 
         return Ledger(
-            charges=[c for c in self.charges.values() if keep(c)],
-            refunds=[r for r in self.refunds.values() if keep(r)],
-            reservations=[r for r in self.reservations.values() if keep(r)],
-            releases=[r for r in self.releases.values() if keep(r)],
-            voids=[v for v in self.voids.values() if keep(v)],
+            charges=[c for c in self.charges.values() if order_keep(c)],
+            refunds=[r for r in self.refunds.values() if order_keep(r)],
+            reservations=[r for r in self.reservations.values() if order_keep(r)],
+            releases=[r for r in self.releases.values() if order_keep(r)],
+            voids=[v for v in self.voids.values() if order_keep(v)],
+            pushes=[p for p in self.pushes.values() if message_keep(p)],
+            emails=[e for e in self.emails.values() if message_keep(e)],
         )
 
     def add_void(self, provider: str, kind: str, order_id: str, key: str, by: str) -> None:
@@ -400,6 +431,44 @@ def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
     return Outcome(201, _release_answer(release))
 
 
+def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
+    if body.token in state.unregistered:
+        # APNs / FCM answer 410 Gone (UNREGISTERED) for a token whose app was removed.
+        return _error(
+            410,
+            "unregistered",
+            f"device token {body.token!r} is no longer registered",
+            token=body.token,
+        )
+    push = Push(
+        push_id=_new_id("pu"),
+        token=body.token,
+        message_id=body.message_id,
+        kind=body.kind,
+        payload=body.payload,
+        idempotency_key=key,
+        created_at=_now(),
+    )
+    state.pushes[key] = push
+    return Outcome(201, _dump(PushResponse.model_validate(push, from_attributes=True)))
+
+
+def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
+    if body.to in state.bounced:
+        return _error(422, "bounced", f"address {body.to!r} bounces", to=body.to)
+    email = Email(
+        email_id=_new_id("em"),
+        to=body.to,
+        subject=body.subject,
+        body=body.body,
+        message_id=body.message_id,
+        idempotency_key=key,
+        created_at=_now(),
+    )
+    state.emails[key] = email
+    return Outcome(201, _dump(EmailResponse.model_validate(email, from_attributes=True)))
+
+
 def _sku(state: SandboxState, sku: str) -> Outcome:
     if sku not in state.stock:
         return _error(404, "unknown_sku", f"no such sku {sku!r}")
@@ -474,8 +543,9 @@ async def _idempotent(
     parsed = await _parse(request, model)
     if isinstance(parsed, Outcome):
         return _send(parsed)
-    # The validated body, not the raw bytes: key order and whitespace are not a change.
-    fingerprint = parsed.model_dump_json()
+    # The validated body, not the raw bytes: key order and whitespace are not a change,
+    # including inside free-form objects (a push's payload), hence sort_keys.
+    fingerprint = json.dumps(parsed.model_dump(mode="json"), sort_keys=True)
     async with provider.lock:
         stored = provider.answers.get((endpoint, key))
         if stored is not None:
@@ -605,9 +675,32 @@ def _routes(state: SandboxState) -> list[Route]:
         state.declined.discard(request.path_params["customer_id"])
         return await list_declined(request)
 
+    async def list_unregistered(request: Request) -> Response:
+        return _json(_dump(TokenList(unregistered=sorted(state.unregistered))))
+
+    async def unregister(request: Request) -> Response:
+        state.unregistered.add(request.path_params["token"])
+        return await list_unregistered(request)
+
+    async def register(request: Request) -> Response:
+        state.unregistered.discard(request.path_params["token"])
+        return await list_unregistered(request)
+
+    async def list_bounced(request: Request) -> Response:
+        return _json(_dump(AddressList(bounced=sorted(state.bounced))))
+
+    async def bounce(request: Request) -> Response:
+        state.bounced.add(request.path_params["address"])
+        return await list_bounced(request)
+
+    async def unbounce(request: Request) -> Response:
+        state.bounced.discard(request.path_params["address"])
+        return await list_bounced(request)
+
     async def ledger(request: Request) -> Response:
         order_id = request.query_params.get("order_id")
-        return _json(_dump(state.ledger(order_id)))
+        message_id = request.query_params.get("message_id")
+        return _json(_dump(state.ledger(order_id, message_id)))
 
     async def reset(request: Request) -> Response:
         # Take every provider lock so no handler sees a half-reset sandbox.
@@ -625,6 +718,8 @@ def _routes(state: SandboxState) -> list[Route]:
     payments_refunds = _provider_post(state, "payments", "refunds", RefundRequest, _refund)
     reservations = _provider_post(state, "inventory", "reservations", ReservationRequest, _reserve)
     releases = _provider_post(state, "inventory", "releases", ReleaseRequest, _release)
+    push_notifications = _provider_post(state, "push", "notifications", PushRequest, _push)
+    email_messages = _provider_post(state, "email", "messages", EmailRequest, _send_email)
 
     return [
         Route("/health", health, methods=["GET"]),
@@ -634,6 +729,8 @@ def _routes(state: SandboxState) -> list[Route]:
         Route("/inventory/skus/{sku}", get_sku, methods=["GET"]),
         Route("/inventory/reservations", reservations, methods=["POST"]),
         Route("/inventory/releases", releases, methods=["POST"]),
+        Route("/push/notifications", push_notifications, methods=["POST"]),
+        Route("/email/messages", email_messages, methods=["POST"]),
         # admin
         Route("/admin/faults", list_faults, methods=["GET"]),
         Route("/admin/faults", clear_all_faults, methods=["DELETE"]),
@@ -646,6 +743,12 @@ def _routes(state: SandboxState) -> list[Route]:
         Route("/admin/payments/declined", list_declined, methods=["GET"]),
         Route("/admin/payments/declined/{customer_id}", decline, methods=["PUT"]),
         Route("/admin/payments/declined/{customer_id}", allow, methods=["DELETE"]),
+        Route("/admin/push/unregistered", list_unregistered, methods=["GET"]),
+        Route("/admin/push/unregistered/{token}", unregister, methods=["PUT"]),
+        Route("/admin/push/unregistered/{token}", register, methods=["DELETE"]),
+        Route("/admin/email/bounced", list_bounced, methods=["GET"]),
+        Route("/admin/email/bounced/{address}", bounce, methods=["PUT"]),
+        Route("/admin/email/bounced/{address}", unbounce, methods=["DELETE"]),
         Route("/admin/ledger", ledger, methods=["GET"]),
         Route("/admin/reset", reset, methods=["POST"]),
     ]

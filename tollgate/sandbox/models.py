@@ -8,15 +8,17 @@ Money is always integer cents: floats would make "charged exactly once" checks l
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-#: Every provider the sandbox simulates. Adding one (e.g. ``push``) means adding its name
+#: Every provider the sandbox simulates. Adding one (e.g. ``sms``) means adding its name
 #: here, its routes in ``app.py`` and, if it keeps records, a list on :class:`Ledger`.
-PROVIDERS: tuple[str, ...] = ("payments", "inventory")
+PROVIDERS: tuple[str, ...] = ("payments", "inventory", "push", "email")
 
 Phase = Literal["before", "after"]
+#: What a push notification tells the device: a new message, or a read receipt set / undone.
+PushKind = Literal["message", "read_receipt", "read_revert"]
 
 
 class _Strict(BaseModel):
@@ -43,6 +45,10 @@ class SandboxConfig(BaseModel):
         default_factory=lambda: {"WIDGET": 100, "GADGET": 50, "GIZMO": 25, "SOLDOUT": 0}
     )
     declined_customers: set[str] = Field(default_factory=set)
+    #: Device tokens push refuses with 410 ``unregistered`` (an uninstalled app).
+    unregistered_tokens: set[str] = Field(default_factory=set)
+    #: Addresses email refuses with 422 ``bounced``.
+    bounced_addresses: set[str] = Field(default_factory=set)
 
 
 # --------------------------------------------------------------------------- faults
@@ -113,6 +119,33 @@ class StockUpdate(_Strict):
     quantity: int = Field(ge=0, strict=True)
 
 
+class PushRequest(_Strict):
+    """Body of ``POST /push/notifications``."""
+
+    token: str = Field(min_length=1, max_length=512)
+    message_id: str = Field(min_length=1)
+    kind: PushKind
+    #: Free-form data for the app; any JSON object.
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmailRequest(_Strict):
+    """Body of ``POST /email/messages``."""
+
+    to: str
+    subject: str = Field(min_length=1, max_length=200)
+    body: str = Field(max_length=100_000)
+    message_id: str = Field(min_length=1)
+
+    @field_validator("to")
+    @classmethod
+    def _has_at(cls, value: str) -> str:
+        # Deliberately loose: the sandbox only needs to catch "not an address at all".
+        if "@" not in value:
+            raise ValueError("must be an email address (contain '@')")
+        return value
+
+
 # --------------------------------------------------------------------------- responses
 
 
@@ -160,6 +193,39 @@ class ReleaseResponse(BaseModel):
     status: Literal["released", "voided"]
     release_id: str | None
     reservation_id: str | None
+
+
+class PushResponse(BaseModel):
+    """201 answer of a sent push notification."""
+
+    push_id: str
+    token: str
+    message_id: str
+    kind: PushKind
+    status: Literal["sent"] = "sent"
+    idempotency_key: str
+
+
+class EmailResponse(BaseModel):
+    """201 answer of a sent email."""
+
+    email_id: str
+    to: str
+    message_id: str
+    status: Literal["sent"] = "sent"
+    idempotency_key: str
+
+
+class TokenList(BaseModel):
+    """Answer of ``GET|PUT|DELETE /admin/push/unregistered[/{token}]``."""
+
+    unregistered: list[str]
+
+
+class AddressList(BaseModel):
+    """Answer of ``GET|PUT|DELETE /admin/email/bounced[/{address}]``."""
+
+    bounced: list[str]
 
 
 class ErrorResponse(BaseModel):
@@ -249,11 +315,42 @@ class Void(BaseModel):
     created_at: datetime
 
 
+class Push(BaseModel):
+    """A push notification handed to the (fake) APNs / FCM."""
+
+    push_id: str
+    token: str
+    message_id: str
+    kind: PushKind
+    payload: dict[str, Any]
+    idempotency_key: str
+    created_at: datetime
+
+
+class Email(BaseModel):
+    """An email handed to the (fake) mail provider."""
+
+    email_id: str
+    to: str
+    subject: str
+    body: str
+    message_id: str
+    idempotency_key: str
+    created_at: datetime
+
+
 class Ledger(BaseModel):
-    """Everything the providers did, oldest first, as ``GET /admin/ledger`` returns it."""
+    """Everything the providers did, oldest first, as ``GET /admin/ledger`` returns it.
+
+    Order entries (charges ... voids) carry an ``order_id``; message entries (pushes,
+    emails) a ``message_id``. The lists default to empty, so a ledger serialised before a
+    provider existed still parses.
+    """
 
     charges: list[Charge] = Field(default_factory=list)
     refunds: list[Refund] = Field(default_factory=list)
     reservations: list[Reservation] = Field(default_factory=list)
     releases: list[Release] = Field(default_factory=list)
     voids: list[Void] = Field(default_factory=list)
+    pushes: list[Push] = Field(default_factory=list)
+    emails: list[Email] = Field(default_factory=list)

@@ -1,0 +1,272 @@
+"""Postgres access for messages, devices and per-device delivery facts.
+
+Status changes go through :func:`tollgate.db.transition_row` (the same gate as orders).
+Per-device facts (pushed, delivered, read, receipt shown) are written first-writer-wins,
+so a repeated or late signal never moves a recorded time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+from tollgate.db import ILLEGAL_TRANSITION_SQLSTATE, Connection, Executor, describe_writer
+from tollgate.errors import DeviceNotFound, InputError, MessageNotFound, VersionConflict
+from tollgate.message_models import Device, MessageInput, RecordMessageResult
+from tollgate.states import MessageStatus
+
+_RECALL_ATTEMPTS = 20
+
+_FACT_COLUMNS = {"delivered": "delivered_at", "read": "read_at", "receipt": "receipt_at"}
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class MessageRow(_Row):
+    id: str
+    sender_id: str
+    recipient_id: str
+    recipient_email: str
+    body: str
+    deadline_ms: int
+    workflow_id: str
+    status: MessageStatus
+    version: int
+    last_transition_id: str | None
+    failure_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeviceRow(_Row):
+    id: str
+    user_id: str
+    push_token: str
+    platform: str
+    active: bool
+    removed_reason: str | None
+    registered_at: datetime
+    removed_at: datetime | None
+
+    def ref(self) -> Device:
+        return Device(
+            device_id=self.id,
+            user_id=self.user_id,
+            push_token=self.push_token,
+            platform=self.platform,
+        )
+
+
+class DeliveryRow(_Row):
+    device_id: str
+    push_id: str | None
+    pushed_at: datetime | None
+    delivered_at: datetime | None
+    read_at: datetime | None
+    receipt_at: datetime | None
+
+
+class MessageAuditRow(_Row):
+    from_status: MessageStatus | None
+    to_status: MessageStatus
+    from_version: int | None
+    to_version: int
+    transition_id: str | None
+    actor: str
+    trace_id: str | None
+    reason: str | None
+    at: datetime
+
+
+async def get_message(conn: Executor, message_id: str) -> MessageRow | None:
+    record = await conn.fetchrow("SELECT * FROM messages WHERE id = $1", message_id)
+    return None if record is None else MessageRow.model_validate(dict(record))
+
+
+async def insert_message(
+    conn: Connection,
+    message: MessageInput,
+    *,
+    workflow_id: str,
+    actor: str,
+    trace_id: str | None = None,
+) -> RecordMessageResult:
+    """Insert the INITIATED row, or recognise an identical one already there."""
+    deadline_ms = int(message.deadline.total_seconds() * 1000)
+    async with conn.transaction():
+        await describe_writer(conn, actor=actor, trace_id=trace_id, reason="message created")
+        await conn.execute(
+            """
+            INSERT INTO messages (id, sender_id, recipient_id, recipient_email, body, deadline_ms, workflow_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (id) DO NOTHING
+            """,
+            message.message_id,
+            message.sender_id,
+            message.recipient_id,
+            message.recipient_email,
+            message.body,
+            deadline_ms,
+            workflow_id,
+        )
+        row = await get_message(conn, message.message_id)
+    assert row is not None
+    same = (
+        row.sender_id,
+        row.recipient_id,
+        row.recipient_email,
+        row.body,
+        row.deadline_ms,
+        row.workflow_id,
+    ) == (
+        message.sender_id,
+        message.recipient_id,
+        message.recipient_email,
+        message.body,
+        deadline_ms,
+        workflow_id,
+    )
+    if not same:
+        raise VersionConflict(message.message_id, 1, row.status, row.version, kind="message")
+    return RecordMessageResult(status=row.status, version=row.version)
+
+
+async def recall_message(
+    pool: asyncpg.Pool, message_id: str, *, reason: str, actor: str
+) -> MessageRow:
+    """Record CANCELLED unless the message is read or ended; return the row as it stands."""
+    for _ in range(_RECALL_ATTEMPTS):
+        row = await get_message(pool, message_id)
+        if row is None:
+            raise MessageNotFound(message_id)
+        if row.status.settled:
+            return row
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await describe_writer(conn, actor=actor, trace_id=None, reason=reason)
+                updated = await conn.fetchval(
+                    "UPDATE messages SET status = 'CANCELLED', failure_reason = $3"
+                    " WHERE id = $1 AND version = $2 RETURNING version",
+                    message_id,
+                    row.version,
+                    f"recalled: {reason}",
+                )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != ILLEGAL_TRANSITION_SQLSTATE:
+                raise
+            continue
+        if updated is not None:
+            recalled = await get_message(pool, message_id)
+            assert recalled is not None
+            return recalled
+    raise VersionConflict(message_id, -1, "unknown", -1, kind="message")
+
+
+async def register_device(
+    pool: asyncpg.Pool, *, device_id: str, user_id: str, push_token: str, platform: str
+) -> DeviceRow:
+    """Add a device; a token or id already in use is refused with a clear error."""
+    try:
+        record = await pool.fetchrow(
+            "INSERT INTO devices (id, user_id, push_token, platform) VALUES ($1, $2, $3, $4) RETURNING *",
+            device_id,
+            user_id,
+            push_token,
+            platform,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        holder = await pool.fetchval(
+            "SELECT id FROM devices WHERE push_token = $1 OR id = $2 LIMIT 1", push_token, device_id
+        )
+        raise InputError(
+            f"device {device_id} or its token is already registered (device {holder})"
+        ) from exc
+    except asyncpg.CheckViolationError as exc:
+        raise InputError(f"device rejected: {exc.constraint_name}") from exc
+    assert record is not None
+    return DeviceRow.model_validate(dict(record))
+
+
+async def get_device(conn: Executor, device_id: str) -> DeviceRow:
+    record = await conn.fetchrow("SELECT * FROM devices WHERE id = $1", device_id)
+    if record is None:
+        raise DeviceNotFound(device_id)
+    return DeviceRow.model_validate(dict(record))
+
+
+async def active_devices(conn: Executor, user_id: str) -> list[DeviceRow]:
+    rows = await conn.fetch(
+        "SELECT * FROM devices WHERE user_id = $1 AND active ORDER BY registered_at, id", user_id
+    )
+    return [DeviceRow.model_validate(dict(r)) for r in rows]
+
+
+async def deactivate_device(conn: Executor, device_id: str, reason: str) -> None:
+    await conn.execute(
+        "UPDATE devices SET active = false, removed_reason = $2, removed_at = now() WHERE id = $1 AND active",
+        device_id,
+        reason,
+    )
+
+
+async def record_push(conn: Executor, message_id: str, device_id: str, push_id: str) -> None:
+    await conn.execute(
+        """
+        INSERT INTO message_deliveries (message_id, device_id, push_id, pushed_at)
+        VALUES ($1, $2, $3, now())
+        ON CONFLICT (message_id, device_id) DO UPDATE
+           SET push_id = coalesce(message_deliveries.push_id, excluded.push_id),
+               pushed_at = coalesce(message_deliveries.pushed_at, excluded.pushed_at)
+        """,
+        message_id,
+        device_id,
+        push_id,
+    )
+
+
+async def record_fact(conn: Executor, message_id: str, device_ids: list[str], fact: str) -> None:
+    """Set ``delivered_at`` / ``read_at`` / ``receipt_at`` for devices that have none yet."""
+    column = _FACT_COLUMNS[fact]
+    await conn.execute(
+        f"""
+        INSERT INTO message_deliveries (message_id, device_id, {column})
+        SELECT $1, d, now() FROM unnest($2::text[]) AS d
+        ON CONFLICT (message_id, device_id) DO UPDATE
+           SET {column} = coalesce(message_deliveries.{column}, excluded.{column})
+        """,
+        message_id,
+        device_ids,
+    )
+
+
+async def clear_read(conn: Executor, message_id: str, device_id: str) -> None:
+    """Undo a read mark (the sync saga's compensation)."""
+    await conn.execute(
+        "UPDATE message_deliveries SET read_at = NULL WHERE message_id = $1 AND device_id = $2",
+        message_id,
+        device_id,
+    )
+
+
+async def deliveries(conn: Executor, message_id: str) -> list[DeliveryRow]:
+    rows = await conn.fetch(
+        "SELECT device_id, push_id, pushed_at, delivered_at, read_at, receipt_at"
+        " FROM message_deliveries WHERE message_id = $1 ORDER BY device_id",
+        message_id,
+    )
+    return [DeliveryRow.model_validate(dict(r)) for r in rows]
+
+
+async def list_message_transitions(conn: Executor, message_id: str) -> list[MessageAuditRow]:
+    rows = await conn.fetch(
+        """
+        SELECT from_status, to_status, from_version, to_version, transition_id, actor, trace_id, reason, at
+          FROM message_transitions WHERE message_id = $1 ORDER BY id
+        """,
+        message_id,
+    )
+    return [MessageAuditRow.model_validate(dict(r)) for r in rows]

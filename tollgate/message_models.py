@@ -1,0 +1,185 @@
+"""Input and result models of the message-delivery workflows and their activities."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tollgate.models import RetrySettings
+from tollgate.states import MessageStatus
+
+EntityId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+UserId = Annotated[str, Field(min_length=1, max_length=128)]
+PushKind = Literal["message", "read_receipt", "read_revert"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MessageInput(_Model):
+    """A message to deliver. The workflow id is derived from ``message_id``."""
+
+    message_id: EntityId
+    sender_id: UserId
+    recipient_id: UserId
+    recipient_email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)
+    body: str = Field(min_length=1, max_length=10_000)
+    #: No delivery confirmation this long after dispatch: fall back to email.
+    deadline: timedelta = Field(default=timedelta(seconds=30), gt=timedelta(0))
+    #: How long the lifecycle waits for the message to be read before it rests.
+    read_window: timedelta = Field(default=timedelta(days=7), gt=timedelta(0))
+    #: Heartbeat timeout of the push fan-out: a killed worker is noticed this fast.
+    push_heartbeat_timeout: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
+    retry: RetrySettings = RetrySettings()
+
+
+class DeviceSignal(_Model):
+    """Payload of the ``delivered`` and ``read`` signals: which device says so."""
+
+    device_id: str = Field(min_length=1, max_length=64)
+
+
+class RecallRequest(_Model):
+    """Payload of the ``recall`` signal."""
+
+    reason: str = Field(default="recalled by sender", max_length=500)
+    requested_by: str = Field(default="unknown", max_length=128)
+
+
+class MessageResult(_Model):
+    """Where a message's lifecycle left it."""
+
+    message_id: str
+    status: MessageStatus
+    version: int
+    devices_pushed: list[str] = []
+    devices_removed: list[str] = []
+    delivered_on: str | None = None
+    read_on: str | None = None
+    email_id: str | None = None
+    failure_reason: str | None = None
+    ignored_signals: list[str] = []
+
+
+class MessageProgress(_Model):
+    """Live view returned by the ``status`` query."""
+
+    message_id: str
+    status: MessageStatus
+    version: int
+    step: str
+    devices_pushed: list[str]
+    confirmed_devices: list[str]
+    read_devices: list[str]
+
+
+# --- activity inputs and results -------------------------------------------------
+
+
+class Device(_Model):
+    device_id: str
+    user_id: str
+    push_token: str
+    platform: str
+
+
+class RecordMessageResult(_Model):
+    status: MessageStatus
+    version: int
+
+
+class MessageTransitionInput(_Model):
+    message_id: str
+    expected_version: int
+    to_status: MessageStatus
+    transition_id: str
+    actor: str
+    reason: str | None = None
+    failure_reason: str | None = None
+
+
+class RecallMessageInput(_Model):
+    message_id: str
+    reason: str
+    requested_by: str
+
+
+class DevicesInput(_Model):
+    user_id: str
+
+
+class DevicesResult(_Model):
+    devices: list[Device]
+
+
+class PushInput(_Model):
+    """Fan one notification out to devices; keys are ``<prefix>:<device id>``."""
+
+    message_id: str
+    devices: list[Device]
+    kind: PushKind
+    payload: dict[str, Any] = {}
+    idempotency_prefix: str
+
+
+class PushProgress(_Model):
+    """Heartbeat details of the fan-out: what a retried attempt must not redo."""
+
+    pushed: dict[str, str] = {}
+    removed: list[str] = []
+
+
+class PushResult(_Model):
+    #: device id -> push id
+    pushed: dict[str, str]
+    #: devices whose token the provider no longer knows (now deactivated)
+    removed: list[str]
+
+
+class DeviceFactInput(_Model):
+    """Record per-device facts (first writer wins)."""
+
+    message_id: str
+    device_ids: list[str]
+    fact: Literal["delivered", "read", "receipt"]
+
+
+class ClearReadInput(_Model):
+    message_id: str
+    device_id: str
+
+
+class EmailInput(_Model):
+    message_id: str
+    to: str
+    subject: str
+    body: str
+    idempotency_key: str
+
+
+class EmailResult(_Model):
+    email_id: str
+
+
+class ReadSyncInput(_Model):
+    """Input of the read-receipt sync saga (a child of the delivery workflow)."""
+
+    message_id: str
+    reader_device_id: str
+    other_devices: list[Device]
+    reader_device: Device | None
+    expected_version: int
+    #: The status to return to if the sync fails for good (DELIVERED or EMAILED).
+    revert_to: MessageStatus
+    retry: RetrySettings = RetrySettings()
+
+
+class ReadSyncResult(_Model):
+    synced: bool
+    status: MessageStatus
+    version: int
+    receipts_pushed: list[str] = []
+    failure_reason: str | None = None

@@ -1,0 +1,205 @@
+"""What users and devices do to messages, shared by the CLI, the demo and the tests.
+
+As for orders: Postgres first, Temporal second. ``send`` commits the row only if the
+workflow started; ``recall`` records CANCELLED before it signals.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Literal
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, ValidationError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from tollgate import message_db
+from tollgate.errors import InputError, MessageNotFound
+from tollgate.message_models import DeviceSignal, MessageInput, MessageProgress, MessageResult, RecallRequest
+from tollgate.names import (
+    MESSAGE_DELIVERED_SIGNAL,
+    MESSAGE_READ_SIGNAL,
+    MESSAGE_RECALL_SIGNAL,
+    MESSAGE_STATUS_ATTR,
+    MESSAGE_STATUS_QUERY,
+    RECIPIENT_ID_ATTR,
+    message_workflow_id,
+)
+from tollgate.states import MessageStatus
+from workflows.message import MessageDeliveryWorkflow
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` -> timedelta; a clear error otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise InputError(f"duration {text!r} is not a number with a unit (ms, s, m, h, d), e.g. 30s")
+    value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if value <= 0:
+        raise InputError(f"duration {text!r} must be positive")
+    return timedelta(seconds=value)
+
+
+def build_message(**fields: object) -> MessageInput:
+    """Validate a message; a pydantic error becomes one line naming the field."""
+    try:
+        return MessageInput.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise InputError(f"{where}: {first['msg']}") from None
+
+
+class RecallOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    message_id: str
+    recalled: bool
+    status: MessageStatus
+    signalled: bool
+    message: str
+
+
+class MessageReport(BaseModel):
+    """Everything ``message status`` shows."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message: message_db.MessageRow
+    deliveries: list[message_db.DeliveryRow]
+    transitions: list[message_db.MessageAuditRow]
+    workflow_id: str
+    workflow_status: str | None
+    workflow_progress: MessageProgress | None
+    checked_at: datetime
+
+
+class MessageService:
+    """Message and device operations over one Temporal client and one Postgres pool."""
+
+    def __init__(self, client: Client, pool: asyncpg.Pool, task_queue: str) -> None:
+        self._client = client
+        self._pool = pool
+        self._task_queue = task_queue
+
+    def handle(self, message_id: str) -> WorkflowHandle[MessageDeliveryWorkflow, MessageResult]:
+        return self._client.get_workflow_handle_for(MessageDeliveryWorkflow.run, message_workflow_id(message_id))
+
+    async def row(self, message_id: str) -> message_db.MessageRow:
+        row = await message_db.get_message(self._pool, message_id)
+        if row is None:
+            raise MessageNotFound(message_id)
+        return row
+
+    async def register_device(
+        self, *, device_id: str, user_id: str, push_token: str, platform: str
+    ) -> message_db.DeviceRow:
+        """Register a device of ``user_id`` with its push token."""
+        return await message_db.register_device(
+            self._pool, device_id=device_id, user_id=user_id, push_token=push_token, platform=platform
+        )
+
+    async def send(self, message: MessageInput) -> WorkflowHandle[MessageDeliveryWorkflow, MessageResult]:
+        """Insert the INITIATED row and start its workflow, both or neither."""
+        workflow_id = message_workflow_id(message.message_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            existing = await message_db.get_message(conn, message.message_id)
+            if existing is not None:
+                raise InputError(f"message {message.message_id} already exists ({existing.status})")
+            await message_db.insert_message(conn, message, workflow_id=workflow_id, actor="cli:send")
+            try:
+                return await self._client.start_workflow(
+                    MessageDeliveryWorkflow.run,
+                    message,
+                    id=workflow_id,
+                    task_queue=self._task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    search_attributes=TypedSearchAttributes(
+                        [
+                            SearchAttributePair(MESSAGE_STATUS_ATTR, MessageStatus.INITIATED.value),
+                            SearchAttributePair(RECIPIENT_ID_ATTR, message.recipient_id),
+                        ]
+                    ),
+                    static_summary=f"Message {message.message_id}: {message.sender_id} -> {message.recipient_id}",
+                )
+            except WorkflowAlreadyStartedError:
+                raise InputError(
+                    f"message {message.message_id} already has a lifecycle ({workflow_id}); "
+                    "message ids cannot be reused"
+                ) from None
+
+    async def device_says(self, message_id: str, device_id: str, what: Literal["delivered", "read"]) -> None:
+        """Deliver a device's confirmation or read acknowledgement to the workflow."""
+        row = await self.row(message_id)
+        signal = MESSAGE_DELIVERED_SIGNAL if what == "delivered" else MESSAGE_READ_SIGNAL
+        try:
+            await self.handle(message_id).signal(signal, DeviceSignal(device_id=device_id))
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise InputError(f"message {message_id} is no longer running (it is {row.status})") from None
+
+    async def recall(self, message_id: str, *, reason: str, requested_by: str) -> RecallOutcome:
+        """Record CANCELLED in Postgres (version-checked), then signal the workflow."""
+        row = await message_db.recall_message(self._pool, message_id, reason=reason, actor=f"cli:{requested_by}")
+        if row.status is not MessageStatus.CANCELLED:
+            return RecallOutcome(
+                message_id=message_id,
+                recalled=False,
+                status=row.status,
+                signalled=False,
+                message=f"message {message_id} is already {row.status}; it cannot be recalled",
+            )
+        signalled = True
+        try:
+            await self.handle(message_id).signal(
+                MESSAGE_RECALL_SIGNAL, RecallRequest(reason=reason, requested_by=requested_by)
+            )
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            signalled = False
+        return RecallOutcome(
+            message_id=message_id,
+            recalled=True,
+            status=MessageStatus.CANCELLED,
+            signalled=signalled,
+            message=f"message {message_id} recalled",
+        )
+
+    async def report(self, message_id: str) -> MessageReport:
+        row = await self.row(message_id)
+        handle = self.handle(message_id)
+        workflow_status: str | None = None
+        progress: MessageProgress | None = None
+        try:
+            description = await handle.describe()
+            if description.status is not None:
+                workflow_status = description.status.name
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+        return MessageReport(
+            message=row,
+            deliveries=await message_db.deliveries(self._pool, message_id),
+            transitions=await message_db.list_message_transitions(self._pool, message_id),
+            workflow_id=row.workflow_id,
+            workflow_status=workflow_status,
+            workflow_progress=progress,
+            checked_at=datetime.now().astimezone(),
+        )

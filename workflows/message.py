@@ -1,0 +1,434 @@
+"""Message delivery: store, push to every device, wait for delivery, fall back to email.
+
+INITIATED -> STORED -> DISPATCHED -> DELIVERED -> READ, with DISPATCHED -> FALLBACK_EMAIL
+when no device confirms delivery before the deadline (or no push got through), then
+EMAILED or FAILED. A read on any device starts the read-receipt sync saga
+(:mod:`workflows.read_receipts`) as a child. The sender's recall ends it CANCELLED.
+
+Devices speak through signals (``delivered``, ``read``). They may arrive early (before
+the push), twice, or for a device the message never went to; each is recorded once, in
+arrival order, and none moves the state backwards: a confirmation after the email went
+out is kept as a per-device fact, not a transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ChildWorkflowError
+
+from workflows._support import describe, error_type, is_cancellation, run_to_completion
+
+with workflow.unsafe.imports_passed_through():
+    from activities.email import EmailActivities
+    from activities.messages import MessageStoreActivities
+    from activities.push import PushActivities
+    from tollgate.errors import PERMANENT_ERROR_TYPES, MessageRecalled
+    from tollgate.message_models import (
+        Device,
+        DeviceFactInput,
+        DeviceSignal,
+        DevicesInput,
+        EmailInput,
+        MessageInput,
+        MessageProgress,
+        MessageResult,
+        MessageTransitionInput,
+        PushInput,
+        ReadSyncInput,
+        RecallMessageInput,
+        RecallRequest,
+    )
+    from tollgate.names import (
+        MESSAGE_DELIVERED_SIGNAL,
+        MESSAGE_READ_SIGNAL,
+        MESSAGE_RECALL_SIGNAL,
+        MESSAGE_STATUS_ATTR,
+        MESSAGE_STATUS_QUERY,
+        read_sync_workflow_id,
+    )
+    from tollgate.states import MessageStatus
+    from workflows.read_receipts import ReadReceiptSyncWorkflow
+
+ArgT = TypeVar("ArgT")
+ResultT = TypeVar("ResultT")
+
+_TEMPORAL_RECALL = RecallRequest(reason="cancelled in Temporal", requested_by="temporal")
+_POSTGRES_RECALL = RecallRequest(reason="recall recorded in Postgres", requested_by="postgres")
+
+
+@workflow.defn(name="MessageDeliveryWorkflow")
+class MessageDeliveryWorkflow:
+    """One message's delivery, from INITIATED to READ, EMAILED, FAILED or CANCELLED."""
+
+    @workflow.init
+    def __init__(self, message: MessageInput) -> None:
+        self._msg = message
+        self._id = workflow.info().workflow_id
+        self._status = MessageStatus.INITIATED
+        self._version = 0
+        self._step = "starting"
+        #: The recipient's devices when the message was dispatched; None until then.
+        self._devices: dict[str, Device] | None = None
+        self._pushed: dict[str, str] = {}
+        self._removed: list[str] = []
+        #: Signals in arrival order; those for unknown devices are set aside.
+        self._signals: list[tuple[str, str]] = []
+        self._confirmed: list[str] = []
+        self._reads: list[str] = []
+        self._ignored: list[str] = []
+        self._facts_recorded: set[tuple[str, str]] = set()
+        self._failed_syncs = 0
+        self._recall: RecallRequest | None = None
+        self._temporal_cancelled = False
+        self._main: asyncio.Task[None] | None = None
+        self._delivered_on: str | None = None
+        self._read_on: str | None = None
+        self._email_id: str | None = None
+        self._failure_reason: str | None = None
+
+        r = message.retry
+        self._step_retry = RetryPolicy(
+            initial_interval=r.initial_interval,
+            backoff_coefficient=r.backoff_coefficient,
+            maximum_interval=r.maximum_interval,
+            maximum_attempts=r.maximum_attempts,
+            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+        )
+        self._until_done_retry = RetryPolicy(
+            initial_interval=r.initial_interval,
+            backoff_coefficient=r.backoff_coefficient,
+            maximum_interval=r.maximum_interval,
+            maximum_attempts=0,
+            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+        )
+
+    # --- the process ---------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, message: MessageInput) -> MessageResult:
+        """Deliver the message; on recall, record CANCELLED. Returns where it ended."""
+        recorded = await self._activity(
+            MessageStoreActivities.record_message, message, retry=self._until_done_retry
+        )
+        self._set_status(recorded.status, recorded.version)
+        if recorded.status is MessageStatus.CANCELLED:
+            self._note_recall(_POSTGRES_RECALL)
+
+        if self._recall is None:
+            self._main = asyncio.create_task(self._deliver())
+            try:
+                await self._main
+            except asyncio.CancelledError:
+                self._note_recall(_TEMPORAL_RECALL, from_temporal=True)
+            except (ActivityError, ChildWorkflowError) as err:
+                if error_type(err) == MessageRecalled.__name__:
+                    self._note_recall(_POSTGRES_RECALL)
+                elif is_cancellation(err):
+                    self._note_recall(_TEMPORAL_RECALL, from_temporal=True)
+                else:
+                    raise
+
+        if self._recall is not None:
+            await run_to_completion(
+                self._record_recall(self._recall),
+                lambda: self._note_recall(_TEMPORAL_RECALL, from_temporal=True),
+            )
+        await run_to_completion(self._flush_facts(), lambda: None)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if self._temporal_cancelled and self._status is MessageStatus.CANCELLED:
+            raise asyncio.CancelledError(self._recall.reason if self._recall else None)
+        return self._result()
+
+    async def _deliver(self) -> None:
+        m = self._msg
+        await self._move(MessageStatus.STORED)
+
+        self._step = "dispatching"
+        found = await self._activity(
+            MessageStoreActivities.recipient_devices, DevicesInput(user_id=m.recipient_id)
+        )
+        self._devices = {d.device_id: d for d in found.devices}
+        self._sort_signals()
+        dispatched_at = workflow.now()
+        await self._move(MessageStatus.DISPATCHED)
+
+        push_failure = await self._push_message(found.devices)
+        if self._pushed and push_failure is None:
+            self._step = "awaiting delivery"
+            remaining = m.deadline - (workflow.now() - dispatched_at)
+            if not self._confirmed and remaining > timedelta(0):
+                try:
+                    await workflow.wait_condition(lambda: bool(self._confirmed), timeout=remaining)
+                except TimeoutError:
+                    pass
+
+        if self._confirmed:
+            self._delivered_on = self._confirmed[0]
+            await self._flush_facts()
+            await self._move(
+                MessageStatus.DELIVERED, reason=f"confirmed by device {self._delivered_on}"
+            )
+        else:
+            if push_failure is not None:
+                reason = f"push failed: {push_failure}"
+            elif not self._pushed:
+                reason = "no device could receive a push"
+            else:
+                reason = f"no delivery confirmation within {m.deadline}"
+            if not await self._fall_back_to_email(reason):
+                return
+        await self._await_reads()
+
+    async def _push_message(self, devices: list[Device]) -> str | None:
+        """Fan the message out; returns why it failed for good, or None."""
+        self._step = "pushing"
+        if not devices:
+            return None
+        try:
+            result = await workflow.execute_activity_method(
+                PushActivities.push,
+                PushInput(
+                    message_id=self._msg.message_id,
+                    devices=devices,
+                    kind="message",
+                    payload={"sender": self._msg.sender_id, "preview": self._msg.body[:80]},
+                    idempotency_prefix=f"{self._id}:push",
+                ),
+                start_to_close_timeout=self._msg.retry.activity_timeout * max(1, len(devices)),
+                heartbeat_timeout=self._msg.push_heartbeat_timeout,
+                retry_policy=self._step_retry,
+            )
+        except ActivityError as err:
+            if error_type(err) == MessageRecalled.__name__ or is_cancellation(err):
+                raise
+            return describe(err)
+        self._pushed, self._removed = result.pushed, result.removed
+        return None
+
+    async def _fall_back_to_email(self, reason: str) -> bool:
+        """FALLBACK_EMAIL, then EMAILED (True) or FAILED (False)."""
+        await self._move(MessageStatus.FALLBACK_EMAIL, reason=reason)
+        self._step = "emailing"
+        m = self._msg
+        try:
+            email = await self._activity(
+                EmailActivities.send,
+                EmailInput(
+                    message_id=m.message_id,
+                    to=m.recipient_email,
+                    subject=f"New message from {m.sender_id}",
+                    body=m.body,
+                    idempotency_key=f"{self._id}:email",
+                ),
+            )
+        except ActivityError as err:
+            if is_cancellation(err):
+                raise
+            self._failure_reason = describe(err)
+            await self._move(MessageStatus.FAILED, failure_reason=self._failure_reason)
+            self._step = "failed"
+            return False
+        self._email_id = email.email_id
+        await self._move(MessageStatus.EMAILED, reason=f"email {email.email_id}")
+        return True
+
+    async def _await_reads(self) -> None:
+        """Wait (up to the read window) for a read; sync it to the other devices."""
+        self._step = "awaiting read"
+        window_ends = workflow.now() + self._msg.read_window
+        attempt = 0
+        while True:
+            remaining = window_ends - workflow.now()
+            if remaining <= timedelta(0):
+                return
+            try:
+                await workflow.wait_condition(
+                    lambda: self._next_reader() is not None, timeout=remaining
+                )
+            except TimeoutError:
+                return
+            reader = self._next_reader()
+            assert reader is not None
+            attempt += 1
+            self._step = "syncing read receipts"
+            devices = self._devices or {}
+            result = await workflow.execute_child_workflow(
+                ReadReceiptSyncWorkflow.run,
+                ReadSyncInput(
+                    message_id=self._msg.message_id,
+                    reader_device_id=reader,
+                    reader_device=devices.get(reader),
+                    other_devices=[
+                        d
+                        for d_id, d in devices.items()
+                        if d_id != reader and d_id not in self._removed
+                    ],
+                    expected_version=self._version,
+                    revert_to=self._status,
+                    retry=self._msg.retry,
+                ),
+                id=read_sync_workflow_id(self._msg.message_id, attempt),
+            )
+            self._set_status(result.status, result.version)
+            if result.synced:
+                self._read_on = reader
+                self._facts_recorded.add((reader, "read"))
+                self._facts_recorded.update((d, "receipt") for d in result.receipts_pushed)
+                self._step = "read"
+                return
+            # The reader's device was told to show it unread; a new read starts over.
+            self._reads.remove(reader)
+            self._facts_recorded.discard((reader, "read"))
+            self._failed_syncs += 1
+            self._step = "awaiting read"
+
+    async def _record_recall(self, request: RecallRequest) -> None:
+        self._step = "recalling"
+        state = await self._activity(
+            MessageStoreActivities.recall_message,
+            RecallMessageInput(
+                message_id=self._msg.message_id,
+                reason=request.reason,
+                requested_by=request.requested_by,
+            ),
+            retry=self._until_done_retry,
+        )
+        self._set_status(state.status, state.version)
+        self._step = "recalled" if state.status is MessageStatus.CANCELLED else "done"
+
+    async def _flush_facts(self) -> None:
+        """Write the per-device delivered/read facts signals brought in so far."""
+        facts: tuple[tuple[Literal["delivered", "read"], list[str]], ...] = (
+            ("delivered", self._confirmed),
+            ("read", self._reads),
+        )
+        for fact, devices in facts:
+            new = [d for d in devices if (d, fact) not in self._facts_recorded]
+            if not new:
+                continue
+            await self._activity(
+                MessageStoreActivities.record_device_fact,
+                DeviceFactInput(message_id=self._msg.message_id, device_ids=new, fact=fact),
+                retry=self._until_done_retry,
+            )
+            self._facts_recorded.update((d, fact) for d in new)
+
+    # --- signals and queries -------------------------------------------------------
+
+    @workflow.signal(name=MESSAGE_DELIVERED_SIGNAL)
+    def delivered(self, signal: DeviceSignal) -> None:
+        """A device confirms it received the push."""
+        self._signals.append(("delivered", signal.device_id))
+        self._sort_signals()
+
+    @workflow.signal(name=MESSAGE_READ_SIGNAL)
+    def read(self, signal: DeviceSignal) -> None:
+        """A device reports the message was read on it (which implies delivered)."""
+        self._signals.append(("read", signal.device_id))
+        self._sort_signals()
+
+    @workflow.signal(name=MESSAGE_RECALL_SIGNAL)
+    def recall(self, request: RecallRequest) -> None:
+        """The sender recalls the message: stop whatever runs, end CANCELLED."""
+        self._note_recall(request)
+        if self._main is not None and not self._main.done() and not self._status.settled:
+            self._main.cancel()
+
+    @workflow.query(name=MESSAGE_STATUS_QUERY)
+    def status(self) -> MessageProgress:
+        """Status and version as this workflow last saw them, and per-device progress."""
+        return MessageProgress(
+            message_id=self._msg.message_id,
+            status=self._status,
+            version=self._version,
+            step=self._step,
+            devices_pushed=sorted(self._pushed),
+            confirmed_devices=list(self._confirmed),
+            read_devices=list(self._reads),
+        )
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _sort_signals(self) -> None:
+        """Move signals into confirmed/read lists once the devices are known.
+
+        Until dispatch the device list is unknown, so signals wait in arrival order.
+        Afterwards each is applied once: duplicates are dropped, unknown devices are set
+        aside in ``ignored_signals``, and a read also counts as a delivery.
+        """
+        if self._devices is None:
+            return
+        pending, self._signals = self._signals, []
+        for kind, device in pending:
+            if device not in self._devices:
+                self._ignored.append(f"{kind}:{device} (not a device of {self._msg.recipient_id})")
+                continue
+            if device not in self._confirmed:
+                self._confirmed.append(device)
+            if kind == "read" and device not in self._reads:
+                self._reads.append(device)
+
+    def _next_reader(self) -> str | None:
+        return self._reads[0] if self._reads else None
+
+    def _note_recall(self, request: RecallRequest, *, from_temporal: bool = False) -> None:
+        if self._recall is None:
+            self._recall = request
+            self._temporal_cancelled = from_temporal
+
+    def _set_status(self, status: MessageStatus, version: int) -> None:
+        self._status, self._version = status, version
+        workflow.upsert_search_attributes([MESSAGE_STATUS_ATTR.value_set(status.value)])
+        workflow.set_current_details(f"**{status.value}** (v{version})")
+
+    async def _move(
+        self, to: MessageStatus, *, reason: str | None = None, failure_reason: str | None = None
+    ) -> None:
+        result = await self._activity(
+            MessageStoreActivities.transition_message,
+            MessageTransitionInput(
+                message_id=self._msg.message_id,
+                expected_version=self._version,
+                to_status=to,
+                transition_id=f"{self._id}:v{self._version}:{to.value}",
+                actor=f"workflow:{self._id}",
+                reason=reason,
+                failure_reason=failure_reason,
+            ),
+            retry=self._until_done_retry,
+        )
+        self._set_status(to, result.version)
+
+    async def _activity(
+        self,
+        method: Callable[[Any, ArgT], Awaitable[ResultT]],
+        arg: ArgT,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> ResultT:
+        return await workflow.execute_activity_method(
+            method,
+            arg,
+            start_to_close_timeout=self._msg.retry.activity_timeout,
+            retry_policy=retry or self._step_retry,
+        )
+
+    def _result(self) -> MessageResult:
+        return MessageResult(
+            message_id=self._msg.message_id,
+            status=self._status,
+            version=self._version,
+            devices_pushed=sorted(self._pushed),
+            devices_removed=list(self._removed),
+            delivered_on=self._delivered_on,
+            read_on=self._read_on,
+            email_id=self._email_id,
+            failure_reason=self._failure_reason,
+            ignored_signals=list(self._ignored),
+        )

@@ -1,0 +1,144 @@
+"""Read-receipt sync saga: a read on one device becomes a read everywhere, or nowhere.
+
+1. Mark the message READ in Postgres (the cloud state) and record the reader's read.
+2. Push a read receipt to every other device of the recipient.
+If step 2 fails for good, compensate: revert the row to where it was (DELIVERED or
+EMAILED), clear the reader's read mark, and tell the reader's device to show the message
+unread again, so no device shows a read state the cloud does not hold.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+from workflows._support import describe, error_type
+
+with workflow.unsafe.imports_passed_through():
+    from activities.messages import MessageStoreActivities
+    from activities.push import PushActivities
+    from tollgate.errors import PERMANENT_ERROR_TYPES, MessageRecalled
+    from tollgate.message_models import (
+        ClearReadInput,
+        DeviceFactInput,
+        MessageTransitionInput,
+        PushInput,
+        ReadSyncInput,
+        ReadSyncResult,
+    )
+    from tollgate.states import MessageStatus
+
+
+@workflow.defn(name="ReadReceiptSyncWorkflow")
+class ReadReceiptSyncWorkflow:
+    """Child of ``MessageDeliveryWorkflow``; one per read that needs syncing."""
+
+    @workflow.run
+    async def run(self, inp: ReadSyncInput) -> ReadSyncResult:
+        r = inp.retry
+        step_retry = RetryPolicy(
+            initial_interval=r.initial_interval,
+            backoff_coefficient=r.backoff_coefficient,
+            maximum_interval=r.maximum_interval,
+            maximum_attempts=r.maximum_attempts,
+            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+        )
+        until_done = RetryPolicy(
+            initial_interval=r.initial_interval,
+            backoff_coefficient=r.backoff_coefficient,
+            maximum_interval=r.maximum_interval,
+            maximum_attempts=0,
+            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+        )
+        parent = workflow.info().parent
+        owner = parent.workflow_id if parent else workflow.info().workflow_id
+        timeout = r.activity_timeout
+
+        async def move(to: MessageStatus, version: int, reason: str) -> int:
+            result = await workflow.execute_activity_method(
+                MessageStoreActivities.transition_message,
+                MessageTransitionInput(
+                    message_id=inp.message_id,
+                    expected_version=version,
+                    to_status=to,
+                    transition_id=f"{owner}:v{version}:{to.value}",
+                    actor=f"workflow:{workflow.info().workflow_id}",
+                    reason=reason,
+                ),
+                start_to_close_timeout=timeout,
+                retry_policy=until_done,
+            )
+            return result.version
+
+        async def record(device_ids: list[str], fact: Literal["read", "receipt"]) -> None:
+            await workflow.execute_activity_method(
+                MessageStoreActivities.record_device_fact,
+                DeviceFactInput(message_id=inp.message_id, device_ids=device_ids, fact=fact),
+                start_to_close_timeout=timeout,
+                retry_policy=until_done,
+            )
+
+        # 1. the cloud state first: a receipt must never run ahead of it
+        version = await move(
+            MessageStatus.READ, inp.expected_version, f"read on {inp.reader_device_id}"
+        )
+        await record([inp.reader_device_id], "read")
+
+        # 2. receipts to the other devices
+        try:
+            pushed = await workflow.execute_activity_method(
+                PushActivities.push,
+                PushInput(
+                    message_id=inp.message_id,
+                    devices=inp.other_devices,
+                    kind="read_receipt",
+                    payload={"read_on": inp.reader_device_id},
+                    idempotency_prefix=f"{owner}:receipt:{inp.reader_device_id}",
+                ),
+                start_to_close_timeout=timeout * max(1, len(inp.other_devices)),
+                heartbeat_timeout=timeout,
+                retry_policy=step_retry,
+            )
+        except ActivityError as err:
+            if error_type(err) == MessageRecalled.__name__:
+                raise
+            reason = describe(err)
+        else:
+            if pushed.pushed:
+                await record(sorted(pushed.pushed), "receipt")
+            return ReadSyncResult(
+                synced=True,
+                status=MessageStatus.READ,
+                version=version,
+                receipts_pushed=sorted(pushed.pushed),
+            )
+
+        # compensation: revert the read mark everywhere it was made
+        version = await move(inp.revert_to, version, f"read receipts could not be synced: {reason}")
+        await workflow.execute_activity_method(
+            MessageStoreActivities.clear_device_read,
+            ClearReadInput(message_id=inp.message_id, device_id=inp.reader_device_id),
+            start_to_close_timeout=timeout,
+            retry_policy=until_done,
+        )
+        if inp.reader_device is not None:
+            await workflow.execute_activity_method(
+                PushActivities.push,
+                PushInput(
+                    message_id=inp.message_id,
+                    devices=[inp.reader_device],
+                    kind="read_revert",
+                    payload={"reason": "read state could not be synced"},
+                    # one revert per sync attempt: the device may be read and reverted again
+                    idempotency_prefix=f"{workflow.info().workflow_id}:read-revert",
+                ),
+                start_to_close_timeout=timeout,
+                heartbeat_timeout=timeout,
+                retry_policy=until_done,
+            )
+        return ReadSyncResult(
+            synced=False, status=inp.revert_to, version=version, failure_reason=reason
+        )
