@@ -14,17 +14,19 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 from cyclopts import App, CycloptsError, Parameter
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from tollgate import db
-from tollgate.errors import InputError, OrderNotFound, TollgateError
+from tollgate.errors import InputError, NotFound, TollgateError
+from tollgate.message_models import MessageResult
+from tollgate.message_service import MessageReport, MessageService, build_message, parse_duration
 from tollgate.models import OrderResult
 from tollgate.service import OrderReport, OrderService, build_order, parse_amount, parse_item
 from tollgate.settings import Settings
@@ -33,9 +35,15 @@ from tollgate.temporal import connect
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
 
-app = App(name="starter.py", help="Drive Tollgate's order lifecycles.", version_flags=[])
+app = App(
+    name="starter.py", help="Drive Tollgate's order and message lifecycles.", version_flags=[]
+)
 order_app = App(name="order", help="Create, cancel and inspect orders.")
+message_app = App(name="message", help="Send, recall and inspect messages; act as a device.")
+device_app = App(name="device", help="Register the devices messages are pushed to.")
 app.command(order_app)
+app.command(message_app)
+app.command(device_app)
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
@@ -53,7 +61,7 @@ def _emit_json(value: Any) -> None:
 
 
 @asynccontextmanager
-async def _service(settings: Settings) -> AsyncIterator[OrderService]:
+async def _connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.Pool]]:
     try:
         pool = await db.create_pool(settings.database_url, max_size=2)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -69,9 +77,21 @@ async def _service(settings: Settings) -> AsyncIterator[OrderService]:
                 f"cannot reach Temporal at {settings.temporal_address} ({exc}); "
                 "is the local stack up (make up)?"
             ) from None
-        yield OrderService(client, pool, settings.task_queue)
+        yield client, pool
     finally:
         await pool.close()
+
+
+@asynccontextmanager
+async def _service(settings: Settings) -> AsyncIterator[OrderService]:
+    async with _connected(settings) as (client, pool):
+        yield OrderService(client, pool, settings.task_queue)
+
+
+@asynccontextmanager
+async def _messages(settings: Settings) -> AsyncIterator[MessageService]:
+    async with _connected(settings) as (client, pool):
+        yield MessageService(client, pool, settings.task_queue)
 
 
 def _result_dict(result: OrderResult) -> dict[str, Any]:
@@ -202,6 +222,169 @@ def _print_report(report: OrderReport) -> None:
     _out.print(table)
 
 
+@device_app.command
+async def register(
+    *,
+    user: str,
+    token: str,
+    platform: Literal["ios", "android", "web"] = "ios",
+    device_id: str | None = None,
+    json: JsonFlag = False,
+) -> None:
+    """Register a device of USER with its push TOKEN."""
+    settings = Settings()
+    async with _messages(settings) as service:
+        row = await service.register_device(
+            device_id=device_id or f"dev-{uuid.uuid4().hex[:10]}",
+            user_id=user,
+            push_token=token,
+            platform=platform,
+        )
+    if json:
+        _emit_json(row.model_dump(mode="json"))
+    else:
+        _out.print(f"device {row.id} registered for {row.user_id} ({row.platform})")
+
+
+@message_app.command
+async def send(
+    *,
+    sender: str,
+    recipient: str,
+    body: str,
+    deadline: Annotated[
+        str, Parameter(help="No delivery confirmation by then: email. e.g. 30s")
+    ] = "30s",
+    email: Annotated[
+        str | None, Parameter(help="Fallback address (default RECIPIENT@example.com).")
+    ] = None,
+    message_id: str | None = None,
+    wait: WaitFlag = False,
+    json: JsonFlag = False,
+) -> None:
+    """Send a message: store it, push it to the recipient's devices, fall back to email."""
+    message = build_message(
+        message_id=message_id or f"msg-{uuid.uuid4().hex[:12]}",
+        sender_id=sender,
+        recipient_id=recipient,
+        recipient_email=email or f"{recipient}@example.com",
+        body=body,
+        deadline=parse_duration(deadline),
+    )
+    settings = Settings()
+    async with _messages(settings) as service:
+        handle = await service.send(message)
+        out: dict[str, Any] = {"message_id": message.message_id, "workflow_id": handle.id}
+        if wait:
+            try:
+                result: MessageResult = await handle.result()
+                out["result"] = result.model_dump(mode="json")
+            except WorkflowFailureError as exc:
+                out["result"] = f"workflow ended without a result ({exc.cause})"
+    if json:
+        _emit_json(out)
+        return
+    _out.print(f"message {message.message_id} sent as workflow {handle.id}")
+    if "result" in out:
+        r = out["result"]
+        _out.print(
+            r
+            if isinstance(r, str)
+            else f"final status: [bold]{r['status']}[/bold] (version {r['version']})"
+        )
+
+
+async def _device_says(
+    message_id: str, device: str, what: Literal["delivered", "read"], as_json: bool
+) -> None:
+    settings = Settings()
+    async with _messages(settings) as service:
+        await service.device_says(message_id, device, what)
+    if as_json:
+        _emit_json({"message_id": message_id, "device_id": device, "signal": what})
+    else:
+        _out.print(f"{what} from {device} sent to message {message_id}")
+
+
+@message_app.command
+async def confirm(message_id: str, *, device: str, json: JsonFlag = False) -> None:
+    """As DEVICE (or its push provider): the message was delivered to it."""
+    await _device_says(message_id, device, "delivered", json)
+
+
+@message_app.command(name="read")
+async def read_(message_id: str, *, device: str, json: JsonFlag = False) -> None:
+    """As DEVICE: the message was read on it."""
+    await _device_says(message_id, device, "read", json)
+
+
+@message_app.command
+async def recall(
+    message_id: str, *, reason: str = "recalled by sender", json: JsonFlag = False
+) -> None:
+    """Recall a message: record CANCELLED in Postgres, then stop its workflow."""
+    settings = Settings()
+    async with _messages(settings) as service:
+        outcome = await service.recall(message_id, reason=reason, requested_by=getpass.getuser())
+    if json:
+        _emit_json(outcome.model_dump(mode="json"))
+    else:
+        _out.print(outcome.message)
+    if not outcome.recalled:
+        raise SystemExit(EXIT_REFUSED)
+
+
+@message_app.command(name="status")
+async def message_status(message_id: str, *, json: JsonFlag = False) -> None:
+    """Show a message: status, version, per-device delivery and read receipts, transitions."""
+    settings = Settings()
+    async with _messages(settings) as service:
+        report = await service.report(message_id)
+    if json:
+        _emit_json(report.model_dump(mode="json"))
+    else:
+        _print_message_report(report)
+
+
+def _when(value: object) -> str:
+    return value.astimezone().strftime("%H:%M:%S") if hasattr(value, "astimezone") else "-"
+
+
+def _print_message_report(report: MessageReport) -> None:
+    m = report.message
+    _out.print(
+        f"message [bold]{m.id}[/bold]: [bold]{m.status}[/bold] (version {m.version}), "
+        f"{m.sender_id} -> {m.recipient_id}, deadline {m.deadline_ms / 1000:g}s"
+    )
+    if m.failure_reason:
+        _out.print(f"reason: {m.failure_reason}")
+    wf = report.workflow_status or "not found"
+    if report.workflow_progress:
+        wf += f", step {report.workflow_progress.step}"
+    _out.print(f"workflow {report.workflow_id}: {wf}")
+    devices = Table("device", "pushed", "delivered", "read", "receipt")
+    for d in report.deliveries:
+        devices.add_row(
+            d.device_id,
+            _when(d.pushed_at),
+            _when(d.delivered_at),
+            _when(d.read_at),
+            _when(d.receipt_at),
+        )
+    _out.print(devices)
+    transitions = Table("at", "from", "to", "version", "actor", "reason")
+    for t in report.transitions:
+        transitions.add_row(
+            t.at.astimezone().strftime("%H:%M:%S.%f")[:-3],
+            t.from_status or "-",
+            t.to_status,
+            f"{t.from_version or '-'} -> {t.to_version}",
+            t.actor,
+            t.reason or "",
+        )
+    _out.print(transitions)
+
+
 @app.command
 async def demo(*, json: JsonFlag = False) -> None:
     """Run the demo scenarios against a running stack and print their outcomes."""
@@ -233,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(" ".join(str(exc).split()), EXIT_BAD_INPUT)
     except InputError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    except (OrderNotFound, Refused) as exc:
+    except (NotFound, Refused) as exc:
         _fail(str(exc), EXIT_REFUSED)
     except TollgateError as exc:
         _fail(f"{type(exc).__name__}: {exc}", EXIT_REFUSED)

@@ -24,7 +24,13 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate import message_db
 from tollgate.errors import InputError, MessageNotFound
-from tollgate.message_models import DeviceSignal, MessageInput, MessageProgress, MessageResult, RecallRequest
+from tollgate.message_models import (
+    DeviceSignal,
+    MessageInput,
+    MessageProgress,
+    MessageResult,
+    RecallRequest,
+)
 from tollgate.names import (
     MESSAGE_DELIVERED_SIGNAL,
     MESSAGE_READ_SIGNAL,
@@ -45,7 +51,9 @@ def parse_duration(text: str) -> timedelta:
     """``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` -> timedelta; a clear error otherwise."""
     match = _DURATION.match(text.strip())
     if not match:
-        raise InputError(f"duration {text!r} is not a number with a unit (ms, s, m, h, d), e.g. 30s")
+        raise InputError(
+            f"duration {text!r} is not a number with a unit (ms, s, m, h, d), e.g. 30s"
+        )
     value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if value <= 0:
         raise InputError(f"duration {text!r} must be positive")
@@ -95,7 +103,9 @@ class MessageService:
         self._task_queue = task_queue
 
     def handle(self, message_id: str) -> WorkflowHandle[MessageDeliveryWorkflow, MessageResult]:
-        return self._client.get_workflow_handle_for(MessageDeliveryWorkflow.run, message_workflow_id(message_id))
+        return self._client.get_workflow_handle_for(
+            MessageDeliveryWorkflow.run, message_workflow_id(message_id)
+        )
 
     async def row(self, message_id: str) -> message_db.MessageRow:
         row = await message_db.get_message(self._pool, message_id)
@@ -108,17 +118,25 @@ class MessageService:
     ) -> message_db.DeviceRow:
         """Register a device of ``user_id`` with its push token."""
         return await message_db.register_device(
-            self._pool, device_id=device_id, user_id=user_id, push_token=push_token, platform=platform
+            self._pool,
+            device_id=device_id,
+            user_id=user_id,
+            push_token=push_token,
+            platform=platform,
         )
 
-    async def send(self, message: MessageInput) -> WorkflowHandle[MessageDeliveryWorkflow, MessageResult]:
+    async def send(
+        self, message: MessageInput
+    ) -> WorkflowHandle[MessageDeliveryWorkflow, MessageResult]:
         """Insert the INITIATED row and start its workflow, both or neither."""
         workflow_id = message_workflow_id(message.message_id)
         async with self._pool.acquire() as conn, conn.transaction():
             existing = await message_db.get_message(conn, message.message_id)
             if existing is not None:
                 raise InputError(f"message {message.message_id} already exists ({existing.status})")
-            await message_db.insert_message(conn, message, workflow_id=workflow_id, actor="cli:send")
+            await message_db.insert_message(
+                conn, message, workflow_id=workflow_id, actor="cli:send"
+            )
             try:
                 return await self._client.start_workflow(
                     MessageDeliveryWorkflow.run,
@@ -141,7 +159,9 @@ class MessageService:
                     "message ids cannot be reused"
                 ) from None
 
-    async def device_says(self, message_id: str, device_id: str, what: Literal["delivered", "read"]) -> None:
+    async def device_says(
+        self, message_id: str, device_id: str, what: Literal["delivered", "read"]
+    ) -> None:
         """Deliver a device's confirmation or read acknowledgement to the workflow."""
         row = await self.row(message_id)
         signal = MESSAGE_DELIVERED_SIGNAL if what == "delivered" else MESSAGE_READ_SIGNAL
@@ -150,11 +170,15 @@ class MessageService:
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
-            raise InputError(f"message {message_id} is no longer running (it is {row.status})") from None
+            raise InputError(
+                f"message {message_id} is no longer running (it is {row.status})"
+            ) from None
 
     async def recall(self, message_id: str, *, reason: str, requested_by: str) -> RecallOutcome:
         """Record CANCELLED in Postgres (version-checked), then signal the workflow."""
-        row = await message_db.recall_message(self._pool, message_id, reason=reason, actor=f"cli:{requested_by}")
+        row = await message_db.recall_message(
+            self._pool, message_id, reason=reason, actor=f"cli:{requested_by}"
+        )
         if row.status is not MessageStatus.CANCELLED:
             return RecallOutcome(
                 message_id=message_id,
