@@ -1,6 +1,6 @@
-"""Replay recorded order histories against today's workflow code.
+"""Replay recorded order and message histories against today's workflow code.
 
-A change that makes ``OrderWorkflow`` issue different commands for the same events
+A change that makes a workflow issue different commands for the same events
 (reordered activities, a new timer, a removed step) breaks running orders on deploy;
 the replayer fails here first. Re-record after an intentional, versioned change with
 ``TOLLGATE_RECORD_HISTORY=1 make test`` (see tests/test_order_e2e.py).
@@ -15,18 +15,19 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from workflows.order import OrderWorkflow
+from tollgate.worker import WORKFLOWS
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("order_*.json"))
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda p: p.stem)
-async def test_recorded_order_history_replays(path: Path) -> None:
-    history = WorkflowHistory.from_json(f"order-{path.stem}", path.read_text())
-    replayer = Replayer(workflows=[OrderWorkflow], data_converter=pydantic_data_converter)
+async def test_recorded_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=pydantic_data_converter)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
 
 
-def test_there_is_a_recorded_history() -> None:
-    assert HISTORIES, "tests/histories/ holds no recorded order history"
+def test_every_lifecycle_has_a_recorded_history() -> None:
+    kinds = {p.stem.split("_")[0] for p in HISTORIES}
+    assert {"order", "message"} <= kinds, f"tests/histories/ lacks a lifecycle: {kinds}"

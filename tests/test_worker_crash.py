@@ -1,0 +1,88 @@
+"""A worker process SIGKILLed in the middle of a push fan-out, and a new one started.
+
+Real processes (``python worker.py``), real kill. The fan-out heartbeats the devices
+it reached; the retried attempt on the new worker resumes from the last heartbeat and
+the per-device idempotency key absorbs the device pushed after it. The ledger must show
+exactly one push per device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+from tests.conftest import Harness
+from tollgate import message_db
+from tollgate.message_service import MessageService
+from tollgate.sandbox import FaultSpec
+from tollgate.stack import WorkerProcess
+from tollgate.states import MessageStatus
+
+DEVICES = 8
+
+
+async def _pushes(h: Harness, message_id: str) -> Counter[str]:
+    ledger = await h.sandbox.ledger(message_id=message_id)
+    return Counter(p.token for p in ledger.pushes if p.kind == "message")
+
+
+async def test_worker_killed_mid_fan_out_pushes_every_device_exactly_once(
+    h: Harness, tmp_path: Path
+) -> None:
+    queue = f"crash-{uuid.uuid4().hex[:8]}"
+    env = {
+        "TEMPORAL_ADDRESS": h.settings.temporal_address,
+        "DATABASE_URL": h.settings.database_url,
+        "SANDBOX_URL": h.settings.sandbox_url,
+        "TASK_QUEUE": queue,
+    }
+    user, devices = await h.devices(DEVICES)
+    # slow enough that the fan-out is surely mid-way when the worker dies
+    await h.sandbox.set_fault("push", FaultSpec(latency_ms=250))
+    first = WorkerProcess(env, log_file=tmp_path / "worker-1.log")
+    second = WorkerProcess(env, log_file=tmp_path / "worker-2.log")
+    service = MessageService(h.client, h.pool, queue)
+    msg = h.message(
+        user,
+        push_heartbeat_timeout=timedelta(seconds=1),
+        deadline=timedelta(seconds=60),
+        read_window=timedelta(seconds=1),
+    )
+    requests_before = (await h.sandbox.request_counts())["push"]
+    await first.start()
+    try:
+        handle = await service.send(msg)
+        for _ in range(400):
+            if sum((await _pushes(h, msg.message_id)).values()) >= 3:
+                break
+            await asyncio.sleep(0.02)
+        first.kill()
+        pushed_before_kill = len(await _pushes(h, msg.message_id))
+        assert 0 < pushed_before_kill < DEVICES, "the kill must land mid fan-out"
+
+        await second.start()
+        for _ in range(600):
+            facts = await message_db.deliveries(h.pool, msg.message_id)
+            if sum(1 for f in facts if f.pushed_at) == DEVICES:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the new worker did not finish the fan-out")
+
+        pushes = await _pushes(h, msg.message_id)
+        requests = (await h.sandbox.request_counts())["push"] - requests_before
+        print(
+            f"\n{pushed_before_kill} devices pushed before SIGKILL; {requests} push requests for {DEVICES} devices"
+        )
+        assert pushes == {f"tok-{user}-{n}": 1 for n in range(DEVICES)}, pushes
+        await service.device_says(msg.message_id, devices[0], "delivered")
+        result = await handle.result()
+        assert result.status is MessageStatus.DELIVERED
+        assert result.devices_pushed == sorted(devices)
+        assert (await service.row(msg.message_id)).status is MessageStatus.DELIVERED
+    finally:
+        first.kill()
+        await second.stop()
