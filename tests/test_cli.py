@@ -8,12 +8,16 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from temporalio.service import RPCError, RPCStatusCode
 
 from tests.conftest import PROJECT_ROOT, Harness
-from tollgate import db
-from tollgate.states import OrderStatus
+from tollgate import db, message_db
+from tollgate.message_models import MessageProgress
+from tollgate.names import MESSAGE_STATUS_QUERY
+from tollgate.states import MessageStatus, OrderStatus
 
 
 @dataclass
@@ -202,3 +206,210 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
         OrderStatus.CANCELLED,
         "wrong size",
     )
+
+
+# --- devices and messages ---------------------------------------------------------
+
+
+async def _register(h: Harness, user: str, token: str, *extra: str) -> Run:
+    return await _starter(h, "device", "register", "--user", user, "--token", token, *extra)
+
+
+async def _eventually(check: Any, what: str, *, attempts: int = 300) -> Any:
+    """Poll an async check until it returns something truthy (about 15 s at most)."""
+    last = None
+    for _ in range(attempts):
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {what}; last saw {last!r}")
+
+
+async def test_device_register_for_scripts_and_a_token_is_never_registered_twice(
+    h: Harness,
+) -> None:
+    user = f"cli-u-{uuid.uuid4().hex[:8]}"
+    token = f"tok-{uuid.uuid4().hex}"
+    run = await _register(h, user, token, "--platform", "android", "--json")
+    assert run.code == 0, run
+    device = json.loads(run.out)
+    assert device["user_id"] == user and device["platform"] == "android" and device["active"]
+    row = await message_db.get_device(h.pool, device["id"])
+    assert (row.user_id, row.push_token) == (user, token)
+
+    second_id = f"cli-d-{uuid.uuid4().hex[:8]}"
+    again = await _register(h, "someone-else", token, "--device-id", second_id, "--json")
+    assert again.code == 2, again
+    _one_clear_line(again, "already registered", device["id"])
+    assert again.out == ""
+    assert await h.pool.fetchval("SELECT count(*) FROM devices WHERE push_token = $1", token) == 1
+    assert await h.pool.fetchval("SELECT count(*) FROM devices WHERE id = $1", second_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sender", "sam", "--recipient", "rita"], "--body"),
+        (["--sender", "sam", "--recipient", "rita", "--body", "hi", "--deadline", "soon"], "soon"),
+        (
+            ["--sender", "sam", "--recipient", "rita", "--body", "hi", "--deadline", "0s"],
+            "positive",
+        ),
+        (
+            ["--sender", "sam", "--recipient", "rita", "--body", "hi", "--email", "not-an-address"],
+            "recipient_email",
+        ),
+        (["--sender", "sam", "--recipient", "rita", "--body", ""], "body"),
+        # below the database's millisecond resolution, and beyond a day
+        (
+            ["--sender", "sam", "--recipient", "rita", "--body", "hi", "--deadline", "0.5ms"],
+            "deadline",
+        ),
+        (
+            ["--sender", "sam", "--recipient", "rita", "--body", "hi", "--deadline", "25d"],
+            "deadline",
+        ),
+    ],
+)
+async def test_bad_message_input_gets_one_line_exit_2_and_writes_nothing(
+    h: Harness, args: list[str], needle: str
+) -> None:
+    message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
+    run = await _starter(h, "message", "send", *args, "--message-id", message_id)
+    assert run.code == 2, run
+    _one_clear_line(run, needle)
+    assert await message_db.get_message(h.pool, message_id) is None
+    with pytest.raises(RPCError) as caught:
+        await h.messages.handle(message_id).describe()
+    assert caught.value.status == RPCStatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "no-such-message"],
+        ["confirm", "no-such-message", "--device", "d"],
+        ["read", "no-such-message", "--device", "d"],
+        ["recall", "no-such-message"],
+    ],
+)
+async def test_unknown_message_is_refused_with_exit_1(h: Harness, args: list[str]) -> None:
+    run = await _starter(h, "message", *args)
+    assert run.code == 1, run
+    _one_clear_line(run, "no-such-message", "does not exist")
+    assert await message_db.get_message(h.pool, "no-such-message") is None
+
+
+async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harness) -> None:
+    user = f"cli-u-{uuid.uuid4().hex[:8]}"
+    devices = []
+    for n in range(2):
+        reg = await _register(h, user, f"tok-{user}-{n}", "--json")
+        assert reg.code == 0, reg
+        devices.append(json.loads(reg.out)["id"])
+    d0, d1 = devices
+    message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
+
+    sent = await _starter(
+        h,
+        *("message", "send", "--sender", "sam", "--recipient", user, "--body", "hi"),
+        *("--deadline", "20s", "--message-id", message_id, "--json"),
+    )
+    assert sent.code == 0, sent
+    assert json.loads(sent.out) == {
+        "message_id": message_id,
+        "workflow_id": f"message-{message_id}",
+    }
+
+    async def pushed_to_both() -> bool:
+        facts = await message_db.deliveries(h.pool, message_id)
+        return [f.device_id for f in facts if f.pushed_at] == sorted(devices)
+
+    await _eventually(pushed_to_both, "pushed to both devices")
+    confirm = await _starter(h, "message", "confirm", message_id, "--device", d0)
+    assert confirm.code == 0, confirm
+    read = await _starter(h, "message", "read", message_id, "--device", d0)
+    assert read.code == 0, read
+
+    async def read_and_synced() -> bool:
+        row = await message_db.get_message(h.pool, message_id)
+        facts = {f.device_id: f for f in await message_db.deliveries(h.pool, message_id)}
+        return row is not None and row.status == MessageStatus.READ and bool(facts[d1].receipt_at)
+
+    await _eventually(read_and_synced, "read with the receipt on the other device")
+
+    status = await _starter(h, "message", "status", message_id, "--json")
+    assert status.code == 0, status
+    report = json.loads(status.out)
+    assert report["message"]["status"] == "READ"
+    assert report["message"]["recipient_id"] == user
+    assert report["message"]["deadline_ms"] == 20_000
+    facts = {d["device_id"]: d for d in report["deliveries"]}
+    assert sorted(facts) == sorted(devices)
+    assert all(facts[d]["pushed_at"] for d in devices)
+    assert facts[d0]["delivered_at"] and facts[d0]["read_at"]
+    assert facts[d1]["receipt_at"]
+    assert facts[d1]["delivered_at"] is None and facts[d1]["read_at"] is None
+    assert [t["to_status"] for t in report["transitions"]] == [
+        "INITIATED",
+        "STORED",
+        "DISPATCHED",
+        "DELIVERED",
+        "READ",
+    ]
+
+    human = await _starter(h, "message", "status", message_id)
+    assert human.code == 0, human
+    assert "READ" in human.out and d0 in human.out and d1 in human.out
+
+    before = await message_db.get_message(h.pool, message_id)
+    recall = await _starter(h, "message", "recall", message_id)
+    assert recall.code == 1, recall
+    assert "cannot be recalled" in recall.out and "READ" in recall.out
+    assert "Traceback" not in recall.out + recall.err
+    assert await message_db.get_message(h.pool, message_id) == before
+
+    # the lifecycle ended at READ: a late device signal is refused, not "bad input"
+    await h.messages.handle(message_id).result()
+    late = await _starter(h, "message", "confirm", message_id, "--device", devices[1])
+    assert late.code == 1, late
+    _one_clear_line(late, "no longer running", "READ")
+
+
+async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> None:
+    from tollgate.sandbox import FaultSpec
+
+    user, _devices = await h.devices(2)
+    await h.sandbox.set_fault("push", FaultSpec(latency_ms=1500))
+    message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
+    sent = await _starter(
+        h,
+        *("message", "send", "--sender", "sam", "--recipient", user, "--body", "oops"),
+        *("--deadline", "20s", "--message-id", message_id),
+    )
+    assert sent.code == 0, sent
+    handle = h.messages.handle(message_id)
+
+    async def pushing() -> bool:
+        progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        return progress.step == "pushing"
+
+    await _eventually(pushing, "pushing")
+    recall = await _starter(h, "message", "recall", message_id, "--reason", "wrong chat", "--json")
+    assert recall.code == 0, recall
+    outcome = json.loads(recall.out)
+    assert outcome["recalled"] and outcome["status"] == "CANCELLED"
+    row = await message_db.get_message(h.pool, message_id)
+    assert row is not None and row.status == MessageStatus.CANCELLED
+    assert row.failure_reason == "recalled: wrong chat"
+    result = await asyncio.wait_for(handle.result(), timeout=30)
+    assert result.status == MessageStatus.CANCELLED
+    audit = await message_db.list_message_transitions(h.pool, message_id)
+    assert [a.to_status for a in audit] == [
+        MessageStatus.INITIATED,
+        MessageStatus.STORED,
+        MessageStatus.DISPATCHED,
+        MessageStatus.CANCELLED,
+    ]
+    assert (await h.sandbox.ledger(message_id=message_id)).emails == []

@@ -12,7 +12,7 @@ import getpass
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -24,7 +24,8 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from tollgate import db
-from tollgate.errors import InputError, NotFound, TollgateError
+from tollgate.errors import InputError, NotFound, NotRunning, TollgateError
+from tollgate.message_db import MessageAuditRow
 from tollgate.message_models import MessageResult
 from tollgate.message_service import MessageReport, MessageService, build_message, parse_duration
 from tollgate.models import OrderResult
@@ -194,6 +195,21 @@ async def status(order_id: str, *, json: JsonFlag = False) -> None:
         _print_report(report)
 
 
+def _transitions_table(transitions: Sequence[db.AuditRow | MessageAuditRow]) -> Table:
+    """The audit trail as a table: when, from, to, versions, who, why."""
+    table = Table("at", "from", "to", "version", "actor", "reason")
+    for t in transitions:
+        table.add_row(
+            t.at.astimezone().strftime("%H:%M:%S.%f")[:-3],
+            t.from_status or "-",
+            t.to_status,
+            f"{t.from_version or '-'} -> {t.to_version}",
+            t.actor,
+            t.reason or "",
+        )
+    return table
+
+
 def _print_report(report: OrderReport) -> None:
     o = report.order
     _out.print(
@@ -209,17 +225,7 @@ def _print_report(report: OrderReport) -> None:
     if report.workflow_progress:
         wf += f", step {report.workflow_progress.step}"
     _out.print(f"workflow {report.workflow_id}: {wf}")
-    table = Table("at", "from", "to", "version", "actor", "reason")
-    for t in report.transitions:
-        table.add_row(
-            t.at.astimezone().strftime("%H:%M:%S.%f")[:-3],
-            t.from_status or "-",
-            t.to_status,
-            f"{t.from_version or '-'} -> {t.to_version}",
-            t.actor,
-            t.reason or "",
-        )
-    _out.print(table)
+    _out.print(_transitions_table(report.transitions))
 
 
 @device_app.command
@@ -372,17 +378,7 @@ def _print_message_report(report: MessageReport) -> None:
             _when(d.receipt_at),
         )
     _out.print(devices)
-    transitions = Table("at", "from", "to", "version", "actor", "reason")
-    for t in report.transitions:
-        transitions.add_row(
-            t.at.astimezone().strftime("%H:%M:%S.%f")[:-3],
-            t.from_status or "-",
-            t.to_status,
-            f"{t.from_version or '-'} -> {t.to_version}",
-            t.actor,
-            t.reason or "",
-        )
-    _out.print(transitions)
+    _out.print(_transitions_table(report.transitions))
 
 
 @app.command
@@ -416,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(" ".join(str(exc).split()), EXIT_BAD_INPUT)
     except InputError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    except (NotFound, Refused) as exc:
+    except (NotFound, NotRunning, Refused) as exc:
         _fail(str(exc), EXIT_REFUSED)
     except TollgateError as exc:
         _fail(f"{type(exc).__name__}: {exc}", EXIT_REFUSED)

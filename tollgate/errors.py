@@ -8,6 +8,7 @@ are non-retryable and end the step.
 
     TollgateError
     ├── InputError                      bad input at an edge (CLI, workflow input); nothing written
+    ├── NotRunning                      the lifecycle already ended; a signal cannot reach it
     ├── NotFound                        no such row                                  [permanent]
     │   ├── OrderNotFound
     │   ├── MessageNotFound
@@ -50,6 +51,10 @@ class TollgateError(Exception):
 
 class InputError(TollgateError, ValueError):
     """Input at an edge is malformed; the message names the problem."""
+
+
+class NotRunning(TollgateError):
+    """The entity exists but its workflow has ended, so it can no longer be told anything."""
 
 
 class NotFound(TollgateError):

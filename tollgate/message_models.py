@@ -28,9 +28,13 @@ class MessageInput(_Model):
     recipient_email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)
     body: str = Field(min_length=1, max_length=10_000)
     #: No delivery confirmation this long after dispatch: fall back to email.
-    deadline: timedelta = Field(default=timedelta(seconds=30), gt=timedelta(0))
+    deadline: timedelta = Field(
+        default=timedelta(seconds=30), ge=timedelta(milliseconds=100), le=timedelta(days=1)
+    )
     #: How long the lifecycle waits for the message to be read before it rests.
-    read_window: timedelta = Field(default=timedelta(days=7), gt=timedelta(0))
+    read_window: timedelta = Field(
+        default=timedelta(days=7), ge=timedelta(milliseconds=100), le=timedelta(days=90)
+    )
     #: Heartbeat timeout of the push fan-out: a killed worker is noticed this fast.
     push_heartbeat_timeout: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
     retry: RetrySettings = RetrySettings()

@@ -11,8 +11,8 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, ValidationError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from pydantic import BaseModel, ConfigDict
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -23,7 +23,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate import message_db
-from tollgate.errors import InputError, MessageNotFound
+from tollgate.errors import InputError, MessageNotFound, NotRunning
 from tollgate.message_models import (
     DeviceSignal,
     MessageInput,
@@ -31,6 +31,7 @@ from tollgate.message_models import (
     MessageResult,
     RecallRequest,
 )
+from tollgate.models import parse_input
 from tollgate.names import (
     MESSAGE_DELIVERED_SIGNAL,
     MESSAGE_READ_SIGNAL,
@@ -41,6 +42,7 @@ from tollgate.names import (
     message_workflow_id,
 )
 from tollgate.states import MessageStatus
+from tollgate.temporal import inspect_workflow
 from workflows.message import MessageDeliveryWorkflow
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -62,12 +64,7 @@ def parse_duration(text: str) -> timedelta:
 
 def build_message(**fields: object) -> MessageInput:
     """Validate a message; a pydantic error becomes one line naming the field."""
-    try:
-        return MessageInput.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise InputError(f"{where}: {first['msg']}") from None
+    return parse_input(MessageInput, fields)
 
 
 class RecallOutcome(BaseModel):
@@ -170,7 +167,7 @@ class MessageService:
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
-            raise InputError(
+            raise NotRunning(
                 f"message {message_id} is no longer running (it is {row.status})"
             ) from None
 
@@ -206,18 +203,9 @@ class MessageService:
 
     async def report(self, message_id: str) -> MessageReport:
         row = await self.row(message_id)
-        handle = self.handle(message_id)
-        workflow_status: str | None = None
-        progress: MessageProgress | None = None
-        try:
-            description = await handle.describe()
-            if description.status is not None:
-                workflow_status = description.status.name
-            if description.status == WorkflowExecutionStatus.RUNNING:
-                progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
+        workflow_status, progress = await inspect_workflow(
+            self.handle(message_id), MESSAGE_STATUS_QUERY, MessageProgress
+        )
         return MessageReport(
             message=row,
             deliveries=await message_db.deliveries(self._pool, message_id),

@@ -8,10 +8,11 @@ and are validated on the way in: a malformed order never reaches Postgres.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tollgate.errors import InputError
 from tollgate.states import OrderStatus
 
 OrderId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
@@ -21,6 +22,19 @@ Sku = Annotated[str, Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")]
 SUPPORTED_CURRENCIES = frozenset({"USD", "EUR", "GBP"})
 #: Largest order total accepted, in minor units (100,000.00).
 MAX_AMOUNT_CENTS = 10_000_000
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_input(model: type[ModelT], fields: dict[str, object]) -> ModelT:
+    """Validate input at an edge; the first problem becomes one line naming the field."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or model.__name__
+        raise InputError(f"{where}: {first['msg']}") from None
 
 
 class _Model(BaseModel):

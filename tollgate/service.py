@@ -11,8 +11,8 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, ValidationError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from pydantic import BaseModel, ConfigDict
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate import db
 from tollgate.errors import InputError, OrderNotFound
-from tollgate.models import CancelOrderRequest, OrderInput, OrderProgress, OrderResult
+from tollgate.models import CancelOrderRequest, OrderInput, OrderProgress, OrderResult, parse_input
 from tollgate.names import (
     CUSTOMER_ID_ATTR,
     ORDER_CANCEL_SIGNAL,
@@ -33,6 +33,7 @@ from tollgate.names import (
     order_workflow_id,
 )
 from tollgate.states import OrderStatus
+from tollgate.temporal import inspect_workflow
 from workflows.order import OrderWorkflow
 
 
@@ -59,12 +60,7 @@ def parse_amount(text: str) -> int:
 
 def build_order(**fields: object) -> OrderInput:
     """Validate an order; a pydantic error becomes one line naming the field."""
-    try:
-        return OrderInput.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "order"
-        raise InputError(f"{where}: {first['msg']}") from None
+    return parse_input(OrderInput, fields)
 
 
 class CancelOutcome(BaseModel):
@@ -193,18 +189,9 @@ class OrderService:
         """The row, its audited transitions, and the workflow's status and live progress."""
         row = await self.row(order_id)
         transitions = await db.list_transitions(self._pool, order_id)
-        handle = self.handle(order_id)
-        workflow_status: str | None = None
-        progress: OrderProgress | None = None
-        try:
-            description = await handle.describe()
-            if description.status is not None:
-                workflow_status = description.status.name
-            if description.status == WorkflowExecutionStatus.RUNNING:
-                progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
+        workflow_status, progress = await inspect_workflow(
+            self.handle(order_id), ORDER_STATUS_QUERY, OrderProgress
+        )
         return OrderReport(
             order=row,
             transitions=transitions,

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
 from typing import Any, TypeVar
 
+from temporalio import workflow
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, FailureError
 from temporalio.exceptions import CancelledError as TemporalCancelledError
 
+with workflow.unsafe.imports_passed_through():
+    from tollgate.errors import PERMANENT_ERROR_TYPES
+    from tollgate.models import RetrySettings
+
 T = TypeVar("T")
+ArgT = TypeVar("ArgT")
+ResultT = TypeVar("ResultT")
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -53,3 +62,41 @@ async def run_to_completion(work: Coroutine[Any, Any, T], on_cancel: Callable[[]
             if task.done():
                 return task.result()
             on_cancel()
+
+
+def step_retry(settings: RetrySettings) -> RetryPolicy:
+    """Retries for a forward step: bounded, so a dead provider ends in compensation."""
+    return RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff_coefficient,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=settings.maximum_attempts,
+        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+    )
+
+
+def until_done_retry(settings: RetrySettings) -> RetryPolicy:
+    """Retries for Postgres writes and compensations: they must eventually happen.
+
+    An outage delays the lifecycle; it never leaves money charged or a row half-moved.
+    """
+    return RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff_coefficient,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=0,
+        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+    )
+
+
+async def run_activity(
+    method: Callable[[Any, ArgT], Awaitable[ResultT]],
+    arg: ArgT,
+    *,
+    start_to_close: timedelta,
+    retry: RetryPolicy,
+) -> ResultT:
+    """One activity-method call with the lifecycle's timeout and retry policy."""
+    return await workflow.execute_activity_method(
+        method, arg, start_to_close_timeout=start_to_close, retry_policy=retry
+    )

@@ -22,13 +22,21 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ChildWorkflowError
 
-from workflows._support import describe, error_type, is_cancellation, run_to_completion
+from workflows._support import (
+    describe,
+    error_type,
+    is_cancellation,
+    run_activity,
+    run_to_completion,
+    step_retry,
+    until_done_retry,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.email import EmailActivities
     from activities.messages import MessageStoreActivities
     from activities.push import PushActivities
-    from tollgate.errors import PERMANENT_ERROR_TYPES, MessageRecalled
+    from tollgate.errors import MessageRecalled
     from tollgate.message_models import (
         Device,
         DeviceFactInput,
@@ -92,21 +100,8 @@ class MessageDeliveryWorkflow:
         self._email_id: str | None = None
         self._failure_reason: str | None = None
 
-        r = message.retry
-        self._step_retry = RetryPolicy(
-            initial_interval=r.initial_interval,
-            backoff_coefficient=r.backoff_coefficient,
-            maximum_interval=r.maximum_interval,
-            maximum_attempts=r.maximum_attempts,
-            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-        )
-        self._until_done_retry = RetryPolicy(
-            initial_interval=r.initial_interval,
-            backoff_coefficient=r.backoff_coefficient,
-            maximum_interval=r.maximum_interval,
-            maximum_attempts=0,
-            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-        )
+        self._step_retry = step_retry(message.retry)
+        self._until_done_retry = until_done_retry(message.retry)
 
     # --- the process ---------------------------------------------------------------
 
@@ -412,11 +407,11 @@ class MessageDeliveryWorkflow:
         *,
         retry: RetryPolicy | None = None,
     ) -> ResultT:
-        return await workflow.execute_activity_method(
+        return await run_activity(
             method,
             arg,
-            start_to_close_timeout=self._msg.retry.activity_timeout,
-            retry_policy=retry or self._step_retry,
+            start_to_close=self._msg.retry.activity_timeout,
+            retry=retry or self._step_retry,
         )
 
     def _result(self) -> MessageResult:

@@ -21,13 +21,21 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
-from workflows._support import describe, error_type, is_cancellation, run_to_completion
+from workflows._support import (
+    describe,
+    error_type,
+    is_cancellation,
+    run_activity,
+    run_to_completion,
+    step_retry,
+    until_done_retry,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
     from activities.orders import OrderStoreActivities
     from activities.payments import PaymentActivities
-    from tollgate.errors import PERMANENT_ERROR_TYPES, OrderCancelled
+    from tollgate.errors import OrderCancelled
     from tollgate.models import (
         BeginCancelInput,
         CancelOrderRequest,
@@ -78,23 +86,8 @@ class OrderWorkflow:
         self._charge_id: str | None = None
         self._reservation_id: str | None = None
 
-        r = order.retry
-        self._step_retry = RetryPolicy(
-            initial_interval=r.initial_interval,
-            backoff_coefficient=r.backoff_coefficient,
-            maximum_interval=r.maximum_interval,
-            maximum_attempts=r.maximum_attempts,
-            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-        )
-        # Postgres writes and compensations must eventually happen: retry until they do
-        # (an outage delays the order; it never leaves money charged).
-        self._until_done_retry = RetryPolicy(
-            initial_interval=r.initial_interval,
-            backoff_coefficient=r.backoff_coefficient,
-            maximum_interval=r.maximum_interval,
-            maximum_attempts=0,
-            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-        )
+        self._step_retry = step_retry(order.retry)
+        self._until_done_retry = until_done_retry(order.retry)
 
     # --- the process ---------------------------------------------------------------
 
@@ -307,11 +300,11 @@ class OrderWorkflow:
         *,
         retry: RetryPolicy | None = None,
     ) -> ResultT:
-        return await workflow.execute_activity_method(
+        return await run_activity(
             method,
             arg,
-            start_to_close_timeout=self._order.retry.activity_timeout,
-            retry_policy=retry or self._step_retry,
+            start_to_close=self._order.retry.activity_timeout,
+            retry=retry or self._step_retry,
         )
 
     def _result(self) -> OrderResult:

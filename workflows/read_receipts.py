@@ -12,15 +12,14 @@ from __future__ import annotations
 from typing import Literal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
-from workflows._support import describe, error_type
+from workflows._support import describe, error_type, step_retry, until_done_retry
 
 with workflow.unsafe.imports_passed_through():
     from activities.messages import MessageStoreActivities
     from activities.push import PushActivities
-    from tollgate.errors import PERMANENT_ERROR_TYPES, MessageRecalled
+    from tollgate.errors import MessageRecalled
     from tollgate.message_models import (
         ClearReadInput,
         DeviceFactInput,
@@ -39,20 +38,8 @@ class ReadReceiptSyncWorkflow:
     @workflow.run
     async def run(self, inp: ReadSyncInput) -> ReadSyncResult:
         r = inp.retry
-        step_retry = RetryPolicy(
-            initial_interval=r.initial_interval,
-            backoff_coefficient=r.backoff_coefficient,
-            maximum_interval=r.maximum_interval,
-            maximum_attempts=r.maximum_attempts,
-            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-        )
-        until_done = RetryPolicy(
-            initial_interval=r.initial_interval,
-            backoff_coefficient=r.backoff_coefficient,
-            maximum_interval=r.maximum_interval,
-            maximum_attempts=0,
-            non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-        )
+        step = step_retry(r)
+        until_done = until_done_retry(r)
         parent = workflow.info().parent
         owner = parent.workflow_id if parent else workflow.info().workflow_id
         timeout = r.activity_timeout
@@ -100,7 +87,7 @@ class ReadReceiptSyncWorkflow:
                 ),
                 start_to_close_timeout=timeout * max(1, len(inp.other_devices)),
                 heartbeat_timeout=timeout,
-                retry_policy=step_retry,
+                retry_policy=step,
             )
         except ActivityError as err:
             if error_type(err) == MessageRecalled.__name__:
