@@ -53,6 +53,35 @@ class Settings(BaseSettings):
 
     state_dir: Path = DEFAULT_STATE_DIR
 
+    # --- resilience: circuit breakers (one per provider per worker process) -----------
+    #: Open when this share of the calls in the window failed transiently...
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    #: ...over the last this many calls...
+    breaker_window: int = Field(default=20, ge=1)
+    #: ...once at least this many calls were made.
+    breaker_min_calls: int = Field(default=10, ge=1)
+    #: Also open after this many transient failures in a row.
+    breaker_consecutive_failures: int = Field(default=5, ge=1)
+    #: How long an open breaker fails fast before letting probes through.
+    breaker_open_seconds: float = Field(default=10.0, gt=0)
+    #: Probe calls allowed while half-open; all must succeed to close again.
+    breaker_half_open_probes: int = Field(default=2, ge=1)
+
+    # --- backpressure ---------------------------------------------------------------------
+    #: Activities per second the whole task queue may start (None: unlimited). Protects
+    #: providers from a backlog draining at once after an outage.
+    task_queue_activities_per_second: float | None = Field(default=None, gt=0)
+
+    # --- least privilege ------------------------------------------------------------------
+    #: Connection of the schema owner, used only to apply migrations. Unset: DATABASE_URL.
+    database_owner_url: str | None = None
+
+    # --- payload encryption ---------------------------------------------------------------
+    #: Base64 of a 32-byte key that encrypts workflow payloads in Temporal. Unset: the
+    #: key is read from ``payload_key_file``; if that file is missing, payloads are plain.
+    payload_encryption_key: str | None = None
+    payload_key_file: Path = DEFAULT_STATE_DIR / "payload.key"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
