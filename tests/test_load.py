@@ -1,0 +1,111 @@
+"""The load generator's backpressure: pacing, the in-flight bound, refusal at ingress."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Harness
+from tollgate.load import TokenBucket, percentile, run_load
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_bucket_allows_a_burst_then_paces_at_the_rate() -> None:
+    t = FakeTime()
+    bucket = TokenBucket(rate=4, capacity=2, clock=t.clock, sleep=t.sleep)
+    for _ in range(6):
+        assert await bucket.take()
+    # two from the burst, then four paced at 1/4 s each
+    assert t.slept == pytest.approx([0.25, 0.25, 0.25, 0.25])
+    assert t.now == pytest.approx(1.0)
+
+
+async def test_bucket_refuses_when_the_wait_would_exceed_max_wait() -> None:
+    t = FakeTime()
+    bucket = TokenBucket(rate=1, capacity=1, clock=t.clock, sleep=t.sleep)
+    assert await bucket.take(max_wait=0.5)
+    assert not await bucket.take(max_wait=0.5)  # the next token is 1 s away
+    t.now += 0.6
+    assert await bucket.take(max_wait=0.5)  # now it is 0.4 s away
+    assert t.slept == pytest.approx([0.4])
+
+
+def test_percentiles_use_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert (
+        percentile(values, 50) == 50
+        and percentile(values, 95) == 95
+        and percentile(values, 99) == 99
+    )
+    assert percentile([], 50) is None
+    assert percentile([7.0], 99) == 7.0
+
+
+async def test_load_runs_every_order_to_completion_within_the_bounds(h: Harness) -> None:
+    in_flight = peak = 0
+    real_create = h.service.create
+
+    async def counting_create(order):  # type: ignore[no-untyped-def]
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        handle = await real_create(order)
+
+        class Counted:
+            id = handle.id
+
+            async def result(self):  # type: ignore[no-untyped-def]
+                nonlocal in_flight
+                try:
+                    return await handle.result()
+                finally:
+                    in_flight -= 1
+
+        return Counted()
+
+    h.service.create = counting_create  # type: ignore[method-assign]
+    summary = await run_load(
+        "orders",
+        orders=h.service,
+        messages=h.messages,
+        count=20,
+        concurrency=4,
+        rate=50,
+        max_wait=None,
+        console=None,
+    )
+    assert summary.statuses == {"COMPLETED": 20}
+    assert summary.started == 20 and summary.refused_at_ingress == 0 and summary.errors == 0
+    assert peak <= 4, f"{peak} orders in flight with --concurrency 4"
+    assert summary.latency_p50_ms is not None and summary.latency_p50_ms <= summary.latency_p99_ms  # type: ignore[operator]
+    assert summary.throughput_per_second > 0
+
+
+async def test_load_beyond_the_rate_is_refused_at_ingress_not_timed_out(h: Harness) -> None:
+    summary = await run_load(
+        "orders",
+        orders=h.service,
+        messages=h.messages,
+        count=12,
+        concurrency=2,
+        rate=2,
+        max_wait=0.1,
+        console=None,
+    )
+    # a burst of 2, then one token every 0.5 s: whoever would wait longer is turned away
+    assert summary.refused_at_ingress >= 1
+    assert summary.started <= 2 + summary.seconds * 2 + 1, "starts exceeded the rate"
+    assert summary.started + summary.refused_at_ingress == 12
+    assert summary.errors == 0 and sum(summary.statuses.values()) == summary.started
+    assert summary.seconds < 10
