@@ -6,21 +6,30 @@ import httpx
 from temporalio import activity
 
 from activities import classified
+from tollgate.breaker import Breakers
 from tollgate.message_models import EmailInput, EmailResult
-from tollgate.providers import ProviderClient, require_str
+from tollgate.providers import NonEmptyStr, ProviderAnswer, ProviderClient
+
+
+class EmailAnswer(ProviderAnswer):
+    """What sending must answer: the id of the email handed over."""
+
+    email_id: NonEmptyStr
 
 
 class EmailActivities:
     """Calls the email provider with the message's idempotency key."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self._email = ProviderClient(http, "email")
+    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
+        breaker = breakers.get("email") if breakers is not None else None
+        self._email = ProviderClient(http, "email", breaker)
 
     @activity.defn(name="send_fallback_email")
     @classified
     async def send(self, req: EmailInput) -> EmailResult:
         """Send the message by email; a retry reuses the key, so at most one is sent."""
-        _, body = await self._email.call(
+        answer = await self._email.call_as(
+            EmailAnswer,
             "POST",
             "/email/messages",
             json={
@@ -31,4 +40,4 @@ class EmailActivities:
             },
             idempotency_key=req.idempotency_key,
         )
-        return EmailResult(email_id=require_str("email", body, "email_id"))
+        return EmailResult(email_id=answer.email_id)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal, Self
+
 import httpx
+from pydantic import model_validator
 from temporalio import activity
 
 from activities import classified
+from tollgate.breaker import Breakers
 from tollgate.errors import UnknownSku
 from tollgate.models import (
     MAX_AMOUNT_CENTS,
@@ -17,14 +21,34 @@ from tollgate.models import (
     ReserveResult,
     ValidateResult,
 )
-from tollgate.providers import ProviderClient, require_str
+from tollgate.providers import NonEmptyStr, ProviderAnswer, ProviderClient
+
+
+class ReservationAnswer(ProviderAnswer):
+    """What a reservation must answer: the id of the reservation."""
+
+    reservation_id: NonEmptyStr
+
+
+class ReleaseAnswer(ProviderAnswer):
+    """What a release must answer: ``released`` with the release's id, or ``voided``."""
+
+    status: Literal["released", "voided"]
+    release_id: NonEmptyStr | None = None
+
+    @model_validator(mode="after")
+    def _released_has_id(self) -> Self:
+        if self.status == "released" and self.release_id is None:
+            raise ValueError("a released answer needs a release_id")
+        return self
 
 
 class InventoryActivities:
     """Calls the inventory service. Reservations are all-or-nothing on its side."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self._inventory = ProviderClient(http, "inventory")
+    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
+        breaker = breakers.get("inventory") if breakers is not None else None
+        self._inventory = ProviderClient(http, "inventory", breaker)
 
     @activity.defn(name="validate_order")
     @classified
@@ -48,19 +72,21 @@ class InventoryActivities:
     @classified
     async def reserve(self, req: ReserveInput) -> ReserveResult:
         """Reserve every item of the order, or none."""
-        _, body = await self._inventory.call(
+        answer = await self._inventory.call_as(
+            ReservationAnswer,
             "POST",
             "/inventory/reservations",
             json={"order_id": req.order_id, "items": [i.model_dump() for i in req.items]},
             idempotency_key=req.idempotency_key,
         )
-        return ReserveResult(reservation_id=require_str("inventory", body, "reservation_id"))
+        return ReserveResult(reservation_id=answer.reservation_id)
 
     @activity.defn(name="release_inventory")
     @classified
     async def release(self, req: ReleaseInput) -> CompensationResult:
         """Release the reservation made with ``reservation_idempotency_key``, if any."""
-        _, body = await self._inventory.call(
+        answer = await self._inventory.call_as(
+            ReleaseAnswer,
             "POST",
             "/inventory/releases",
             json={
@@ -69,8 +95,6 @@ class InventoryActivities:
             },
             idempotency_key=req.idempotency_key,
         )
-        if require_str("inventory", body, "status") == "voided":
+        if answer.status == "voided":
             return CompensationResult(outcome="voided")
-        return CompensationResult(
-            outcome="released", reference=require_str("inventory", body, "release_id")
-        )
+        return CompensationResult(outcome="released", reference=answer.release_id)

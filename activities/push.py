@@ -8,17 +8,27 @@ from temporalio import activity
 
 from activities import classified
 from tollgate import message_db
+from tollgate.breaker import Breakers
 from tollgate.errors import TokenUnregistered
 from tollgate.message_models import PushInput, PushProgress, PushResult
-from tollgate.providers import ProviderClient, require_str
+from tollgate.providers import NonEmptyStr, ProviderAnswer, ProviderClient
+
+
+class PushAnswer(ProviderAnswer):
+    """What a push must answer: the id of the notification handed over."""
+
+    push_id: NonEmptyStr
 
 
 class PushActivities:
     """Calls the push provider (APNs/FCM-like) and records what reached which device."""
 
-    def __init__(self, pool: asyncpg.Pool, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, http: httpx.AsyncClient, breakers: Breakers | None = None
+    ) -> None:
         self._pool = pool
-        self._push = ProviderClient(http, "push")
+        breaker = breakers.get("push") if breakers is not None else None
+        self._push = ProviderClient(http, "push", breaker)
 
     @activity.defn(name="push_to_devices")
     @classified
@@ -36,7 +46,8 @@ class PushActivities:
             if device.device_id in progress.pushed or device.device_id in progress.removed:
                 continue
             try:
-                _, body = await self._push.call(
+                answer = await self._push.call_as(
+                    PushAnswer,
                     "POST",
                     "/push/notifications",
                     json={
@@ -55,7 +66,7 @@ class PushActivities:
                     update={"removed": [*progress.removed, device.device_id]}
                 )
             else:
-                push_id = require_str("push", body, "push_id")
+                push_id = answer.push_id
                 if req.kind == "message":
                     await message_db.record_push(
                         self._pool, req.message_id, device.device_id, push_id

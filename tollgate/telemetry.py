@@ -14,7 +14,9 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -53,6 +55,22 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+
+
+def configure_metrics(settings: Settings) -> MeterProvider:
+    """Install the global meter provider (breaker states, ...); export over OTLP if set."""
+    readers = []
+    if settings.otel_exporter_otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/metrics"
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": settings.otel_service_name}),
+        metric_readers=readers,
+    )
+    metrics.set_meter_provider(provider)
+    return provider
 
 
 def configure_tracing(settings: Settings) -> TracerProvider:

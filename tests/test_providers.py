@@ -1,0 +1,432 @@
+"""``ProviderClient`` and the provider activities against ``httpx.MockTransport``.
+
+How an answer is classified is a unit of logic: a scripted transport shows every branch
+(including answers the sandbox never gives) without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, cast
+
+import asyncpg
+import httpx
+import pytest
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.testing import ActivityEnvironment
+
+from activities.email import EmailActivities
+from activities.inventory import InventoryActivities
+from activities.payments import PaymentActivities
+from activities.push import PushActivities
+from tollgate.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
+from tollgate.errors import (
+    EmailBounced,
+    IdempotencyConflict,
+    InvalidProviderRequest,
+    MalformedProviderResponse,
+    OutOfStock,
+    PaymentDeclined,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    StepVoided,
+    TokenUnregistered,
+    UnknownSku,
+)
+from tollgate.message_models import Device, EmailInput, PushInput
+from tollgate.models import ChargeInput, OrderItem, RefundInput, ReleaseInput, ReserveInput
+from tollgate.providers import ProviderClient
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Script:
+    """A transport answering every request with one scripted response (or exception)."""
+
+    def __init__(self, answer: httpx.Response | Exception | Handler) -> None:
+        self.answer = answer
+        self.requests: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        if isinstance(self.answer, httpx.Response):
+            return self.answer
+        return await self.answer(request)
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.MockTransport(self), base_url="http://provider.test"
+        )
+
+
+def answer(status: int, body: Any = None, *, raw: bytes | None = None) -> httpx.Response:
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.Response(status, content=content, headers={"content-type": "application/json"})
+
+
+async def send(script: Script, breaker: CircuitBreaker | None = None) -> dict[str, Any]:
+    async with script.http() as http:
+        _, body = await ProviderClient(http, "payments", breaker).call(
+            "POST", "/payments/charges", json={"x": 1}, idempotency_key="k-1"
+        )
+        return body
+
+
+# --- classification ------------------------------------------------------------------
+
+
+async def test_a_2xx_object_is_returned_with_the_idempotency_key_sent() -> None:
+    script = Script(answer(201, {"charge_id": "ch_1"}))
+    assert await send(script) == {"charge_id": "ch_1"}
+    assert script.requests[0].headers["Idempotency-Key"] == "k-1"
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 408])
+async def test_server_errors_and_throttling_are_unavailable(status: int) -> None:
+    with pytest.raises(ProviderUnavailable) as caught:
+        await send(Script(answer(status, {"error": "card_declined", "message": "no"})))
+    assert caught.value.code == f"http_{status}"
+    assert caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (httpx.ReadTimeout("slow"), "timeout"),
+        (httpx.ConnectTimeout("slow"), "timeout"),
+        (httpx.ConnectError("refused"), "connection"),
+        (httpx.RemoteProtocolError("hung up"), "connection"),
+    ],
+)
+async def test_timeouts_and_connection_errors_are_unavailable(exc: Exception, code: str) -> None:
+    with pytest.raises(ProviderUnavailable) as caught:
+        await send(Script(exc))
+    assert caught.value.code == code and caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"<html>oops</html>", b"", b"[1, 2]", b'"ok"', b"null", b"\xff\xfe"],
+    ids=["html", "empty", "list", "string", "null", "not-utf8"],
+)
+@pytest.mark.parametrize("status", [200, 201])
+async def test_a_2xx_that_is_not_a_json_object_is_malformed(status: int, raw: bytes) -> None:
+    with pytest.raises(MalformedProviderResponse) as caught:
+        await send(Script(answer(status, raw=raw)))
+    assert caught.value.retryable
+
+
+async def test_a_body_that_cannot_be_decoded_is_malformed() -> None:
+    garbled = httpx.Response(
+        200, stream=httpx.ByteStream(b"not gzip"), headers={"content-encoding": "gzip"}
+    )
+    with pytest.raises(MalformedProviderResponse):
+        await send(Script(garbled))
+
+
+@pytest.mark.parametrize(
+    "body", [{"error": "teapot", "message": "no"}, {"message": "no"}, {"error": 7}]
+)
+async def test_a_4xx_with_an_unknown_code_is_a_plain_permanent_rejection(
+    body: dict[str, Any],
+) -> None:
+    with pytest.raises(ProviderRejected) as caught:
+        await send(Script(answer(400, body)))
+    assert type(caught.value) is ProviderRejected and not caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "cls"),
+    [
+        ("card_declined", 402, PaymentDeclined),
+        ("insufficient_funds", 402, PaymentDeclined),
+        ("out_of_stock", 409, OutOfStock),
+        ("unknown_sku", 404, UnknownSku),
+        ("invalid_request", 400, InvalidProviderRequest),
+        ("idempotency_conflict", 409, IdempotencyConflict),
+        ("voided", 409, StepVoided),
+        ("unregistered", 410, TokenUnregistered),
+        ("bounced", 422, EmailBounced),
+    ],
+)
+async def test_each_business_code_becomes_its_class(
+    code: str, status: int, cls: type[ProviderRejected]
+) -> None:
+    with pytest.raises(ProviderRejected) as caught:
+        await send(Script(answer(status, {"error": code, "message": f"{code}!"})))
+    assert type(caught.value) is cls
+    assert caught.value.code == code and not caught.value.retryable
+
+
+# --- every activity's use of the body ------------------------------------------------
+
+ActivityCall = Callable[[httpx.AsyncClient, Breakers | None], Awaitable[Any]]
+
+
+def _charge(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
+    req = ChargeInput(
+        order_id="o-1", customer_id="c", amount_cents=100, currency="USD", idempotency_key="k"
+    )
+    return ActivityEnvironment().run(PaymentActivities(http, breakers).charge, req)
+
+
+def _refund(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
+    req = RefundInput(order_id="o-1", charge_idempotency_key="k", idempotency_key="r", reason="x")
+    return ActivityEnvironment().run(PaymentActivities(http, breakers).refund, req)
+
+
+def _reserve(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
+    req = ReserveInput(
+        order_id="o-1", items=[OrderItem(sku="WIDGET", quantity=1)], idempotency_key="k"
+    )
+    return ActivityEnvironment().run(InventoryActivities(http, breakers).reserve, req)
+
+
+def _release(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
+    req = ReleaseInput(order_id="o-1", reservation_idempotency_key="k", idempotency_key="r")
+    return ActivityEnvironment().run(InventoryActivities(http, breakers).release, req)
+
+
+def _push(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
+    # kind "read_receipt" records nothing in Postgres, so no pool is needed
+    req = PushInput(
+        message_id="m-1",
+        devices=[Device(device_id="d-1", user_id="u", push_token="tok", platform="ios")],
+        kind="read_receipt",
+        idempotency_prefix="p",
+    )
+    acts = PushActivities(cast(asyncpg.Pool, None), http, breakers)
+    return ActivityEnvironment().run(acts.push, req)
+
+
+def _send(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
+    req = EmailInput(message_id="m-1", to="a@b.c", subject="s", body="b", idempotency_key="k")
+    return ActivityEnvironment().run(EmailActivities(http, breakers).send, req)
+
+
+#: activity -> (how to run it, a valid answer and what it yields, wrong answers)
+ACTIVITIES: dict[str, tuple[ActivityCall, dict[str, Any], str, list[Any]]] = {
+    "charge": (
+        _charge,
+        {"charge_id": "ch_1", "status": "captured"},
+        "charge_id='ch_1'",
+        [{"charge_id": 5}, {"charge_id": None}, {"charge_id": ""}, {"id": "ch_1"}],
+    ),
+    "refund": (
+        _refund,
+        {"status": "refunded", "refund_id": "rf_1"},
+        "outcome='refunded' reference='rf_1'",
+        [
+            {"status": None, "refund_id": "rf_1"},
+            {"status": "refunded"},
+            {"status": "refunded", "refund_id": None},
+            {"status": "refunded", "refund_id": 5},
+            {"status": "pending", "refund_id": "rf_1"},
+            {"status": 1},
+        ],
+    ),
+    "reserve": (
+        _reserve,
+        {"reservation_id": "rs_1"},
+        "reservation_id='rs_1'",
+        [
+            {"reservation_id": 5},
+            {"reservation_id": ["rs_1"]},
+            {"reservation_id": ""},
+            {"status": "reserved"},
+        ],
+    ),
+    "release": (
+        _release,
+        {"status": "released", "release_id": "rl_1"},
+        "outcome='released' reference='rl_1'",
+        [
+            {"status": None},
+            {"status": "released", "release_id": None},
+            {"status": "released", "release_id": {"id": 1}},
+            {"status": "RELEASED", "release_id": "rl_1"},
+        ],
+    ),
+    "push": (
+        _push,
+        {"push_id": "pu_1"},
+        "pushed={'d-1': 'pu_1'} removed=[]",
+        [{"push_id": 5}, {"push_id": None}, {"push_id": ""}],
+    ),
+    "send": (
+        _send,
+        {"email_id": "em_1"},
+        "email_id='em_1'",
+        [{"email_id": 5}, {"email_id": True}, {"email_id": ""}, {}],
+    ),
+}
+
+PROVIDER_OF = {
+    "charge": "payments",
+    "refund": "payments",
+    "reserve": "inventory",
+    "release": "inventory",
+    "push": "push",
+    "send": "email",
+}
+
+#: Bodies no activity can use (raw bytes).
+NOT_OBJECTS: list[Any] = [b"not json", b"[1, 2]", b"null", b'"ok"']
+
+MALFORMED = [
+    pytest.param(name, body, id=f"{name}-{i}")
+    for name, (_, _, _, wrong) in ACTIVITIES.items()
+    for i, body in enumerate([*NOT_OBJECTS, *wrong])
+]
+
+
+@pytest.mark.parametrize("name", ACTIVITIES)
+async def test_each_activity_accepts_its_valid_answer(name: str) -> None:
+    run, good, expected, _ = ACTIVITIES[name]
+    async with Script(answer(201, good)).http() as http:
+        assert str(await run(http, None)) == expected
+
+
+@pytest.mark.parametrize("name", ["refund", "release"])
+async def test_compensations_accept_a_voided_answer_without_an_id(name: str) -> None:
+    run = ACTIVITIES[name][0]
+    async with Script(answer(200, {"status": "voided", "refund_id": None})).http() as http:
+        assert str(await run(http, None)) == "outcome='voided' reference=None"
+
+
+@pytest.mark.parametrize(("name", "body"), MALFORMED)
+async def test_a_malformed_answer_is_a_retryable_application_error(name: str, body: Any) -> None:
+    run = ACTIVITIES[name][0]
+    response = answer(201, raw=body) if isinstance(body, bytes) else answer(201, body)
+    async with Script(response).http() as http:
+        with pytest.raises(ApplicationError) as caught:
+            await run(http, None)
+    assert caught.value.type == "MalformedProviderResponse"
+    assert caught.value.non_retryable is False
+    assert isinstance(caught.value.__cause__, MalformedProviderResponse)
+
+
+# --- the breaker around the call -----------------------------------------------------
+
+
+def breakers(clock: FakeClock, **overrides: Any) -> Breakers:
+    fields: dict[str, Any] = {
+        "consecutive_failures": 2,
+        "min_calls": 10,
+        "window": 10,
+        "open_seconds": 4.0,
+        "half_open_probes": 1,
+    }
+    fields.update(overrides)
+    return Breakers(config=BreakerConfig(**fields), clock=clock)
+
+
+@pytest.mark.parametrize(
+    ("response", "state"),
+    [
+        (answer(503, {}), BreakerState.OPEN),
+        (httpx.ConnectError("refused"), BreakerState.OPEN),
+        (answer(201, {"charge_id": 5}), BreakerState.OPEN),
+        (answer(200, raw=b"<html>"), BreakerState.OPEN),
+        (answer(402, {"error": "card_declined", "message": "no"}), BreakerState.CLOSED),
+        (answer(400, {"error": "teapot", "message": "no"}), BreakerState.CLOSED),
+        (answer(201, {"charge_id": "ch_1"}), BreakerState.CLOSED),
+    ],
+    ids=["503", "connect", "wrong-type", "not-json", "declined", "unknown-4xx", "ok"],
+)
+async def test_only_transient_failures_count_against_the_provider(
+    response: httpx.Response | Exception, state: BreakerState
+) -> None:
+    b = breakers(FakeClock())
+    async with Script(response).http() as http:
+        for _ in range(2):
+            try:
+                await _charge(http, b)
+            except ApplicationError as err:
+                assert err.type != "ProviderCircuitOpen"
+    assert b.get("payments").state is state
+
+
+@pytest.mark.parametrize("name", ACTIVITIES)
+async def test_an_open_circuit_fails_fast_and_says_when_to_retry(name: str) -> None:
+    clock = FakeClock()
+    b = breakers(clock, open_seconds=4.0)
+    provider = PROVIDER_OF[name]
+    script = Script(answer(503, {}))
+    run = ACTIVITIES[name][0]
+    async with script.http() as http:
+        for _ in range(2):
+            with pytest.raises(ApplicationError) as failed:
+                await run(http, b)
+            assert failed.value.type == "ProviderUnavailable"
+        assert b.get(provider).state is BreakerState.OPEN
+        clock.now += 1.5
+        with pytest.raises(ApplicationError) as caught:
+            await run(http, b)
+    assert len(script.requests) == 2, "the open circuit sent nothing"
+    err = caught.value
+    assert err.type == "ProviderCircuitOpen"
+    assert err.non_retryable is False
+    assert err.category is ApplicationErrorCategory.BENIGN
+    assert err.next_retry_delay == timedelta(seconds=2.5)
+    assert err.details[0]["provider"] == provider
+    assert isinstance(err.__cause__, ProviderUnavailable), "a retryable domain error at heart"
+
+
+async def test_the_client_itself_raises_the_temporal_form_when_open() -> None:
+    clock = FakeClock()
+    b = breakers(clock).get("payments")
+    for _ in range(2):
+        b.record(b.before_call(), success=False)
+    with pytest.raises(ApplicationError) as caught:
+        await send(Script(answer(201, {})), b)
+    assert caught.value.type == "ProviderCircuitOpen"
+    assert caught.value.next_retry_delay == timedelta(seconds=4.0)
+
+
+async def test_a_cancelled_probe_gives_its_slot_back() -> None:
+    clock = FakeClock()
+    b = breakers(clock, half_open_probes=1).get("payments")
+    for _ in range(2):
+        b.record(b.before_call(), success=False)
+    clock.now += 4.0
+    started = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async with Script(hang).http() as http:
+        client = ProviderClient(http, "payments", b)
+        probe = asyncio.create_task(client.call("POST", "/payments/charges"))
+        await started.wait()
+        with pytest.raises(ApplicationError):  # the only probe slot is taken
+            await client.call("POST", "/payments/charges")
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.before_call().probe, "the slot is free again"
+
+
+async def test_without_a_breaker_nothing_is_refused() -> None:
+    script = Script(answer(503, {}))
+    for _ in range(5):
+        with pytest.raises(ProviderError):
+            await send(script)
+    assert len(script.requests) == 5
