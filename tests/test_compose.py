@@ -1,18 +1,28 @@
-"""docker-compose.yml describes the same system the code expects (no engine runs here)."""
+"""docker-compose.yml describes the same system the code expects (no engine runs here).
+
+The app database's init script is the exception: it is plain SQL, so it is run against a
+real (embedded) Postgres to show the roles it creates are the ones the URLs name, and
+that with them the migrations apply as the owner and the application role is confined.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
+import asyncpg
 import pytest
 import yaml
 
+from tollgate.migrate import apply_migrations
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
+from tollgate.stack import LocalPostgres, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+INIT_DIR = "/docker-entrypoint-initdb.d/"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +60,15 @@ def test_app_environment_is_what_settings_read(compose: dict[str, Any], service:
     assert parsed.database_url.startswith("postgresql://")
 
 
+def test_only_the_worker_gets_the_owner_connection(compose: dict[str, Any]) -> None:
+    """The worker migrates at start-up; the CLI has no business changing the schema."""
+    worker = _env(compose["services"]["worker"])
+    assert "DATABASE_OWNER_URL" not in _env(compose["services"]["starter"])
+    owner, app = urlsplit(worker["DATABASE_OWNER_URL"]), urlsplit(worker["DATABASE_URL"])
+    assert owner.username != app.username
+    assert (owner.hostname, owner.port, owner.path) == (app.hostname, app.port, app.path)
+
+
 def test_addresses_point_at_services_that_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
     env = _env(services["worker"])
@@ -70,8 +89,93 @@ def test_search_attributes_registered_match_the_code(compose: dict[str, Any]) ->
     assert created == SEARCH_ATTRIBUTES
 
 
-def test_app_postgres_matches_database_url(compose: dict[str, Any]) -> None:
+def _init_scripts(service: dict[str, Any]) -> list[Path]:
+    """Host files mounted into the postgres image's init directory."""
+    scripts = []
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if target.startswith(INIT_DIR):
+            scripts.append(ROOT / source)
+    return scripts
+
+
+def _urls(compose: dict[str, Any]) -> tuple[SplitResult, SplitResult]:
+    """(owner, application) connections of the worker."""
+    worker = _env(compose["services"]["worker"])
+    return urlsplit(worker["DATABASE_OWNER_URL"]), urlsplit(worker["DATABASE_URL"])
+
+
+def test_app_postgres_creates_the_roles_the_urls_use(compose: dict[str, Any]) -> None:
     db_env = _env(compose["services"]["app-db"])
-    url = _env(compose["services"]["worker"])["DATABASE_URL"]
-    assert f"{db_env['POSTGRES_USER']}:{db_env['POSTGRES_PASSWORD']}@" in url
-    assert url.endswith("/" + db_env["POSTGRES_DB"])
+    (script,) = _init_scripts(compose["services"]["app-db"])
+    sql = script.read_text()
+    for url in _urls(compose):
+        assert url.hostname == "app-db" and url.path == "/" + db_env["POSTGRES_DB"]
+        # neither is the image's superuser
+        assert url.username != db_env["POSTGRES_USER"]
+        created = re.search(
+            rf"CREATE ROLE {url.username} LOGIN PASSWORD '([^']*)'", sql, re.IGNORECASE
+        )
+        assert created, f"{script.name} does not create the login role {url.username}"
+        assert created.group(1) == url.password
+
+
+async def test_app_postgres_init_script_on_a_real_postgres(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """What the image does (POSTGRES_DB, then the init script as the superuser) on an
+    embedded server, then the worker's part: migrate as the owner, work as the app."""
+    db_env = _env(compose["services"]["app-db"])
+    (script,) = _init_scripts(compose["services"]["app-db"])
+    owner, app = _urls(compose)
+    database = db_env["POSTGRES_DB"]
+
+    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
+    await server.start()
+
+    def local(url: SplitResult) -> str:
+        # Passwords are not checked here (trust authentication); the test above compares them.
+        return f"postgresql://{url.username}@127.0.0.1:{server.port}/{database}"
+
+    try:
+        # Undo what LocalPostgres provisions, back to a cluster as the image leaves it.
+        admin = await asyncpg.connect(server.admin_url)
+        try:
+            await admin.execute(f"DROP DATABASE {database}")
+            for role in ("tollgate", "tollgate_owner", "tollgate_app"):
+                await admin.execute(f"DROP ROLE {role}")
+            await admin.execute(f"CREATE DATABASE {database}")
+        finally:
+            await admin.close()
+        admin = await asyncpg.connect(server.admin_url.rsplit("/", 1)[0] + f"/{database}")
+        try:
+            await admin.execute(script.read_text())
+            roles = await admin.fetch(
+                "SELECT rolname, rolsuper OR rolcreaterole OR rolcreatedb AS powerful"
+                " FROM pg_roles WHERE rolname = ANY($1::text[])",
+                [owner.username, app.username],
+            )
+            assert {r["rolname"]: r["powerful"] for r in roles} == {
+                owner.username: False,
+                app.username: False,
+            }
+        finally:
+            await admin.close()
+
+        assert "003_least_privilege.sql" in await apply_migrations(local(owner))
+        conn = await asyncpg.connect(local(app))
+        try:
+            await conn.execute(
+                "INSERT INTO orders (id, customer_id, items, amount_cents, currency, workflow_id)"
+                """ VALUES ('c-1', 'alice', '[{"sku": "A", "quantity": 1}]', 100, 'USD', 'order-c-1')"""
+            )
+            await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = 'c-1'")
+            assert await conn.fetchval("SELECT count(*) FROM order_transitions") == 2
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard_update")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("DELETE FROM order_transitions")
+        finally:
+            await conn.close()
+    finally:
+        await server.stop()

@@ -1,7 +1,10 @@
 """The gate in Postgres: transition trigger, version column, audit, migrations.
 
 These talk to Postgres with plain SQL, the way a person at psql would, to show the
-guarantees hold whoever writes, not only when Tollgate's own code does.
+guarantees hold whoever writes, not only when Tollgate's own code does. Whoever includes
+the schema owner: the tests marked with the ``writer`` fixture run once as the
+application role (``pool``) and once as the owner (``owner_pool``). What only the owner
+may even attempt is in ``test_privileges.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,30 @@ from tollgate.models import OrderInput, TransitionInput
 from tollgate.states import ORDER_EDGES, OrderStatus
 
 S = OrderStatus
+
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+@pytest.fixture(params=["app", "owner"])
+def writer(
+    request: pytest.FixtureRequest, pool: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> asyncpg.Pool:
+    """The application role's pool, then the schema owner's."""
+    return pool if request.param == "app" else owner_pool
+
+
+async def acts_as_owner(pool: asyncpg.Pool) -> bool:
+    """Whether ``pool``'s role has the owner's rights on ``orders`` (owner, superuser...).
+
+    False for the application role, except when the tests were given a single external
+    database URL, which then serves as both.
+    """
+    return bool(
+        await pool.fetchval(
+            "SELECT pg_has_role(session_user, relowner, 'USAGE') FROM pg_class"
+            " WHERE oid = 'orders'::regclass"
+        )
+    )
 
 
 def _order(order_id: str | None = None) -> OrderInput:
@@ -78,8 +105,9 @@ async def test_python_graph_is_the_sql_graph(pool: asyncpg.Pool) -> None:
     assert sql_states == set(S)
 
 
-async def test_every_edge_outside_the_graph_is_refused_from_plain_sql(pool: asyncpg.Pool) -> None:
+async def test_every_edge_outside_the_graph_is_refused_from_plain_sql(writer: asyncpg.Pool) -> None:
     """All 81 (from, to) pairs: edges apply, every other change of status raises TG001."""
+    pool = writer
     refused = applied = 0
     for src, dst in itertools.product(S, S):
         order_id = await _new_order(pool)
@@ -135,7 +163,8 @@ async def test_version_is_bumped_even_when_the_writer_forgets(pool: asyncpg.Pool
     assert row is not None and row.version == 3
 
 
-async def test_immutable_columns_and_initial_state(pool: asyncpg.Pool) -> None:
+async def test_immutable_columns_and_initial_state(writer: asyncpg.Pool) -> None:
+    pool = writer
     order_id = await _new_order(pool)
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("UPDATE orders SET amount_cents = 1 WHERE id = $1", order_id)
@@ -148,7 +177,18 @@ async def test_immutable_columns_and_initial_state(pool: asyncpg.Pool) -> None:
     assert caught.value.sqlstate == "TG004"
 
 
-async def test_audit_is_written_by_the_database_and_append_only(pool: asyncpg.Pool) -> None:
+async def test_audit_is_written_by_the_database_and_append_only(
+    writer: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> None:
+    """The triggers write the audit; nobody rewrites it. The application role is refused
+    by its privileges before any trigger runs; the owner, who has the privileges, by the
+    append-only trigger."""
+    pool = writer
+    if writer is owner_pool:
+        assert await acts_as_owner(owner_pool)
+    refused_with = (
+        db.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
+    )
     order_id = await _new_order(pool)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT set_config('tollgate.actor', 'alice-at-psql', true)")
@@ -170,10 +210,10 @@ async def test_audit_is_written_by_the_database_and_append_only(pool: asyncpg.Po
     ):
         with pytest.raises(asyncpg.PostgresError) as caught:
             await pool.execute(statement, order_id)
-        assert caught.value.sqlstate == db.AUDIT_APPEND_ONLY_SQLSTATE
+        assert caught.value.sqlstate == refused_with, (statement, caught.value)
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("TRUNCATE order_transitions CASCADE")
-    assert caught.value.sqlstate == db.AUDIT_APPEND_ONLY_SQLSTATE
+    assert caught.value.sqlstate == refused_with, caught.value
     assert len(await db.list_transitions(pool, order_id)) == 3
 
 
@@ -258,12 +298,12 @@ async def test_retried_transition_recognises_its_own_committed_write(pool: async
 
 
 async def test_migrations_apply_once_and_refuse_edited_files(
-    pool: asyncpg.Pool, database_url: str, tmp_path: Path
+    pool: asyncpg.Pool, owner_url: str, tmp_path: Path
 ) -> None:
-    assert await apply_migrations(database_url) == []
+    assert await apply_migrations(owner_url) == []
     edited = tmp_path / "schema"
     shutil.copytree(SCHEMA_DIR, edited)
     first = sorted(edited.glob("*.sql"))[0]
     first.write_text(first.read_text() + "\n-- edited after the fact\n")
     with pytest.raises(MigrationError, match=first.name):
-        await apply_migrations(database_url, edited)
+        await apply_migrations(owner_url, edited)

@@ -2,6 +2,7 @@
 
 Like ``test_gate.py`` these write with plain SQL where they can, so the guarantees are
 shown to hold for any writer, and use ``tollgate.message_db`` where it is the subject.
+Tests taking ``writer`` run as the application role and again as the schema owner.
 """
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ from tollgate.message_service import build_message
 from tollgate.states import MESSAGE_EDGES, MessageStatus
 
 M = MessageStatus
+
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+@pytest.fixture(params=["app", "owner"])
+def writer(
+    request: pytest.FixtureRequest, pool: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> asyncpg.Pool:
+    """The application role's pool, then the schema owner's."""
+    return pool if request.param == "app" else owner_pool
+
+
+async def acts_as_owner(pool: asyncpg.Pool) -> bool:
+    """Whether ``pool``'s role has the owner's rights on ``messages`` (see test_gate.py)."""
+    return bool(
+        await pool.fetchval(
+            "SELECT pg_has_role(session_user, relowner, 'USAGE') FROM pg_class"
+            " WHERE oid = 'messages'::regclass"
+        )
+    )
 
 
 async def _new_message(pool: asyncpg.Pool) -> str:
@@ -88,9 +109,10 @@ async def test_python_message_graph_is_the_sql_graph(pool: asyncpg.Pool) -> None
 
 
 async def test_every_message_edge_outside_the_graph_is_refused_from_plain_sql(
-    pool: asyncpg.Pool,
+    writer: asyncpg.Pool,
 ) -> None:
     """All 81 (from, to) pairs: edges apply and are audited, every other change is TG001."""
+    pool = writer
     refused = applied = same = 0
     for src, dst in itertools.product(M, M):
         message_id = await _new_message(pool)
@@ -156,7 +178,10 @@ async def test_every_message_edge_outside_the_graph_is_refused_from_plain_sql(
         ("workflow_id", "message-hijacked"),
     ],
 )
-async def test_message_content_is_immutable(pool: asyncpg.Pool, column: str, value: object) -> None:
+async def test_message_content_is_immutable(
+    writer: asyncpg.Pool, column: str, value: object
+) -> None:
+    pool = writer
     message_id = await _new_message(pool)
     await _force(pool, message_id, M.DELIVERED)
     before = await message_db.get_message(pool, message_id)
@@ -184,8 +209,9 @@ async def test_mutable_columns_change_and_bump_the_version(pool: asyncpg.Pool) -
 
 @pytest.mark.parametrize("status", [s for s in M if s is not M.INITIATED])
 async def test_a_message_must_be_created_initiated(
-    pool: asyncpg.Pool, status: MessageStatus
+    writer: asyncpg.Pool, status: MessageStatus
 ) -> None:
+    pool = writer
     message_id = f"mg-{uuid.uuid4().hex[:12]}"
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute(
@@ -203,8 +229,15 @@ async def test_a_message_must_be_created_initiated(
 
 
 async def test_message_audit_is_written_by_the_database_and_append_only(
-    pool: asyncpg.Pool,
+    writer: asyncpg.Pool, owner_pool: asyncpg.Pool
 ) -> None:
+    """The application role is refused by its privileges, the owner by the trigger."""
+    pool = writer
+    if writer is owner_pool:
+        assert await acts_as_owner(owner_pool)
+    refused_with = (
+        db.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
+    )
     message_id = await _new_message(pool)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT set_config('tollgate.actor', 'bob-at-psql', true)")
@@ -227,10 +260,10 @@ async def test_message_audit_is_written_by_the_database_and_append_only(
     ):
         with pytest.raises(asyncpg.PostgresError) as caught:
             await pool.execute(statement, message_id)
-        assert caught.value.sqlstate == db.AUDIT_APPEND_ONLY_SQLSTATE, (statement, caught.value)
+        assert caught.value.sqlstate == refused_with, (statement, caught.value)
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("TRUNCATE message_transitions")
-    assert caught.value.sqlstate == db.AUDIT_APPEND_ONLY_SQLSTATE
+    assert caught.value.sqlstate == refused_with, caught.value
     assert await _audit(pool, message_id) == audit
 
 

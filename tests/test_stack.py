@@ -24,6 +24,7 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 
 import tollgate.stack.temporal as stack_temporal
+from tollgate.migrate import SCHEMA_DIR
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
 from tollgate.stack import (
@@ -60,9 +61,22 @@ async def test_postgres_lifecycle(tmp_path: Path) -> None:
     await server.start()
     try:
         assert server.url == f"postgresql://tollgate@127.0.0.1:{server.port}/tollgate"
+        assert server.owner_url == f"postgresql://tollgate_owner@127.0.0.1:{server.port}/tollgate"
+        assert await _roles(server) == {
+            "tollgate": {"login": True, "super": False, "groups": ["tollgate_app"]},
+            "tollgate_app": {"login": False, "super": False, "groups": []},
+            "tollgate_owner": {"login": True, "super": False, "groups": []},
+            "database owner": "tollgate_owner",
+        }
         conn = await asyncpg.connect(server.url)
         try:
             assert await conn.fetchval("SELECT current_user") == "tollgate"
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("CREATE TABLE survivors (name text)")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(server.owner_url)
+        try:
             await conn.execute("CREATE TABLE survivors (name text)")
             await conn.execute("INSERT INTO survivors VALUES ('restart')")
         finally:
@@ -97,11 +111,82 @@ async def test_postgres_start_failure_quotes_the_log(tmp_path: Path, listening_p
 
 
 async def _survivors(server: LocalPostgres) -> list[str]:
-    conn = await asyncpg.connect(server.url)
+    conn = await asyncpg.connect(server.owner_url)
     try:
         return [row["name"] for row in await conn.fetch("SELECT name FROM survivors")]
     finally:
         await conn.close()
+
+
+async def _roles(server: LocalPostgres) -> dict[str, object]:
+    """The Tollgate roles' attributes and memberships, and who owns the database."""
+    conn = await asyncpg.connect(server.admin_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT r.rolname, r.rolcanlogin, r.rolsuper OR r.rolcreaterole OR r.rolcreatedb
+                   OR r.rolbypassrls OR r.rolreplication AS super,
+                   coalesce(array_agg(g.rolname ORDER BY g.rolname)
+                            FILTER (WHERE g.rolname IS NOT NULL), '{}') AS groups
+              FROM pg_roles r
+              LEFT JOIN pg_auth_members m ON m.member = r.oid
+              LEFT JOIN pg_roles g ON g.oid = m.roleid
+             WHERE r.rolname LIKE 'tollgate%'
+             GROUP BY r.rolname, r.rolcanlogin, super
+            """
+        )
+        roles: dict[str, object] = {
+            r["rolname"]: {"login": r["rolcanlogin"], "super": r["super"], "groups": r["groups"]}
+            for r in rows
+        }
+        roles["database owner"] = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'tollgate'"
+        )
+        return roles
+    finally:
+        await conn.close()
+
+
+async def test_postgres_upgrades_a_cluster_where_the_app_role_was_superuser(
+    tmp_path: Path,
+) -> None:
+    """Before the roles were split, ``tollgate`` was a superuser owning the database and
+    every table. A start takes all of that away and hands it to ``tollgate_owner``."""
+    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        admin = await asyncpg.connect(server.admin_url)
+        try:
+            await admin.execute("ALTER ROLE tollgate SUPERUSER CREATEDB")
+            await admin.execute("REVOKE tollgate_app FROM tollgate")
+            await admin.execute("ALTER DATABASE tollgate OWNER TO tollgate")
+            await admin.execute("DROP ROLE tollgate_owner")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(server.url)
+        try:
+            await conn.execute("CREATE TABLE legacy (name text)")
+            await conn.execute("INSERT INTO legacy VALUES ('kept')")
+        finally:
+            await conn.close()
+
+        await server.restart()
+        roles = await _roles(server)
+        assert roles["tollgate"] == {"login": True, "super": False, "groups": ["tollgate_app"]}
+        assert roles["database owner"] == "tollgate_owner"
+        conn = await asyncpg.connect(server.owner_url)
+        try:
+            assert (
+                await conn.fetchval(
+                    "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'legacy'"
+                )
+                == "tollgate_owner"
+            )
+            assert await conn.fetchval("SELECT name FROM legacy") == "kept"
+        finally:
+            await conn.close()
+    finally:
+        await server.stop()
 
 
 async def _registered_attributes(server: TemporalDevServer) -> dict[str, str]:
@@ -286,29 +371,62 @@ def test_from_settings_reads_ports_and_external_database(tmp_path: Path) -> None
     assert stack.env() == {
         "TEMPORAL_ADDRESS": "127.0.0.1:27233",
         "DATABASE_URL": stack.postgres.url,
+        "DATABASE_OWNER_URL": stack.postgres.owner_url,
         "SANDBOX_URL": "http://127.0.0.1:28081",
         "TEMPORAL_UI_URL": "http://127.0.0.1:28233",
     }
+    assert stack.database_owner_url == stack.postgres.owner_url != stack.database_url
 
     external = "postgresql://me@db.example:5432/tollgate"
     stack = LocalStack.from_settings(Settings(database_url=external), headless=True)
     assert stack.postgres is None
-    assert stack.database_url == external
+    assert stack.database_url == stack.database_owner_url == external
     assert "TEMPORAL_UI_URL" not in stack.env()
+    assert "DATABASE_OWNER_URL" not in stack.env()
+
+    owner = "postgresql://schema-owner@db.example:5432/tollgate"
+    stack = LocalStack.from_settings(
+        Settings(database_url=external, database_owner_url=owner), headless=True
+    )
+    assert (stack.database_url, stack.database_owner_url) == (external, owner)
+    assert stack.env()["DATABASE_OWNER_URL"] == owner
+
+    with pytest.raises(StackError, match="DATABASE_OWNER_URL is set but DATABASE_URL is not"):
+        LocalStack.from_settings(Settings(database_owner_url=owner))
 
     with pytest.raises(StackError, match="TEMPORAL_ADDRESS"):
         LocalStack.from_settings(Settings(temporal_address="temporal.example:7233"))
 
 
 async def test_whole_stack(tmp_path: Path) -> None:
-    """Postgres, Temporal, sandbox, migrations and the real worker, then a clean stop."""
+    """Postgres, Temporal, sandbox, migrations and the real worker, then a clean stop.
+
+    The worker migrates at start-up too: it only comes up if it does so as the owner
+    (DATABASE_OWNER_URL), since the application role may not touch the schema.
+    """
     async with _stack(tmp_path) as stack:
         assert stack.worker is not None and stack.worker.running
-        conn = await asyncpg.connect(stack.database_url)
+        assert stack.applied_migrations == sorted(p.name for p in SCHEMA_DIR.glob("*.sql"))
+        conn = await asyncpg.connect(stack.database_owner_url)
         try:
-            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") >= 1
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(
+                stack.applied_migrations
+            )
         finally:
             await conn.close()
-        assert sorted(stack.env()) == ["DATABASE_URL", "SANDBOX_URL", "TEMPORAL_ADDRESS"]
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            assert await conn.fetchval("SELECT current_user") == "tollgate"
+            assert await conn.fetchval("SELECT count(*) FROM orders") == 0
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("DELETE FROM schema_migrations")
+        finally:
+            await conn.close()
+        assert sorted(stack.env()) == [
+            "DATABASE_OWNER_URL",
+            "DATABASE_URL",
+            "SANDBOX_URL",
+            "TEMPORAL_ADDRESS",
+        ]
     assert not any(part.running for part in stack.components)
     assert not list((stack.state_dir / "run").glob("*.json"))

@@ -4,6 +4,12 @@ Small on purpose (see DESIGN.md): a session-level advisory lock serialises concu
 starters (two workers booting at once), a checksum table refuses to run against a
 database whose applied migration was edited afterwards, and each file runs in its own
 transaction so a failing migration leaves nothing half-applied.
+
+Migrations run as the schema owner (``DATABASE_OWNER_URL``), not as the application role
+of ``DATABASE_URL``, which may not create or alter anything (see
+``schema/003_least_privilege.sql``). That role may still *check* the schema: with nothing
+pending, and no applied file edited, :func:`apply_migrations` returns ``[]`` for it; with
+something pending it fails with a :class:`MigrationError` that names the owner setting.
 """
 
 from __future__ import annotations
@@ -24,6 +30,24 @@ _log = logging.getLogger(__name__)
 
 class MigrationError(RuntimeError):
     """A migration cannot be applied, or an applied one no longer matches its file."""
+
+
+_OWNER_HINT = (
+    "migrations must run as the schema owner: set DATABASE_OWNER_URL to its connection "
+    "(DATABASE_URL is the application role, which may not change the schema)"
+)
+
+
+def _describe(exc: asyncpg.PostgresError) -> str:
+    """The server's message with its detail and hint, and ours for a privilege error."""
+    parts = [str(exc)]
+    for field in ("detail", "hint"):
+        value = getattr(exc, field, None)
+        if value:
+            parts.append(f"{field}: {value}")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        parts.append(_OWNER_HINT)
+    return "; ".join(parts)
 
 
 def _checksum(sql: str) -> str:
@@ -52,19 +76,26 @@ async def apply_migrations(dsn: str, directory: Path = SCHEMA_DIR) -> list[str]:
 
 
 async def _apply_locked(conn: asyncpg.Connection, files: list[Path]) -> list[str]:
-    await conn.execute(
-        """
-        CREATE TABLE IF NOT EXISTS schema_migrations (
-            name       text PRIMARY KEY,
-            checksum   text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now()
-        )
-        """
-    )
-    applied = {
-        r["name"]: r["checksum"]
-        for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")
-    }
+    try:
+        # Not CREATE TABLE IF NOT EXISTS alone: that needs CREATE on the schema even when
+        # the table exists, and a role without it may still check an up-to-date schema.
+        if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+            await conn.execute(
+                """
+                CREATE TABLE IF NOT EXISTS schema_migrations (
+                    name       text PRIMARY KEY,
+                    checksum   text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            )
+        applied = {
+            r["name"]: r["checksum"]
+            for r in await conn.fetch("SELECT name, checksum FROM schema_migrations")
+        }
+    except asyncpg.InsufficientPrivilegeError as exc:
+        role = await conn.fetchval("SELECT current_user")
+        raise MigrationError(f"role {role!r} cannot apply migrations: {_describe(exc)}") from exc
     newly: list[str] = []
     for path in files:
         sql = path.read_text()
@@ -80,7 +111,7 @@ async def _apply_locked(conn: asyncpg.Connection, files: list[Path]) -> list[str
             try:
                 await conn.execute(sql)
             except asyncpg.PostgresError as exc:
-                raise MigrationError(f"migration {path.name} failed: {exc}") from exc
+                raise MigrationError(f"migration {path.name} failed: {_describe(exc)}") from exc
             await conn.execute(
                 "INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)",
                 path.name,

@@ -31,9 +31,14 @@ from tollgate.stack._process import LOCALHOST, ManagedProcess, StackError, logge
 
 #: Unprivileged account the server runs as when we are root (created on demand).
 SERVER_ACCOUNT = "embedded_postgres"
-#: Role and database the application uses. The role is a superuser for now; a later
-#: change splits it into a schema-owner role and a restricted application role.
+#: Login role the application connects as (DATABASE_URL): no attributes, a member of
+#: :data:`APP_GROUP`, owner of nothing. See ``schema/003_least_privilege.sql``.
 APP_ROLE = "tollgate"
+#: Group role holding the application's privileges, granted by the migrations.
+APP_GROUP = "tollgate_app"
+#: Login role that owns the database and applies the migrations (DATABASE_OWNER_URL).
+#: Not a superuser either: it owns the schema, nothing else in the cluster.
+OWNER_ROLE = "tollgate_owner"
 APP_DATABASE = "tollgate"
 #: Bootstrap superuser created by initdb.
 ADMIN_ROLE = "postgres"
@@ -164,7 +169,10 @@ class LocalPostgres(ManagedProcess):
 
     :meth:`start` creates the cluster on first use (trust authentication, UTF-8, C
     locale, superuser ``postgres``), starts the server, waits for it to accept
-    connections, then makes sure the application role and database ``tollgate`` exist.
+    connections, then provisions database ``tollgate``: owned by the login role
+    ``tollgate_owner`` (:attr:`owner_url`, for migrations), used by the login role
+    ``tollgate`` (:attr:`url`), a member of the group ``tollgate_app`` that the
+    migrations grant row access to. Neither login role is a superuser.
 
     With ``durable=False`` the server skips fsync, synchronous commit and full-page
     writes: several times faster for tests. Data still survives a clean restart and even
@@ -199,6 +207,11 @@ class LocalPostgres(ManagedProcess):
     def url(self) -> str:
         """DSN of the application database, as the application role."""
         return f"postgresql://{APP_ROLE}@{LOCALHOST}:{self.port}/{APP_DATABASE}"
+
+    @property
+    def owner_url(self) -> str:
+        """DSN of the application database, as the schema owner (for migrations)."""
+        return f"postgresql://{OWNER_ROLE}@{LOCALHOST}:{self.port}/{APP_DATABASE}"
 
     @property
     def admin_url(self) -> str:
@@ -258,7 +271,7 @@ class LocalPostgres(ManagedProcess):
                     raise
                 logger.info("postgres: previous server still shutting down; retrying")
                 await asyncio.sleep(0.2)
-        await self._ensure_app_database()
+        await self._provision()
 
     async def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL after :attr:`stop_timeout`."""
@@ -378,15 +391,39 @@ class LocalPostgres(ManagedProcess):
                 )
             await asyncio.sleep(0.05)
 
-    async def _ensure_app_database(self) -> None:
-        """Create the application role and database if they do not exist yet."""
+    async def _provision(self) -> None:
+        """Create the roles and the database if missing, and enforce their attributes.
+
+        Idempotent, and it also upgrades a cluster made before the roles were split, where
+        ``tollgate`` was a superuser owning the database and every table: it loses its
+        attributes and everything it owned passes to ``tollgate_owner``.
+        """
         conn = await asyncpg.connect(self.admin_url, timeout=10)
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE):
-                await conn.execute(f'CREATE ROLE "{APP_ROLE}" LOGIN SUPERUSER')
-            if not await conn.fetchval(
-                "SELECT 1 FROM pg_database WHERE datname = $1", APP_DATABASE
-            ):
-                await conn.execute(f'CREATE DATABASE "{APP_DATABASE}" OWNER "{APP_ROLE}"')
+            existing = {
+                r["rolname"]
+                for r in await conn.fetch(
+                    "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])",
+                    [APP_ROLE, APP_GROUP, OWNER_ROLE],
+                )
+            }
+            attributes = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+            for role, login in ((OWNER_ROLE, True), (APP_GROUP, False), (APP_ROLE, True)):
+                verb = "ALTER" if role in existing else "CREATE"
+                kind = "LOGIN" if login else "NOLOGIN"
+                await conn.execute(f'{verb} ROLE "{role}" {kind} {attributes}')
+            await conn.execute(f'GRANT "{APP_GROUP}" TO "{APP_ROLE}"')
+            if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", APP_DATABASE):
+                await conn.execute(f'ALTER DATABASE "{APP_DATABASE}" OWNER TO "{OWNER_ROLE}"')
+            else:
+                await conn.execute(f'CREATE DATABASE "{APP_DATABASE}" OWNER "{OWNER_ROLE}"')
+        finally:
+            await conn.close()
+        # REASSIGN OWNED works on the objects of the database it runs in (and on shared
+        # ones): a no-op unless the app role owns something, as it did before the split.
+        url = f"postgresql://{ADMIN_ROLE}@{LOCALHOST}:{self.port}/{APP_DATABASE}"
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await conn.execute(f'REASSIGN OWNED BY "{APP_ROLE}" TO "{OWNER_ROLE}"')
         finally:
             await conn.close()
