@@ -23,6 +23,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate import message_db
+from tollgate.codec import search_token
 from tollgate.errors import InputError, MessageNotFound, NotRunning
 from tollgate.message_models import (
     DeviceSignal,
@@ -145,7 +146,9 @@ class MessageService:
                     search_attributes=TypedSearchAttributes(
                         [
                             SearchAttributePair(MESSAGE_STATUS_ATTR, MessageStatus.INITIATED.value),
-                            SearchAttributePair(RECIPIENT_ID_ATTR, message.recipient_id),
+                            SearchAttributePair(
+                                RECIPIENT_ID_ATTR, search_token(self._client, message.recipient_id)
+                            ),
                         ]
                     ),
                     static_summary=f"Message {message.message_id}: {message.sender_id} -> {message.recipient_id}",

@@ -23,6 +23,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate import db
+from tollgate.codec import search_token
 from tollgate.errors import InputError, OrderNotFound
 from tollgate.models import CancelOrderRequest, OrderInput, OrderProgress, OrderResult, parse_input
 from tollgate.names import (
@@ -134,7 +135,9 @@ class OrderService:
                     search_attributes=TypedSearchAttributes(
                         [
                             SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
-                            SearchAttributePair(CUSTOMER_ID_ATTR, order.customer_id),
+                            SearchAttributePair(
+                                CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)
+                            ),
                         ]
                     ),
                     static_summary=(

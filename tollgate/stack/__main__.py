@@ -43,6 +43,12 @@ def _summary(stack: LocalStack) -> Table:
     table.add_column()
     table.add_row("Temporal gRPC", stack.temporal_address)
     table.add_row("Temporal Web UI", stack.ui_url or "(headless)")
+    if stack.codec is not None:
+        table.add_row("Codec server", f"{stack.codec.url} (decrypts payloads for the Web UI)")
+    # Every child reads the environment's key first, as Settings does.
+    from_env = bool(os.environ.get("PAYLOAD_ENCRYPTION_KEY"))
+    key = "PAYLOAD_ENCRYPTION_KEY" if from_env else _relative(stack.payload_key_file)
+    table.add_row("Payload key", key)
     database = stack.database_url
     table.add_row("Postgres", database if stack.postgres else f"{database} (external)")
     table.add_row("Provider sandbox", stack.sandbox_url)

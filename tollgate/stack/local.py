@@ -8,6 +8,7 @@ also when starting failed half-way. State lives under one directory::
     <state_dir>/logs/*.log     one log per process, appended across runs
     <state_dir>/run/*.json     pids of running children, to reap them after a crash
     <state_dir>/stack.lock     held while a stack runs from this directory
+    <state_dir>/payload.key    the payload encryption key (0600), created on first start
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from tollgate.settings import (
     DEFAULT_TEMPORAL_UI_PORT,
     Settings,
 )
-from tollgate.stack._process import LOCALHOST, ManagedProcess, StackError, logger, port_is_free
+from tollgate.stack._process import (
+    LOCALHOST,
+    ManagedProcess,
+    StackError,
+    free_port,
+    logger,
+    port_is_free,
+)
+from tollgate.stack.codec import CodecServerProcess, ensure_stack_key
 from tollgate.stack.postgres import LocalPostgres
 from tollgate.stack.services import PROJECT_ROOT, SandboxProcess, WorkerProcess
 from tollgate.stack.temporal import TemporalDevServer
@@ -42,7 +51,10 @@ class LocalStack:
     """Every process Tollgate needs, on fixed local ports, with state in ``state_dir``.
 
     With ``database_url`` no Postgres is started and that database is used as is
-    (migrations are still applied). ``temporal_db_file=False`` keeps Temporal in memory;
+    (migrations are still applied, as ``database_owner_url`` when given, else as
+    ``database_url``). Our own Postgres has two login roles: the application's
+    (:attr:`database_url`) and the schema owner's (:attr:`database_owner_url`), which
+    applies the migrations. ``temporal_db_file=False`` keeps Temporal in memory;
     ``ui_port=None`` runs it headless. ``durable=False`` trades Postgres crash safety for
     speed (tests). The worker is started last, after migrations, unless ``with_worker``
     is false.
@@ -57,10 +69,13 @@ class LocalStack:
         postgres_port: int,
         sandbox_port: int,
         database_url: str | None = None,
+        database_owner_url: str | None = None,
         temporal_db_file: bool = True,
         with_worker: bool = True,
         durable: bool = True,
         project_root: Path = PROJECT_ROOT,
+        payload_key_file: Path | None = None,
+        codec_port: int | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.log_dir = self.state_dir / "logs"
@@ -73,12 +88,32 @@ class LocalStack:
                 durable=durable,
                 log_file=self.log_dir / "postgres.log",
             )
+        if database_owner_url is not None and database_url is None:
+            raise StackError(
+                "DATABASE_OWNER_URL is set but DATABASE_URL is not: the local stack would "
+                "start its own Postgres and ignore it; set both, or neither"
+            )
         self._database_url = database_url
+        self._database_owner_url = database_owner_url
+        #: Key that encrypts payloads; the worker and the codec server read it (see
+        #: :meth:`payload_env`). Default ``<state_dir>/payload.key``, created on start.
+        self.payload_key_file = (payload_key_file or self.state_dir / "payload.key").absolute()
+        #: Decrypts payloads for the Web UI (none when headless); any free port by default.
+        self.codec: CodecServerProcess | None = None
+        if ui_port is not None:
+            self.codec = CodecServerProcess(
+                codec_port if codec_port is not None else free_port(),
+                key_file=self.payload_key_file,
+                ui_origins=[f"http://{LOCALHOST}:{ui_port}"],
+                cwd=project_root,
+                log_file=self.log_dir / "codec.log",
+            )
         self.temporal = TemporalDevServer(
             temporal_port,
             ui_port,
             db_filename=self.state_dir / "temporal.db" if temporal_db_file else None,
             log_file=self.log_dir / "temporal.log",
+            codec_endpoint=self.codec.url if self.codec is not None else None,
         )
         self.sandbox = SandboxProcess(
             sandbox_port, cwd=project_root, log_file=self.log_dir / "sandbox.log"
@@ -86,7 +121,9 @@ class LocalStack:
         self.worker: WorkerProcess | None = None
         if with_worker:
             self.worker = WorkerProcess(
-                self.env(), project_root, log_file=self.log_dir / "worker.log"
+                {**self.env(), **self.payload_env()},
+                project_root,
+                log_file=self.log_dir / "worker.log",
             )
         #: Migrations the last start applied (empty when the schema was up to date).
         self.applied_migrations: list[str] = []
@@ -106,7 +143,8 @@ class LocalStack:
         """A stack on the ports the settings' URLs name (the defaults unless overridden).
 
         Postgres is started only when ``DATABASE_URL`` was not set explicitly; when it was,
-        that database is used as is. ``headless`` skips the Web UI.
+        that database is used as is, and migrated as ``DATABASE_OWNER_URL`` if that is
+        set. ``headless`` skips the Web UI.
         """
         temporal_port = _port_of(
             "TEMPORAL_ADDRESS", f"//{settings.temporal_address}", DEFAULT_TEMPORAL_PORT
@@ -126,9 +164,16 @@ class LocalStack:
             postgres_port=postgres_port,
             sandbox_port=sandbox_port,
             database_url=settings.database_url if external_db else None,
+            database_owner_url=settings.database_owner_url,
             temporal_db_file=temporal_db_file,
             with_worker=with_worker,
             durable=durable,
+            # The state dir's key unless PAYLOAD_KEY_FILE names another one.
+            payload_key_file=(
+                settings.payload_key_file
+                if "payload_key_file" in settings.model_fields_set
+                else None
+            ),
         )
 
     # -- addresses ---------------------------------------------------------------------
@@ -140,6 +185,13 @@ class LocalStack:
             return self.postgres.url
         assert self._database_url is not None
         return self._database_url
+
+    @property
+    def database_owner_url(self) -> str:
+        """DSN of the same database as the schema owner, which applies the migrations."""
+        if self.postgres is not None:
+            return self.postgres.owner_url
+        return self._database_owner_url or self.database_url
 
     @property
     def temporal_address(self) -> str:
@@ -159,16 +211,27 @@ class LocalStack:
     def env(self) -> dict[str, str]:
         """Environment variables that point a Tollgate process (worker, CLI) at this stack.
 
-        ``TEMPORAL_UI_URL`` is left out when the dev server runs headless.
+        ``TEMPORAL_UI_URL`` is left out when the dev server runs headless, and
+        ``DATABASE_OWNER_URL`` when the database is external and no owner was given.
         """
         env = {
             "TEMPORAL_ADDRESS": self.temporal_address,
             "DATABASE_URL": self.database_url,
             "SANDBOX_URL": self.sandbox_url,
         }
+        if self.postgres is not None or self._database_owner_url is not None:
+            env["DATABASE_OWNER_URL"] = self.database_owner_url
         if self.ui_url is not None:
             env["TEMPORAL_UI_URL"] = self.ui_url
         return env
+
+    def payload_env(self) -> dict[str, str]:
+        """``PAYLOAD_KEY_FILE`` of this stack's key, for a process that must share it.
+
+        An explicit ``PAYLOAD_ENCRYPTION_KEY`` in the environment still takes precedence
+        in every Tollgate process, the stack's children included.
+        """
+        return {"PAYLOAD_KEY_FILE": str(self.payload_key_file)}
 
     @property
     def components(self) -> list[ManagedProcess]:
@@ -176,6 +239,8 @@ class LocalStack:
         parts: list[ManagedProcess] = []
         if self.postgres is not None:
             parts.append(self.postgres)
+        if self.codec is not None:
+            parts.append(self.codec)  # before Temporal, whose UI is pointed at it
         parts += [self.temporal, self.sandbox]
         if self.worker is not None:
             parts.append(self.worker)
@@ -201,14 +266,15 @@ class LocalStack:
         try:
             await self._reap_leftovers()
             self._check_ports()
+            ensure_stack_key(self.payload_key_file)
             for part in self.components:
                 if part is self.worker:
                     # The worker needs the schema; migrations need Postgres up.
-                    self.applied_migrations = await _apply_migrations(self.database_url)
+                    self.applied_migrations = await _apply_migrations(self.database_owner_url)
                 await part.start()
                 self._record_pid(part)
             if self.worker is None:
-                self.applied_migrations = await _apply_migrations(self.database_url)
+                self.applied_migrations = await _apply_migrations(self.database_owner_url)
         except BaseException:
             await self.stop()
             raise

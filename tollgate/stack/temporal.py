@@ -82,7 +82,9 @@ class TemporalDevServer(ManagedProcess):
 
     ``ui_port=None`` runs it headless. With ``db_filename`` the server's state (workflow
     histories, namespaces, search attributes) survives restarts; without, it lives in
-    memory and is gone when the process stops.
+    memory and is gone when the process stops. ``codec_endpoint`` points the Web UI at a
+    codec server (:mod:`tollgate.codec_server`) so that it shows encrypted payloads
+    decrypted.
 
     Every search attribute in :data:`tollgate.names.SEARCH_ATTRIBUTES` is registered on
     the namespace. Facts about the dev server (CLI 1.9.1, server 1.32) behind the way
@@ -112,9 +114,11 @@ class TemporalDevServer(ManagedProcess):
         log_file: Path | None = None,
         namespace: str = "default",
         start_timeout: float = 60.0,
+        codec_endpoint: str | None = None,
     ) -> None:
         self.port = port
         self.ui_port = ui_port
+        self.codec_endpoint = codec_endpoint
         self.db_filename = db_filename.absolute() if db_filename is not None else None
         self.namespace = namespace
         if log_file is None:
@@ -145,6 +149,8 @@ class TemporalDevServer(ManagedProcess):
             "--log-level", "warn",
         ]  # fmt: skip
         argv += ["--headless"] if self.ui_port is None else ["--ui-port", str(self.ui_port)]
+        if self.ui_port is not None and self.codec_endpoint is not None:
+            argv += ["--ui-codec-endpoint", self.codec_endpoint]
         if self.db_filename is not None:
             argv += ["--db-filename", str(self.db_filename)]
         if register_search_attributes:
