@@ -7,10 +7,13 @@ from temporalio import activity
 
 from activities import classified, current_actor, current_trace_id, current_workflow_id
 from tollgate import db
+from tollgate.errors import OrderNotFound
 from tollgate.models import (
     BeginCancelInput,
     BeginCancelResult,
     OrderInput,
+    OrderSnapshot,
+    ReadOrderInput,
     RecordOrderResult,
     TransitionInput,
     TransitionResult,
@@ -51,6 +54,15 @@ class OrderStoreActivities:
             },
         )
         return result
+
+    @activity.defn(name="read_order")
+    @classified
+    async def read_order(self, req: ReadOrderInput) -> OrderSnapshot:
+        """The row's status and version, for a workflow that did not write it last."""
+        row = await db.get_order(self._pool, req.order_id)
+        if row is None:
+            raise OrderNotFound(req.order_id)
+        return OrderSnapshot(status=row.status, version=row.version)
 
     @activity.defn(name="begin_order_cancellation")
     @classified

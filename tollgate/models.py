@@ -194,3 +194,28 @@ class CompensationResult(_Model):
 
     outcome: Literal["refunded", "released", "voided"]
     reference: str | None = None
+
+
+class OrderSnapshot(_Model):
+    """Where an order row stands right now."""
+
+    status: OrderStatus
+    version: int
+
+
+class RecoveryInput(_Model):
+    """Input of ``OrderRecoveryWorkflow``: finish an order whose lifecycle is gone."""
+
+    order_id: str
+    reason: str
+    retry: RetrySettings = RetrySettings()
+
+
+class RecoveryResult(_Model):
+    order_id: str
+    status: OrderStatus
+    compensations: list[str]
+
+
+class ReadOrderInput(_Model):
+    order_id: str

@@ -45,6 +45,8 @@ ORDER_EDGES: frozenset[tuple[OrderStatus, OrderStatus]] = frozenset(
     {
         *itertools.pairwise(_PIPELINE),
         (S.VALIDATING, S.FAILED),
+        # only the reconciler's recovery of an orphaned row takes this one (schema/004)
+        (S.PENDING, S.FAILED),
         (S.CHARGING, S.COMPENSATING),
         (S.RESERVING, S.COMPENSATING),
         (S.COMPENSATING, S.FAILED),

@@ -1,0 +1,143 @@
+"""The reconciler finds rows whose workflow is gone and recovers them from the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import asyncpg
+
+from tests.conftest import Harness
+from tollgate import db
+from tollgate.models import OrderProgress
+from tollgate.names import ORDER_STATUS_QUERY
+from tollgate.reconcile import ReconcileInput, reconcile
+from tollgate.sandbox import FaultSpec
+from tollgate.states import OrderStatus
+
+S = OrderStatus
+NOW = ReconcileInput(repair=True, grace=timedelta(0), lookback=timedelta(minutes=10))
+
+
+async def _wait_for_step(h: Harness, order_id: str, step: str) -> None:
+    handle = h.service.handle(order_id)
+    for _ in range(200):
+        if (await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)).step == step:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{order_id} never reached {step}")
+
+
+async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: bool = False) -> str:
+    """Start an order, let its provider call land, and terminate it mid-flight."""
+    slow = FaultSpec(latency_ms=1500, latency_phase="after")
+    order = h.order()
+    if provider == "inventory":
+        # validation asks inventory too: slow it only once the order is past that
+        handle = await h.service.create(order)
+        await _wait_for_step(h, order.order_id, "charging")
+        await h.sandbox.set_fault(provider, slow)
+    else:
+        await h.sandbox.set_fault(provider, slow)
+        handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, step)
+    await asyncio.sleep(0.3)  # the provider has acted; its answer is still on the way
+    if cancel_first:
+        await db.request_cancellation(h.pool, order.order_id, reason="customer asked", actor="ops")
+    await handle.terminate("operator pressed Terminate in the Web UI")
+    await h.sandbox.clear_faults()
+    return order.order_id
+
+
+async def test_terminated_orders_are_recovered_with_no_money_left_charged(h: Harness) -> None:
+    reserved = await _terminate_at(h, "reserving", "inventory")
+    charged = await _terminate_at(h, "charging", "payments")
+    cancelling = await _terminate_at(h, "charging", "payments", cancel_first=True)
+    ours = {reserved, charged, cancelling}
+    for order_id in ours:
+        ledger = await h.sandbox.ledger(order_id)
+        assert [c.status for c in ledger.charges] == ["captured"], (
+            "money is charged before recovery"
+        )
+
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    found = {f.entity_id: f for f in report.findings if f.entity_id in ours}
+    assert set(found) == ours
+    assert all(
+        f.finding == "orphaned" and f.workflow_status == "TERMINATED" for f in found.values()
+    )
+    assert (
+        found[reserved].row_status == "RESERVING" and found[cancelling].row_status == "CANCELLING"
+    )
+    recorded = await h.pool.fetch(
+        "SELECT entity_id, repair_workflow_id FROM reconciliation_findings WHERE run_id = $1",
+        report.run_id,
+    )
+    assert ours <= {r["entity_id"] for r in recorded}
+
+    for order_id in ours:
+        repair_id = found[order_id].repair_workflow_id
+        assert repair_id == f"order-{order_id}:recovery"
+        await h.client.get_workflow_handle(repair_id).result()
+
+    for order_id, final in ((reserved, S.FAILED), (charged, S.FAILED), (cancelling, S.CANCELLED)):
+        row = await h.service.row(order_id)
+        assert row.status == final, (order_id, row.status)
+        audit = await db.list_transitions(h.pool, order_id)
+        assert audit[-1].actor.startswith("reconciler:order-")
+        ledger = await h.sandbox.ledger(order_id)
+        assert [c.status for c in ledger.charges] == ["refunded"], "no money left charged"
+        assert not [r for r in ledger.reservations if r.status == "reserved"], "no stock left held"
+    assert (await h.service.row(reserved)).failure_reason.startswith("recovered by the reconciler")
+
+    again = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    assert not [f for f in again.findings if f.entity_id in ours], "a repaired row is at rest"
+
+
+async def test_a_row_that_disagrees_with_its_workflow_is_reported_not_repaired(
+    h: Harness, owner_url: str
+) -> None:
+    order = h.order()
+    result = await (await h.service.create(order)).result()
+    assert result.status == S.COMPLETED
+    # A manual "fix" by the schema owner, past the trigger: exactly what must be caught.
+    conn = await asyncpg.connect(owner_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard_update")
+            await conn.execute("UPDATE orders SET status = 'FAILED' WHERE id = $1", order.order_id)
+            await conn.execute("ALTER TABLE orders ENABLE TRIGGER orders_guard_update")
+    finally:
+        await conn.close()
+
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    mine = [f for f in report.findings if f.entity_id == order.order_id]
+    assert len(mine) == 1
+    assert mine[0].finding == "disagreement" and mine[0].repair_workflow_id is None
+    assert "COMPLETED" in mine[0].detail and "FAILED" in mine[0].detail
+    assert (await h.service.row(order.order_id)).status == S.FAILED
+
+
+async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -> None:
+    from tollgate.reconcile import RECONCILE_SCHEDULE_ID, ReconcileReport, ensure_schedule
+
+    assert await ensure_schedule(h.client, task_queue=h.task_queue, every=timedelta(hours=1))
+    schedule = h.client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
+    try:
+        assert not await ensure_schedule(
+            h.client, task_queue=h.task_queue, every=timedelta(hours=1)
+        )
+        await schedule.trigger()
+        for _ in range(200):
+            recent = (await schedule.describe()).info.recent_actions
+            if recent:
+                break
+            await asyncio.sleep(0.05)
+        run = recent[0].action
+        report = await h.client.get_workflow_handle(
+            run.workflow_id, run_id=run.first_execution_run_id, result_type=ReconcileReport
+        ).result()
+        assert run.workflow_id.startswith(f"{RECONCILE_SCHEDULE_ID}-run")
+        assert len(report.run_id) == 12, "the scheduled run went through the reconcile activity"
+    finally:
+        await schedule.delete()
