@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up demo test lint typecheck format clean
+.PHONY: install up demo test chaos lint typecheck format clean
 
 # The virtualenv is (re)built when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -28,6 +28,11 @@ demo: $(STAMP)
 ## The test suite against a real Temporal dev server, real Postgres and the HTTP sandbox.
 test: $(STAMP)
 	$(PY) -m pytest
+
+## The long chaos run: 70 lifecycles for 60 s while workers, Temporal and Postgres are
+## killed and providers fail; prints the invariants table, exits non-zero on a violation.
+chaos: $(STAMP)
+	$(PY) -m tollgate.chaos
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,12 @@
 
 One of each per test session (starting them is the slow part); a fresh task queue and
 fresh order ids per test keep tests apart. Set ``TOLLGATE_TEST_DATABASE_URL`` to run
-against your own Postgres instead of a throw-away embedded one.
+against your own Postgres instead of a throw-away embedded one, and
+``TOLLGATE_TEST_DATABASE_OWNER_URL`` to the schema owner's connection to the same
+database; with only one of the two, it serves as both (``test_privileges.py`` then skips).
+
+Like production, the suite connects as the application role (``database_url``); the
+migrations, and tests that show what the owner can and cannot do, use ``owner_url``.
 """
 
 from __future__ import annotations
@@ -44,20 +49,45 @@ FAST_RETRY = RetrySettings(
 
 
 @pytest.fixture(scope="session")
-async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """A migrated Postgres database: embedded, or ``TOLLGATE_TEST_DATABASE_URL``."""
-    external = os.environ.get("TOLLGATE_TEST_DATABASE_URL")
-    if external:
-        await apply_migrations(external)
-        yield external
+async def _databases(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, str]]:
+    """(application URL, owner URL) of a migrated database: embedded, or the one given."""
+    app = os.environ.get("TOLLGATE_TEST_DATABASE_URL")
+    owner = os.environ.get("TOLLGATE_TEST_DATABASE_OWNER_URL")
+    if app or owner:
+        app, owner = app or owner, owner or app
+        assert app is not None and owner is not None
+        await apply_migrations(owner)
+        yield app, owner
         return
     server = LocalPostgres(tmp_path_factory.mktemp("pg") / "data", free_port(), durable=False)
     await server.start()
     try:
-        await apply_migrations(server.url)
-        yield server.url
+        await apply_migrations(server.owner_url)
+        yield server.url, server.owner_url
     finally:
         await server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(_databases: tuple[str, str]) -> str:
+    """The migrated database, as the application role (what the worker and CLI use)."""
+    return _databases[0]
+
+
+@pytest.fixture(scope="session")
+def owner_url(_databases: tuple[str, str]) -> str:
+    """The same database as the schema owner (migrations; a person at psql may be it)."""
+    return _databases[1]
+
+
+@pytest.fixture(scope="session")
+async def owner_pool(owner_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """Connections as the schema owner, for tests that show the gate holds for it too."""
+    pool = await db.create_pool(owner_url, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +129,8 @@ def settings(database_url: str, temporal_address: str, sandbox_url: str) -> Sett
         database_url=database_url,
         sandbox_url=sandbox_url,
         provider_timeout_seconds=2.0,
+        # outages in tests last seconds; an open breaker should not outlast them by much
+        breaker_open_seconds=1.0,
     )
 
 

@@ -382,6 +382,113 @@ def _print_message_report(report: MessageReport) -> None:
 
 
 @app.command
+async def load(
+    kind: Literal["orders", "messages"],
+    *,
+    count: Annotated[int, Parameter(help="How many lifecycles to run.")] = 100,
+    concurrency: Annotated[int, Parameter(help="At most this many in flight at once.")] = 10,
+    rate: Annotated[float | None, Parameter(help="Start at most this many per second.")] = None,
+    max_wait: Annotated[
+        float | None, Parameter(help="Refuse a start that waits longer (s).")
+    ] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Run many orders or messages with backpressure at ingress; print a summary."""
+    from tollgate.load import run_load
+
+    if count < 1 or concurrency < 1:
+        raise InputError("--count and --concurrency must be at least 1")
+    if rate is not None and rate <= 0:
+        raise InputError("--rate must be positive")
+    settings = Settings()
+    async with _connected(settings) as (client, pool):
+        summary = await run_load(
+            kind,
+            orders=OrderService(client, pool, settings.task_queue),
+            messages=MessageService(client, pool, settings.task_queue),
+            count=count,
+            concurrency=concurrency,
+            rate=rate,
+            max_wait=max_wait,
+            console=None if json else _out,
+        )
+    if json:
+        _emit_json(summary.model_dump(mode="json"))
+        return
+    table = Table("final status", "count", title=f"load {kind}: {summary.requested} requested")
+    for status, n in summary.statuses.items():
+        table.add_row(status, str(n))
+    if summary.refused_at_ingress:
+        table.add_row("refused at ingress", str(summary.refused_at_ingress))
+    _out.print(table)
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f} ms"
+
+    _out.print(
+        f"{summary.seconds:.1f} s, {summary.throughput_per_second} per second; latency "
+        f"p50 {ms(summary.latency_p50_ms)}, p95 {ms(summary.latency_p95_ms)}, p99 {ms(summary.latency_p99_ms)}"
+    )
+
+
+@app.command
+async def reconcile(
+    *,
+    repair: Annotated[bool, Parameter(help="Start recovery runs for orphaned orders.")] = False,
+    grace: Annotated[str, Parameter(help="Ignore rows changed more recently than this.")] = "30s",
+    lookback: Annotated[str, Parameter(help="Ignore rows changed longer ago than this.")] = "1d",
+    json: JsonFlag = False,
+) -> None:
+    """Compare Postgres with Temporal; report (and with --repair, fix) drift."""
+    from tollgate.reconcile import ReconcileInput
+    from tollgate.reconcile import reconcile as run_reconcile
+
+    options = ReconcileInput(
+        repair=repair, grace=parse_duration(grace), lookback=parse_duration(lookback)
+    )
+    settings = Settings()
+    async with _connected(settings) as (client, pool):
+        report = await run_reconcile(client, pool, task_queue=settings.task_queue, options=options)
+    if json:
+        _emit_json(report.model_dump(mode="json"))
+        return
+    _out.print(
+        f"checked {report.orders_checked} orders and {report.messages_checked} messages: "
+        f"{len(report.findings)} finding(s) (run {report.run_id})"
+    )
+    if report.findings:
+        table = Table("kind", "id", "finding", "row", "workflow", "detail", "repair")
+        for f in report.findings:
+            table.add_row(
+                f.entity_kind,
+                f.entity_id,
+                f.finding,
+                f.row_status,
+                f.workflow_status or "-",
+                f.detail,
+                f.repair_workflow_id or "-",
+            )
+        _out.print(table)
+
+
+@app.command(name="search-token")
+async def search_token_(value: str, *, json: JsonFlag = False) -> None:
+    """The CustomerId / RecipientId search-attribute value for VALUE (hashed when payloads are encrypted)."""
+    from tollgate.codec import search_token
+
+    settings = Settings()
+    try:
+        client = await connect(settings)
+    except RuntimeError as exc:
+        raise Refused(f"cannot reach Temporal at {settings.temporal_address} ({exc})") from None
+    token = search_token(client, value)
+    if json:
+        _emit_json({"value": value, "search_token": token})
+    else:
+        _out.print(token)
+
+
+@app.command
 async def demo(*, json: JsonFlag = False) -> None:
     """Run the demo scenarios against a running stack and print their outcomes."""
     from tollgate.demo import print_outcomes, run_demo

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     #: providers from a backlog draining at once after an outage.
     task_queue_activities_per_second: float | None = Field(default=None, gt=0)
 
+    #: How often the worker's Temporal Schedule runs the reconciler (0: no schedule).
+    reconcile_every_seconds: float = Field(default=300.0, ge=0)
+
     # --- least privilege ------------------------------------------------------------------
     #: Connection of the schema owner, used only to apply migrations. Unset: DATABASE_URL.
     database_owner_url: str | None = None

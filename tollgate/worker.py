@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -19,33 +20,50 @@ from activities.messages import MessageStoreActivities
 from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
+from activities.reconcile import ReconcileActivities
 from tollgate import db
+from tollgate.breaker import Breakers
 from tollgate.migrate import apply_migrations
 from tollgate.providers import build_http_client
+from tollgate.reconcile import ensure_schedule
 from tollgate.settings import Settings
-from tollgate.telemetry import configure_logging, configure_tracing
+from tollgate.telemetry import configure_logging, configure_metrics, configure_tracing
 from tollgate.temporal import connect
 from workflows.message import MessageDeliveryWorkflow
 from workflows.order import OrderWorkflow
 from workflows.read_receipts import ReadReceiptSyncWorkflow
+from workflows.reconciler import ReconcilerWorkflow
+from workflows.recovery import OrderRecoveryWorkflow
 
 _log = logging.getLogger("tollgate.worker")
 
-WORKFLOWS: Sequence[type] = (OrderWorkflow, MessageDeliveryWorkflow, ReadReceiptSyncWorkflow)
+WORKFLOWS: Sequence[type] = (
+    OrderWorkflow,
+    MessageDeliveryWorkflow,
+    ReadReceiptSyncWorkflow,
+    OrderRecoveryWorkflow,
+    ReconcilerWorkflow,
+)
 
 
-def activities_for(pool: asyncpg.Pool, http: httpx.AsyncClient) -> list[Any]:
-    """Every activity, bound to its clients. Tests build workers from this list too."""
+def activities_for(
+    pool: asyncpg.Pool, http: httpx.AsyncClient, breakers: Breakers | None = None
+) -> list[Any]:
+    """Every activity, bound to its clients. Tests build workers from this list too.
+
+    Provider calls go through ``breakers`` (one per provider); None: no circuit breaking.
+    """
     store = OrderStoreActivities(pool)
-    payments = PaymentActivities(http)
-    inventory = InventoryActivities(http)
+    payments = PaymentActivities(http, breakers)
+    inventory = InventoryActivities(http, breakers)
     messages = MessageStoreActivities(pool)
-    push = PushActivities(pool, http)
-    email = EmailActivities(http)
+    push = PushActivities(pool, http, breakers)
+    email = EmailActivities(http, breakers)
     return [
         store.record_order,
         store.transition_order,
         store.begin_cancellation,
+        store.read_order,
         payments.charge,
         payments.refund,
         inventory.validate,
@@ -69,28 +87,48 @@ def build_worker(
     http: httpx.AsyncClient,
     *,
     task_queue: str | None = None,
+    breakers: Breakers | None = None,
 ) -> Worker:
-    """A worker for ``task_queue`` (default: the settings' queue) with slot limits applied."""
+    """A worker for ``task_queue`` (default: the settings' queue) with slot limits and the
+    task queue's activity rate limit applied; provider calls go through ``breakers``
+    (default: a new registry from the settings' ``breaker_*`` thresholds)."""
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=list(WORKFLOWS),
-        activities=activities_for(pool, http),
+        activities=[
+            *activities_for(pool, http, breakers if breakers is not None else Breakers(settings)),
+            ReconcileActivities(client, pool, task_queue or settings.task_queue).reconcile,
+        ],
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_task_queue_activities_per_second=settings.task_queue_activities_per_second,
     )
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Migrate, connect, poll until ``stop`` is set, then drain and close."""
-    applied = await apply_migrations(settings.database_url)
+    applied = await apply_migrations(settings.database_owner_url or settings.database_url)
     if applied:
         _log.info("migrations applied", extra={"migrations": applied})
     client = await connect(settings)
+    if settings.reconcile_every_seconds > 0:
+        created = await ensure_schedule(
+            client,
+            task_queue=settings.task_queue,
+            every=timedelta(seconds=settings.reconcile_every_seconds),
+        )
+        if created:
+            _log.info(
+                "reconciler schedule created",
+                extra={"every_seconds": settings.reconcile_every_seconds},
+            )
+    # One breaker per provider for the whole worker process.
+    breakers = Breakers(settings)
     pool = await db.create_pool(settings.database_url, max_size=settings.database_pool_max)
     try:
         async with build_http_client(settings) as http:
-            worker = build_worker(client, settings, pool, http)
+            worker = build_worker(client, settings, pool, http, breakers=breakers)
             async with worker:
                 _log.info(
                     "worker ready",
@@ -110,6 +148,7 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     provider = configure_tracing(settings)
+    meters = configure_metrics(settings)
 
     async def _main() -> None:
         stop = asyncio.Event()
@@ -122,3 +161,4 @@ def main() -> None:
         asyncio.run(_main())
     finally:
         provider.shutdown()
+        meters.shutdown()
