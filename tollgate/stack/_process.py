@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 
+import httpx
+
 logger = logging.getLogger("tollgate.stack")
 
 #: Every server of the local stack binds to the loopback interface only.
@@ -264,6 +266,32 @@ class ManagedProcess:
         finally:
             os.close(fd)
         logger.debug("started %s (pid %d): %s", self.name, self._proc.pid, shlex.join(argv))
+
+    async def _wait_healthy(self, health_url: str) -> None:
+        """Wait until ``health_url`` answers 200 while this process is still alive."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        last_error: str = "no answer"
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while True:
+                self._check_alive()
+                try:
+                    response = await http.get(health_url)
+                except httpx.HTTPError as exc:
+                    last_error = repr(exc)
+                else:
+                    if response.status_code == 200:
+                        # Still ours? Another server on the port would answer too while
+                        # ours dies of "address already in use".
+                        self._check_alive()
+                        return
+                    last_error = f"HTTP {response.status_code}"
+                if loop.time() > deadline:
+                    raise self._failure(
+                        f"{health_url} did not answer 200 within {self.start_timeout:.0f} s "
+                        f"(last: {last_error})"
+                    )
+                await asyncio.sleep(0.1)
 
     def _failure(self, what: str) -> StackError:
         """A :class:`StackError` saying ``what`` went wrong, quoting the log."""

@@ -6,12 +6,9 @@ It decrypts payloads for the Temporal Web UI, which the dev server is told about
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import httpx
 
 from tollgate.codec import ensure_key_file
 from tollgate.stack._process import LOCALHOST, ManagedProcess, StackError, logger
@@ -66,35 +63,11 @@ class CodecServerProcess(ManagedProcess):
         env = _python_env({**self.env, "PAYLOAD_KEY_FILE": str(self.key_file)})
         await self._spawn(self.command(), env=env, cwd=self.cwd)
         try:
-            await self._wait_healthy()
+            await self._wait_healthy(f"{self.url}/health")
         except BaseException:
             await self._abort_start()
             raise
         logger.info("codec server ready on %s (pid %s)", self.url, self.pid)
-
-    async def _wait_healthy(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.start_timeout
-        last_error = "no answer"
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while True:
-                self._check_alive()
-                try:
-                    response = await http.get(f"{self.url}/health")
-                except httpx.HTTPError as exc:
-                    last_error = repr(exc)
-                else:
-                    if response.status_code == 200:
-                        # Another server on the port would answer too while ours dies.
-                        self._check_alive()
-                        return
-                    last_error = f"HTTP {response.status_code}"
-                if loop.time() > deadline:
-                    raise self._failure(
-                        f"/health did not answer 200 within {self.start_timeout:.0f} s "
-                        f"(last: {last_error})"
-                    )
-                await asyncio.sleep(0.1)
 
 
 def ensure_stack_key(path: Path) -> None:

@@ -9,8 +9,6 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
-
 from tollgate.stack._process import LOCALHOST, ManagedProcess, StackError, logger
 
 #: The repository root (where ``worker.py`` lives and ``tollgate`` is importable from).
@@ -80,36 +78,11 @@ class SandboxProcess(ManagedProcess):
         """Start the sandbox and wait for its health check."""
         await self._spawn(self.command(), env=_python_env(self.env), cwd=self.cwd)
         try:
-            await self._wait_healthy()
+            await self._wait_healthy(f"{self.url}/health")
         except BaseException:
             await self._abort_start()
             raise
         logger.info("sandbox ready on %s (pid %s)", self.url, self.pid)
-
-    async def _wait_healthy(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.start_timeout
-        last_error: str = "no answer"
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while True:
-                self._check_alive()
-                try:
-                    response = await http.get(f"{self.url}/health")
-                except httpx.HTTPError as exc:
-                    last_error = repr(exc)
-                else:
-                    if response.status_code == 200:
-                        # Still ours? Another server on the port would answer too while
-                        # ours dies of "address already in use".
-                        self._check_alive()
-                        return
-                    last_error = f"HTTP {response.status_code}"
-                if loop.time() > deadline:
-                    raise self._failure(
-                        f"/health did not answer 200 within {self.start_timeout:.0f} s "
-                        f"(last: {last_error})"
-                    )
-                await asyncio.sleep(0.1)
 
 
 class WorkerProcess(ManagedProcess):
