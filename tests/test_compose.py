@@ -179,3 +179,17 @@ async def test_app_postgres_init_script_on_a_real_postgres(
             await conn.close()
     finally:
         await server.stop()
+
+
+def test_payload_key_is_shared_and_the_ui_can_decrypt(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    key_file = _env(services["worker"])["PAYLOAD_KEY_FILE"]
+    key_dir = key_file.rsplit("/", 1)[0]
+    for name in ("worker", "starter", "codec", "keygen"):
+        mounts = [v.split(":")[1] for v in services[name].get("volumes", [])]
+        assert key_dir in mounts, f"{name} does not mount the payload key volume at {key_dir}"
+    assert _env(services["codec"])["PAYLOAD_KEY_FILE"] == key_file
+    endpoint = _env(services["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"]
+    port = endpoint.rsplit(":", 1)[1]
+    assert f"{port}:{port}" in services["codec"]["ports"], "the browser must reach the codec server"
+    assert port in services["codec"]["command"]
