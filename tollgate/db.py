@@ -9,12 +9,14 @@ first. The trigger in ``schema/001_orders.sql`` refuses illegal edges whatever w
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from opentelemetry import metrics
 from pydantic import BaseModel, ConfigDict
 
 from tollgate.errors import (
@@ -181,6 +183,18 @@ MESSAGES = Lifecycle(
 )
 
 
+_meter = metrics.get_meter("tollgate.db")
+_TRANSITION_SECONDS = _meter.create_histogram(
+    "tollgate.transition.duration",
+    unit="s",
+    description="Time to apply one version-checked transition (write, or read back on a miss)",
+)
+_TRANSITION_OUTCOMES = _meter.create_counter(
+    "tollgate.transition.outcomes",
+    description="Transitions by outcome: applied, already_applied, illegal, conflict, stopped",
+)
+
+
 async def transition_row(
     pool: asyncpg.Pool,
     lifecycle: Lifecycle,
@@ -198,8 +212,54 @@ async def transition_row(
 
     Zero rows updated means the row moved: our own earlier attempt (same transition id,
     success), a person stopping it (``lifecycle.stopped_error``), or another writer
-    (``VersionConflict``). The trigger's refusal becomes ``IllegalTransition``.
+    (``VersionConflict``). The trigger's refusal becomes ``IllegalTransition``. Latency
+    and outcome go to the ``tollgate.transition.*`` metrics.
     """
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        result = await _transition_row(
+            pool,
+            lifecycle,
+            entity_id=entity_id,
+            expected_version=expected_version,
+            to_status=to_status,
+            transition_id=transition_id,
+            actor=actor,
+            reason=reason,
+            failure_reason=failure_reason,
+            trace_id=trace_id,
+        )
+        outcome = "already_applied" if result.already_applied else "applied"
+        return result
+    except IllegalTransition:
+        outcome = "illegal"
+        raise
+    except lifecycle.stopped_error:
+        outcome = "stopped"
+        raise
+    except VersionConflict:
+        outcome = "conflict"
+        raise
+    finally:
+        attributes = {"entity": lifecycle.kind, "to_status": to_status, "outcome": outcome}
+        _TRANSITION_SECONDS.record(time.perf_counter() - started, attributes)
+        _TRANSITION_OUTCOMES.add(1, attributes)
+
+
+async def _transition_row(
+    pool: asyncpg.Pool,
+    lifecycle: Lifecycle,
+    *,
+    entity_id: str,
+    expected_version: int,
+    to_status: str,
+    transition_id: str,
+    actor: str,
+    reason: str | None = None,
+    failure_reason: str | None = None,
+    trace_id: str | None = None,
+) -> TransitionResult:
     async with pool.acquire() as conn, conn.transaction():
         await describe_writer(conn, actor=actor, trace_id=trace_id, reason=reason or failure_reason)
         try:

@@ -1,0 +1,87 @@
+"""Transition latency and outcomes are metrics, so rejections show up on a dashboard."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import asyncpg
+import pytest
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from tollgate import db
+from tollgate.errors import IllegalTransition, OrderCancelled, VersionConflict
+from tollgate.models import OrderInput, TransitionInput
+from tollgate.states import OrderStatus
+
+S = OrderStatus
+
+
+@pytest.fixture(scope="module")
+def reader() -> InMemoryMetricReader:
+    reader = InMemoryMetricReader()
+    # The process-wide provider; nothing else in the suite installs one.
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def _outcomes(reader: InMemoryMetricReader, order_statuses: set[str]) -> Counter[tuple[str, str]]:
+    counts: Counter[tuple[str, str]] = Counter()
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != "tollgate.transition.outcomes":
+                    continue
+                for point in metric.data.data_points:
+                    attrs = dict(point.attributes or {})
+                    if attrs.get("to_status") in order_statuses:
+                        counts[(str(attrs["to_status"]), str(attrs["outcome"]))] = int(point.value)
+    return counts
+
+
+def _move(order_id: str, version: int, to: OrderStatus, tid: str | None = None) -> TransitionInput:
+    return TransitionInput(
+        order_id=order_id,
+        expected_version=version,
+        to_status=to,
+        transition_id=tid or f"m:{uuid.uuid4().hex}",
+        actor="metrics-test",
+    )
+
+
+async def test_each_outcome_is_counted(reader: InMemoryMetricReader, pool: asyncpg.Pool) -> None:
+    before = _outcomes(reader, {"VALIDATING", "COMPLETED", "CHARGING"})
+    order = OrderInput(
+        order_id=f"mt-{uuid.uuid4().hex[:10]}",
+        customer_id="m",
+        items=[{"sku": "WIDGET", "quantity": 1}],
+        amount_cents=1,
+    )
+    async with pool.acquire() as conn:
+        await db.insert_order(conn, order, workflow_id=f"order-{order.order_id}", actor="test")
+    oid = order.order_id
+    applied = _move(oid, 1, S.VALIDATING, tid="fixed")
+    await db.apply_transition(pool, applied)
+    await db.apply_transition(pool, applied)  # a retry of a committed write
+    with pytest.raises(VersionConflict):
+        await db.apply_transition(pool, _move(oid, 1, S.VALIDATING))
+    with pytest.raises(IllegalTransition):
+        await db.apply_transition(pool, _move(oid, 2, S.COMPLETED))
+    await db.request_cancellation(pool, oid, reason="stop", actor="test")
+    with pytest.raises(OrderCancelled):
+        await db.apply_transition(pool, _move(oid, 2, S.CHARGING))
+
+    after = _outcomes(reader, {"VALIDATING", "COMPLETED", "CHARGING"})
+    delta = after - before
+    assert delta == Counter(
+        {
+            ("VALIDATING", "applied"): 1,
+            ("VALIDATING", "already_applied"): 1,
+            ("VALIDATING", "conflict"): 1,
+            ("COMPLETED", "illegal"): 1,
+            ("CHARGING", "stopped"): 1,
+        }
+    )
