@@ -91,7 +91,6 @@ class MessageDeliveryWorkflow:
         self._reads: list[str] = []
         self._ignored: list[str] = []
         self._facts_recorded: set[tuple[str, str]] = set()
-        self._failed_syncs = 0
         self._recall: RecallRequest | None = None
         self._temporal_cancelled = False
         self._main: asyncio.Task[None] | None = None
@@ -280,7 +279,6 @@ class MessageDeliveryWorkflow:
             # The reader's device was told to show it unread; a new read starts over.
             self._reads.remove(reader)
             self._facts_recorded.discard((reader, "read"))
-            self._failed_syncs += 1
             self._step = "awaiting read"
 
     async def _record_recall(self, request: RecallRequest) -> None:
