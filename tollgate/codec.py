@@ -156,7 +156,7 @@ def load_key(settings: Settings) -> bytes | None:
     """
     if settings.payload_encryption_key is not None:
         return _parse_key(settings.payload_encryption_key, "PAYLOAD_ENCRYPTION_KEY")
-    path = settings.payload_key_file
+    path = settings.payload_key_path
     try:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if key is None:
         raise SystemExit(
             "error: no payload key: set PAYLOAD_ENCRYPTION_KEY, or PAYLOAD_KEY_FILE to an "
-            f"existing key file (looked for {settings.payload_key_file})"
+            f"existing key file (looked for {settings.payload_key_path})"
         )
     origins = [
         o for url in args.ui_origin or [settings.temporal_ui_url] for o in ui_origins_for(url)

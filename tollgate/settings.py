@@ -10,8 +10,8 @@ machine often already runs those, and the local stack must not collide with them
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,12 +81,34 @@ class Settings(BaseSettings):
 
     # --- payload encryption ---------------------------------------------------------------
     #: Base64 of a 32-byte key that encrypts workflow payloads in Temporal. Unset: the
-    #: key is read from ``payload_key_file``; if that file is missing, payloads are plain.
+    #: key is read from ``payload_key_file``.
     payload_encryption_key: str | None = None
-    payload_key_file: Path = DEFAULT_STATE_DIR / "payload.key"
+    #: File holding the key. Unset: ``<state_dir>/payload.key`` (see ``payload_key_path``).
+    payload_key_file: Path | None = None
+    #: ``required`` (default): a process with no key refuses to run rather than send
+    #: plaintext to Temporal. ``off`` is the explicit opt-out for deployments that
+    #: encrypt elsewhere (or not at all).
+    payload_encryption: Literal["required", "off"] = "required"
+    #: Comma-separated base64 keys that still decrypt (key rotation): histories written
+    #: under an old key keep replaying while new payloads are sealed with the current one.
+    payload_old_keys: str | None = None
 
+    # --- codec server (decrypts payloads for the Temporal Web UI) --------------------------
+    #: The credential every codec-server request must carry (``Authorization: Bearer``,
+    #: or the ``/ui/<token>/`` path the Web UI is pointed at). Unset: read from
+    #: ``codec_auth_token_file`` (default ``<state_dir>/codec.token``).
+    codec_auth_token: str | None = None
+    codec_auth_token_file: Path | None = None
+    #: Largest request body the codec server reads; larger ones get 413.
+    codec_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()
+    @property
+    def payload_key_path(self) -> Path:
+        """Where the payload key file is: ``PAYLOAD_KEY_FILE``, else in the state dir."""
+        return self.payload_key_file or self.state_dir / "payload.key"
+
+    @property
+    def codec_token_path(self) -> Path:
+        """Where the codec-server credential is: ``CODEC_AUTH_TOKEN_FILE``, else in the
+        state dir."""
+        return self.codec_auth_token_file or self.state_dir / "codec.token"

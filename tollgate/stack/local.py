@@ -169,11 +169,7 @@ class LocalStack:
             with_worker=with_worker,
             durable=durable,
             # The state dir's key unless PAYLOAD_KEY_FILE names another one.
-            payload_key_file=(
-                settings.payload_key_file
-                if "payload_key_file" in settings.model_fields_set
-                else None
-            ),
+            payload_key_file=settings.payload_key_file,
         )
 
     # -- addresses ---------------------------------------------------------------------
