@@ -28,6 +28,7 @@ from tollgate.errors import (
     OrderNotFound,
     VersionConflict,
 )
+from tollgate.ids import NOTE_MAX, one_line
 from tollgate.models import (
     BeginCancelResult,
     OrderInput,
@@ -44,6 +45,8 @@ IMMUTABLE_COLUMN_SQLSTATE = "TG002"
 AUDIT_APPEND_ONLY_SQLSTATE = "TG003"
 
 _CANCEL_ATTEMPTS = 20
+#: Bound of the audit's actor column.
+ACTOR_MAX = 300
 
 #: Anything that runs a statement: a connection, a pooled connection, or the pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -102,13 +105,17 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
 async def describe_writer(
     conn: Connection, *, actor: str, trace_id: str | None, reason: str | None
 ) -> None:
-    # Transaction-local settings the audit trigger reads (see schema/001_orders.sql).
+    """Tell the audit trigger who writes and why (transaction-local settings).
+
+    Both are made one printable line and cut to the audit columns' bounds
+    (schema/005_safe_input.sql): a reason built from an error can be long or odd.
+    """
     await conn.execute(
         "SELECT set_config('tollgate.actor', $1, true), set_config('tollgate.trace_id', $2, true),"
         " set_config('tollgate.reason', $3, true)",
-        actor,
+        one_line(actor, limit=ACTOR_MAX),
         trace_id or "",
-        reason or "",
+        one_line(reason, limit=NOTE_MAX) if reason else "",
     )
 
 
@@ -275,7 +282,7 @@ async def _transition_row(
                 expected_version,
                 to_status,
                 transition_id,
-                failure_reason,
+                one_line(failure_reason, limit=NOTE_MAX) if failure_reason else None,
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == ILLEGAL_TRANSITION_SQLSTATE:

@@ -8,6 +8,8 @@ are non-retryable and end the step.
 
     TollgateError
     ├── InputError                      bad input at an edge (CLI, workflow input); nothing written
+    ├── ConfigError                     a setting is missing or malformed; the process refuses to run
+    ├── LimitReached                    a per-user limit (active devices) is full      [permanent]
     ├── NotRunning                      the lifecycle already ended; a signal cannot reach it
     ├── NotFound                        no such row                                  [permanent]
     │   ├── OrderNotFound
@@ -51,6 +53,15 @@ class TollgateError(Exception):
 
 class InputError(TollgateError, ValueError):
     """Input at an edge is malformed; the message names the problem."""
+
+
+class ConfigError(TollgateError):
+    """A setting is missing or malformed (a payload key, a credential); the message names
+    the setting, never its value."""
+
+
+class LimitReached(TollgateError):
+    """A per-user limit is full (active devices); the message says how to make room."""
 
 
 class NotRunning(TollgateError):

@@ -13,11 +13,21 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict
 
 from tollgate.db import ILLEGAL_TRANSITION_SQLSTATE, Connection, Executor, describe_writer
-from tollgate.errors import DeviceNotFound, InputError, MessageNotFound, VersionConflict
+from tollgate.errors import (
+    DeviceNotFound,
+    InputError,
+    LimitReached,
+    MessageNotFound,
+    VersionConflict,
+)
 from tollgate.message_models import Device, MessageInput, RecordMessageResult
 from tollgate.states import MessageStatus
 
 _RECALL_ATTEMPTS = 20
+#: Active devices a user may have; the ``devices_cap`` trigger (schema/005) enforces it.
+MAX_ACTIVE_DEVICES = 10
+#: SQLSTATE of that trigger's refusal.
+DEVICE_LIMIT_SQLSTATE = "TG005"
 
 _FACT_COLUMNS = {"delivered": "delivered_at", "read": "read_at", "receipt": "receipt_at"}
 
@@ -187,6 +197,13 @@ async def register_device(
         ) from exc
     except asyncpg.CheckViolationError as exc:
         raise InputError(f"device rejected: {exc.constraint_name}") from exc
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == DEVICE_LIMIT_SQLSTATE:
+            raise LimitReached(
+                f"user {user_id} already has {MAX_ACTIVE_DEVICES} active devices; "
+                "remove one (starter.py device remove ID) before adding another"
+            ) from None
+        raise
     assert record is not None
     return DeviceRow.model_validate(dict(record))
 
@@ -205,12 +222,14 @@ async def active_devices(conn: Executor, user_id: str) -> list[DeviceRow]:
     return [DeviceRow.model_validate(dict(r)) for r in rows]
 
 
-async def deactivate_device(conn: Executor, device_id: str, reason: str) -> None:
-    await conn.execute(
+async def deactivate_device(conn: Executor, device_id: str, reason: str) -> bool:
+    """Mark a device removed; False if it was not active (unknown, or removed already)."""
+    status = await conn.execute(
         "UPDATE devices SET active = false, removed_reason = $2, removed_at = now() WHERE id = $1 AND active",
         device_id,
         reason,
     )
+    return status == "UPDATE 1"
 
 
 async def record_push(conn: Executor, message_id: str, device_id: str, push_id: str) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tollgate.ids import Body, Reason, Requester, SafeId
 from tollgate.models import RetrySettings
 from tollgate.states import MessageStatus
 
-EntityId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
-UserId = Annotated[str, Field(min_length=1, max_length=128)]
+#: An address the email provider can take: no spaces, quotes or control characters.
+EMAIL_PATTERN = r"^[A-Za-z0-9._%+'-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$"
 PushKind = Literal["message", "read_receipt", "read_revert"]
 
 
@@ -22,11 +23,11 @@ class _Model(BaseModel):
 class MessageInput(_Model):
     """A message to deliver. The workflow id is derived from ``message_id``."""
 
-    message_id: EntityId
-    sender_id: UserId
-    recipient_id: UserId
-    recipient_email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)
-    body: str = Field(min_length=1, max_length=10_000)
+    message_id: SafeId
+    sender_id: SafeId
+    recipient_id: SafeId
+    recipient_email: str = Field(pattern=EMAIL_PATTERN, max_length=254)
+    body: Body
     #: No delivery confirmation this long after dispatch: fall back to email.
     deadline: timedelta = Field(
         default=timedelta(seconds=30), ge=timedelta(milliseconds=100), le=timedelta(days=1)
@@ -40,17 +41,27 @@ class MessageInput(_Model):
     retry: RetrySettings = RetrySettings()
 
 
+class DeviceRegistration(_Model):
+    """A device to push to: whose it is and the provider's token for it."""
+
+    device_id: SafeId
+    user_id: SafeId
+    #: The push provider's opaque token: printable ASCII, no spaces.
+    push_token: str = Field(pattern=r"^[!-~]{1,512}$")
+    platform: Literal["ios", "android", "web"]
+
+
 class DeviceSignal(_Model):
     """Payload of the ``delivered`` and ``read`` signals: which device says so."""
 
-    device_id: str = Field(min_length=1, max_length=64)
+    device_id: SafeId
 
 
 class RecallRequest(_Model):
     """Payload of the ``recall`` signal."""
 
-    reason: str = Field(default="recalled by sender", max_length=500)
-    requested_by: str = Field(default="unknown", max_length=128)
+    reason: Reason = "recalled by sender"
+    requested_by: Requester = "unknown"
 
 
 class MessageResult(_Model):
@@ -65,7 +76,11 @@ class MessageResult(_Model):
     read_on: str | None = None
     email_id: str | None = None
     failure_reason: str | None = None
+    #: A sample (at most 10) of the signals set aside: for devices that are not the
+    #: recipient's, or beyond what the workflow buffers before dispatch.
     ignored_signals: list[str] = []
+    #: How many signals were set aside in all.
+    ignored_signal_count: int = 0
 
 
 class MessageProgress(_Model):

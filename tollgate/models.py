@@ -13,15 +13,18 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tollgate.errors import InputError
+from tollgate.ids import SAFE_ID_PATTERN, SAFE_ID_RULE, Reason, Requester, SafeId
 from tollgate.states import OrderStatus
 
-OrderId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 Sku = Annotated[str, Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")]
 
-#: Currencies the payment gateway settles. Validation fails an order in any other.
+#: Currencies the payment gateway settles. An order in any other is refused.
 SUPPORTED_CURRENCIES = frozenset({"USD", "EUR", "GBP"})
 #: Largest order total accepted, in minor units (100,000.00).
 MAX_AMOUNT_CENTS = 10_000_000
+#: Largest amount the model accepts at all: an integer every JSON reader keeps exact
+#: (2**53 - 1) and Postgres' bigint holds. The business limit is MAX_AMOUNT_CENTS.
+AMOUNT_CEILING = 2**53 - 1
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -34,7 +37,10 @@ def parse_input(model: type[ModelT], fields: dict[str, object]) -> ModelT:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or model.__name__
-        raise InputError(f"{where}: {first['msg']}") from None
+        message = first["msg"]
+        if first.get("ctx", {}).get("pattern") == SAFE_ID_PATTERN:
+            message = f"not a valid id: {SAFE_ID_RULE}"
+        raise InputError(f"{where}: {message}") from None
 
 
 class _Model(BaseModel):
@@ -57,15 +63,18 @@ class RetrySettings(_Model):
     backoff_coefficient: float = Field(default=2.0, ge=1.0)
     #: Attempts for a forward step before the order gives up and compensates.
     maximum_attempts: int = Field(default=8, ge=1)
+    #: Compensations never give up; after this many failed attempts the lifecycle
+    #: raises an alert (search attribute ``TollgateAlert``, a warning, a metric).
+    compensation_alert_attempts: int = Field(default=10, ge=1)
 
 
 class OrderInput(_Model):
     """What a customer ordered. The workflow id is derived from ``order_id``."""
 
-    order_id: OrderId
-    customer_id: str = Field(min_length=1, max_length=128)
+    order_id: SafeId
+    customer_id: SafeId
     items: list[OrderItem] = Field(min_length=1, max_length=100)
-    amount_cents: int = Field(gt=0)
+    amount_cents: int = Field(gt=0, le=AMOUNT_CEILING)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     retry: RetrySettings = RetrySettings()
 
@@ -77,6 +86,23 @@ class OrderInput(_Model):
         if dupes:
             raise ValueError(f"each SKU may appear once; repeated: {', '.join(dupes)}")
         return items
+
+
+def order_problems(order: OrderInput) -> list[str]:
+    """The business rules an order breaks that need no provider to check, each named.
+
+    The service refuses such an order before anything is written; the workflow's
+    validation step checks them again (with the catalog), for starts that did not come
+    through the service.
+    """
+    problems: list[str] = []
+    if order.currency not in SUPPORTED_CURRENCIES:
+        problems.append(f"currency {order.currency} is not supported")
+    if order.amount_cents > MAX_AMOUNT_CENTS:
+        problems.append(
+            f"amount {order.amount_cents} cents exceeds the limit of {MAX_AMOUNT_CENTS}"
+        )
+    return problems
 
 
 class OrderResult(_Model):
@@ -106,8 +132,8 @@ class OrderProgress(_Model):
 class CancelOrderRequest(_Model):
     """Payload of the ``cancel`` signal."""
 
-    reason: str = Field(default="cancelled by request", max_length=500)
-    requested_by: str = Field(default="unknown", max_length=128)
+    reason: Reason = "cancelled by request"
+    requested_by: Requester = "unknown"
 
 
 # --- activity inputs and results -------------------------------------------------
@@ -215,6 +241,9 @@ class RecoveryResult(_Model):
     order_id: str
     status: OrderStatus
     compensations: list[str]
+    #: ``recovered`` (claimed, compensated, ended), or ``nothing to do`` (the row had
+    #: already ended: a finished order is never undone).
+    outcome: Literal["recovered", "nothing to do"] = "recovered"
 
 
 class ReadOrderInput(_Model):

@@ -91,6 +91,11 @@ MESSAGE_TERMINAL: frozenset[MessageStatus] = frozenset({M.FAILED, M.CANCELLED})
 
 _RECALLABLE = (M.INITIATED, M.STORED, M.DISPATCHED, M.DELIVERED, M.FALLBACK_EMAIL, M.EMAILED)
 
+#: Where a message's delivery has settled: it reached a device, an inbox, or an end.
+DELIVERY_SETTLED: frozenset[MessageStatus] = frozenset(
+    {M.DELIVERED, M.EMAILED, M.READ, M.FAILED, M.CANCELLED}
+)
+
 MESSAGE_EDGES: frozenset[tuple[MessageStatus, MessageStatus]] = frozenset(
     {
         (M.INITIATED, M.STORED),
