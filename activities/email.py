@@ -7,6 +7,7 @@ from temporalio import activity
 
 from activities import classified
 from tollgate.breaker import Breakers
+from tollgate.ids import one_line
 from tollgate.message_models import EmailInput, EmailResult
 from tollgate.providers import NonEmptyStr, ProviderAnswer, ProviderClient
 
@@ -33,8 +34,10 @@ class EmailActivities:
             "POST",
             "/email/messages",
             json={
-                "to": req.to,
-                "subject": req.subject,
+                "to": one_line(req.to, limit=254),
+                # The subject is built from ids in the safe alphabet; flattened anyway,
+                # because a header is where a stray newline becomes structure.
+                "subject": one_line(req.subject),
                 "body": req.body,
                 "message_id": req.message_id,
             },

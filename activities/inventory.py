@@ -10,18 +10,16 @@ from temporalio import activity
 
 from activities import classified
 from tollgate.breaker import Breakers
-from tollgate.errors import UnknownSku
 from tollgate.models import (
-    MAX_AMOUNT_CENTS,
-    SUPPORTED_CURRENCIES,
     CompensationResult,
     OrderInput,
     ReleaseInput,
     ReserveInput,
     ReserveResult,
     ValidateResult,
+    order_problems,
 )
-from tollgate.providers import NonEmptyStr, ProviderAnswer, ProviderClient
+from tollgate.providers import Catalog, NonEmptyStr, ProviderAnswer, ProviderClient
 
 
 class ReservationAnswer(ProviderAnswer):
@@ -49,24 +47,16 @@ class InventoryActivities:
     def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
         breaker = breakers.get("inventory") if breakers is not None else None
         self._inventory = ProviderClient(http, "inventory", breaker)
+        self._catalog = Catalog(http, breaker)
 
     @activity.defn(name="validate_order")
     @classified
     async def validate(self, order: OrderInput) -> ValidateResult:
         """Business checks an order must pass before money moves: every problem is listed."""
-        problems: list[str] = []
-        if order.currency not in SUPPORTED_CURRENCIES:
-            problems.append(f"currency {order.currency} is not supported")
-        if order.amount_cents > MAX_AMOUNT_CENTS:
-            problems.append(
-                f"amount {order.amount_cents} cents exceeds the limit of {MAX_AMOUNT_CENTS}"
-            )
-        for item in order.items:
-            try:
-                await self._inventory.call("GET", f"/inventory/skus/{item.sku}")
-            except UnknownSku:
-                problems.append(f"unknown SKU {item.sku}")
-        return ValidateResult(problems=problems)
+        unknown = await self._catalog.unknown_skus(i.sku for i in order.items)
+        return ValidateResult(
+            problems=order_problems(order) + [f"unknown SKU {s}" for s in unknown]
+        )
 
     @activity.defn(name="reserve_inventory")
     @classified

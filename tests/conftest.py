@@ -26,11 +26,12 @@ import uvicorn
 from temporalio.client import Client
 
 from tollgate import db
+from tollgate.codec import encode_key, new_key
 from tollgate.message_models import MessageInput
 from tollgate.message_service import MessageService, build_message
 from tollgate.migrate import apply_migrations
 from tollgate.models import OrderInput, RetrySettings
-from tollgate.providers import build_http_client
+from tollgate.providers import Catalog, build_http_client
 from tollgate.sandbox import SandboxAdmin, create_app
 from tollgate.service import OrderService, build_order
 from tollgate.settings import Settings
@@ -131,6 +132,8 @@ def settings(database_url: str, temporal_address: str, sandbox_url: str) -> Sett
         provider_timeout_seconds=2.0,
         # outages in tests last seconds; an open breaker should not outlast them by much
         breaker_open_seconds=1.0,
+        # payloads are encrypted, as in every deployment (a client without a key refuses)
+        payload_encryption_key=encode_key(new_key()),
     )
 
 
@@ -172,6 +175,7 @@ class Harness:
     sandbox: SandboxAdmin
     settings: Settings
     messages: MessageService
+    catalog: Catalog
 
     def order(self, **overrides: object) -> OrderInput:
         """A valid order with a fresh id; keyword arguments override fields."""
@@ -221,14 +225,16 @@ async def h(
     task_queue = f"test-{uuid.uuid4().hex[:8]}"
     async with build_http_client(settings) as http:
         async with build_worker(client, settings, pool, http, task_queue=task_queue):
+            catalog = Catalog(http)
             yield Harness(
                 task_queue,
-                OrderService(client, pool, task_queue),
+                OrderService(client, pool, task_queue, catalog=catalog),
                 client,
                 pool,
                 sandbox,
                 settings,
                 MessageService(client, pool, task_queue),
+                catalog,
             )
 
 

@@ -72,7 +72,7 @@ async def test_an_open_breaker_keeps_calls_off_the_provider_until_it_recovers(
     breakers = Breakers(settings)
     payments = breakers.get("payments")
     queue = f"breaker-{uuid.uuid4().hex[:8]}"
-    service = OrderService(h.client, h.pool, queue)
+    service = OrderService(h.client, h.pool, queue, catalog=h.catalog)
 
     await h.sandbox.set_fault("payments", FaultSpec(fail_rate=1.0, fail_status=503))
     baseline = await _payments_requests(h)

@@ -35,6 +35,7 @@ async def _starter(h: Harness, *args: str, env: dict[str, str] | None = None) ->
         "DATABASE_URL": h.settings.database_url,
         "SANDBOX_URL": h.settings.sandbox_url,
         "TASK_QUEUE": h.task_queue,
+        "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
         **(env or {}),
     }
     proc = await asyncio.create_subprocess_exec(

@@ -37,6 +37,7 @@ from tollgate.codec import (
     new_key,
 )
 from tollgate.codec_server import create_app, ui_origins_for
+from tollgate.errors import ConfigError
 from tollgate.message_models import MessageResult
 from tollgate.message_service import MessageService
 from tollgate.models import OrderInput, OrderResult
@@ -50,6 +51,7 @@ from tollgate.temporal import connect, data_converter
 from tollgate.worker import WORKFLOWS, build_worker
 
 KEY = bytes(range(32))
+OTHER_KEY = bytes(range(32, 64))
 UI_ORIGIN = "http://127.0.0.1:18233"
 
 
@@ -170,9 +172,37 @@ def test_ensure_key_file_creates_a_private_key_once(tmp_path: Path) -> None:
     assert list(path.parent.iterdir()) == [path], "no temporary file left behind"
 
 
-async def test_data_converter_encrypts_only_with_a_key(tmp_path: Path) -> None:
-    plain = data_converter(_settings(tmp_path))
-    assert plain is pydantic_data_converter
+async def test_data_converter_fails_closed_without_a_key(tmp_path: Path) -> None:
+    """Run from another directory, a client once sent plaintext silently; now it refuses."""
+    with pytest.raises(ConfigError, match="no payload key") as refused:
+        data_converter(_settings(tmp_path))
+    assert "PAYLOAD_ENCRYPTION=off" in str(refused.value)
+    assert str(tmp_path / "payload.key") in str(refused.value), "it says where it looked"
+    opted_out = data_converter(_settings(tmp_path, payload_encryption="off"))
+    assert opted_out is pydantic_data_converter, "plaintext only by an explicit opt-out"
+
+
+def test_key_path_follows_the_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "elsewhere"
+    ensure_key_file(state / "payload.key")
+    converter = data_converter(Settings(state_dir=state))
+    assert isinstance(converter.payload_codec, EncryptionCodec)
+
+
+def test_malformed_key_in_the_environment_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PAYLOAD_ENCRYPTION_KEY"):
+        data_converter(_settings(tmp_path, payload_encryption_key="not-base64!"))
+    with pytest.raises(ConfigError, match=r"PAYLOAD_OLD_KEYS \(entry 2\)"):
+        data_converter(
+            _settings(
+                tmp_path,
+                payload_encryption_key=encode_key(KEY),
+                payload_old_keys=f"{encode_key(OTHER_KEY)},short",
+            )
+        )
+
+
+async def test_data_converter_encrypts_with_the_key(tmp_path: Path) -> None:
 
     encrypting = data_converter(_settings(tmp_path, payload_encryption_key=encode_key(KEY)))
     order = OrderInput(
@@ -442,7 +472,7 @@ async def test_canary_in_customer_data_never_reaches_the_history_in_clear(h: Har
         data_converter=pydantic_data_converter,
     )
     queue = f"codec-{uuid.uuid4().hex[:8]}"
-    orders = OrderService(encrypted, h.pool, queue)
+    orders = OrderService(encrypted, h.pool, queue, catalog=h.catalog)
     messages = MessageService(encrypted, h.pool, queue)
     order = h.order(customer_id=canary)
     message = h.message(

@@ -17,6 +17,7 @@ from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import CancelledError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.orders import OrderStoreActivities
@@ -24,7 +25,7 @@ from tests.conftest import Harness
 from tollgate import db
 from tollgate.errors import InputError
 from tollgate.models import OrderProgress, OrderResult, TransitionInput, TransitionResult
-from tollgate.names import ORDER_STATUS_ATTR, ORDER_STATUS_QUERY
+from tollgate.names import ORDER_STATUS_ATTR, ORDER_STATUS_QUERY, order_workflow_id
 from tollgate.providers import build_http_client
 from tollgate.sandbox import FaultSpec
 from tollgate.states import OrderStatus
@@ -133,9 +134,28 @@ async def test_out_of_stock_fails_with_the_charge_refunded(h: Harness) -> None:
     await _maybe_record(handle, "out_of_stock")
 
 
-async def test_invalid_order_fails_in_validation_before_any_money_moves(h: Harness) -> None:
+async def test_invalid_order_is_refused_before_anything_is_written(h: Harness) -> None:
     order = h.order(items=[{"sku": "NO-SUCH-THING", "quantity": 1}], currency="JPY")
-    result = await (await h.service.create(order)).result()
+    with pytest.raises(InputError) as refused:
+        await h.service.create(order)
+    assert "unknown SKU NO-SUCH-THING" in str(refused.value)
+    assert "currency JPY is not supported" in str(refused.value)
+    assert await db.get_order(h.pool, order.order_id) is None
+    with pytest.raises(RPCError):
+        await h.service.handle(order.order_id).describe()
+
+
+async def test_invalid_order_fails_in_validation_before_any_money_moves(h: Harness) -> None:
+    """A start that did not come through the service (another client, or a catalog that
+    changed after the check) is still caught by the workflow's own validation."""
+    order = h.order(items=[{"sku": "NO-SUCH-THING", "quantity": 1}], currency="JPY")
+    handle = await h.client.start_workflow(
+        OrderWorkflow.run,
+        order,
+        id=order_workflow_id(order.order_id),
+        task_queue=h.task_queue,
+    )
+    result = await handle.result()
     assert result.status == S.FAILED
     assert result.failure_reason is not None
     assert "unknown SKU NO-SUCH-THING" in result.failure_reason

@@ -38,6 +38,7 @@ async def test_worker_killed_mid_fan_out_pushes_every_device_exactly_once(
         "DATABASE_URL": h.settings.database_url,
         "SANDBOX_URL": h.settings.sandbox_url,
         "TASK_QUEUE": queue,
+        "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
     }
     user, devices = await h.devices(DEVICES)
     # slow enough that the fan-out is surely mid-way when the worker dies

@@ -40,11 +40,13 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from tollgate import db, message_db
+from tollgate.codec import ensure_key_file
 from tollgate.errors import InputError
 from tollgate.message_service import MessageService, build_message
 from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
 from tollgate.names import message_workflow_id, order_workflow_id
+from tollgate.providers import Catalog, build_http_client
 from tollgate.sandbox import FaultSpec, SandboxAdmin
 from tollgate.service import OrderService, build_order
 from tollgate.settings import Settings
@@ -130,7 +132,12 @@ class _Stack:
             "TASK_QUEUE": TASK_QUEUE,
             "PROVIDER_TIMEOUT_SECONDS": str(PROVIDER_TIMEOUT),
             "RECONCILE_EVERY_SECONDS": "0",
+            "PAYLOAD_KEY_FILE": str(self.key_file),
         }
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "payload.key"
 
     async def add_worker(self) -> None:
         self.spawned += 1
@@ -156,8 +163,10 @@ async def _retrying(what: Callable[[], Awaitable[Any]], *, seconds: float = 90.0
 class _Driver:
     """Starts lifecycles and plays the customers' and devices' part."""
 
-    def __init__(self, client: Client, pool: asyncpg.Pool, rng: random.Random) -> None:
-        self.orders = OrderService(client, pool, TASK_QUEUE)
+    def __init__(
+        self, client: Client, pool: asyncpg.Pool, rng: random.Random, catalog: Catalog
+    ) -> None:
+        self.orders = OrderService(client, pool, TASK_QUEUE, catalog=catalog)
         self.messages = MessageService(client, pool, TASK_QUEUE)
         self.rng = rng
         self.order_ids: list[str] = []
@@ -427,6 +436,7 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
     stack = _Stack(root, postgres, temporal, sandbox_proc)
     counts: Counter[str] = Counter()
     try:
+        ensure_key_file(stack.key_file)
         await postgres.start()
         await apply_migrations(postgres.owner_url)
         await temporal.start()
@@ -438,12 +448,16 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
             temporal_address=temporal.address,
             database_url=postgres.url,
             sandbox_url=sandbox_proc.url,
+            payload_key_file=stack.key_file,
         )
         client = await connect(settings)
         pool = await db.create_pool(postgres.url, max_size=10)
         try:
-            async with SandboxAdmin(sandbox_proc.url) as sandbox:
-                driver = _Driver(client, pool, rng)
+            async with (
+                SandboxAdmin(sandbox_proc.url) as sandbox,
+                build_http_client(settings) as http,
+            ):
+                driver = _Driver(client, pool, rng, Catalog(http))
                 recipients = []
                 for r in range(5):
                     user = f"chaos-{driver.run_id}-user{r}"

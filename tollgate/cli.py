@@ -18,23 +18,32 @@ from typing import Annotated, Any, Literal
 
 import asyncpg
 from cyclopts import App, CycloptsError, Parameter
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from tollgate import db
-from tollgate.errors import InputError, NotFound, NotRunning, TollgateError
+from tollgate.errors import ConfigError, InputError, NotFound, NotRunning, TollgateError
 from tollgate.message_db import MessageAuditRow
-from tollgate.message_models import MessageResult
 from tollgate.message_service import MessageReport, MessageService, build_message, parse_duration
 from tollgate.models import OrderResult
+from tollgate.providers import Catalog, build_http_client
 from tollgate.service import OrderReport, OrderService, build_order, parse_amount, parse_item
 from tollgate.settings import Settings
-from tollgate.temporal import connect
+from tollgate.states import DELIVERY_SETTLED, MessageStatus
+from tollgate.temporal import connect, data_converter
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
+
+#: Upper bounds of ``load``: past them a typo would run for hours.
+MAX_LOAD_COUNT = 100_000
+MAX_LOAD_CONCURRENCY = 1_000
+MAX_LOAD_RATE = 10_000.0
 
 app = App(
     name="starter.py", help="Drive Tollgate's order and message lifecycles.", version_flags=[]
@@ -63,6 +72,8 @@ def _emit_json(value: Any) -> None:
 
 @asynccontextmanager
 async def _connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.Pool]]:
+    # The payload key first: a process that would send plaintext must not connect at all.
+    converter = data_converter(settings)
     try:
         pool = await db.create_pool(settings.database_url, max_size=2)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -72,7 +83,7 @@ async def _connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.
         ) from None
     try:
         try:
-            client = await connect(settings)
+            client = await connect(settings, converter=converter)
         except RuntimeError as exc:
             raise Refused(
                 f"cannot reach Temporal at {settings.temporal_address} ({exc}); "
@@ -85,8 +96,8 @@ async def _connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.
 
 @asynccontextmanager
 async def _service(settings: Settings) -> AsyncIterator[OrderService]:
-    async with _connected(settings) as (client, pool):
-        yield OrderService(client, pool, settings.task_queue)
+    async with _connected(settings) as (client, pool), build_http_client(settings) as http:
+        yield OrderService(client, pool, settings.task_queue, catalog=Catalog(http))
 
 
 @asynccontextmanager
@@ -137,7 +148,7 @@ async def create(
     if json:
         _emit_json(out)
         return
-    _out.print(f"order {order.order_id} started as workflow {handle.id}")
+    _out.print(f"order {order.order_id} started as workflow {handle.id}", markup=False)
     _out.print(
         f"Web UI: {settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{handle.id}"
     )
@@ -147,11 +158,11 @@ async def create(
 
 def _print_result(result: dict[str, Any] | str) -> None:
     if isinstance(result, str):
-        _out.print(result)
+        _out.print(result, markup=False)
         return
     line = f"final status: [bold]{result['status']}[/bold] (version {result['version']})"
     if result.get("failure_reason"):
-        line += f" - {result['failure_reason']}"
+        line += f" - {escape(result['failure_reason'])}"
     if result.get("compensations"):
         line += f"; compensations: {', '.join(result['compensations'])}"
     _out.print(line)
@@ -176,7 +187,7 @@ async def cancel(
     if json:
         _emit_json(out)
     else:
-        _out.print(outcome.message)
+        _out.print(outcome.message, markup=False)
         if "result" in out:
             _print_result(out["result"])
     if not outcome.recorded:
@@ -204,27 +215,28 @@ def _transitions_table(transitions: Sequence[db.AuditRow | MessageAuditRow]) -> 
             t.from_status or "-",
             t.to_status,
             f"{t.from_version or '-'} -> {t.to_version}",
-            t.actor,
-            t.reason or "",
+            Text(t.actor),
+            Text(t.reason or ""),
         )
     return table
 
 
 def _print_report(report: OrderReport) -> None:
+    # Everything but the styling is data, some of it typed by users: escaped, never markup.
     o = report.order
     _out.print(
-        f"order [bold]{o.id}[/bold]: [bold]{o.status}[/bold] (version {o.version}), "
-        f"{o.amount_cents / 100:.2f} {o.currency} for {o.customer_id}"
+        f"order [bold]{escape(o.id)}[/bold]: [bold]{o.status}[/bold] (version {o.version}), "
+        f"{o.amount_cents / 100:.2f} {o.currency} for {escape(o.customer_id)}"
     )
-    _out.print("items: " + ", ".join(f"{i.sku} x{i.quantity}" for i in o.items))
+    _out.print("items: " + ", ".join(f"{i.sku} x{i.quantity}" for i in o.items), markup=False)
     if o.failure_reason:
-        _out.print(f"failure: {o.failure_reason}")
+        _out.print(f"failure: {o.failure_reason}", markup=False)
     if o.cancel_reason:
-        _out.print(f"cancel reason: {o.cancel_reason}")
+        _out.print(f"cancel reason: {o.cancel_reason}", markup=False)
     wf = report.workflow_status or "not found"
     if report.workflow_progress:
         wf += f", step {report.workflow_progress.step}"
-    _out.print(f"workflow {report.workflow_id}: {wf}")
+    _out.print(f"workflow {report.workflow_id}: {wf}", markup=False)
     _out.print(_transitions_table(report.transitions))
 
 
@@ -249,7 +261,19 @@ async def register(
     if json:
         _emit_json(row.model_dump(mode="json"))
     else:
-        _out.print(f"device {row.id} registered for {row.user_id} ({row.platform})")
+        _out.print(f"device {row.id} registered for {row.user_id} ({row.platform})", markup=False)
+
+
+@device_app.command
+async def remove(device_id: str, *, json: JsonFlag = False) -> None:
+    """Stop pushing to DEVICE_ID (it frees a place under the per-user device limit)."""
+    settings = Settings()
+    async with _messages(settings) as service:
+        row = await service.remove_device(device_id)
+    if json:
+        _emit_json(row.model_dump(mode="json"))
+    else:
+        _out.print(f"device {row.id} of {row.user_id} removed", markup=False)
 
 
 @message_app.command
@@ -265,7 +289,16 @@ async def send(
         str | None, Parameter(help="Fallback address (default RECIPIENT@example.com).")
     ] = None,
     message_id: str | None = None,
-    wait: WaitFlag = False,
+    wait: Annotated[
+        bool, Parameter(negative=(), help="Wait until delivered (or --until), up to --timeout.")
+    ] = False,
+    until: Annotated[
+        MessageStatus | None,
+        Parameter(help="With --wait: the status to wait for (default: delivered or emailed)."),
+    ] = None,
+    wait_timeout: Annotated[
+        str, Parameter(name="--timeout", help="With --wait: give up after this long.")
+    ] = "60s",
     json: JsonFlag = False,
 ) -> None:
     """Send a message: store it, push it to the recipient's devices, fall back to email."""
@@ -277,27 +310,34 @@ async def send(
         body=body,
         deadline=parse_duration(deadline),
     )
+    wait_for = parse_duration(wait_timeout)
+    targets = frozenset({until}) if until is not None else DELIVERY_SETTLED
     settings = Settings()
+    reached = True
     async with _messages(settings) as service:
         handle = await service.send(message)
         out: dict[str, Any] = {"message_id": message.message_id, "workflow_id": handle.id}
         if wait:
             try:
-                result: MessageResult = await handle.result()
-                out["result"] = result.model_dump(mode="json")
-            except WorkflowFailureError as exc:
-                out["result"] = f"workflow ended without a result ({exc.cause})"
+                async with asyncio.timeout(wait_for.total_seconds()):
+                    row = await service.wait_until(message.message_id, targets)
+            except TimeoutError:
+                row = await service.row(message.message_id)
+            reached = row.status in targets
+            out["status"] = row.status.value
+            out["version"] = row.version
+            out["reached"] = reached
     if json:
         _emit_json(out)
-        return
-    _out.print(f"message {message.message_id} sent as workflow {handle.id}")
-    if "result" in out:
-        r = out["result"]
-        _out.print(
-            r
-            if isinstance(r, str)
-            else f"final status: [bold]{r['status']}[/bold] (version {r['version']})"
-        )
+    else:
+        _out.print(f"message {message.message_id} sent as workflow {handle.id}", markup=False)
+        if wait:
+            _out.print(
+                f"status: [bold]{out['status']}[/bold] (version {out['version']})"
+                + ("" if reached else f"; not {'/'.join(sorted(targets))} within {wait_timeout}")
+            )
+    if not reached:
+        raise SystemExit(EXIT_REFUSED)
 
 
 async def _device_says(
@@ -309,7 +349,7 @@ async def _device_says(
     if as_json:
         _emit_json({"message_id": message_id, "device_id": device, "signal": what})
     else:
-        _out.print(f"{what} from {device} sent to message {message_id}")
+        _out.print(f"{what} from {device} sent to message {message_id}", markup=False)
 
 
 @message_app.command
@@ -335,7 +375,7 @@ async def recall(
     if json:
         _emit_json(outcome.model_dump(mode="json"))
     else:
-        _out.print(outcome.message)
+        _out.print(outcome.message, markup=False)
     if not outcome.recalled:
         raise SystemExit(EXIT_REFUSED)
 
@@ -359,19 +399,19 @@ def _when(value: object) -> str:
 def _print_message_report(report: MessageReport) -> None:
     m = report.message
     _out.print(
-        f"message [bold]{m.id}[/bold]: [bold]{m.status}[/bold] (version {m.version}), "
-        f"{m.sender_id} -> {m.recipient_id}, deadline {m.deadline_ms / 1000:g}s"
+        f"message [bold]{escape(m.id)}[/bold]: [bold]{m.status}[/bold] (version {m.version}), "
+        f"{escape(m.sender_id)} -> {escape(m.recipient_id)}, deadline {m.deadline_ms / 1000:g}s"
     )
     if m.failure_reason:
-        _out.print(f"reason: {m.failure_reason}")
+        _out.print(f"reason: {m.failure_reason}", markup=False)
     wf = report.workflow_status or "not found"
     if report.workflow_progress:
         wf += f", step {report.workflow_progress.step}"
-    _out.print(f"workflow {report.workflow_id}: {wf}")
+    _out.print(f"workflow {report.workflow_id}: {wf}", markup=False)
     devices = Table("device", "pushed", "delivered", "read", "receipt")
     for d in report.deliveries:
         devices.add_row(
-            d.device_id,
+            Text(d.device_id),
             _when(d.pushed_at),
             _when(d.delivered_at),
             _when(d.read_at),
@@ -396,15 +436,19 @@ async def load(
     """Run many orders or messages with backpressure at ingress; print a summary."""
     from tollgate.load import run_load
 
-    if count < 1 or concurrency < 1:
-        raise InputError("--count and --concurrency must be at least 1")
-    if rate is not None and rate <= 0:
-        raise InputError("--rate must be positive")
+    if not 1 <= count <= MAX_LOAD_COUNT or not 1 <= concurrency <= MAX_LOAD_CONCURRENCY:
+        raise InputError(
+            f"--count must be 1..{MAX_LOAD_COUNT} and --concurrency 1..{MAX_LOAD_CONCURRENCY}"
+        )
+    if rate is not None and not 0 < rate <= MAX_LOAD_RATE:
+        raise InputError(f"--rate must be positive and at most {MAX_LOAD_RATE:g}")
+    if max_wait is not None and not 0 <= max_wait <= 3600:
+        raise InputError("--max-wait must be between 0 and 3600 seconds")
     settings = Settings()
-    async with _connected(settings) as (client, pool):
+    async with _connected(settings) as (client, pool), build_http_client(settings) as http:
         summary = await run_load(
             kind,
-            orders=OrderService(client, pool, settings.task_queue),
+            orders=OrderService(client, pool, settings.task_queue, catalog=Catalog(http)),
             messages=MessageService(client, pool, settings.task_queue),
             count=count,
             concurrency=concurrency,
@@ -435,6 +479,14 @@ async def load(
 async def reconcile(
     *,
     repair: Annotated[bool, Parameter(help="Start recovery runs for orphaned orders.")] = False,
+    repair_missing: Annotated[
+        bool,
+        Parameter(
+            negative=(),
+            help="Also recover orders whose workflow Temporal does not know (only if you are "
+            "sure this is the right namespace and cluster).",
+        ),
+    ] = False,
     grace: Annotated[str, Parameter(help="Ignore rows changed more recently than this.")] = "30s",
     lookback: Annotated[str, Parameter(help="Ignore rows changed longer ago than this.")] = "1d",
     json: JsonFlag = False,
@@ -444,7 +496,10 @@ async def reconcile(
     from tollgate.reconcile import reconcile as run_reconcile
 
     options = ReconcileInput(
-        repair=repair, grace=parse_duration(grace), lookback=parse_duration(lookback)
+        repair=repair,
+        repair_missing=repair_missing,
+        grace=parse_duration(grace),
+        lookback=parse_duration(lookback),
     )
     settings = Settings()
     async with _connected(settings) as (client, pool):
@@ -461,12 +516,12 @@ async def reconcile(
         for f in report.findings:
             table.add_row(
                 f.entity_kind,
-                f.entity_id,
+                Text(f.entity_id),
                 f.finding,
                 f.row_status,
                 f.workflow_status or "-",
-                f.detail,
-                f.repair_workflow_id or "-",
+                Text(f.detail),
+                Text(f.repair_workflow_id or "-"),
             )
         _out.print(table)
 
@@ -477,15 +532,16 @@ async def search_token_(value: str, *, json: JsonFlag = False) -> None:
     from tollgate.codec import search_token
 
     settings = Settings()
+    converter = data_converter(settings)
     try:
-        client = await connect(settings)
+        client = await connect(settings, converter=converter)
     except RuntimeError as exc:
         raise Refused(f"cannot reach Temporal at {settings.temporal_address} ({exc})") from None
     token = search_token(client, value)
     if json:
         _emit_json({"value": value, "search_token": token})
     else:
-        _out.print(token)
+        _out.print(token, markup=False)
 
 
 @app.command
@@ -517,8 +573,14 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(result)
     except CycloptsError as exc:
         _fail(" ".join(str(exc).split()), EXIT_BAD_INPUT)
-    except InputError as exc:
+    except (InputError, ConfigError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
+    except ValidationError as exc:
+        # A setting from the environment that does not parse (Settings() is built per
+        # command); name the variable, not its value.
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]).upper()
+        _fail(f"setting {name}: {first['msg']}", EXIT_BAD_INPUT)
     except (NotFound, NotRunning, Refused) as exc:
         _fail(str(exc), EXIT_REFUSED)
     except TollgateError as exc:

@@ -17,8 +17,10 @@ written before encryption was switched on, and plain peers, still decode. The ke
 rotated: encode with the new one while still decoding with the old ones.
 
 The key comes from the settings (:func:`load_key`): ``PAYLOAD_ENCRYPTION_KEY`` (base64 of
-32 bytes) first, else the file ``PAYLOAD_KEY_FILE`` (default ``.tollgate/payload.key``,
-which the local stack creates), else none and payloads stay plain.
+32 bytes) first, else the file ``PAYLOAD_KEY_FILE`` (default ``<STATE_DIR>/payload.key``,
+which the local stack creates). With neither, a client refuses to start
+(:func:`tollgate.temporal.data_converter`) unless ``PAYLOAD_ENCRYPTION=off``.
+``PAYLOAD_OLD_KEYS`` lists retired keys that still decrypt (:func:`load_old_keys`).
 """
 
 from __future__ import annotations
@@ -164,6 +166,18 @@ def load_key(settings: Settings) -> bytes | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"PAYLOAD_KEY_FILE {path} could not be read: {exc}") from None
     return _parse_key(text, f"PAYLOAD_KEY_FILE {path}")
+
+
+def load_old_keys(settings: Settings) -> list[bytes]:
+    """Keys that still decrypt after a rotation: ``PAYLOAD_OLD_KEYS``, comma-separated
+    base64. Keep an old key here until no retained history needs it."""
+    if not settings.payload_old_keys:
+        return []
+    return [
+        _parse_key(part, f"PAYLOAD_OLD_KEYS (entry {n})")
+        for n, part in enumerate(settings.payload_old_keys.split(","), start=1)
+        if part.strip()
+    ]
 
 
 def ensure_key_file(path: Path) -> bytes:

@@ -23,6 +23,7 @@ from tollgate.demo_messages import MESSAGE_SCENARIOS, run_message_scenario
 from tollgate.message_service import MessageService
 from tollgate.models import OrderInput, OrderProgress, OrderResult, RetrySettings
 from tollgate.names import ORDER_STATUS_QUERY
+from tollgate.providers import Catalog, build_http_client
 from tollgate.sandbox import FaultSpec, Ledger, SandboxAdmin
 from tollgate.service import OrderService, build_order
 from tollgate.settings import Settings
@@ -234,8 +235,12 @@ async def run_demo(settings: Settings) -> list[DemoOutcome]:
     run_id = uuid.uuid4().hex[:6]
     outcomes: list[DemoOutcome] = []
     try:
-        async with SandboxAdmin(settings.sandbox_url) as sandbox:
-            ctx = DemoContext(OrderService(client, pool, settings.task_queue), sandbox)
+        async with (
+            SandboxAdmin(settings.sandbox_url) as sandbox,
+            build_http_client(settings) as http,
+        ):
+            orders = OrderService(client, pool, settings.task_queue, catalog=Catalog(http))
+            ctx = DemoContext(orders, sandbox)
             outcomes += [await run_scenario(ctx, s, run_id) for s in SCENARIOS]
             messages = MessageService(client, pool, settings.task_queue)
             for n, scenario in enumerate(MESSAGE_SCENARIOS):
@@ -312,7 +317,8 @@ async def _main(console: Console) -> bool:
 
     console.print(f"Starting the local stack in {settings.state_dir}/ ...")
     async with LocalStack.from_settings(settings) as stack:
-        settings = Settings(**{k.lower(): v for k, v in stack.env().items()})  # type: ignore[arg-type]
+        env = {**stack.env(), **stack.payload_env()}
+        settings = Settings(**{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
         outcomes = await run_demo(settings)
         print_outcomes(outcomes, settings, console)
     console.print(

@@ -6,6 +6,7 @@ workflow started; ``recall`` records CANCELLED before it signals.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import datetime, timedelta
 from typing import Literal
@@ -25,7 +26,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from tollgate import message_db
 from tollgate.codec import search_token
 from tollgate.errors import InputError, MessageNotFound, NotRunning
+from tollgate.ids import require_safe_id
 from tollgate.message_models import (
+    DeviceRegistration,
     DeviceSignal,
     MessageInput,
     MessageProgress,
@@ -46,13 +49,15 @@ from tollgate.states import MessageStatus
 from tollgate.temporal import inspect_workflow
 from workflows.message import MessageDeliveryWorkflow
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)", re.ASCII)
+#: No knob of Tollgate takes a longer duration; anything past it is a typo.
+_LONGEST_DURATION = timedelta(days=3650)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> timedelta:
     """``500ms``, ``30s``, ``5m``, ``2h``, ``7d`` -> timedelta; a clear error otherwise."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text.strip())
     if not match:
         raise InputError(
             f"duration {text!r} is not a number with a unit (ms, s, m, h, d), e.g. 30s"
@@ -60,6 +65,8 @@ def parse_duration(text: str) -> timedelta:
     value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if value <= 0:
         raise InputError(f"duration {text!r} must be positive")
+    if value > _LONGEST_DURATION.total_seconds():
+        raise InputError(f"duration {text!r} is longer than {_LONGEST_DURATION.days} days")
     return timedelta(seconds=value)
 
 
@@ -114,14 +121,43 @@ class MessageService:
     async def register_device(
         self, *, device_id: str, user_id: str, push_token: str, platform: str
     ) -> message_db.DeviceRow:
-        """Register a device of ``user_id`` with its push token."""
+        """Register a device of ``user_id`` with its push token (validated first)."""
+        device = parse_input(
+            DeviceRegistration,
+            {
+                "device_id": device_id,
+                "user_id": user_id,
+                "push_token": push_token,
+                "platform": platform,
+            },
+        )
         return await message_db.register_device(
             self._pool,
-            device_id=device_id,
-            user_id=user_id,
-            push_token=push_token,
-            platform=platform,
+            device_id=device.device_id,
+            user_id=device.user_id,
+            push_token=device.push_token,
+            platform=device.platform,
         )
+
+    async def remove_device(self, device_id: str) -> message_db.DeviceRow:
+        """Stop pushing to a device (it keeps its history); ``DeviceNotFound`` if unknown."""
+        require_safe_id("device id", device_id)
+        await message_db.deactivate_device(self._pool, device_id, "removed by its user")
+        return await message_db.get_device(self._pool, device_id)
+
+    async def wait_until(
+        self, message_id: str, until: frozenset[MessageStatus]
+    ) -> message_db.MessageRow:
+        """Poll the row until its status is in ``until`` or it ended elsewhere.
+
+        A message rests for its whole read window, so waiting for its workflow to end
+        would mean waiting days; callers bound this with ``asyncio.timeout``.
+        """
+        while True:
+            row = await self.row(message_id)
+            if row.status in until or row.status.terminal:
+                return row
+            await asyncio.sleep(0.1)
 
     async def send(
         self, message: MessageInput
@@ -163,10 +199,12 @@ class MessageService:
         self, message_id: str, device_id: str, what: Literal["delivered", "read"]
     ) -> None:
         """Deliver a device's confirmation or read acknowledgement to the workflow."""
+        payload = parse_input(DeviceSignal, {"device_id": device_id})
+        require_safe_id("message id", message_id)
         row = await self.row(message_id)
         signal = MESSAGE_DELIVERED_SIGNAL if what == "delivered" else MESSAGE_READ_SIGNAL
         try:
-            await self.handle(message_id).signal(signal, DeviceSignal(device_id=device_id))
+            await self.handle(message_id).signal(signal, payload)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -175,9 +213,14 @@ class MessageService:
             ) from None
 
     async def recall(self, message_id: str, *, reason: str, requested_by: str) -> RecallOutcome:
-        """Record CANCELLED in Postgres (version-checked), then signal the workflow."""
+        """Record CANCELLED in Postgres (version-checked), then signal the workflow.
+
+        The request is validated whole before the write, as for an order's cancel.
+        """
+        request = parse_input(RecallRequest, {"reason": reason, "requested_by": requested_by})
+        require_safe_id("message id", message_id)
         row = await message_db.recall_message(
-            self._pool, message_id, reason=reason, actor=f"cli:{requested_by}"
+            self._pool, message_id, reason=request.reason, actor=f"cli:{request.requested_by}"
         )
         if row.status is not MessageStatus.CANCELLED:
             return RecallOutcome(
@@ -189,9 +232,7 @@ class MessageService:
             )
         signalled = True
         try:
-            await self.handle(message_id).signal(
-                MESSAGE_RECALL_SIGNAL, RecallRequest(reason=reason, requested_by=requested_by)
-            )
+            await self.handle(message_id).signal(MESSAGE_RECALL_SIGNAL, request)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise

@@ -17,7 +17,8 @@ time left until the breaker half-opens, so Temporal waits instead of hammering.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
 import httpx
@@ -51,6 +52,9 @@ _REJECTIONS: dict[str, type[ProviderRejected]] = {
     "unregistered": TokenUnregistered,
     "bounced": EmailBounced,
 }
+
+#: What a provider's ``error`` code must look like to be kept.
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 #: 4xx statuses that say "not now" rather than "no": retried like a 5xx.
 _TRANSIENT_4XX = frozenset({408, 429})
@@ -197,16 +201,37 @@ class ProviderClient:
             raise MalformedProviderResponse(self.provider, f"{what}: body is not a JSON object")
         if status < 300:
             return body
-        code = body.get("error")
-        message = body.get("message") or code or "rejected"
-        error_cls = _REJECTIONS.get(code) if isinstance(code, str) else None
+        # Only the machine-readable code is kept: a provider's free-text message quotes
+        # what it was sent (an address, a customer), and error text ends up in logs,
+        # failure reasons and Temporal histories. A code that is not a plain token is
+        # treated as none, so a hostile answer cannot smuggle text in through it either.
+        raw = body.get("error")
+        code = raw if isinstance(raw, str) and _ERROR_CODE.fullmatch(raw) else None
+        error_cls = _REJECTIONS.get(code) if code is not None else None
+        detail = f"{what}: {code or 'rejected'}"
         if error_cls is None:
             # A 4xx we do not know is still a refusal of this exact request; retrying the
             # same bytes will not change the answer.
-            raise ProviderRejected(
-                self.provider, f"{what}: {message}", code=code if isinstance(code, str) else None
-            )
-        raise error_cls(self.provider, str(message), code=code)
+            raise ProviderRejected(self.provider, detail, code=code)
+        raise error_cls(self.provider, detail, code=code)
+
+
+class Catalog:
+    """What the inventory service sells: asked before an order is accepted (the service)
+    and again when the workflow validates it (the catalog may have changed since)."""
+
+    def __init__(self, http: httpx.AsyncClient, breaker: CircuitBreaker | None = None) -> None:
+        self._inventory = ProviderClient(http, "inventory", breaker)
+
+    async def unknown_skus(self, skus: Iterable[str]) -> list[str]:
+        """The SKUs the inventory does not know, in the order given."""
+        unknown: list[str] = []
+        for sku in skus:
+            try:
+                await self._inventory.call("GET", f"/inventory/skus/{sku}")
+            except UnknownSku:
+                unknown.append(sku)
+        return unknown
 
 
 def _as_is(body: dict[str, Any]) -> dict[str, Any]:
@@ -221,11 +246,3 @@ def _summary(exc: ValidationError) -> str:
     ]
     more = len(exc.errors()) - len(parts)
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
-
-
-def require_str(provider: str, body: dict[str, Any], field: str) -> str:
-    """A required string field of a provider answer, or ``MalformedProviderResponse``."""
-    value = body.get(field)
-    if not isinstance(value, str) or not value:
-        raise MalformedProviderResponse(provider, f"answer lacks a string {field!r}: {body!r:.200}")
-    return value

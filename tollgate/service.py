@@ -7,8 +7,9 @@ its workflow started; a cancellation is recorded before the workflow is told.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict
@@ -24,8 +25,17 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate import db
 from tollgate.codec import search_token
-from tollgate.errors import InputError, OrderNotFound
-from tollgate.models import CancelOrderRequest, OrderInput, OrderProgress, OrderResult, parse_input
+from tollgate.errors import InputError, OrderNotFound, ProviderError
+from tollgate.ids import require_safe_id
+from tollgate.models import (
+    MAX_AMOUNT_CENTS,
+    CancelOrderRequest,
+    OrderInput,
+    OrderProgress,
+    OrderResult,
+    order_problems,
+    parse_input,
+)
 from tollgate.names import (
     CUSTOMER_ID_ATTR,
     ORDER_CANCEL_SIGNAL,
@@ -33,29 +43,36 @@ from tollgate.names import (
     ORDER_STATUS_QUERY,
     order_workflow_id,
 )
+from tollgate.providers import Catalog
 from tollgate.states import OrderStatus
 from tollgate.temporal import inspect_workflow
 from workflows.order import OrderWorkflow
 
+#: ``SKU:QTY`` with ASCII digits only (``str.isdigit`` accepts '²', which int() refuses).
+_ITEM = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([0-9]{1,6})", re.ASCII)
+#: A plain decimal: no exponent, no sign, at most 15 digits before the point.
+_AMOUNT = re.compile(r"-?[0-9]{1,15}(\.[0-9]+)?", re.ASCII)
+
 
 def parse_item(text: str) -> dict[str, object]:
     """``SKU:QTY`` -> ``{"sku": ..., "quantity": ...}``; a clear error otherwise."""
-    sku, sep, qty = text.partition(":")
-    if not sep or not sku or not qty.isdigit():
+    match = _ITEM.fullmatch(text.strip())
+    if match is None:
         raise InputError(f"item {text!r} is not SKU:QTY (e.g. WIDGET:2)")
-    return {"sku": sku.strip().upper(), "quantity": int(qty)}
+    return {"sku": match.group(1).upper(), "quantity": int(match.group(2))}
 
 
 def parse_amount(text: str) -> int:
     """A decimal amount in major units (``12.34``) -> integer cents."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise InputError(f"amount {text!r} is not a number") from None
-    if not value.is_finite() or value <= 0:
+    if not _AMOUNT.fullmatch(text.strip()):
+        raise InputError(f"amount {text!r} is not a number like 12.34")
+    value = Decimal(text.strip())
+    if value <= 0:
         raise InputError(f"amount must be positive, got {text}")
     if value != value.quantize(Decimal("0.01")):
         raise InputError(f"amount {text} has more than two decimal places")
+    if value * 100 > MAX_AMOUNT_CENTS:
+        raise InputError(f"amount {text} is over the limit of {MAX_AMOUNT_CENTS / 100:.2f}")
     return int(value * 100)
 
 
@@ -93,10 +110,13 @@ class OrderReport(BaseModel):
 class OrderService:
     """Order operations over one Temporal client and one Postgres pool."""
 
-    def __init__(self, client: Client, pool: asyncpg.Pool, task_queue: str) -> None:
+    def __init__(
+        self, client: Client, pool: asyncpg.Pool, task_queue: str, *, catalog: Catalog
+    ) -> None:
         self._client = client
         self._pool = pool
         self._task_queue = task_queue
+        self._catalog = catalog
 
     def handle(self, order_id: str) -> WorkflowHandle[OrderWorkflow, OrderResult]:
         """The workflow handle of an order."""
@@ -117,6 +137,7 @@ class OrderService:
         rolls back. If the commit itself fails after the start, the workflow's first
         activity inserts the identical row, so the order is still recorded.
         """
+        await self.check(order)
         workflow_id = order_workflow_id(order.order_id)
         async with self._pool.acquire() as conn, conn.transaction():
             existing = await db.get_order(conn, order.order_id)
@@ -151,10 +172,33 @@ class OrderService:
                     "order ids cannot be reused"
                 ) from None
 
+    async def check(self, order: OrderInput) -> None:
+        """Refuse an order that breaks a business rule or names an unknown SKU, before
+        anything is written or started (``InputError`` listing every problem).
+
+        When the inventory cannot be asked (down, slow), the order is accepted and the
+        workflow's validation step asks again with retries: an outage delays a checkout,
+        it does not refuse one.
+        """
+        problems = order_problems(order)
+        try:
+            unknown = await self._catalog.unknown_skus(i.sku for i in order.items)
+        except ProviderError:
+            unknown = []
+        problems += [f"unknown SKU {sku}" for sku in unknown]
+        if problems:
+            raise InputError(f"order {order.order_id} refused: {'; '.join(problems)}")
+
     async def cancel(self, order_id: str, *, reason: str, requested_by: str) -> CancelOutcome:
-        """Record CANCELLING in Postgres (version-checked), then signal the workflow."""
+        """Record CANCELLING in Postgres (version-checked), then signal the workflow.
+
+        The whole request is validated first: a reason the signal could not carry must
+        not leave a row CANCELLING that its workflow never hears of.
+        """
+        request = parse_input(CancelOrderRequest, {"reason": reason, "requested_by": requested_by})
+        require_safe_id("order id", order_id)
         state = await db.request_cancellation(
-            self._pool, order_id, reason=reason, actor=f"cli:{requested_by}"
+            self._pool, order_id, reason=request.reason, actor=f"cli:{request.requested_by}"
         )
         if state.status.terminal:
             return CancelOutcome(
@@ -167,9 +211,7 @@ class OrderService:
             )
         signalled = True
         try:
-            await self.handle(order_id).signal(
-                ORDER_CANCEL_SIGNAL, CancelOrderRequest(reason=reason, requested_by=requested_by)
-            )
+            await self.handle(order_id).signal(ORDER_CANCEL_SIGNAL, request)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise

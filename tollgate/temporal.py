@@ -11,33 +11,48 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
-from tollgate.codec import EncryptionCodec, load_key
+from tollgate.codec import EncryptionCodec, load_key, load_old_keys
+from tollgate.errors import ConfigError
 from tollgate.settings import Settings
 
 
 def data_converter(settings: Settings) -> DataConverter:
-    """The pydantic converter, encrypting payloads when the settings name a key.
+    """The pydantic converter, encrypting payloads with the settings' key.
 
-    With a key, failure messages and stack traces move into an (encrypted) payload too:
-    an error text can quote customer data.
+    Fails closed: with no key, ``ConfigError`` naming the settings, unless
+    ``PAYLOAD_ENCRYPTION=off`` says plaintext is intended. A process run from another
+    directory, or with a typo in ``PAYLOAD_KEY_FILE``, must not quietly send customer
+    data to Temporal in clear. With a key, failure messages and stack traces move into
+    an (encrypted) payload too: an error text can quote customer data.
     """
-    key = load_key(settings)
+    try:
+        key = load_key(settings)
+        old_keys = load_old_keys(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if key is None:
-        return pydantic_data_converter
+        if settings.payload_encryption == "off":
+            return pydantic_data_converter
+        raise ConfigError(
+            "no payload key: set PAYLOAD_ENCRYPTION_KEY, or PAYLOAD_KEY_FILE to the key file "
+            f"(looked for {settings.payload_key_path}; the local stack writes "
+            "<STATE_DIR>/payload.key), or PAYLOAD_ENCRYPTION=off to send payloads in clear"
+        )
     return dataclasses.replace(
         pydantic_data_converter,
-        payload_codec=EncryptionCodec(key),
+        payload_codec=EncryptionCodec(key, old_keys=old_keys),
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
 
 
-async def connect(settings: Settings) -> Client:
+async def connect(settings: Settings, *, converter: DataConverter | None = None) -> Client:
     """A client for ``settings.temporal_address`` with the pydantic converter, tracing,
-    and payload encryption when a key is configured (see :mod:`tollgate.codec`)."""
+    and payload encryption (see :func:`data_converter`; pass ``converter`` when it was
+    built already, to fail on a missing key before anything else is touched)."""
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        data_converter=data_converter(settings),
+        data_converter=converter or data_converter(settings),
         interceptors=[TracingInterceptor()],
     )
 

@@ -23,12 +23,13 @@ from activities.push import PushActivities
 from activities.reconcile import ReconcileActivities
 from tollgate import db
 from tollgate.breaker import Breakers
+from tollgate.errors import ConfigError
 from tollgate.migrate import apply_migrations
 from tollgate.providers import build_http_client
 from tollgate.reconcile import ensure_schedule
 from tollgate.settings import Settings
 from tollgate.telemetry import configure_logging, configure_metrics, configure_tracing
-from tollgate.temporal import connect
+from tollgate.temporal import connect, data_converter
 from workflows.message import MessageDeliveryWorkflow
 from workflows.order import OrderWorkflow
 from workflows.read_receipts import ReadReceiptSyncWorkflow
@@ -108,10 +109,11 @@ def build_worker(
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Migrate, connect, poll until ``stop`` is set, then drain and close."""
+    converter = data_converter(settings)  # no key, no worker: before touching anything
     applied = await apply_migrations(settings.database_owner_url or settings.database_url)
     if applied:
         _log.info("migrations applied", extra={"migrations": applied})
-    client = await connect(settings)
+    client = await connect(settings, converter=converter)
     if settings.reconcile_every_seconds > 0:
         created = await ensure_schedule(
             client,
@@ -159,6 +161,10 @@ def main() -> None:
 
     try:
         asyncio.run(_main())
+    except ConfigError as exc:
+        # One line naming the setting: a worker without its key must not start at all.
+        _log.error("worker refused to start: %s", exc)
+        raise SystemExit(2) from None
     finally:
         provider.shutdown()
         meters.shutdown()

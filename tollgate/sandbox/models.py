@@ -129,11 +129,17 @@ class PushRequest(_Strict):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
+#: A header value: no control characters at all.
+_HEADER_SAFE = r"^[^\x00-\x1f\x7f]*$"
+
+
 class EmailRequest(_Strict):
     """Body of ``POST /email/messages``."""
 
-    to: str
-    subject: str = Field(min_length=1, max_length=200)
+    to: str = Field(pattern=_HEADER_SAFE)
+    # Headers are one line: a CR/LF in them would let the sender write further headers
+    # (Bcc:), which is why real providers refuse them, and so does the sandbox.
+    subject: str = Field(min_length=1, max_length=200, pattern=_HEADER_SAFE)
     body: str = Field(max_length=100_000)
     message_id: str = Field(min_length=1)
 
