@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
+import pytest
+from temporalio.client import Client, DescribeWorkflowInput, Interceptor, OutboundInterceptor
+from temporalio.service import RPCError
 
-from tests.conftest import Harness
+from tests.conftest import FAST_RETRY, Harness
 from tollgate import db
-from tollgate.models import OrderProgress
-from tollgate.names import ORDER_STATUS_QUERY
-from tollgate.reconcile import ReconcileInput, reconcile
+from tollgate.models import OrderProgress, RecoveryInput
+from tollgate.names import ORDER_STATUS_QUERY, order_workflow_id, recovery_workflow_id
+from tollgate.reconcile import ReconcileInput, ReconcileReport, reconcile
 from tollgate.sandbox import FaultSpec
-from tollgate.states import OrderStatus
+from tollgate.states import MessageStatus, OrderStatus
+from workflows.recovery import OrderRecoveryWorkflow
 
 S = OrderStatus
+M = MessageStatus
 NOW = ReconcileInput(repair=True, grace=timedelta(0), lookback=timedelta(minutes=10))
 
 
@@ -141,3 +148,131 @@ async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -
         assert len(report.run_id) == 12, "the scheduled run went through the reconcile activity"
     finally:
         await schedule.delete()
+
+
+async def _reconcile_read_rows_then_described(
+    h: Harness, order_id: str, on_describe: Callable[[], Awaitable[None]]
+) -> ReconcileReport:
+    """Run the reconciler with a client that, when it describes ``order_id``'s workflow,
+    first lets ``on_describe`` happen: the row was read before, the describe sees after."""
+
+    class _Outbound(OutboundInterceptor):
+        async def describe_workflow(self, input: DescribeWorkflowInput) -> Any:
+            if input.id == order_workflow_id(order_id):
+                await on_describe()
+            return await super().describe_workflow(input)
+
+    class _Interceptor(Interceptor):
+        def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+            return _Outbound(next)
+
+    racing = Client(
+        h.client.service_client,
+        namespace=h.client.namespace,
+        data_converter=h.client.data_converter,
+        interceptors=[_Interceptor()],
+    )
+    return await reconcile(racing, h.pool, task_queue=h.task_queue, options=NOW)
+
+
+async def test_an_order_that_completes_while_the_reconciler_looks_is_not_refunded(
+    h: Harness,
+) -> None:
+    """The reconciler reads rows first and describes workflows later; an order whose
+    workflow completes in between was once taken for orphaned and refunded."""
+    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=800, latency_phase="after"))
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, "reserving")
+    assert (await h.service.row(order.order_id)).status == S.RESERVING
+
+    async def let_it_complete() -> None:
+        assert (await handle.result()).status == S.COMPLETED
+
+    report = await _reconcile_read_rows_then_described(h, order.order_id, let_it_complete)
+    assert not [f for f in report.findings if f.entity_id == order.order_id]
+    assert (await h.service.row(order.order_id)).status == S.COMPLETED
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [c.status for c in ledger.charges] == ["captured"], "one charge, kept"
+    assert ledger.refunds == [] and ledger.releases == [] and ledger.voids == []
+    with pytest.raises(RPCError):  # no recovery was started for it
+        await h.client.get_workflow_handle(recovery_workflow_id(order.order_id)).describe()
+
+
+async def test_recovery_of_a_completed_order_undoes_nothing(h: Harness) -> None:
+    order = h.order()
+    assert (await (await h.service.create(order)).result()).status == S.COMPLETED
+    before_row = await h.service.row(order.order_id)
+    before_ledger = await h.sandbox.ledger(order.order_id)
+
+    result = await h.client.execute_workflow(
+        OrderRecoveryWorkflow.run,
+        RecoveryInput(order_id=order.order_id, reason="started by mistake", retry=FAST_RETRY),
+        id=recovery_workflow_id(order.order_id),
+        task_queue=h.task_queue,
+    )
+    assert result.outcome == "nothing to do" and result.compensations == []
+    assert result.status == S.COMPLETED
+    assert await h.service.row(order.order_id) == before_row, "row untouched, same version"
+    assert await h.sandbox.ledger(order.order_id) == before_ledger, "ledger untouched"
+
+
+async def test_recovery_claims_before_it_compensates(h: Harness) -> None:
+    """The claim is a version-checked move out of the forward path, committed before any
+    refund: the audit shows COMPENSATING written by the recovery, then FAILED."""
+    order_id = await _terminate_at(h, "charging", "payments")
+    refunds_before = len((await h.sandbox.ledger(order_id)).refunds)
+    assert refunds_before == 0
+    result = await h.client.execute_workflow(
+        OrderRecoveryWorkflow.run,
+        RecoveryInput(order_id=order_id, reason="recovered by hand", retry=FAST_RETRY),
+        id=recovery_workflow_id(order_id),
+        task_queue=h.task_queue,
+    )
+    assert result.outcome == "recovered" and result.status == S.FAILED
+    audit = await db.list_transitions(h.pool, order_id)
+    claim, end = audit[-2], audit[-1]
+    assert (claim.from_status, claim.to_status) == (S.CHARGING, S.COMPENSATING)
+    assert claim.actor.startswith("reconciler:") and end.to_status == S.FAILED
+    ledger = await h.sandbox.ledger(order_id)
+    assert ledger.refunds and all(r.created_at > claim.at for r in ledger.refunds), (
+        "every refund came after the claim committed"
+    )
+
+
+async def test_a_row_temporal_does_not_know_is_reported_and_repaired_only_on_request(
+    h: Harness,
+) -> None:
+    order = h.order()
+    async with h.pool.acquire() as conn:
+        await db.insert_order(
+            conn, order, workflow_id=order_workflow_id(order.order_id), actor="test"
+        )
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    (mine,) = [f for f in report.findings if f.entity_id == order.order_id]
+    assert mine.finding == "missing" and mine.workflow_status is None
+    assert mine.repair_workflow_id is None, "NOT_FOUND is reported, never repaired by default"
+    assert (await h.service.row(order.order_id)).status == S.PENDING
+
+    asked = NOW.model_copy(update={"repair_missing": True})
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=asked)
+    (mine,) = [f for f in report.findings if f.entity_id == order.order_id]
+    assert mine.repair_workflow_id == recovery_workflow_id(order.order_id)
+    await h.client.get_workflow_handle(mine.repair_workflow_id).result()
+    assert (await h.service.row(order.order_id)).status == S.FAILED
+
+
+async def test_a_message_at_rest_whose_workflow_was_terminated_is_reported(h: Harness) -> None:
+    user, devices = await h.devices(1)
+    msg = h.message(user, read_window=timedelta(minutes=5))
+    handle = await h.messages.send(msg)
+    await h.messages.device_says(msg.message_id, devices[0], "delivered")
+    for _ in range(200):
+        if (await h.messages.row(msg.message_id)).status == M.DELIVERED:
+            break
+        await asyncio.sleep(0.025)
+    await handle.terminate("operator pressed Terminate")
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    (mine,) = [f for f in report.findings if f.entity_id == msg.message_id]
+    assert mine.finding == "failed_at_rest" and mine.workflow_status == "TERMINATED"
+    assert mine.row_status == "DELIVERED" and mine.repair_workflow_id is None

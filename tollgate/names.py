@@ -32,6 +32,11 @@ MESSAGE_STATUS_QUERY = "status"
 MESSAGE_STATUS_ATTR = SearchAttributeKey.for_keyword("MessageStatus")
 RECIPIENT_ID_ATTR = SearchAttributeKey.for_keyword("RecipientId")
 
+#: Set on a lifecycle that needs an operator: a compensation keeps failing (value
+#: ``compensation-stuck``). Cleared once it went through. Search ``TollgateAlert != ""``.
+ALERT_ATTR = SearchAttributeKey.for_keyword("TollgateAlert")
+COMPENSATION_STUCK = "compensation-stuck"
+
 #: Every custom search attribute Tollgate uses, with its Temporal type. The local stack
 #: registers them on the dev server; docker-compose users register them once with
 #: ``temporal operator search-attribute create``.
@@ -40,6 +45,7 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
     CUSTOMER_ID_ATTR.name: "Keyword",
     MESSAGE_STATUS_ATTR.name: "Keyword",
     RECIPIENT_ID_ATTR.name: "Keyword",
+    ALERT_ATTR.name: "Keyword",
 }
 
 
@@ -53,6 +59,15 @@ def order_id_from_workflow_id(workflow_id: str) -> str:
     if not workflow_id.startswith(ORDER_WORKFLOW_PREFIX):
         raise ValueError(f"not an order workflow id: {workflow_id!r}")
     return workflow_id[len(ORDER_WORKFLOW_PREFIX) :]
+
+
+def recovery_workflow_id(order_id: str) -> str:
+    """The id of the reconciler's recovery run for an order: ``order-<id>:recovery``.
+
+    Distinct from every order's own workflow id because ``:`` is outside the id alphabet
+    (:mod:`tollgate.ids`).
+    """
+    return f"{order_workflow_id(order_id)}:recovery"
 
 
 def message_workflow_id(message_id: str) -> str:

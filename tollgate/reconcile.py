@@ -1,16 +1,23 @@
 """The reconciler: compare Postgres with Temporal, record drift, repair where safe.
 
-Two kinds of drift are found:
+Four kinds of drift are found:
 
-* **orphaned**: a row that is not at rest while its workflow is not running (terminated
-  from the Web UI, timed out, failed on a bug). Nothing will ever move it again.
+* **orphaned**: a row that is not at rest while its workflow was seen closed
+  (terminated from the Web UI, timed out, failed on a bug), and the row, read again
+  after that, had not moved. Nothing will ever move it again.
+* **missing**: a row that is not at rest and whose workflow Temporal does not know.
+  That is also what a client pointed at the wrong namespace or cluster sees, so it is
+  reported and repaired only when the operator asks (``--repair-missing``).
+* **failed_at_rest**: a row at rest whose workflow ended FAILED, TERMINATED or
+  TIMED_OUT: the row may not be where the lifecycle meant to leave it.
 * **disagreement**: a finished workflow whose result names another final state than
   the row holds (a manual fix at psql that went wrong, say).
 
 Every finding is printed and recorded in ``reconciliation_findings``. Orphaned orders
-are repaired by ``OrderRecoveryWorkflow`` (compensate from the idempotency keys, end the
-row FAILED, or CANCELLED if a cancellation was recorded). Messages and disagreements are
-only reported: no automatic answer is safe for them.
+are repaired by ``OrderRecoveryWorkflow``, which claims the row (version-checked) before
+it compensates from the idempotency keys, then ends it FAILED, or CANCELLED if a
+cancellation was recorded. Messages and the other findings are only reported: no
+automatic answer is safe for them.
 
 It runs on demand (``starter.py reconcile``) and on a Temporal Schedule that the worker
 keeps in place (``ReconcilerWorkflow`` every ``RECONCILE_EVERY_SECONDS``).
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -39,6 +48,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.message_models import MessageResult
 from tollgate.models import OrderResult, RecoveryInput, RetrySettings
+from tollgate.names import recovery_workflow_id
 from tollgate.states import MessageStatus, OrderStatus
 
 RECONCILE_SCHEDULE_ID = "tollgate-reconciler"
@@ -58,6 +68,9 @@ _MESSAGE_AT_REST = frozenset(
 )
 
 
+FindingKind = Literal["orphaned", "missing", "disagreement", "failed_at_rest"]
+
+
 class Finding(BaseModel):
     """One drift between a row and its workflow."""
 
@@ -65,7 +78,7 @@ class Finding(BaseModel):
 
     entity_kind: Literal["order", "message"]
     entity_id: str
-    finding: Literal["orphaned", "disagreement"]
+    finding: FindingKind
     row_status: str
     workflow_status: str | None
     detail: str
@@ -78,6 +91,10 @@ class ReconcileInput(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     repair: bool = True
+    #: Also recover orders whose workflow Temporal does not know. Off by default: a
+    #: NOT_FOUND also answers a client pointed at the wrong namespace or cluster, or a
+    #: history past its retention, and recovery refunds.
+    repair_missing: bool = False
     #: Rows changed longer ago than this are not looked at again.
     lookback: timedelta = timedelta(days=1)
     #: A row younger than this may belong to a workflow still being started.
@@ -95,7 +112,18 @@ class ReconcileReport(BaseModel):
     findings: list[Finding]
 
 
+#: Workflow ends that mean the lifecycle did not finish its own way.
+_ENDED_BADLY = frozenset(
+    {
+        WorkflowExecutionStatus.FAILED,
+        WorkflowExecutionStatus.TERMINATED,
+        WorkflowExecutionStatus.TIMED_OUT,
+    }
+)
+
+
 async def _workflow_status(client: Client, workflow_id: str) -> WorkflowExecutionStatus | None:
+    """The execution's status; None when Temporal answers NOT_FOUND."""
     try:
         description = await client.get_workflow_handle(workflow_id).describe()
     except RPCError as exc:
@@ -122,37 +150,77 @@ async def _final_status(client: Client, workflow_id: str, result_type: type[Any]
     return str(status) if status is not None else None
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """How to read one kind of row and when it is at rest."""
+
+    name: Literal["order", "message"]
+    table: str
+    at_rest: Callable[[str], bool]
+    result_type: type[Any]
+
+
+_ORDERS = _Kind("order", "orders", lambda s: OrderStatus(s).terminal, OrderResult)
+_MESSAGES = _Kind(
+    "message", "messages", lambda s: MessageStatus(s) in _MESSAGE_AT_REST, MessageResult
+)
+
+
+async def _recovered(client: Client, order_id: str) -> bool:
+    """Whether a recovery run of this order completed (so the row ended its way)."""
+    status = await _workflow_status(client, recovery_workflow_id(order_id))
+    return status == WorkflowExecutionStatus.COMPLETED
+
+
 async def _check(
-    client: Client,
-    kind: Literal["order", "message"],
-    row: asyncpg.Record,
-    at_rest: bool,
-    result_type: type[Any],
+    client: Client, pool: asyncpg.Pool, kind: _Kind, row: asyncpg.Record
 ) -> Finding | None:
+    """Compare one row with its workflow; None when they agree (or the row moved).
+
+    The row was read before the workflow was described, and a lifecycle may finish in
+    between: a RESERVING row read a moment before its workflow completed looks orphaned.
+    So a row that is not at rest is only reported after its workflow was seen closed
+    *and* the row was read again, unchanged. (Recovery then claims the row
+    version-checked, so even a report that turns stale cannot undo a finished order.)
+    """
     status = await _workflow_status(client, row["workflow_id"])
     name = status.name if status is not None else None
-    if not at_rest:
-        if status == WorkflowExecutionStatus.RUNNING:
-            return None
+
+    def finding(kind_of: FindingKind, detail: str) -> Finding:
         return Finding(
-            entity_kind=kind,
+            entity_kind=kind.name,
             entity_id=row["id"],
-            finding="orphaned",
+            finding=kind_of,
             row_status=row["status"],
             workflow_status=name,
-            detail=f"row is {row['status']} but its workflow is {name or 'gone'}",
+            detail=detail,
+        )
+
+    if not kind.at_rest(row["status"]):
+        if status == WorkflowExecutionStatus.RUNNING:
+            return None
+        again = await pool.fetchrow(
+            f"SELECT status, version FROM {kind.table} WHERE id = $1", row["id"]
+        )
+        if again is None or (again["status"], again["version"]) != (row["status"], row["version"]):
+            return None  # it moved since we read it: the next run looks again
+        if status is None:
+            return finding(
+                "missing",
+                f"row is {row['status']} but Temporal does not know its workflow "
+                "(wrong namespace or cluster, or retention expired?)",
+            )
+        return finding("orphaned", f"row is {row['status']} but its workflow is {name}")
+    if status in _ENDED_BADLY:
+        if kind.name == "order" and await _recovered(client, row["id"]):
+            return None  # the reconciler's own recovery finished this row
+        return finding(
+            "failed_at_rest", f"row rests at {row['status']} but its workflow ended {name}"
         )
     if status == WorkflowExecutionStatus.COMPLETED:
-        final = await _final_status(client, row["workflow_id"], result_type)
+        final = await _final_status(client, row["workflow_id"], kind.result_type)
         if final is not None and final != row["status"]:
-            return Finding(
-                entity_kind=kind,
-                entity_id=row["id"],
-                finding="disagreement",
-                row_status=row["status"],
-                workflow_status=name,
-                detail=f"workflow ended {final}, row holds {row['status']}",
-            )
+            return finding("disagreement", f"workflow ended {final}, row holds {row['status']}")
     return None
 
 
@@ -163,46 +231,45 @@ async def reconcile(
     options = options or ReconcileInput()
     run_id = uuid.uuid4().hex[:12]
     findings: list[Finding] = []
-
-    orders = await pool.fetch(
-        "SELECT id, status, workflow_id FROM orders"
-        " WHERE updated_at > now() - $1::interval AND updated_at < now() - $2::interval ORDER BY id",
-        options.lookback,
-        options.grace,
-    )
-    for row in orders:
-        found = await _check(client, "order", row, OrderStatus(row["status"]).terminal, OrderResult)
-        if found is not None:
-            findings.append(found)
-
-    messages = await pool.fetch(
-        "SELECT id, status, workflow_id FROM messages"
-        " WHERE updated_at > now() - $1::interval AND updated_at < now() - $2::interval ORDER BY id",
-        options.lookback,
-        options.grace,
-    )
-    for row in messages:
-        at_rest = MessageStatus(row["status"]) in _MESSAGE_AT_REST
-        found = await _check(client, "message", row, at_rest, MessageResult)
-        if found is not None:
-            findings.append(found)
+    checked: dict[str, int] = {}
+    for kind in (_ORDERS, _MESSAGES):
+        rows = await pool.fetch(
+            f"SELECT id, status, version, workflow_id FROM {kind.table}"
+            " WHERE updated_at > now() - $1::interval AND updated_at < now() - $2::interval"
+            " ORDER BY id",
+            options.lookback,
+            options.grace,
+        )
+        checked[kind.name] = len(rows)
+        for row in rows:
+            found = await _check(client, pool, kind, row)
+            if found is not None:
+                findings.append(found)
 
     if options.repair:
-        findings = [await _repair(client, f, task_queue) for f in findings]
+        findings = [await _repair(client, f, task_queue, options) for f in findings]
     await _record(pool, run_id, findings)
     return ReconcileReport(
-        run_id=run_id, orders_checked=len(orders), messages_checked=len(messages), findings=findings
+        run_id=run_id,
+        orders_checked=checked["order"],
+        messages_checked=checked["message"],
+        findings=findings,
     )
 
 
-async def _repair(client: Client, finding: Finding, task_queue: str) -> Finding:
-    if finding.entity_kind != "order" or finding.finding != "orphaned":
+async def _repair(
+    client: Client, finding: Finding, task_queue: str, options: ReconcileInput
+) -> Finding:
+    repairable = finding.finding == "orphaned" or (
+        finding.finding == "missing" and options.repair_missing
+    )
+    if finding.entity_kind != "order" or not repairable:
         return finding
     # Deferred import: the workflow module imports activity modules, which the CLI does
     # not otherwise need.
     from workflows.recovery import OrderRecoveryWorkflow
 
-    workflow_id = f"order-{finding.entity_id}:recovery"
+    workflow_id = recovery_workflow_id(finding.entity_id)
     await client.start_workflow(
         OrderRecoveryWorkflow.run,
         RecoveryInput(

@@ -1,17 +1,36 @@
 """Recovery of an order whose lifecycle is gone (terminated from the Web UI, say).
 
-Started by the reconciler for an orphaned row. It undoes every side effect the order
-could have had, using the keys the original workflow used (``order-<id>:charge`` and
-so on), so an undo that already ran is replayed and one whose step never ran voids the
-key. Then it ends the row: CANCELLED if a cancellation was recorded, FAILED otherwise.
+Started by the reconciler for an orphaned row, it first *claims* the row: one
+version-checked transition out of the forward path, before any money or stock moves.
+Only once that claim committed does it undo, with the keys the original workflow used
+(``order-<id>:charge`` and so on), so an undo that already ran is replayed and one whose
+step never ran voids the key. Then it ends the row: CANCELLED if a cancellation was
+recorded, FAILED otherwise.
+
+What the claim rules out: an order that completed while the reconciler looked (or whose
+recovery was started by hand by mistake) is never refunded. A terminal row is left
+alone ("nothing to do"), and a row that moves between our read and our claim makes the
+claim fail on its version, so we read again and decide again.
+
+How the claim looks from each state (every hop an edge of the graph, or a write that
+keeps the status and bumps the version):
+
+    PENDING, VALIDATING   -> FAILED          nothing to undo: the row reaches CHARGING
+                                             before any provider is called
+    CHARGING, RESERVING   -> COMPENSATING    then refund, release, -> FAILED
+    COMPENSATING          -> (same, claimed) then refund, release, -> FAILED
+    CANCELLING            -> (same, claimed) then refund, release, -> CANCELLED
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows._support import error_type, run_activity, until_done_retry
+from workflows._support import error_type, run_activity, until_done_retry, until_undone
 
 with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
@@ -19,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.payments import PaymentActivities
     from tollgate.errors import OrderCancelled, VersionConflict
     from tollgate.models import (
+        OrderSnapshot,
         ReadOrderInput,
         RecoveryInput,
         RecoveryResult,
@@ -30,89 +50,109 @@ with workflow.unsafe.imports_passed_through():
     from tollgate.states import OrderStatus
 
 S = OrderStatus
+ArgT = TypeVar("ArgT")
+ResultT = TypeVar("ResultT")
 
-#: How the row ends from each non-terminal state (each hop is an edge of the graph).
-_ENDINGS: dict[OrderStatus, tuple[OrderStatus, ...]] = {
-    S.PENDING: (S.FAILED,),
-    S.VALIDATING: (S.FAILED,),
-    S.CHARGING: (S.COMPENSATING, S.FAILED),
-    S.RESERVING: (S.COMPENSATING, S.FAILED),
-    S.COMPENSATING: (S.FAILED,),
-    S.CANCELLING: (S.CANCELLED,),
+#: Where the claim moves the row from each non-terminal state.
+_CLAIM: dict[OrderStatus, OrderStatus] = {
+    S.PENDING: S.FAILED,
+    S.VALIDATING: S.FAILED,
+    S.CHARGING: S.COMPENSATING,
+    S.RESERVING: S.COMPENSATING,
+    S.COMPENSATING: S.COMPENSATING,
+    S.CANCELLING: S.CANCELLING,
 }
 
+#: Reads and claims before giving up on a row that keeps moving under us.
 _ATTEMPTS = 5
 
 
 @workflow.defn(name="OrderRecoveryWorkflow")
 class OrderRecoveryWorkflow:
-    """Compensate from the ledger's idempotency keys, then end the row."""
+    """Claim the row, compensate from the ledger's idempotency keys, then end the row."""
 
     @workflow.run
     async def run(self, inp: RecoveryInput) -> RecoveryResult:
-        retry = until_done_retry(inp.retry)
-        timeout = inp.retry.activity_timeout
-        original = order_workflow_id(inp.order_id)
-        done: list[str] = []
+        self._inp = inp
+        self._retry = until_done_retry(inp.retry)
+        claimed: OrderSnapshot | None = None
+        for _ in range(_ATTEMPTS):
+            row = await self._activity(
+                OrderStoreActivities.read_order, ReadOrderInput(order_id=inp.order_id)
+            )
+            if row.status.terminal:
+                return RecoveryResult(
+                    order_id=inp.order_id,
+                    status=row.status,
+                    compensations=[],
+                    outcome="nothing to do",
+                )
+            try:
+                claimed = await self._move(row, _CLAIM[row.status])
+            except ActivityError as err:
+                # someone moved the row since we read it: read again and decide again
+                if error_type(err) not in (VersionConflict.__name__, OrderCancelled.__name__):
+                    raise
+                continue
+            break
+        if claimed is None:
+            raise ApplicationError(
+                f"order {inp.order_id} kept moving under the recovery", non_retryable=True
+            )
+        if claimed.status.terminal:
+            return RecoveryResult(order_id=inp.order_id, status=claimed.status, compensations=[])
 
-        refund = await run_activity(
+        done = await self._compensate()
+        end = S.CANCELLED if claimed.status is S.CANCELLING else S.FAILED
+        final = await self._move(claimed, end)
+        return RecoveryResult(order_id=inp.order_id, status=final.status, compensations=done)
+
+    async def _compensate(self) -> list[str]:
+        """Undo with the original workflow's keys: replayed if done, voided if never run."""
+        original = order_workflow_id(self._inp.order_id)
+        refund = await until_undone(
             PaymentActivities.refund,
             RefundInput(
-                order_id=inp.order_id,
+                order_id=self._inp.order_id,
                 charge_idempotency_key=f"{original}:charge",
                 idempotency_key=f"{original}:refund",
-                reason=inp.reason,
+                reason=self._inp.reason,
             ),
-            start_to_close=timeout,
-            retry=retry,
+            settings=self._inp.retry,
+            what="refund",
         )
-        done.append(f"refund:{refund.outcome}")
-        release = await run_activity(
+        release = await until_undone(
             InventoryActivities.release,
             ReleaseInput(
-                order_id=inp.order_id,
+                order_id=self._inp.order_id,
                 reservation_idempotency_key=f"{original}:reserve",
                 idempotency_key=f"{original}:release",
             ),
-            start_to_close=timeout,
-            retry=retry,
+            settings=self._inp.retry,
+            what="release",
         )
-        done.append(f"release:{release.outcome}")
+        return [f"refund:{refund.outcome}", f"release:{release.outcome}"]
 
-        for _ in range(_ATTEMPTS):
-            row = await run_activity(
-                OrderStoreActivities.read_order,
-                ReadOrderInput(order_id=inp.order_id),
-                start_to_close=timeout,
-                retry=retry,
-            )
-            if row.status.terminal:
-                return RecoveryResult(order_id=inp.order_id, status=row.status, compensations=done)
-            version = row.version
-            try:
-                for to in _ENDINGS[row.status]:
-                    moved = await run_activity(
-                        OrderStoreActivities.transition_order,
-                        TransitionInput(
-                            order_id=inp.order_id,
-                            expected_version=version,
-                            to_status=to,
-                            transition_id=f"{workflow.info().workflow_id}:v{version}:{to.value}",
-                            actor=f"reconciler:{workflow.info().workflow_id}",
-                            reason=inp.reason,
-                            failure_reason=None if to is S.CANCELLED else inp.reason,
-                        ),
-                        start_to_close=timeout,
-                        retry=retry,
-                    )
-                    version = moved.version
-                return RecoveryResult(
-                    order_id=inp.order_id, status=_ENDINGS[row.status][-1], compensations=done
-                )
-            except ActivityError as err:
-                # someone moved the row meanwhile (a cancellation, say): read it again
-                if error_type(err) not in (VersionConflict.__name__, OrderCancelled.__name__):
-                    raise
-        raise ApplicationError(
-            f"order {inp.order_id} kept moving under the recovery", non_retryable=True
+    async def _move(self, row: OrderSnapshot, to: OrderStatus) -> OrderSnapshot:
+        """One version-checked write from where ``row`` stands (to the same status: a claim)."""
+        me = workflow.info().workflow_id
+        moved = await self._activity(
+            OrderStoreActivities.transition_order,
+            TransitionInput(
+                order_id=self._inp.order_id,
+                expected_version=row.version,
+                to_status=to,
+                transition_id=f"{me}:v{row.version}:{to.value}",
+                actor=f"reconciler:{me}",
+                reason=self._inp.reason,
+                failure_reason=None if to in (S.CANCELLED, S.CANCELLING) else self._inp.reason,
+            ),
+        )
+        return OrderSnapshot(status=to, version=moved.version)
+
+    async def _activity(
+        self, method: Callable[[Any, ArgT], Awaitable[ResultT]], arg: ArgT
+    ) -> ResultT:
+        return await run_activity(
+            method, arg, start_to_close=self._inp.retry.activity_timeout, retry=self._retry
         )
