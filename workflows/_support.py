@@ -8,13 +8,20 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, FailureError
+from temporalio.common import MetricCounter, RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    FailureError,
+    RetryState,
+)
 from temporalio.exceptions import CancelledError as TemporalCancelledError
 
 with workflow.unsafe.imports_passed_through():
     from tollgate.errors import PERMANENT_ERROR_TYPES
     from tollgate.models import RetrySettings
+    from tollgate.names import ALERT_ATTR, COMPENSATION_STUCK
 
 T = TypeVar("T")
 ArgT = TypeVar("ArgT")
@@ -86,6 +93,70 @@ def until_done_retry(settings: RetrySettings) -> RetryPolicy:
         maximum_interval=settings.maximum_interval,
         maximum_attempts=0,
         non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+    )
+
+
+async def until_undone(
+    method: Callable[[Any, ArgT], Awaitable[ResultT]],
+    arg: ArgT,
+    *,
+    settings: RetrySettings,
+    what: str,
+) -> ResultT:
+    """Run a compensation until it succeeds, whatever the error; alert while it does not.
+
+    An undo that gives up leaves money charged or stock held, so no answer ends it: a
+    transient failure is retried by Temporal, a permanent one (a refund answered 4xx) by
+    this loop after a backoff timer. Once ``settings.compensation_alert_attempts``
+    attempts failed, the lifecycle raises an operator-visible alert: the
+    ``TollgateAlert`` search attribute (``compensation-stuck``), a warning in the
+    worker's log and the ``tollgate_compensation_stuck`` metric. The alert is cleared
+    when the compensation finally goes through.
+    """
+    alert_after = settings.compensation_alert_attempts
+    policy = RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff_coefficient,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=alert_after,
+    )
+    delay = settings.initial_interval
+    failed = 0
+    alerted = False
+    while True:
+        try:
+            result = await workflow.execute_activity_method(
+                method, arg, start_to_close_timeout=settings.activity_timeout, retry_policy=policy
+            )
+        except ActivityError as err:
+            if is_cancellation(err):
+                raise
+            gave_up = err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
+            failed += alert_after if gave_up else 1
+            if failed >= alert_after and not alerted:
+                alerted = True
+                workflow.upsert_search_attributes([ALERT_ATTR.value_set(COMPENSATION_STUCK)])
+                _stuck_counter().add(1, {"compensation": what})
+                workflow.logger.warning(
+                    "compensation keeps failing; it is retried until it succeeds",
+                    extra={"compensation": what, "failed_attempts": failed, "error": describe(err)},
+                )
+            await workflow.sleep(delay)
+            delay = min(delay * settings.backoff_coefficient, settings.maximum_interval)
+            continue
+        if alerted:
+            workflow.upsert_search_attributes([ALERT_ATTR.value_unset()])
+            workflow.logger.info(
+                "stuck compensation went through",
+                extra={"compensation": what, "failed_attempts": failed},
+            )
+        return result
+
+
+def _stuck_counter() -> MetricCounter:
+    return workflow.metric_meter().create_counter(
+        "tollgate_compensation_stuck",
+        "Compensations that failed past the alert threshold (retried until they succeed)",
     )
 
 

@@ -66,6 +66,13 @@ with workflow.unsafe.imports_passed_through():
 ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
 
+#: Distinct signals kept while the recipient's devices are not known yet.
+_MAX_BUFFERED_SIGNALS = 64
+#: Signals set aside that the result names (the rest are only counted).
+_IGNORED_SAMPLE = 10
+#: Read-receipt syncs a message may start; after that a read is recorded, not synced.
+_MAX_READ_SYNCS = 5
+
 _TEMPORAL_RECALL = RecallRequest(reason="cancelled in Temporal", requested_by="temporal")
 _POSTGRES_RECALL = RecallRequest(reason="recall recorded in Postgres", requested_by="postgres")
 
@@ -89,7 +96,12 @@ class MessageDeliveryWorkflow:
         self._signals: list[tuple[str, str]] = []
         self._confirmed: list[str] = []
         self._reads: list[str] = []
+        #: A sample of the signals set aside (unknown device, or over the buffer), and
+        #: how many there were in all.
         self._ignored: list[str] = []
+        self._ignored_count = 0
+        #: Read-receipt syncs started; bounded, since each failed one may be retried.
+        self._read_syncs = 0
         self._facts_recorded: set[tuple[str, str]] = set()
         self._recall: RecallRequest | None = None
         self._temporal_cancelled = False
@@ -236,10 +248,18 @@ class MessageDeliveryWorkflow:
         """Wait (up to the read window) for a read; sync it to the other devices."""
         self._step = "awaiting read"
         window_ends = workflow.now() + self._msg.read_window
-        attempt = 0
         while True:
             remaining = window_ends - workflow.now()
             if remaining <= timedelta(0):
+                return
+            if self._read_syncs >= _MAX_READ_SYNCS:
+                # Every sync failed for good: stop spawning children (each is a workflow
+                # and a push); the message rests where the last revert left it.
+                workflow.logger.warning(
+                    "read receipts could not be synced; giving up",
+                    extra={"message_id": self._msg.message_id, "attempts": self._read_syncs},
+                )
+                self._step = "read sync abandoned"
                 return
             try:
                 await workflow.wait_condition(
@@ -249,7 +269,7 @@ class MessageDeliveryWorkflow:
                 return
             reader = self._next_reader()
             assert reader is not None
-            attempt += 1
+            self._read_syncs += 1
             self._step = "syncing read receipts"
             devices = self._devices or {}
             result = await workflow.execute_child_workflow(
@@ -267,7 +287,7 @@ class MessageDeliveryWorkflow:
                     revert_to=self._status,
                     retry=self._msg.retry,
                 ),
-                id=read_sync_workflow_id(self._msg.message_id, attempt),
+                id=read_sync_workflow_id(self._msg.message_id, self._read_syncs),
             )
             self._set_status(result.status, result.version)
             if result.synced:
@@ -317,14 +337,12 @@ class MessageDeliveryWorkflow:
     @workflow.signal(name=MESSAGE_DELIVERED_SIGNAL)
     def delivered(self, signal: DeviceSignal) -> None:
         """A device confirms it received the push."""
-        self._signals.append(("delivered", signal.device_id))
-        self._sort_signals()
+        self._take_signal("delivered", signal.device_id)
 
     @workflow.signal(name=MESSAGE_READ_SIGNAL)
     def read(self, signal: DeviceSignal) -> None:
         """A device reports the message was read on it (which implies delivered)."""
-        self._signals.append(("read", signal.device_id))
-        self._sort_signals()
+        self._take_signal("read", signal.device_id)
 
     @workflow.signal(name=MESSAGE_RECALL_SIGNAL)
     def recall(self, request: RecallRequest) -> None:
@@ -348,24 +366,48 @@ class MessageDeliveryWorkflow:
 
     # --- helpers -------------------------------------------------------------------
 
+    def _take_signal(self, kind: Literal["delivered", "read"], device: str) -> None:
+        """Buffer a device's signal until dispatch, or apply it; keep state bounded.
+
+        Whatever a caller sends, the workflow's memory and its result stay small: a
+        repeated signal is dropped, at most ``_MAX_BUFFERED_SIGNALS`` distinct ones wait
+        for dispatch (a recipient has at most 10 devices, so that is ample), and signals
+        for devices that are not the recipient's are only counted.
+        """
+        entry = (kind, device)
+        if self._devices is None:
+            if entry in self._signals:
+                return
+            if len(self._signals) >= _MAX_BUFFERED_SIGNALS:
+                self._note_ignored(f"{kind}:{device} (buffer full)")
+                return
+        self._signals.append(entry)
+        self._sort_signals()
+
     def _sort_signals(self) -> None:
         """Move signals into confirmed/read lists once the devices are known.
 
         Until dispatch the device list is unknown, so signals wait in arrival order.
-        Afterwards each is applied once: duplicates are dropped, unknown devices are set
-        aside in ``ignored_signals``, and a read also counts as a delivery.
+        Afterwards each is applied once: duplicates are dropped, unknown devices are
+        counted (with a few kept as a sample in ``ignored_signals``), and a read also
+        counts as a delivery.
         """
         if self._devices is None:
             return
         pending, self._signals = self._signals, []
         for kind, device in pending:
             if device not in self._devices:
-                self._ignored.append(f"{kind}:{device} (not a device of {self._msg.recipient_id})")
+                self._note_ignored(f"{kind}:{device} (not a device of {self._msg.recipient_id})")
                 continue
             if device not in self._confirmed:
                 self._confirmed.append(device)
             if kind == "read" and device not in self._reads:
                 self._reads.append(device)
+
+    def _note_ignored(self, what: str) -> None:
+        self._ignored_count += 1
+        if len(self._ignored) < _IGNORED_SAMPLE:
+            self._ignored.append(what)
 
     def _next_reader(self) -> str | None:
         return self._reads[0] if self._reads else None
@@ -424,4 +466,5 @@ class MessageDeliveryWorkflow:
             email_id=self._email_id,
             failure_reason=self._failure_reason,
             ignored_signals=list(self._ignored),
+            ignored_signal_count=self._ignored_count,
         )

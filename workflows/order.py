@@ -29,6 +29,7 @@ from workflows._support import (
     run_to_completion,
     step_retry,
     until_done_retry,
+    until_undone,
 )
 
 with workflow.unsafe.imports_passed_through():
@@ -225,16 +226,16 @@ class OrderWorkflow:
         while self._undo:
             undo = self._undo[-1]
             outcome: CompensationResult
+            name = "refund" if isinstance(undo, RefundInput) else "release"
             if isinstance(undo, RefundInput):
-                outcome = await self._activity(
-                    PaymentActivities.refund, undo, retry=self._until_done_retry
+                outcome = await until_undone(
+                    PaymentActivities.refund, undo, settings=self._order.retry, what=name
                 )
             else:
-                outcome = await self._activity(
-                    InventoryActivities.release, undo, retry=self._until_done_retry
+                outcome = await until_undone(
+                    InventoryActivities.release, undo, settings=self._order.retry, what=name
                 )
             self._undo.pop()
-            name = "refund" if isinstance(undo, RefundInput) else "release"
             self._compensations_done.append(f"{name}:{outcome.outcome}")
 
     # --- human actions and live status ---------------------------------------------

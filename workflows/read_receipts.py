@@ -14,7 +14,7 @@ from typing import Literal
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
-from workflows._support import describe, error_type, step_retry, until_done_retry
+from workflows._support import describe, error_type, step_retry, until_done_retry, until_undone
 
 with workflow.unsafe.imports_passed_through():
     from activities.messages import MessageStoreActivities
@@ -105,14 +105,14 @@ class ReadReceiptSyncWorkflow:
 
         # compensation: revert the read mark everywhere it was made
         version = await move(inp.revert_to, version, f"read receipts could not be synced: {reason}")
-        await workflow.execute_activity_method(
+        await until_undone(
             MessageStoreActivities.clear_device_read,
             ClearReadInput(message_id=inp.message_id, device_id=inp.reader_device_id),
-            start_to_close_timeout=timeout,
-            retry_policy=until_done,
+            settings=r,
+            what="clear-read",
         )
         if inp.reader_device is not None:
-            await workflow.execute_activity_method(
+            await until_undone(
                 PushActivities.push,
                 PushInput(
                     message_id=inp.message_id,
@@ -122,9 +122,8 @@ class ReadReceiptSyncWorkflow:
                     # one revert per sync attempt: the device may be read and reverted again
                     idempotency_prefix=f"{workflow.info().workflow_id}:read-revert",
                 ),
-                start_to_close_timeout=timeout,
-                heartbeat_timeout=timeout,
-                retry_policy=until_done,
+                settings=r,
+                what="read-revert",
             )
         return ReadSyncResult(
             synced=False, status=inp.revert_to, version=version, failure_reason=reason
