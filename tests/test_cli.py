@@ -61,6 +61,15 @@ def _one_clear_line(run: Run, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
+def _create(*overrides: str) -> list[str]:
+    """``order create`` with valid flags, each replaceable by ``overrides`` (flag, value...)."""
+    flags = {"--customer": "c", "--item": "WIDGET:1", "--amount": "5"}
+    pairs = list(overrides)
+    for flag, value in zip(pairs[::2], pairs[1::2], strict=True):
+        flags[flag] = value
+    return ["order", "create", *(part for pair in flags.items() for part in pair)]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -95,6 +104,15 @@ def _one_clear_line(run: Run, *needles: str) -> None:
             "currency",
         ),
         (["order", "create", "--customer", "c", "--amount", "5"], "--item"),
+        # found by hostile testing: each once ended in a traceback or a half-written order
+        (_create("--amount", "1e30"), "not a number"),
+        (_create("--amount", "100000000000000000"), "over the limit"),
+        (_create("--amount", "100000.01"), "over the limit"),
+        (_create("--item", "WIDGET:²"), "SKU:QTY"),
+        (_create("--customer", "[/x]"), "customer_id: not a valid id"),
+        (_create("--customer", "sam\r\nBcc: attacker@example.com"), "customer_id"),
+        (_create("--currency", "JPY"), "currency JPY is not supported"),
+        (_create("--item", "NO-SUCH-SKU:1"), "unknown SKU NO-SUCH-SKU"),
     ],
 )
 async def test_bad_input_gets_one_line_exit_2_and_writes_nothing(
@@ -105,6 +123,143 @@ async def test_bad_input_gets_one_line_exit_2_and_writes_nothing(
     assert run.code == 2, run
     _one_clear_line(run, needle)
     assert await db.get_order(h.pool, order_id) is None
+    with pytest.raises(RPCError) as caught:
+        await h.service.handle(order_id).describe()
+    assert caught.value.status == RPCStatusCode.NOT_FOUND, "no workflow was started either"
+
+
+async def test_an_order_id_holding_the_derived_id_separator_is_refused(h: Harness) -> None:
+    """Order 'x:recovery' would have become workflow 'order-x:recovery', the recovery id of x."""
+    run = await _starter(h, *_create(), "--order-id", "x:recovery")
+    assert run.code == 2, run
+    _one_clear_line(run, "order_id: not a valid id")
+    assert await db.get_order(h.pool, "x:recovery") is None
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["message", "confirm", "m-1", "--device", "d" * 65], {}, "device_id"),
+        (
+            ["message", "send", "--sender", "s", "--recipient", "r", "--body", "hi",
+             "--deadline", "9999999999d"],
+            {},
+            "longer than",
+        ),
+        (["reconcile", "--grace", "9999999999d"], {}, "longer than"),
+        (["order", "status", "x"], {"PAYLOAD_ENCRYPTION_KEY": "not-a-key"}, "PAYLOAD_ENCRYPTION_KEY"),
+        (
+            ["order", "status", "x"],
+            {"PAYLOAD_ENCRYPTION_KEY": "", "PAYLOAD_KEY_FILE": "/nonexistent/payload.key"},
+            "no payload key",
+        ),
+        (["order", "status", "x"], {"PROVIDER_TIMEOUT_SECONDS": "soon"}, "PROVIDER_TIMEOUT_SECONDS"),
+        (["load", "orders", "--count", "1000000000"], {}, "--count"),
+    ],
+)  # fmt: skip
+async def test_more_bad_input_gets_one_line_exit_2(
+    h: Harness, args: list[str], env: dict[str, str], needle: str
+) -> None:
+    counts = await _row_counts(h)
+    run = await _starter(h, *args, env=env)
+    assert run.code == 2, run
+    _one_clear_line(run, needle)
+    assert await _row_counts(h) == counts
+
+
+async def test_a_cancel_with_a_bad_reason_writes_nothing_and_the_order_goes_on(
+    h: Harness,
+) -> None:
+    """Once, a 600-character reason left the row CANCELLING and the workflow uninformed."""
+    from tollgate.sandbox import FaultSpec
+
+    await h.sandbox.set_fault("payments", FaultSpec(latency_ms=1500, latency_phase="after"))
+    order = h.order()
+    handle = await h.service.create(order)
+    for _ in range(100):
+        if (await h.service.row(order.order_id)).status == OrderStatus.CHARGING:
+            break
+        await asyncio.sleep(0.05)
+    for reason in ("x" * 600, "line one\nline two", "bell \x07"):
+        run = await _starter(h, "order", "cancel", order.order_id, "--reason", reason)
+        assert run.code == 2, run
+        _one_clear_line(run, "reason")
+        row = await h.service.row(order.order_id)
+        assert not row.status.cancelling and row.cancel_reason is None
+    await h.sandbox.clear_faults()
+    result = await handle.result()
+    assert result.status == OrderStatus.COMPLETED and result.cancel_reason is None
+    audit = await db.list_transitions(h.pool, order.order_id)
+    assert OrderStatus.CANCELLING not in [a.to_status for a in audit]
+
+
+async def test_a_recall_with_a_bad_reason_writes_nothing(h: Harness) -> None:
+    user, _devices = await h.devices(1)
+    msg = h.message(user)
+    await h.messages.send(msg)
+    run = await _starter(h, "message", "recall", msg.message_id, "--reason", "y" * 501)
+    assert run.code == 2, run
+    _one_clear_line(run, "reason")
+    audit = await message_db.list_message_transitions(h.pool, msg.message_id)
+    assert MessageStatus.CANCELLED not in [a.to_status for a in audit]
+
+
+async def test_user_text_is_printed_as_text_not_as_terminal_markup(h: Harness) -> None:
+    order = h.order()
+    handle = await h.service.create(order)
+    reason = "[bold red]refund me[/bold red] [/x]"
+    outcome = await h.service.cancel(order.order_id, reason=reason, requested_by="test")
+    assert outcome.recorded, outcome
+    await handle.result()
+    status = await _starter(h, "order", "status", order.order_id)
+    assert status.code == 0, status
+    assert "Traceback" not in status.err
+    assert f"cancel reason: {reason}" in status.out, status.out
+
+
+async def test_send_wait_returns_on_delivery_not_after_the_read_window(h: Harness) -> None:
+    user = f"cli-u-{uuid.uuid4().hex[:8]}"
+    message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
+    # no devices: the 1 s deadline falls back to email; the read window is the default 7 d
+    run = await _starter(
+        h,
+        *("message", "send", "--sender", "sam", "--recipient", user, "--body", "hi"),
+        *("--deadline", "1s", "--message-id", message_id, "--wait", "--json"),
+    )
+    assert run.code == 0, run
+    out = json.loads(run.out)
+    assert out["status"] == "EMAILED" and out["reached"] is True
+    assert (await h.messages.handle(message_id).describe()).status.name == "RUNNING"
+
+    other = f"cli-m-{uuid.uuid4().hex[:10]}"
+    waited = await _starter(
+        h,
+        *("message", "send", "--sender", "sam", "--recipient", user, "--body", "hi"),
+        *("--deadline", "1s", "--message-id", other, "--wait", "--until", "READ"),
+        *("--timeout", "3s", "--json"),
+    )
+    assert waited.code == 1, waited
+    assert json.loads(waited.out)["reached"] is False
+
+
+async def test_a_user_past_the_device_limit_is_refused_until_one_is_removed(h: Harness) -> None:
+    user, devices = await h.devices(10)
+    eleventh = await _register(h, user, f"tok-{user}-eleven", "--device-id", f"{user}-d10")
+    assert eleventh.code == 1, eleventh
+    _one_clear_line(eleventh, "already has 10 active devices")
+    removed = await _starter(h, "device", "remove", devices[0], "--json")
+    assert removed.code == 0, removed
+    assert json.loads(removed.out)["active"] is False
+    again = await _register(h, user, f"tok-{user}-eleven", "--device-id", f"{user}-d10")
+    assert again.code == 0, again
+
+
+ROW_TABLES = ("orders", "messages", "devices", "order_transitions", "message_transitions")
+
+
+async def _row_counts(h: Harness) -> tuple[int, ...]:
+    """How many rows each table holds: bad input must not change any of them."""
+    return tuple([await h.pool.fetchval(f"SELECT count(*) FROM {t}") for t in ROW_TABLES])
 
 
 @pytest.mark.parametrize("command", ["status", "cancel"])

@@ -156,7 +156,7 @@ def load_key(settings: Settings) -> bytes | None:
 
     A malformed key raises :class:`ValueError` naming the setting it came from.
     """
-    if settings.payload_encryption_key is not None:
+    if settings.payload_encryption_key:  # an empty variable counts as unset
         return _parse_key(settings.payload_encryption_key, "PAYLOAD_ENCRYPTION_KEY")
     path = settings.payload_key_path
     try:

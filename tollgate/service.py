@@ -50,8 +50,8 @@ from workflows.order import OrderWorkflow
 
 #: ``SKU:QTY`` with ASCII digits only (``str.isdigit`` accepts '²', which int() refuses).
 _ITEM = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([0-9]{1,6})", re.ASCII)
-#: A plain decimal: no exponent, no sign, at most 15 digits before the point.
-_AMOUNT = re.compile(r"-?[0-9]{1,15}(\.[0-9]+)?", re.ASCII)
+#: A plain decimal: no exponent; bounded length, so Decimal never sees a huge exponent.
+_AMOUNT = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?", re.ASCII)
 
 
 def parse_item(text: str) -> dict[str, object]:
