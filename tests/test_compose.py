@@ -1,12 +1,15 @@
 """docker-compose.yml describes the same system the code expects (no engine runs here).
 
-The app database's init script is the exception: it is plain SQL, so it is run against a
-real (embedded) Postgres to show the roles it creates are the ones the URLs name, and
-that with them the migrations apply as the owner and the application role is confined.
+The shell scripts the Temporal jobs run are run here against stand-ins for their tools,
+which record what they were asked. The app database's init script is plain SQL, so it is
+run against a real (embedded) Postgres to show the roles it creates are the ones the URLs
+name, and that with them the migrations apply as the owner and the application role is
+confined.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from tollgate.migrate import apply_migrations
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
 from tollgate.stack import LocalPostgres, free_port
+from tollgate.stack.temporal import DYNAMIC_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 INIT_DIR = "/docker-entrypoint-initdb.d/"
@@ -34,6 +38,43 @@ def compose() -> dict[str, Any]:
 def _env(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     return {str(k): str(v) for k, v in env.items()}
+
+
+def _mount_source(service: dict[str, Any], target: str) -> Path:
+    """The host file ``service`` mounts at ``target``."""
+    for volume in service.get("volumes", []):
+        source, mounted_at = str(volume).split(":")[:2]
+        if mounted_at == target:
+            return ROOT / source
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def _entrypoint_script(service: dict[str, Any]) -> Path:
+    """The host copy of the shell script ``service`` runs as its entrypoint."""
+    shell, target = service["entrypoint"]
+    assert shell == "sh"
+    return _mount_source(service, target)
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    """An executable ``name`` in ``directory`` standing in for a tool of an image."""
+    path = directory / name
+    path.write_text(f'#!/bin/sh\nprintf \'%s\\n\' "$*" >> "$CALLS"\n{body}\n')
+    path.chmod(0o755)
+
+
+async def _run_script(script: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``script`` with ``sh`` and only ``env``; (exit status, output)."""
+    process = await asyncio.create_subprocess_exec(
+        "sh",
+        str(script),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, output.decode()
 
 
 def test_every_image_is_pinned(compose: dict[str, Any]) -> None:
@@ -83,10 +124,132 @@ def test_addresses_point_at_services_that_exist(compose: dict[str, Any]) -> None
     assert otel and otel.group(1) in services
 
 
-def test_search_attributes_registered_match_the_code(compose: dict[str, Any]) -> None:
-    script = " ".join(compose["services"]["temporal-setup"]["command"])
-    created = dict(re.findall(r"--name (\w+) --type (\w+)", script))
-    assert created == SEARCH_ATTRIBUTES
+def test_temporal_runs_from_the_server_image_not_the_deprecated_auto_setup(
+    compose: dict[str, Any],
+) -> None:
+    images = {name: s["image"] for name, s in compose["services"].items() if "image" in s}
+    assert not [i for i in images.values() if i.startswith("temporalio/auto-setup")]
+    server, _, version = images["temporal"].partition(":")
+    assert server == "temporalio/server"
+    # The schema files the job applies come with admin-tools: same version as the server.
+    for name in ("temporal-schema", "temporal-setup"):
+        assert images[name] == f"temporalio/admin-tools:{version}", name
+
+
+def test_temporal_server_and_schema_job_use_the_same_database(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    db, server, job = (
+        _env(services[name]) for name in ("temporal-db", "temporal", "temporal-schema")
+    )
+    assert server["DB"] == job["SQL_PLUGIN"] == "postgres12"
+    assert server["POSTGRES_SEEDS"] == job["SQL_HOST"] == "temporal-db"
+    assert server.get("DB_PORT", "5432") == job["SQL_PORT"] == "5432"
+    assert server["POSTGRES_USER"] == job["SQL_USER"] == db["POSTGRES_USER"]
+    assert server["POSTGRES_PWD"] == job["SQL_PASSWORD"] == db["POSTGRES_PASSWORD"]
+    # The server listens where the other containers and the published port reach it.
+    assert server["BIND_ON_IP"] == "0.0.0.0"
+
+
+def test_the_schema_job_runs_before_the_server(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["temporal"]["depends_on"]["temporal-schema"] == {
+        "condition": "service_completed_successfully"
+    }
+    assert services["temporal-schema"]["depends_on"]["temporal-db"] == {
+        "condition": "service_healthy"
+    }
+    assert services["temporal-setup"]["depends_on"]["temporal"] == {"condition": "service_healthy"}
+    assert services["worker"]["depends_on"]["temporal-setup"] == {
+        "condition": "service_completed_successfully"
+    }
+
+
+async def test_the_schema_job_creates_and_migrates_both_databases(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """docker/temporal-schema.sh, with temporal-sql-tool standing in for the real one."""
+    services = compose["services"]
+    server = _env(services["temporal"])
+    _stub(tmp_path, "temporal-sql-tool", "")
+    calls = tmp_path / "calls"
+    env = {**_env(services["temporal-schema"]), "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    status, output = await _run_script(
+        _entrypoint_script(services["temporal-schema"]), {**env, "CALLS": str(calls)}
+    )
+    assert status == 0, output
+
+    schema = "/etc/temporal/schema/postgresql/v12"
+    expected = []
+    # The databases the server opens (its defaults unless the file names others).
+    for database, kind in (
+        (server.get("DBNAME", "temporal"), "temporal"),
+        (server.get("VISIBILITY_DBNAME", "temporal_visibility"), "visibility"),
+    ):
+        expected += [
+            f"--db {database} create",
+            f"--db {database} setup-schema -v 0.0",
+            f"--db {database} update-schema -d {schema}/{kind}/versioned",
+        ]
+    assert calls.read_text().splitlines() == expected
+
+
+async def test_a_failed_migration_fails_the_schema_job(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """...so the server, which waits for its success, never starts on half a schema."""
+    job = compose["services"]["temporal-schema"]
+    _stub(tmp_path, "temporal-sql-tool", 'case "$*" in *update-schema*) exit 1 ;; esac')
+    calls = tmp_path / "calls"
+    env = {**_env(job), "PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls)}
+    status, _ = await _run_script(_entrypoint_script(job), env)
+    assert status != 0
+    assert calls.read_text().splitlines()[-1].endswith("/temporal/versioned")
+
+
+def test_temporal_dynamic_config_is_the_local_stacks(compose: dict[str, Any]) -> None:
+    server = compose["services"]["temporal"]
+    path = _env(server)["DYNAMIC_CONFIG_FILE_PATH"]
+    values = yaml.safe_load(_mount_source(server, path).read_text())
+    assert {key: str(v[0]["value"]) for key, v in values.items()} == DYNAMIC_CONFIG
+
+
+async def test_setup_creates_the_namespace_and_the_search_attributes_of_the_code(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """docker/temporal-setup.sh, with the temporal CLI standing in for the real one and
+    answering like a server that has no namespace yet."""
+    services = compose["services"]
+    setup = _env(services["temporal-setup"])
+    worker = _env(services["worker"])
+    assert setup["TEMPORAL_ADDRESS"] == worker["TEMPORAL_ADDRESS"]
+    namespace = setup["TEMPORAL_NAMESPACE"]
+    assert namespace == worker["TEMPORAL_NAMESPACE"]
+
+    created = tmp_path / "namespace-created"
+    _stub(
+        tmp_path,
+        "temporal",
+        f"""case "$*" in
+            "operator namespace describe"*) [ -e {created} ] || exit 1 ;;
+            "operator namespace create"*) touch {created} ;;
+        esac""",
+    )
+    calls = tmp_path / "calls"
+    env = {**setup, "PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls)}
+    status, output = await _run_script(_entrypoint_script(services["temporal-setup"]), env)
+    assert status == 0, output
+
+    lines = calls.read_text().splitlines()
+    assert f"operator namespace create --namespace {namespace} --retention 24h" in lines
+    registered = {}
+    for line in lines:
+        match = re.fullmatch(
+            rf"operator search-attribute create --namespace {namespace} --name (\w+) --type (\w+)",
+            line,
+        )
+        if match:
+            registered[match.group(1)] = match.group(2)
+    assert registered == SEARCH_ATTRIBUTES
 
 
 def _init_scripts(service: dict[str, Any]) -> list[Path]:
