@@ -5,11 +5,11 @@ No engine runs here, so the file is checked, not run. It is read twice: as writt
 ``docker compose`` does it with a ``.env`` generated from ``.env.example`` (``compose``),
 for everything about values. The rules:
 
-* no password is written in the file: each is a ``${NAME:?...}`` reference, so compose
-  refuses to start without it, and ``.env.example`` lists every one of them, with no
-  value;
+* no password or credential is written in the file: each is a ``${NAME:?...}``
+  reference, so compose refuses to start without it, and ``.env.example`` lists every
+  one of them, with no value;
 * Temporal runs from the server image, after a schema job that migrates both of its
-  databases.
+  databases, and the Web UI reaches the codec server with the credential.
 
 The shell scripts the services run are run here too: the Temporal jobs against stand-ins
 for their tools (which record what they were asked), and the app database's init script
@@ -253,6 +253,7 @@ def test_no_password_or_credential_is_written_in_the_file(raw: dict[str, Any]) -
         ("temporal", "POSTGRES_PWD", "temporal"),
         ("app-db", "POSTGRES_PASSWORD", "postgres"),
         ("worker", "DATABASE_OWNER_URL", "postgresql://tollgate_owner:tollgate_owner@app-db/x"),
+        ("codec", "CODEC_AUTH_TOKEN", "0123456789abcdef"),
     ],
 )
 def test_the_secret_check_catches_a_literal(
@@ -287,12 +288,13 @@ def test_env_example_lists_every_variable_and_sets_none(raw: dict[str, Any]) -> 
     assert {name: value for name, value in example.items() if value} == {}
 
 
-def test_every_database_password_comes_from_env(raw: dict[str, Any]) -> None:
+def test_every_password_and_the_codec_credential_come_from_env(raw: dict[str, Any]) -> None:
     assert {
         "TEMPORAL_DB_PASSWORD",
         "APP_DB_SUPERUSER_PASSWORD",
         "TOLLGATE_OWNER_PASSWORD",
         "TOLLGATE_PASSWORD",
+        "CODEC_AUTH_TOKEN",
     } <= _referenced_names(raw)
 
 
@@ -477,10 +479,24 @@ def test_payload_key_is_shared_and_the_ui_can_decrypt(compose: dict[str, Any]) -
         mounts = [v.split(":")[1] for v in services[name].get("volumes", [])]
         assert key_dir in mounts, f"{name} does not mount the payload key volume at {key_dir}"
     assert _env(services["codec"])["PAYLOAD_KEY_FILE"] == key_file
-    endpoint = _env(services["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"]
-    port = endpoint.rsplit(":", 1)[1]
+    port = urlsplit(_env(services["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"]).port
     assert f"{port}:{port}" in services["codec"]["ports"], "the browser must reach the codec server"
-    assert port in services["codec"]["command"]
+    assert str(port) in services["codec"]["command"]
+
+
+def test_the_ui_codec_endpoint_carries_the_codec_servers_credential(
+    raw: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    reference = REQUIRED_REFERENCE.pattern.replace(r"\{", r"\$\{")
+    ui = _env(raw["services"]["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"]
+    codec = _env(raw["services"]["codec"])["CODEC_AUTH_TOKEN"]
+    in_path = re.fullmatch(rf"http://localhost:\d+/ui/{reference}", ui)
+    in_codec = re.fullmatch(reference, codec)
+    assert in_path and in_codec and in_path["name"] == in_codec["name"] == "CODEC_AUTH_TOKEN"
+
+    token = _env(compose["services"]["codec"])["CODEC_AUTH_TOKEN"]
+    endpoint = urlsplit(_env(compose["services"]["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"])
+    assert endpoint.path == f"/ui/{token}"
 
 
 # --- the app database ---------------------------------------------------------------------
