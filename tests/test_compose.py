@@ -5,6 +5,8 @@ No engine runs here, so the file is checked, not run. It is read twice: as writt
 ``docker compose`` does it with a ``.env`` generated from ``.env.example`` (``compose``),
 for everything about values. The rules:
 
+* every published port is bound to 127.0.0.1, and only the ones a user on the host
+  needs are published (not the sandbox's admin API, not the databases);
 * no password or credential is written in the file: each is a ``${NAME:?...}``
   reference, so compose refuses to start without it, and ``.env.example`` lists every
   one of them, with no value;
@@ -48,6 +50,13 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 INIT_DIR = "/docker-entrypoint-initdb.d/"
 
+#: What a user on the host needs, and nothing else: (service, port in the container).
+PUBLISHED = {
+    ("temporal-ui", 8080),  # the Web UI
+    ("temporal", 7233),  # gRPC, for the temporal CLI on the host
+    ("jaeger", 16686),  # the traces UI
+    ("codec", 8081),  # called by the browser that runs the Web UI
+}
 #: Services whose environment is Tollgate's own Settings.
 TOLLGATE_SERVICES = ("worker", "starter", "codec")
 #: Environment names that hold a secret (``..._FILE`` ones hold a path to one).
@@ -158,6 +167,20 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
+def _published(service: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host address, port in the container) of each entry of ``ports``; "" is every
+    interface, which is what compose does when no address is given."""
+    entries = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            entries.append((str(port.get("host_ip", "")), int(port["target"])))
+            continue
+        parts = str(port).split("/", 1)[0].split(":")
+        host_ip = parts[0] if len(parts) == 3 else ""
+        entries.append((host_ip, int(parts[-1])))
+    return entries
+
+
 def _mount_source(service: dict[str, Any], target: str) -> Path:
     """The host file ``service`` mounts at ``target``."""
     for volume in service.get("volumes", []):
@@ -220,6 +243,43 @@ def test_temporal_runs_from_the_server_image_not_the_deprecated_auto_setup(
     # The schema files the job applies come with admin-tools: same version as the server.
     for name in ("temporal-schema", "temporal-setup"):
         assert images[name] == f"temporalio/admin-tools:{version}", name
+
+
+# --- what reaches the host --------------------------------------------------------------
+
+
+def test_every_published_port_is_bound_to_loopback(raw: dict[str, Any]) -> None:
+    for name, service in raw["services"].items():
+        assert service.get("network_mode") != "host", f"{name} shares the host's network"
+        for host_ip, port in _published(service):
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} on {host_ip or 'all'}"
+
+
+def test_only_what_a_user_on_the_host_needs_is_published(raw: dict[str, Any]) -> None:
+    published = {
+        (name, port) for name, service in raw["services"].items() for _, port in _published(service)
+    }
+    assert published == PUBLISHED
+
+
+def test_sandbox_admin_api_is_not_reachable_from_outside(
+    raw: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    sandbox = raw["services"]["sandbox"]
+    assert not sandbox.get("ports") and "network_mode" not in sandbox
+    # ...while the worker and the CLI still reach it by name on the project's network.
+    url = urlsplit(_env(compose["services"]["worker"])["SANDBOX_URL"])
+    assert url.hostname == "sandbox" and str(url.port) in sandbox["command"]
+
+
+def test_the_checks_above_catch_a_port_on_every_interface(raw: dict[str, Any]) -> None:
+    """The old file's way of publishing (no address) fails them."""
+    exposed = copy.deepcopy(raw)
+    exposed["services"]["sandbox"]["ports"] = ["18081:18081"]
+    with pytest.raises(AssertionError):
+        test_every_published_port_is_bound_to_loopback(exposed)
+    with pytest.raises(AssertionError):
+        test_only_what_a_user_on_the_host_needs_is_published(exposed)
 
 
 # --- secrets ---------------------------------------------------------------------------
@@ -480,7 +540,9 @@ def test_payload_key_is_shared_and_the_ui_can_decrypt(compose: dict[str, Any]) -
         assert key_dir in mounts, f"{name} does not mount the payload key volume at {key_dir}"
     assert _env(services["codec"])["PAYLOAD_KEY_FILE"] == key_file
     port = urlsplit(_env(services["temporal-ui"])["TEMPORAL_CODEC_ENDPOINT"]).port
-    assert f"{port}:{port}" in services["codec"]["ports"], "the browser must reach the codec server"
+    assert f"127.0.0.1:{port}:{port}" in services["codec"]["ports"], (
+        "the browser must reach the codec server"
+    )
     assert str(port) in services["codec"]["command"]
 
 
