@@ -122,11 +122,12 @@ def _strings(node: Any) -> Iterable[str]:
 
 
 def _referenced_names(raw: dict[str, Any]) -> set[str]:
+    """Every variable the file refers to, in whatever form."""
     return {
-        match["name"]
+        match.group(1)
         for value in _strings(raw)
         for token in _tokens(value)
-        if (match := REQUIRED_REFERENCE.fullmatch(token))
+        if (match := re.match(r"\{?([A-Za-z_][A-Za-z0-9_]*)", token))
     }
 
 
