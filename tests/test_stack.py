@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -296,6 +297,36 @@ async def test_worker_that_dies_is_reported(tmp_path: Path) -> None:
         await worker.start()
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_log_files_are_created_private_and_old_ones_tightened(tmp_path: Path) -> None:
+    project = _fake_worker(
+        tmp_path / "project",
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print("worker ready")
+        time.sleep(60)
+        """,
+    )
+    earlier = tmp_path / "logs" / "worker.log"
+    earlier.parent.mkdir()
+    earlier.write_text("a line from an earlier run\n")
+    earlier.chmod(0o644)
+    fresh = tmp_path / "fresh" / "worker.log"
+    for log in (earlier, fresh):
+        worker = WorkerProcess({}, project, log_file=log)
+        await worker.start()
+        try:
+            assert _mode(log) == 0o600, log
+        finally:
+            await worker.stop()
+    assert _mode(fresh.parent) == 0o700, "a directory made for a log is private too"
+    assert "a line from an earlier run" in earlier.read_text(), "appended, not replaced"
+
+
 def _stack(tmp_path: Path, **overrides: object) -> LocalStack:
     options: dict[str, object] = {
         "temporal_port": free_port(),
@@ -316,6 +347,34 @@ async def test_stack_names_the_busy_port_and_its_variable(
     with pytest.raises(StackError, match=f"port {listening_port} .*SANDBOX_URL"):
         await stack.start()
     assert not any(part.running for part in stack.components)
+
+
+async def test_stack_state_directory_and_its_logs_are_private(
+    tmp_path: Path, listening_port: int
+) -> None:
+    """A state directory an older Tollgate left world-readable is tightened on start,
+    even when the start then fails (here: on a busy port)."""
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    old_log = state / "logs" / "temporal.log"
+    old_log.write_text("from an older run\n")
+    for path, mode in ((state, 0o755), (state / "logs", 0o755), (old_log, 0o644)):
+        path.chmod(mode)
+
+    stack = _stack(tmp_path, sandbox_port=listening_port)
+    with pytest.raises(StackError, match="already in use"):
+        await stack.start()
+
+    assert stack.postgres is not None
+    server_gid = stack.postgres.server_gid()
+    if server_gid is None:
+        assert _mode(state) == 0o700
+    else:
+        # As root, Postgres runs as its own account and must pass through to pgdata.
+        assert (_mode(state), state.stat().st_gid) == (0o710, server_gid)
+    assert _mode(state / "logs") == 0o700
+    assert _mode(old_log) == 0o600
+    assert _mode(state / "stack.lock") == 0o600
 
 
 async def test_stack_reaps_processes_left_by_a_crashed_run(

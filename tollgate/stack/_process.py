@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -115,12 +116,22 @@ def _open_log_for_child(path: Path, argv: Sequence[str]) -> tuple[int, int]:
     Appending (``O_APPEND``) keeps the history of every restart in one file; ``offset`` is
     where this run's output begins, so readiness checks and error messages only look at
     the current run.
+
+    The log is created 0600 (and a directory made for it 0700): a log quotes requests,
+    errors and connection details that are nobody else's business on a shared machine.
+    A log an earlier run left readable to others is tightened here too.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(fd, f"\n=== {stamp} starting: {shlex.join(argv)}\n".encode())
-    return fd, os.lseek(fd, 0, os.SEEK_END)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"\n=== {stamp} starting: {shlex.join(argv)}\n".encode())
+        return fd, os.lseek(fd, 0, os.SEEK_END)
+    except OSError as exc:
+        os.close(fd)
+        raise StackError(f"could not prepare the log file {path}: {exc}") from exc
 
 
 class ManagedProcess:

@@ -33,6 +33,7 @@ from tollgate.settings import (
     DEFAULT_TEMPORAL_UI_PORT,
     Settings,
 )
+from tollgate.stack._files import private_directory, tighten_file
 from tollgate.stack._process import (
     LOCALHOST,
     ManagedProcess,
@@ -258,6 +259,7 @@ class LocalStack:
 
     async def start(self) -> None:
         """Start everything; on any failure stop what was started and re-raise."""
+        self._prepare_state_dir()
         self._acquire_lock()
         try:
             await self._reap_leftovers()
@@ -324,6 +326,19 @@ class LocalStack:
             if not port_is_free(LOCALHOST, port):
                 raise StackError(f"port {port} ({what}) is already in use on {LOCALHOST}; {fix}")
 
+    def _prepare_state_dir(self) -> None:
+        """Make the state directory and its logs private to us, tightening old ones.
+
+        It holds the payload key, credentials and logs. The one exception to 0700: when
+        we are root, Postgres runs as its own account and must pass through to its data
+        directory, so the directory then gets 0710 with that account's group.
+        """
+        gid = self.postgres.server_gid() if self.postgres is not None else None
+        private_directory(self.state_dir, traverse_gid=gid)
+        private_directory(self.log_dir)
+        for log in self.log_dir.glob("*.log"):
+            tighten_file(log)
+
     def _acquire_lock(self) -> None:
         """Hold ``stack.lock`` so that two stacks never share one state directory.
 
@@ -334,7 +349,7 @@ class LocalStack:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "stack.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -366,7 +381,7 @@ class LocalStack:
         with suppress(psutil.Error):
             created: float = psutil.Process(pid).create_time()
             record = {"pid": pid, "create_time": created, "signal": int(part.stop_signal)}
-            self._run_dir.mkdir(exist_ok=True)
+            self._run_dir.mkdir(mode=0o700, exist_ok=True)
             (self._run_dir / f"{part.name}.json").write_text(json.dumps(record))
 
     def _forget_pid(self, part: ManagedProcess) -> None:

