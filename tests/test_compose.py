@@ -134,12 +134,12 @@ async def test_app_postgres_init_script_on_a_real_postgres(
     await server.start()
 
     def local(url: SplitResult) -> str:
-        # Passwords are not checked here (trust authentication); the test above compares them.
-        return f"postgresql://{url.username}@127.0.0.1:{server.port}/{database}"
+        # The embedded server checks the owner's password (the one the script sets).
+        return f"postgresql://{url.username}:{url.password}@127.0.0.1:{server.port}/{database}"
 
     try:
         # Undo what LocalPostgres provisions, back to a cluster as the image leaves it.
-        admin = await asyncpg.connect(server.admin_url)
+        admin = await server.connect_admin()
         try:
             await admin.execute(f"DROP DATABASE {database}")
             for role in ("tollgate", "tollgate_owner", "tollgate_app"):
@@ -147,7 +147,7 @@ async def test_app_postgres_init_script_on_a_real_postgres(
             await admin.execute(f"CREATE DATABASE {database}")
         finally:
             await admin.close()
-        admin = await asyncpg.connect(server.admin_url.rsplit("/", 1)[0] + f"/{database}")
+        admin = await server.connect_admin(database)
         try:
             await admin.execute(script.read_text())
             roles = await admin.fetch(

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -62,7 +63,10 @@ async def test_postgres_lifecycle(tmp_path: Path) -> None:
     await server.start()
     try:
         assert server.url == f"postgresql://tollgate@127.0.0.1:{server.port}/tollgate"
-        assert server.owner_url == f"postgresql://tollgate_owner@127.0.0.1:{server.port}/tollgate"
+        password = quote(server.owner_password, safe="")
+        assert server.owner_url == (
+            f"postgresql://tollgate_owner:{password}@127.0.0.1:{server.port}/tollgate"
+        )
         assert await _roles(server) == {
             "tollgate": {"login": True, "super": False, "groups": ["tollgate_app"]},
             "tollgate_app": {"login": False, "super": False, "groups": []},
@@ -121,7 +125,7 @@ async def _survivors(server: LocalPostgres) -> list[str]:
 
 async def _roles(server: LocalPostgres) -> dict[str, object]:
     """The Tollgate roles' attributes and memberships, and who owns the database."""
-    conn = await asyncpg.connect(server.admin_url)
+    conn = await server.connect_admin()
     try:
         rows = await conn.fetch(
             """
@@ -156,7 +160,7 @@ async def test_postgres_upgrades_a_cluster_where_the_app_role_was_superuser(
     server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
     await server.start()
     try:
-        admin = await asyncpg.connect(server.admin_url)
+        admin = await server.connect_admin()
         try:
             await admin.execute("ALTER ROLE tollgate SUPERUSER CREATEDB")
             await admin.execute("REVOKE tollgate_app FROM tollgate")
@@ -186,6 +190,107 @@ async def test_postgres_upgrades_a_cluster_where_the_app_role_was_superuser(
             assert await conn.fetchval("SELECT name FROM legacy") == "kept"
         finally:
             await conn.close()
+    finally:
+        await server.stop()
+
+
+async def _login(dsn: str) -> str:
+    """``current_user`` of a fresh connection to ``dsn``, with no password from elsewhere
+    (``PGPASSWORD`` is cleared by the caller, and no ``.pgpass`` is read)."""
+    no_passfile = "/nonexistent/tollgate-test/.pgpass"
+    conn = await asyncpg.connect(dsn, passfile=no_passfile, timeout=10)
+    try:
+        user: str = await conn.fetchval("SELECT current_user")
+        return user
+    finally:
+        await conn.close()
+
+
+async def _assert_locked_down(server: LocalPostgres) -> None:
+    """The superuser only over the socket, the owner only with its password."""
+    tcp = f"127.0.0.1:{server.port}"
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="rejects"):
+        await _login(f"postgresql://postgres@{tcp}/postgres")
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="rejects"):
+        await _login(f"postgresql://postgres@{tcp}/tollgate")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _login(f"postgresql://tollgate_owner:wrong@{tcp}/tollgate")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _login(f"postgresql://tollgate_owner@{tcp}/tollgate")
+    assert await _login(server.owner_url) == "tollgate_owner"
+    assert await _login(server.url) == "tollgate"
+    admin = await server.connect_admin()
+    try:
+        assert await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    finally:
+        await admin.close()
+
+
+async def test_postgres_superuser_only_over_the_socket_owner_only_with_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    server = LocalPostgres(tmp_path / "pg" / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        await _assert_locked_down(server)
+        password_file = tmp_path / "pg" / "data.owner-password"
+        assert server.owner_password_file == password_file
+        assert _mode(password_file) == 0o600
+        assert password_file.read_text().strip() == server.owner_password
+        assert server.owner_password not in server.log_file.read_text()
+
+        password = server.owner_password
+        await server.restart()
+        assert server.owner_password == password, "the password is kept across restarts"
+        await _assert_locked_down(server)
+    finally:
+        await server.stop()
+
+
+#: pg_hba.conf as ``initdb --auth=trust`` writes it (what clusters of the stack had).
+TRUST_EVERYWHERE = """\
+local   all             all                                     trust
+host    all             all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+local   replication     all                                     trust
+host    replication     all             127.0.0.1/32            trust
+host    replication     all             ::1/128                 trust
+"""
+
+
+async def test_postgres_locks_down_a_cluster_created_with_trust_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old ``.tollgate/pgdata``: trust for everyone over TCP, an owner with no
+    password and no password file. The next start closes it, in place."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        admin = await server.connect_admin()
+        try:
+            await admin.execute("CREATE TABLE kept (name text)")
+            await admin.execute("INSERT INTO kept VALUES ('old data')")
+            await admin.execute("ALTER ROLE tollgate_owner PASSWORD NULL")
+        finally:
+            await admin.close()
+    finally:
+        await server.stop()
+    hba = server.data_dir / "pg_hba.conf"
+    hba.write_text(TRUST_EVERYWHERE)  # keeps the file's owner, the server's account
+    server.owner_password_file.unlink()
+
+    await server.start()
+    try:
+        await _assert_locked_down(server)
+        assert _mode(server.owner_password_file) == 0o600
+        assert "127.0.0.1/32            trust" not in hba.read_text()
+        admin = await server.connect_admin()
+        try:
+            assert await admin.fetchval("SELECT name FROM kept") == "old data"
+        finally:
+            await admin.close()
     finally:
         await server.stop()
 

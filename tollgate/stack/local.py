@@ -3,12 +3,13 @@
 ``async with LocalStack(...)`` starts them in dependency order and stops them in reverse,
 also when starting failed half-way. State lives under one directory::
 
-    <state_dir>/pgdata/        the Postgres cluster
-    <state_dir>/temporal.db    the dev server's SQLite store
-    <state_dir>/logs/*.log     one log per process, appended across runs
-    <state_dir>/run/*.json     pids of running children, to reap them after a crash
-    <state_dir>/stack.lock     held while a stack runs from this directory
-    <state_dir>/payload.key    the payload encryption key (0600), created on first start
+    <state_dir>/pgdata/                 the Postgres cluster
+    <state_dir>/pgdata.owner-password   password of its schema owner (0600)
+    <state_dir>/temporal.db             the dev server's SQLite store
+    <state_dir>/logs/*.log              one log per process, appended across runs
+    <state_dir>/run/*.json              pids of running children, to reap them after a crash
+    <state_dir>/stack.lock              held while a stack runs from this directory
+    <state_dir>/payload.key             the payload encryption key (0600), created on first start
 """
 
 from __future__ import annotations
@@ -121,10 +122,10 @@ class LocalStack:
         )
         self.worker: WorkerProcess | None = None
         if with_worker:
+            # start() adds the addresses: the owner's URL carries a password that is
+            # generated into a file on first use, and constructing touches no files.
             self.worker = WorkerProcess(
-                {**self.env(), **self.payload_env()},
-                project_root,
-                log_file=self.log_dir / "worker.log",
+                self.payload_env(), project_root, log_file=self.log_dir / "worker.log"
             )
         #: Migrations the last start applied (empty when the schema was up to date).
         self.applied_migrations: list[str] = []
@@ -269,6 +270,7 @@ class LocalStack:
                 if part is self.worker:
                     # The worker needs the schema; migrations need Postgres up.
                     self.applied_migrations = await _apply_migrations(self.database_owner_url)
+                    self.worker.env.update(self.env())
                 await part.start()
                 self._record_pid(part)
             if self.worker is None:
