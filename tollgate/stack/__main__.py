@@ -44,7 +44,14 @@ def _summary(stack: LocalStack) -> Table:
     table.add_row("Temporal gRPC", stack.temporal_address)
     table.add_row("Temporal Web UI", stack.ui_url or "(headless)")
     if stack.codec is not None:
+        # Never the token itself: terminals get scrolled back, shared and recorded.
         table.add_row("Codec server", f"{stack.codec.url} (decrypts payloads for the Web UI)")
+        given = bool(os.environ.get("CODEC_AUTH_TOKEN"))
+        token = "CODEC_AUTH_TOKEN" if given else _relative(stack.codec_token_file)
+        table.add_row(
+            "Codec token",
+            f"{token} (the Web UI has it; for the CLI: --codec-auth 'Bearer <token>')",
+        )
     # Every child reads the environment's key first, as Settings does.
     from_env = bool(os.environ.get("PAYLOAD_ENCRYPTION_KEY"))
     key = "PAYLOAD_ENCRYPTION_KEY" if from_env else _relative(stack.payload_key_file)

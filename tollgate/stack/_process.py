@@ -255,7 +255,8 @@ class ManagedProcess:
         an unprivileged user when we are root); supplementary groups are then dropped too.
         """
         await self._reap()
-        fd, self._log_offset = _open_log_for_child(self.log_file, argv)
+        shown = self._shown_argv(argv)
+        fd, self._log_offset = _open_log_for_child(self.log_file, shown)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -276,7 +277,15 @@ class ManagedProcess:
             raise StackError(f"could not run {argv[0]}: {exc}") from exc
         finally:
             os.close(fd)
-        logger.debug("started %s (pid %d): %s", self.name, self._proc.pid, shlex.join(argv))
+        logger.debug("started %s (pid %d): %s", self.name, self._proc.pid, shlex.join(shown))
+
+    def _shown_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as the log banner and debug output show it.
+
+        A subclass whose command line carries a secret hides it here: logs are private
+        files, but they get pasted into bug reports.
+        """
+        return list(argv)
 
     async def _wait_healthy(self, health_url: str) -> None:
         """Wait until ``health_url`` answers 200 while this process is still alive."""

