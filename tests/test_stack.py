@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
 import stat
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,8 +23,10 @@ import asyncpg
 import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
-from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
 import tollgate.stack.temporal as stack_temporal
 from tollgate.migrate import SCHEMA_DIR
@@ -32,8 +35,10 @@ from tollgate.settings import Settings
 from tollgate.stack import (
     LocalPostgres,
     LocalStack,
+    RestartBackoff,
     SandboxProcess,
     StackError,
+    Supervisor,
     TemporalDevServer,
     WorkerProcess,
     free_port,
@@ -400,6 +405,141 @@ async def test_worker_that_dies_is_reported(tmp_path: Path) -> None:
     worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
     with pytest.raises(StackError, match=r"(?s)exited with status 3.*no database"):
         await worker.start()
+
+
+async def _until(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+#: A worker that is ready at once and exits with status 3 after as many seconds as the
+#: file ``lifetime`` says; while a file ``broken`` exists it exits before being ready.
+SHORT_LIVED_WORKER = """
+    import pathlib, sys, time
+    if pathlib.Path("broken").exists():
+        print("cannot reach the database")
+        sys.exit(1)
+    print("worker ready")
+    time.sleep(float(pathlib.Path("lifetime").read_text()))
+    sys.exit(3)
+    """
+
+
+async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
+    (project / "lifetime").write_text("0.3")
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    supervisor = Supervisor(
+        worker, backoff=RestartBackoff(initial=0.05, maximum=0.2, reset_after=1.0)
+    )
+    await worker.start()
+    supervisor.start()
+    try:
+        await _until(lambda: len(supervisor.exits) >= 4, 30, "four exits")
+        assert [e.restart_in for e in supervisor.exits[:4]] == [0.05, 0.1, 0.2, 0.2]
+        first = supervisor.exits[0]
+        assert first.returncode == 3 and first.uptime < 1.0
+        assert first.log_file == tmp_path / "worker.log"
+        assert str(first) in caplog.text and "exited with status 3" in caplog.text
+
+        # A run that outlives reset_after is healthy: the next wait starts over.
+        (project / "lifetime").write_text("1.5")
+        await _until(
+            lambda: any(e.uptime >= 1.0 for e in supervisor.exits), 30, "a long run to end"
+        )
+        healthy = next(e for e in supervisor.exits if e.uptime >= 1.0)
+        assert healthy.restart_in == 0.05
+        assert supervisor.restarts >= 4
+    finally:
+        await supervisor.stop()
+        await worker.stop()
+    restarts = supervisor.restarts
+    await asyncio.sleep(0.5)
+    assert supervisor.restarts == restarts and not worker.running, "nothing after stop()"
+
+
+async def test_supervisor_retries_a_restart_that_does_not_come_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
+    (project / "lifetime").write_text("0.3")
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    supervisor = Supervisor(
+        worker, backoff=RestartBackoff(initial=0.05, maximum=0.4, reset_after=60)
+    )
+    await worker.start()
+    (project / "broken").touch()
+    supervisor.start()
+    try:
+        await _until(lambda: caplog.text.count("did not come back") >= 2, 30, "failed restarts")
+        assert "cannot reach the database" in caplog.text
+        assert supervisor.restarts == 0 and len(supervisor.exits) == 1
+        (project / "broken").unlink()
+        await _until(lambda: supervisor.restarts == 1, 30, "a restart that comes up")
+        assert worker.running or worker.returncode == 3
+    finally:
+        await supervisor.stop()
+        await worker.stop()
+
+
+async def test_stack_restarts_a_killed_worker_and_stops_supervising_on_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 of the worker: reported with its signal and log, restarted (a new pid
+    that polls Temporal again), and stopping the stack stops both for good."""
+    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    backoff = RestartBackoff(initial=0.2, maximum=1.0, reset_after=30)
+    stack = _stack(tmp_path, restart_backoff=backoff)
+    async with stack:
+        worker, supervisor = stack.worker, stack.supervisor
+        assert worker is not None and supervisor is not None and supervisor.running
+        killed = worker.pid
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)
+        await _until(lambda: supervisor.restarts == 1, 90, "the worker to come back")
+
+        (gone,) = supervisor.exits
+        assert (gone.pid, gone.returncode) == (killed, -signal.SIGKILL)
+        assert gone.log_file == stack.log_dir / "worker.log"
+        assert f"worker (pid {killed}) killed by SIGKILL" in caplog.text
+        assert str(stack.log_dir / "worker.log") in caplog.text
+        restarted = worker.pid
+        assert restarted is not None and restarted != killed
+        assert "worker ready" in worker.log_tail()
+        record = json.loads((stack.state_dir / "run" / "worker.json").read_text())
+        assert record["pid"] == restarted, "a crash after this reaps the new worker"
+
+        # Ready means polling: the new process is among the task queue's pollers.
+        client = await stack.temporal.connect()
+        queue = Settings().task_queue
+
+        async def polls() -> bool:
+            described = await client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace="default",
+                    task_queue=TaskQueue(name=queue),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                )
+            )
+            return any(p.identity.startswith(f"{restarted}@") for p in described.pollers)
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await polls():
+            assert asyncio.get_running_loop().time() < deadline, "the new worker never polled"
+            await asyncio.sleep(0.2)
+    assert not supervisor.running
+    assert not worker.running and worker.returncode == 0, "stopped cleanly, not killed"
+    assert supervisor.restarts == 1, "no restart while stopping"
+    assert not psutil.pid_exists(restarted) or psutil.Process(restarted).status() == "zombie"
+    for log in stack.log_dir.glob("*.log"):
+        assert _mode(log) == 0o600, log
 
 
 def _mode(path: Path) -> int:

@@ -173,6 +173,18 @@ class ManagedProcess:
         """Exit status of the last run (negative: killed by that signal), if it ended."""
         return None if self._proc is None else self._proc.returncode
 
+    @property
+    def last_pid(self) -> int | None:
+        """Pid of the last run, whether or not it is still running."""
+        return None if self._proc is None else self._proc.pid
+
+    async def wait(self) -> int:
+        """Wait until the current run ends; its exit status (negative: killed by that
+        signal). Returns at once when it has already ended."""
+        if self._proc is None:
+            raise StackError(f"{self.name} was never started")
+        return await self._proc.wait()
+
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines this run wrote to its log."""
         return _read_log_tail(self.log_file, self._log_offset, lines)

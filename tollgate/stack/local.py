@@ -45,6 +45,7 @@ from tollgate.stack._process import (
     logger,
     port_is_free,
 )
+from tollgate.stack._supervisor import RestartBackoff, Supervisor
 from tollgate.stack.codec import CodecServerProcess, ensure_codec_token, ensure_stack_key
 from tollgate.stack.postgres import LocalPostgres
 from tollgate.stack.services import PROJECT_ROOT, SandboxProcess, WorkerProcess
@@ -61,7 +62,8 @@ class LocalStack:
     applies the migrations. ``temporal_db_file=False`` keeps Temporal in memory;
     ``ui_port=None`` runs it headless. ``durable=False`` trades Postgres crash safety for
     speed (tests). The worker is started last, after migrations, unless ``with_worker``
-    is false.
+    is false; while the stack runs it is supervised: restarted after any exit, with
+    ``restart_backoff`` (default 1 s doubling to 30 s) between attempts.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class LocalStack:
         codec_port: int | None = None,
         codec_token_file: Path | None = None,
         codec_token: str | None = None,
+        restart_backoff: RestartBackoff | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.log_dir = self.state_dir / "logs"
@@ -137,6 +140,12 @@ class LocalStack:
             # generated into a file on first use, and constructing touches no files.
             self.worker = WorkerProcess(
                 self.payload_env(), project_root, log_file=self.log_dir / "worker.log"
+            )
+        #: Restarts the worker when it exits while the stack runs (none without a worker).
+        self.supervisor: Supervisor | None = None
+        if self.worker is not None:
+            self.supervisor = Supervisor(
+                self.worker, backoff=restart_backoff, on_restart=self._record_pid
             )
         #: Migrations the last start applied (empty when the schema was up to date).
         self.applied_migrations: list[str] = []
@@ -306,6 +315,8 @@ class LocalStack:
                 self._record_pid(part)
             if self.worker is None:
                 self.applied_migrations = await _apply_migrations(self.database_owner_url)
+            if self.supervisor is not None:
+                self.supervisor.start()
         except BaseException:
             await self.stop()
             raise
@@ -318,6 +329,9 @@ class LocalStack:
         """
         remaining = list(reversed(self.components))
         try:
+            if self.supervisor is not None:
+                # First, or the worker's clean exit would be taken for a crash.
+                await self.supervisor.stop()
             while remaining:
                 part = remaining[0]
                 try:
