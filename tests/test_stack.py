@@ -603,7 +603,14 @@ async def test_stack_state_directory_and_its_logs_are_private(
     (state / "logs").mkdir(parents=True)
     old_log = state / "logs" / "temporal.log"
     old_log.write_text("from an older run\n")
-    for path, mode in ((state, 0o755), (state / "logs", 0o755), (old_log, 0o644)):
+    old_db = state / "temporal.db"
+    old_db.write_bytes(b"SQLite format 3\0")
+    for path, mode in (
+        (state, 0o755),
+        (state / "logs", 0o755),
+        (old_log, 0o644),
+        (old_db, 0o644),
+    ):
         path.chmod(mode)
 
     stack = _stack(tmp_path, sandbox_port=listening_port)
@@ -619,7 +626,25 @@ async def test_stack_state_directory_and_its_logs_are_private(
         assert (_mode(state), state.stat().st_gid) == (0o710, server_gid)
     assert _mode(state / "logs") == 0o700
     assert _mode(old_log) == 0o600
+    assert _mode(old_db) == 0o600
     assert _mode(state / "stack.lock") == 0o600
+
+
+async def test_files_a_child_creates_are_private(tmp_path: Path) -> None:
+    project = _fake_worker(
+        tmp_path / "project",
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        open("made-by-the-child", "w").close()
+        print("worker ready")
+        time.sleep(60)
+        """,
+    )
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    await worker.start()
+    await worker.stop()
+    assert _mode(project / "made-by-the-child") == 0o600
 
 
 async def test_stack_reaps_processes_left_by_a_crashed_run(

@@ -284,6 +284,9 @@ class ManagedProcess:
                 user=user,
                 group=group,
                 extra_groups=[] if user is not None else None,
+                # What a child creates in the state directory (Temporal's SQLite file,
+                # say) is nobody else's business either.
+                umask=0o077,
             )
         except OSError as exc:
             raise StackError(f"could not run {argv[0]}: {exc}") from exc

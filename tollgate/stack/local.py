@@ -383,8 +383,10 @@ class LocalStack:
         gid = self.postgres.server_gid() if self.postgres is not None else None
         private_directory(self.state_dir, traverse_gid=gid)
         private_directory(self.log_dir)
-        for log in self.log_dir.glob("*.log"):
-            tighten_file(log)
+        # The one account that may pass through could still open a file it can name.
+        for path in (*self.state_dir.iterdir(), *self.log_dir.glob("*.log")):
+            if path.is_file():
+                tighten_file(path)
 
     def _acquire_lock(self) -> None:
         """Hold ``stack.lock`` so that two stacks never share one state directory.
