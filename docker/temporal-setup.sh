@@ -42,4 +42,5 @@ retry search_attribute OrderStatus Keyword
 retry search_attribute CustomerId Keyword
 retry search_attribute MessageStatus Keyword
 retry search_attribute RecipientId Keyword
+retry search_attribute TollgateAlert Keyword
 echo "temporal-setup: namespace ${namespace} ready"

@@ -7,24 +7,32 @@ end-to-end test here builds its own encrypted client and worker on a fresh task 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import json
+import os
 import stat
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import uvicorn
 from google.protobuf.message import Message
+from rich.console import Console
 from temporalio.api.common.v1 import Payload
 from temporalio.api.history.v1 import History
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from tests.conftest import Harness
+from tests.conftest import PROJECT_ROOT, Harness
 from tollgate.codec import (
     ENCODING,
     KEY_ID_METADATA,
@@ -36,7 +44,7 @@ from tollgate.codec import (
     load_key,
     new_key,
 )
-from tollgate.codec_server import create_app, ui_origins_for
+from tollgate.codec_server import create_app, load_codec_token, ui_origins_for
 from tollgate.errors import ConfigError
 from tollgate.message_models import MessageResult
 from tollgate.message_service import MessageService
@@ -44,8 +52,9 @@ from tollgate.models import OrderInput, OrderResult
 from tollgate.providers import build_http_client
 from tollgate.service import OrderService
 from tollgate.settings import Settings
-from tollgate.stack import LocalStack, TemporalDevServer, free_port
-from tollgate.stack.codec import CodecServerProcess
+from tollgate.stack import LocalStack, TemporalDevServer, free_port, port_is_free, temporal_binary
+from tollgate.stack.__main__ import _summary
+from tollgate.stack.codec import ensure_codec_token
 from tollgate.states import MessageStatus, OrderStatus
 from tollgate.temporal import connect, data_converter
 from tollgate.worker import WORKFLOWS, build_worker
@@ -228,12 +237,44 @@ async def test_histories_recorded_without_encryption_replay_with_it() -> None:
 
 # -- the codec server ---------------------------------------------------------------------
 
+#: The credential of the codec servers in these tests.
+TOKEN = "codec-test-token-0123456789abcdef"
+#: What a client that may decode sends: the credential and the namespace served.
+AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Namespace": "default"}
+#: A small body limit, so an oversized request stays small too.
+MAX_BODY = 64 * 1024
+
 
 @pytest.fixture
-async def codec_http() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(EncryptionCodec(KEY), ui_origins=ui_origins_for(UI_ORIGIN))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://codec") as http:
+async def codec_url() -> AsyncIterator[str]:
+    """The codec server app, served by uvicorn on a real socket of this process."""
+    app = create_app(
+        EncryptionCodec(KEY),
+        token=TOKEN,
+        namespace="default",
+        ui_origins=ui_origins_for(UI_ORIGIN),
+        max_body_bytes=MAX_BODY,
+    )
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def codec_http(codec_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=codec_url, timeout=10) as http:
         yield http
 
 
@@ -252,9 +293,22 @@ def _unwire(item: dict[str, Any]) -> Payload:
     )
 
 
+async def _sealed_canary() -> dict[str, Any]:
+    """A request body holding one encrypted payload whose plaintext says CANARY."""
+    (sealed,) = await EncryptionCodec(KEY).encode([_payload('"CANARY"')])
+    return {"payloads": [_wire(sealed)]}
+
+
+def _assert_refused(response: httpx.Response, status: int) -> None:
+    """Refused with ``status``, a JSON error, and nothing decrypted or encrypted."""
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"}
+    assert "CANARY" not in response.text and "payloads" not in response.json()
+
+
 async def test_codec_server_encodes_and_decodes(codec_http: httpx.AsyncClient) -> None:
     original = [_payload('"CANARY"'), _payload("{}")]
-    headers = {"X-Namespace": "default", "Origin": UI_ORIGIN}
+    headers = {**AUTH, "Origin": UI_ORIGIN}
     encoded = await codec_http.post(
         "/encode", json={"payloads": [_wire(p) for p in original]}, headers=headers
     )
@@ -264,49 +318,186 @@ async def test_codec_server_encodes_and_decodes(codec_http: httpx.AsyncClient) -
     assert all(p.metadata["encoding"] == ENCODING for p in sealed)
     assert b"CANARY" not in b"".join(p.data for p in sealed)
 
-    # /{namespace}/decode is the CLI's --codec-endpoint templating.
-    for path in ("/decode", "/default/decode"):
-        decoded = await codec_http.post(path, json=encoded.json(), headers=headers)
+    # /{namespace}/decode is the CLI's --codec-endpoint templating; the path names the
+    # namespace there, so the header is not needed.
+    bearer = {"Authorization": AUTH["Authorization"]}
+    for path, extra in (("/decode", headers), ("/default/decode", bearer)):
+        decoded = await codec_http.post(path, json=encoded.json(), headers=extra)
         assert decoded.status_code == 200
         assert [_unwire(item) for item in decoded.json()["payloads"]] == original
 
-    plain = await codec_http.post("/decode", json={"payloads": [_wire(_payload())]})
+    plain = await codec_http.post("/decode", json={"payloads": [_wire(_payload())]}, headers=AUTH)
     assert [_unwire(item) for item in plain.json()["payloads"]] == [_payload()]
+
+
+async def test_codec_server_decodes_for_the_ui_through_its_capability_path(
+    codec_http: httpx.AsyncClient,
+) -> None:
+    """What the Web UI does: POST <endpoint>/decode with X-Namespace and no header
+    credential, the endpoint being /ui/<token>."""
+    headers = {"X-Namespace": "default", "Origin": "http://localhost:18233"}
+    decoded = await codec_http.post(
+        f"/ui/{TOKEN}/decode", json=await _sealed_canary(), headers=headers
+    )
+    assert decoded.status_code == 200
+    assert decoded.headers["access-control-allow-origin"] == "http://localhost:18233"
+    assert [_unwire(i) for i in decoded.json()["payloads"]] == [_payload('"CANARY"')]
+
+    encoded = await codec_http.post(
+        f"/ui/{TOKEN}/encode", json={"payloads": [_wire(_payload())]}, headers=headers
+    )
+    assert encoded.status_code == 200
+    assert _unwire(encoded.json()["payloads"][0]).metadata["encoding"] == ENCODING
+
+
+async def test_codec_server_refuses_requests_without_a_credential(
+    codec_http: httpx.AsyncClient,
+) -> None:
+    body = await _sealed_canary()
+    namespace_only = {"X-Namespace": "default"}
+    for path in ("/decode", "/encode", "/default/decode", "/default/encode", "/ui/decode"):
+        response = await codec_http.post(path, json=body, headers=namespace_only)
+        _assert_refused(response, 401)
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "Bearer" in response.json()["error"]
+    assert (await codec_http.get("/health")).status_code == 200, "health stays open"
+
+
+async def test_codec_server_refuses_a_wrong_credential(codec_http: httpx.AsyncClient) -> None:
+    body = await _sealed_canary()
+    near_miss = TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1")
+    basic = base64.b64encode(f"user:{TOKEN}".encode()).decode()
+    for authorization in (
+        f"Bearer {near_miss}",
+        f"Bearer {TOKEN}-and-more",
+        "Bearer",
+        f"Basic {basic}",
+        TOKEN,
+    ):
+        response = await codec_http.post(
+            "/decode", json=body, headers={"Authorization": authorization, "X-Namespace": "default"}
+        )
+        _assert_refused(response, 401)
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    for capability in (near_miss, TOKEN.upper(), "x" * len(TOKEN)):
+        # A right header does not make a wrong capability path right.
+        response = await codec_http.post(f"/ui/{capability}/decode", json=body, headers=AUTH)
+        _assert_refused(response, 401)
+
+
+async def test_codec_server_serves_its_namespace_only(codec_http: httpx.AsyncClient) -> None:
+    body = await _sealed_canary()
+    bearer = {"Authorization": AUTH["Authorization"]}
+    other = {**bearer, "X-Namespace": "payments"}
+    _assert_refused(await codec_http.post("/decode", json=body, headers=other), 403)
+    _assert_refused(await codec_http.post("/payments/decode", json=body, headers=bearer), 403)
+    _assert_refused(await codec_http.post("/default/decode", json=body, headers=other), 403)
+    _assert_refused(await codec_http.post("/payments/decode", json=body, headers=AUTH), 403)
+    ui_other = {"X-Namespace": "payments"}
+    _assert_refused(await codec_http.post(f"/ui/{TOKEN}/decode", json=body, headers=ui_other), 403)
+
+    missing = await codec_http.post("/decode", json=body, headers=bearer)
+    _assert_refused(missing, 400)
+    assert "X-Namespace" in missing.json()["error"]
+    _assert_refused(await codec_http.post(f"/ui/{TOKEN}/decode", json=body), 400)
+
+
+async def _raw_http(url: str, head: str, chunks: Sequence[bytes] = ()) -> bytes:
+    """Send a request head (and body bytes) over a plain socket; the response's status
+    line, read without finishing the body first."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+        for chunk in chunks:
+            writer.write(chunk)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_codec_server_refuses_an_oversized_body_without_reading_it(
+    codec_url: str, codec_http: httpx.AsyncClient
+) -> None:
+    credentials = f"Authorization: {AUTH['Authorization']}\nX-Namespace: default\n"
+    # A gigabyte announced and none of it sent: the answer comes anyway.
+    head = f"POST /decode HTTP/1.1\nHost: codec\n{credentials}Content-Length: {1 << 30}\n"
+    assert (await _raw_http(codec_url, head)).startswith(b"HTTP/1.1 413")
+
+    # No length announced: chunks are read up to the limit, and no further.
+    head = f"POST /decode HTTP/1.1\nHost: codec\n{credentials}Transfer-Encoding: chunked\n"
+    piece = b"x" * 16384
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 1)
+    assert (await _raw_http(codec_url, head, chunks)).startswith(b"HTTP/1.1 413")
+
+    # Without the credential the size does not even matter: 401 first.
+    head = f"POST /decode HTTP/1.1\nHost: codec\nContent-Length: {1 << 30}\n"
+    assert (await _raw_http(codec_url, head)).startswith(b"HTTP/1.1 401")
+
+    # Just under the limit is served.
+    payload = _payload(json.dumps("y" * (MAX_BODY // 2)))
+    body = json.dumps({"payloads": [_wire(payload)]}).encode()
+    assert len(body) <= MAX_BODY
+    response = await codec_http.post("/decode", content=body, headers=AUTH)
+    assert response.status_code == 200
+    too_big = await codec_http.post("/decode", content=body + b" " * MAX_BODY, headers=AUTH)
+    _assert_refused(too_big, 413)
 
 
 async def test_codec_server_answers_the_ui_preflight(codec_http: httpx.AsyncClient) -> None:
     for origin in ("http://127.0.0.1:18233", "http://localhost:18233"):
-        response = await codec_http.options(
+        for path in ("/decode", f"/ui/{TOKEN}/decode"):
+            response = await codec_http.options(
+                path,
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type,x-namespace",
+                },
+            )
+            assert response.status_code == 200
+            assert response.headers["access-control-allow-origin"] == origin
+            assert "POST" in response.headers["access-control-allow-methods"]
+            allowed = response.headers["access-control-allow-headers"].lower()
+            assert {"authorization", "x-namespace", "content-type"} <= {
+                h.strip() for h in allowed.split(",")
+            }
+
+
+async def test_codec_server_gives_other_origins_no_cors_answer(
+    codec_http: httpx.AsyncClient,
+) -> None:
+    for stranger in ("http://evil.example", "http://127.0.0.1:9999", "null"):
+        preflight = await codec_http.options(
             "/decode",
             headers={
-                "Origin": origin,
+                "Origin": stranger,
                 "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "content-type,x-namespace",
+                "Access-Control-Request-Headers": "authorization,x-namespace",
             },
         )
-        assert response.status_code == 200
-        assert response.headers["access-control-allow-origin"] == origin
-        assert "POST" in response.headers["access-control-allow-methods"]
-        allowed = response.headers["access-control-allow-headers"].lower()
-        assert "x-namespace" in allowed and "content-type" in allowed
-
-    stranger = await codec_http.options(
-        "/decode",
-        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
-    )
-    assert stranger.status_code == 400
-    assert "access-control-allow-origin" not in stranger.headers
+        assert preflight.status_code == 400
+        assert "access-control-allow-origin" not in preflight.headers
+        # Even a request that carries the credential gives a foreign page nothing to read.
+        simple = await codec_http.post(
+            "/decode", json=await _sealed_canary(), headers={**AUTH, "Origin": stranger}
+        )
+        assert "access-control-allow-origin" not in simple.headers
 
 
 async def test_codec_server_errors(codec_http: httpx.AsyncClient) -> None:
-    bad = await codec_http.post("/decode", content=b"not json")
+    bad = await codec_http.post("/decode", content=b"not json", headers=AUTH)
     assert bad.status_code == 400 and "payloads" in bad.json()["error"]
 
     (foreign,) = await EncryptionCodec(new_key()).encode([_payload()])
-    unknown = await codec_http.post("/decode", json={"payloads": [_wire(foreign)]})
+    unknown = await codec_http.post("/decode", json={"payloads": [_wire(foreign)]}, headers=AUTH)
     assert unknown.status_code == 422 and "key id" in unknown.json()["error"]
 
-    assert (await codec_http.get("/decode")).status_code == 405
+    assert (await codec_http.get("/decode", headers=AUTH)).status_code == 405
     assert (await codec_http.get("/health")).status_code == 200
 
 
@@ -318,14 +509,95 @@ def test_ui_origins_cover_both_spellings_of_localhost() -> None:
     assert ui_origins_for("https://temporal.example") == ["https://temporal.example"]
 
 
+@pytest.mark.parametrize("origin", ["*", "http://*.example", "file:///tmp/ui", "example.com"])
+def test_a_wildcard_or_malformed_ui_origin_is_refused(origin: str) -> None:
+    with pytest.raises(ValueError, match="not a browser origin"):
+        ui_origins_for(origin)
+    with pytest.raises(ValueError, match="not a browser origin"):
+        create_app(EncryptionCodec(KEY), token=TOKEN, namespace="default", ui_origins=[origin])
+
+
+# -- the codec server's credential ----------------------------------------------------------
+
+
+def test_load_codec_token_prefers_the_setting_then_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "codec.token"
+    assert load_codec_token(Settings(state_dir=tmp_path)) is None, "none: it will not start"
+    path.write_text(f"{TOKEN}\n")
+    assert load_codec_token(Settings(state_dir=tmp_path)) == TOKEN
+    other = tmp_path / "elsewhere.token"
+    other.write_text("another-token-0123456789")
+    assert load_codec_token(Settings(codec_auth_token_file=other)) == "another-token-0123456789"
+    from_env = Settings(state_dir=tmp_path, codec_auth_token="env-token-0123456789abcd")
+    assert load_codec_token(from_env) == "env-token-0123456789abcd"
+
+
+@pytest.mark.parametrize("bad", ["short", "has spaces in it 0123456789", "slash/in/it/0123456789"])
+def test_a_weak_or_unusable_codec_token_is_refused_without_echoing_it(
+    tmp_path: Path, bad: str
+) -> None:
+    with pytest.raises(ValueError, match="CODEC_AUTH_TOKEN: a codec token must") as caught:
+        load_codec_token(Settings(codec_auth_token=bad))
+    assert bad not in str(caught.value)
+    path = tmp_path / "codec.token"
+    path.write_text(bad)
+    with pytest.raises(ValueError, match=f"CODEC_AUTH_TOKEN_FILE {path}"):
+        load_codec_token(Settings(codec_auth_token_file=path))
+
+
+def test_ensure_codec_token_creates_a_private_token_once(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "codec.token"
+    token = ensure_codec_token(path)
+    assert len(token) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == token
+    assert ensure_codec_token(path) == token, "an existing token is kept"
+    assert list(path.parent.iterdir()) == [path], "no temporary file left behind"
+    assert load_codec_token(Settings(codec_auth_token_file=path)) == token
+
+
+async def test_codec_server_refuses_to_start_without_a_credential(tmp_path: Path) -> None:
+    """Fail closed, in one line that names the settings to use."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEC_AUTH_TOKEN")}
+    env |= {
+        "PAYLOAD_ENCRYPTION_KEY": encode_key(KEY),
+        "STATE_DIR": str(tmp_path),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    port = free_port()
+    for extra, problem in (
+        ({}, "no codec credential"),
+        ({"CODEC_AUTH_TOKEN": "weak"}, "CODEC_AUTH_TOKEN: a codec token must"),
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tollgate.codec_server", "--port", str(port),
+            env=env | extra, cwd=PROJECT_ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 1
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert problem in lines[0] and "weak" not in lines[0]
+        if not extra:
+            assert "CODEC_AUTH_TOKEN" in lines[0] and "CODEC_AUTH_TOKEN_FILE" in lines[0]
+            assert str(tmp_path / "codec.token") in lines[0]
+        assert out == b""
+    assert port_is_free("127.0.0.1", port)
+
+
 # -- the local stack ----------------------------------------------------------------------
 
 
-def test_dev_server_gets_the_codec_endpoint_only_with_a_ui() -> None:
-    endpoint = "http://127.0.0.1:18234"
-    argv = TemporalDevServer(free_port(), free_port(), codec_endpoint=endpoint).command()
+def test_dev_server_gets_the_codec_endpoint_only_with_a_ui(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:18234/ui/{TOKEN}"
+    server = TemporalDevServer(free_port(), free_port(), codec_endpoint=endpoint)
+    argv = server.command()
     at = argv.index("--ui-codec-endpoint")
     assert argv[at + 1] == endpoint
+    shown = server._shown_argv(argv)
+    assert shown[at + 1] == "http://127.0.0.1:18234/<hidden>", "logs never show the token"
+    assert TOKEN not in " ".join(shown)
     assert "--ui-codec-endpoint" not in TemporalDevServer(free_port(), free_port()).command()
     headless = TemporalDevServer(free_port(), None, codec_endpoint=endpoint).command()
     assert "--ui-codec-endpoint" not in headless
@@ -334,21 +606,25 @@ def test_dev_server_gets_the_codec_endpoint_only_with_a_ui() -> None:
 def test_local_stack_wires_key_codec_server_and_ui(tmp_path: Path) -> None:
     ui_port = free_port()
 
-    def stack_in(state_dir: Path, ui_port: int | None) -> LocalStack:
+    def stack_in(state_dir: Path, ui_port: int | None, **options: Any) -> LocalStack:
         return LocalStack(
             state_dir,
             temporal_port=free_port(),
             ui_port=ui_port,
             postgres_port=free_port(),
             sandbox_port=free_port(),
+            **options,
         )
 
     stack = stack_in(tmp_path / "state", ui_port)
     key_file = tmp_path / "state" / "payload.key"
     assert stack.payload_key_file == key_file
     assert stack.codec is not None and stack.codec.key_file == key_file
+    assert stack.codec.token_file == tmp_path / "state" / "codec.token"
+    assert stack.codec.namespace == stack.temporal.namespace
     assert stack.codec.ui_origins == [f"http://127.0.0.1:{ui_port}"]
-    assert stack.temporal.codec_endpoint == stack.codec.url
+    assert stack.temporal.codec_endpoint is None, "set on start, once the token exists"
+    assert not (tmp_path / "state").exists(), "constructing a stack writes nothing"
     names = [part.name for part in stack.components]
     assert names.index("codec") < names.index("temporal"), "the UI's codec is up first"
     assert stack.worker is not None
@@ -359,48 +635,121 @@ def test_local_stack_wires_key_codec_server_and_ui(tmp_path: Path) -> None:
     assert headless.temporal.codec_endpoint is None
 
     elsewhere = tmp_path / "keys" / "k"
-    settings = Settings(state_dir=tmp_path / "s", payload_key_file=elsewhere)
-    assert LocalStack.from_settings(settings).payload_key_file == elsewhere
+    settings = Settings(
+        state_dir=tmp_path / "s", payload_key_file=elsewhere, codec_auth_token_file=elsewhere
+    )
+    configured = LocalStack.from_settings(settings)
+    assert configured.payload_key_file == elsewhere
+    assert configured.codec is not None and configured.codec.token_file == elsewhere
     default = LocalStack.from_settings(Settings(state_dir=tmp_path / "s"))
     assert default.payload_key_file == tmp_path / "s" / "payload.key"
+    assert default.codec_token_file == tmp_path / "s" / "codec.token"
+
+    # CODEC_AUTH_TOKEN wins over the file, for the UI's URL and the codec server alike.
+    given = LocalStack.from_settings(Settings(state_dir=tmp_path / "s", codec_auth_token=TOKEN))
+    assert given.codec_token() == TOKEN
+    assert given.codec is not None and given.codec.env["CODEC_AUTH_TOKEN"] == TOKEN
+    assert not (tmp_path / "s" / "codec.token").exists()
 
 
-async def test_codec_server_process_behind_the_web_ui(tmp_path: Path) -> None:
-    """The real thing: a dev server whose UI advertises the codec server, which decrypts."""
-    key = ensure_key_file(tmp_path / "payload.key")
-    ui_port = free_port()
-    codec = CodecServerProcess(
-        free_port(),
-        key_file=tmp_path / "payload.key",
-        ui_origins=[f"http://127.0.0.1:{ui_port}"],
-        log_file=tmp_path / "codec.log",
+async def test_local_stack_points_the_web_ui_at_its_codec_server(
+    tmp_path: Path, database_url: str, owner_url: str
+) -> None:
+    """The real thing: a stack whose Web UI is given the codec server's capability URL.
+    The token file is made private, the UI's URL decrypts, the codec server's own URL
+    needs the credential, and neither the logs nor `make up`'s summary show the token."""
+    stack = LocalStack(
+        tmp_path / "state",
+        temporal_port=free_port(),
+        ui_port=free_port(),
+        postgres_port=free_port(),
+        sandbox_port=free_port(),
+        database_url=database_url,
+        database_owner_url=owner_url,
+        temporal_db_file=False,
+        with_worker=False,
     )
-    server = TemporalDevServer(
-        free_port(), ui_port, log_file=tmp_path / "temporal.log", codec_endpoint=codec.url
-    )
-    await codec.start()
-    try:
-        await server.start()
-        try:
-            async with httpx.AsyncClient(timeout=5) as http:
-                ui = await http.get(f"{server.ui_url}/api/v1/settings")
-                assert ui.json()["Codec"]["Endpoint"] == codec.url
+    async with stack:
+        assert stack.codec is not None and stack.ui_url is not None
+        token_file = tmp_path / "state" / "codec.token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        key = ensure_key_file(stack.payload_key_file)
+        (sealed,) = await EncryptionCodec(key).encode([_payload('"CANARY"')])
+        body = {"payloads": [_wire(sealed)]}
+        async with httpx.AsyncClient(timeout=10) as http:
+            ui = await http.get(f"{stack.ui_url}/api/v1/settings")
+            endpoint = ui.json()["Codec"]["Endpoint"]
+            assert endpoint == f"{stack.codec.url}/ui/{token}"
 
-                (sealed,) = await EncryptionCodec(key).encode([_payload()])
-                decoded = await http.post(
-                    f"{codec.url}/decode",
-                    json={"payloads": [_wire(sealed)]},
-                    headers={"Origin": f"http://localhost:{ui_port}"},
+            # As the browser does it, from the UI's other spelling of its origin.
+            origin = stack.ui_url.replace("127.0.0.1", "localhost")
+            decoded = await http.post(
+                f"{endpoint}/decode",
+                json=body,
+                headers={"X-Namespace": "default", "Origin": origin},
+            )
+            assert decoded.headers["access-control-allow-origin"] == origin
+            assert [_unwire(i) for i in decoded.json()["payloads"]] == [_payload('"CANARY"')]
+
+            _assert_refused(await http.post(f"{stack.codec.url}/decode", json=body), 401)
+            namespace_only = {"X-Namespace": "default"}
+            for path in ("/decode", "/default/decode"):
+                refused = await http.post(
+                    f"{stack.codec.url}{path}", json=body, headers=namespace_only
                 )
-                assert decoded.headers["access-control-allow-origin"] == (
-                    f"http://localhost:{ui_port}"
-                )
-                assert [_unwire(i) for i in decoded.json()["payloads"]] == [_payload()]
-        finally:
-            await server.stop()
-    finally:
-        await codec.stop()
-    assert codec.returncode is not None and not codec.running
+                _assert_refused(refused, 401)
+            bearer = {"Authorization": f"Bearer {token}"}
+            other = {**bearer, "X-Namespace": "payments"}
+            _assert_refused(
+                await http.post(f"{stack.codec.url}/decode", json=body, headers=other), 403
+            )
+            ok = await http.post(f"{stack.codec.url}/default/decode", json=body, headers=bearer)
+            assert ok.status_code == 200
+
+        # The CLI's way: the {namespace} template and a bearer credential.
+        workflow_id = f"codec-cli-{uuid.uuid4().hex[:8]}"
+        client = await connect(
+            Settings(
+                temporal_address=stack.temporal_address, payload_key_file=stack.payload_key_file
+            )
+        )
+        await client.start_workflow(
+            "NobodyRunsThis", "CANARY-for-the-cli", id=workflow_id, task_queue=workflow_id
+        )
+        show = [
+            str(temporal_binary()), "workflow", "show", "-w", workflow_id, "--output", "json",
+            "--address", stack.temporal_address, "--namespace", "default",
+            "--codec-endpoint", f"{stack.codec.url}/{{namespace}}",
+        ]  # fmt: skip
+        cli_env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+        # --output json keeps payload data in base64, as in the protocol.
+        canary = base64.b64encode(b'"CANARY-for-the-cli"').decode()
+        for extra, readable in (([], False), (["--codec-auth", f"Bearer {token}"], True)):
+            proc = await asyncio.create_subprocess_exec(
+                *show, *extra, env=cli_env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            output, errors = await asyncio.wait_for(proc.communicate(), 60)
+            assert (canary in output.decode()) is readable
+            assert (proc.returncode == 0) is readable, errors.decode()
+
+        # The default body limit (CODEC_MAX_BODY_BYTES, 4 MiB) holds in the real process.
+        head = (
+            f"POST /default/decode HTTP/1.1\nHost: codec\nAuthorization: Bearer {token}\n"
+            f"Content-Length: {5 * 1024 * 1024}\n"
+        )
+        assert (await _raw_http(stack.codec.url, head)).startswith(b"HTTP/1.1 413")
+
+        console = Console(record=True, width=200)
+        console.print(_summary(stack))
+        summary = console.export_text()
+        assert stack.codec.url in summary and "codec.token" in summary
+        assert token not in summary
+    assert not stack.codec.running
+    for log in (stack.log_dir / "temporal.log", stack.log_dir / "codec.log"):
+        assert token not in log.read_text(), log
+    assert "--ui-codec-endpoint" in (stack.log_dir / "temporal.log").read_text()
 
 
 # -- end to end: the canary ---------------------------------------------------------------

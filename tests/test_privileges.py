@@ -374,7 +374,7 @@ async def test_the_migration_needs_the_app_group_or_the_right_to_create_it(
     server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
     await server.start()
     try:
-        admin = await asyncpg.connect(server.admin_url)
+        admin = await server.connect_admin()
         try:
             await admin.execute(f"DROP ROLE {APP_GROUP}")
             with pytest.raises(MigrationError, match="003_least_privilege") as caught:

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
-from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
 import tollgate.stack.temporal as stack_temporal
 from tollgate.migrate import SCHEMA_DIR
@@ -30,8 +35,10 @@ from tollgate.settings import Settings
 from tollgate.stack import (
     LocalPostgres,
     LocalStack,
+    RestartBackoff,
     SandboxProcess,
     StackError,
+    Supervisor,
     TemporalDevServer,
     WorkerProcess,
     free_port,
@@ -61,7 +68,10 @@ async def test_postgres_lifecycle(tmp_path: Path) -> None:
     await server.start()
     try:
         assert server.url == f"postgresql://tollgate@127.0.0.1:{server.port}/tollgate"
-        assert server.owner_url == f"postgresql://tollgate_owner@127.0.0.1:{server.port}/tollgate"
+        password = quote(server.owner_password, safe="")
+        assert server.owner_url == (
+            f"postgresql://tollgate_owner:{password}@127.0.0.1:{server.port}/tollgate"
+        )
         assert await _roles(server) == {
             "tollgate": {"login": True, "super": False, "groups": ["tollgate_app"]},
             "tollgate_app": {"login": False, "super": False, "groups": []},
@@ -120,7 +130,7 @@ async def _survivors(server: LocalPostgres) -> list[str]:
 
 async def _roles(server: LocalPostgres) -> dict[str, object]:
     """The Tollgate roles' attributes and memberships, and who owns the database."""
-    conn = await asyncpg.connect(server.admin_url)
+    conn = await server.connect_admin()
     try:
         rows = await conn.fetch(
             """
@@ -155,7 +165,7 @@ async def test_postgres_upgrades_a_cluster_where_the_app_role_was_superuser(
     server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
     await server.start()
     try:
-        admin = await asyncpg.connect(server.admin_url)
+        admin = await server.connect_admin()
         try:
             await admin.execute("ALTER ROLE tollgate SUPERUSER CREATEDB")
             await admin.execute("REVOKE tollgate_app FROM tollgate")
@@ -185,6 +195,107 @@ async def test_postgres_upgrades_a_cluster_where_the_app_role_was_superuser(
             assert await conn.fetchval("SELECT name FROM legacy") == "kept"
         finally:
             await conn.close()
+    finally:
+        await server.stop()
+
+
+async def _login(dsn: str) -> str:
+    """``current_user`` of a fresh connection to ``dsn``, with no password from elsewhere
+    (``PGPASSWORD`` is cleared by the caller, and no ``.pgpass`` is read)."""
+    no_passfile = "/nonexistent/tollgate-test/.pgpass"
+    conn = await asyncpg.connect(dsn, passfile=no_passfile, timeout=10)
+    try:
+        user: str = await conn.fetchval("SELECT current_user")
+        return user
+    finally:
+        await conn.close()
+
+
+async def _assert_locked_down(server: LocalPostgres) -> None:
+    """The superuser only over the socket, the owner only with its password."""
+    tcp = f"127.0.0.1:{server.port}"
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="rejects"):
+        await _login(f"postgresql://postgres@{tcp}/postgres")
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="rejects"):
+        await _login(f"postgresql://postgres@{tcp}/tollgate")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _login(f"postgresql://tollgate_owner:wrong@{tcp}/tollgate")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _login(f"postgresql://tollgate_owner@{tcp}/tollgate")
+    assert await _login(server.owner_url) == "tollgate_owner"
+    assert await _login(server.url) == "tollgate"
+    admin = await server.connect_admin()
+    try:
+        assert await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    finally:
+        await admin.close()
+
+
+async def test_postgres_superuser_only_over_the_socket_owner_only_with_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    server = LocalPostgres(tmp_path / "pg" / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        await _assert_locked_down(server)
+        password_file = tmp_path / "pg" / "data.owner-password"
+        assert server.owner_password_file == password_file
+        assert _mode(password_file) == 0o600
+        assert password_file.read_text().strip() == server.owner_password
+        assert server.owner_password not in server.log_file.read_text()
+
+        password = server.owner_password
+        await server.restart()
+        assert server.owner_password == password, "the password is kept across restarts"
+        await _assert_locked_down(server)
+    finally:
+        await server.stop()
+
+
+#: pg_hba.conf as ``initdb --auth=trust`` writes it (what clusters of the stack had).
+TRUST_EVERYWHERE = """\
+local   all             all                                     trust
+host    all             all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+local   replication     all                                     trust
+host    replication     all             127.0.0.1/32            trust
+host    replication     all             ::1/128                 trust
+"""
+
+
+async def test_postgres_locks_down_a_cluster_created_with_trust_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old ``.tollgate/pgdata``: trust for everyone over TCP, an owner with no
+    password and no password file. The next start closes it, in place."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
+    await server.start()
+    try:
+        admin = await server.connect_admin()
+        try:
+            await admin.execute("CREATE TABLE kept (name text)")
+            await admin.execute("INSERT INTO kept VALUES ('old data')")
+            await admin.execute("ALTER ROLE tollgate_owner PASSWORD NULL")
+        finally:
+            await admin.close()
+    finally:
+        await server.stop()
+    hba = server.data_dir / "pg_hba.conf"
+    hba.write_text(TRUST_EVERYWHERE)  # keeps the file's owner, the server's account
+    server.owner_password_file.unlink()
+
+    await server.start()
+    try:
+        await _assert_locked_down(server)
+        assert _mode(server.owner_password_file) == 0o600
+        assert "127.0.0.1/32            trust" not in hba.read_text()
+        admin = await server.connect_admin()
+        try:
+            assert await admin.fetchval("SELECT name FROM kept") == "old data"
+        finally:
+            await admin.close()
     finally:
         await server.stop()
 
@@ -296,6 +407,171 @@ async def test_worker_that_dies_is_reported(tmp_path: Path) -> None:
         await worker.start()
 
 
+async def _until(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+#: A worker that is ready at once and exits with status 3 after as many seconds as the
+#: file ``lifetime`` says; while a file ``broken`` exists it exits before being ready.
+SHORT_LIVED_WORKER = """
+    import pathlib, sys, time
+    if pathlib.Path("broken").exists():
+        print("cannot reach the database")
+        sys.exit(1)
+    print("worker ready")
+    time.sleep(float(pathlib.Path("lifetime").read_text()))
+    sys.exit(3)
+    """
+
+
+async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
+    (project / "lifetime").write_text("0.3")
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    supervisor = Supervisor(
+        worker, backoff=RestartBackoff(initial=0.05, maximum=0.2, reset_after=1.0)
+    )
+    await worker.start()
+    supervisor.start()
+    try:
+        await _until(lambda: len(supervisor.exits) >= 4, 30, "four exits")
+        assert [e.restart_in for e in supervisor.exits[:4]] == [0.05, 0.1, 0.2, 0.2]
+        first = supervisor.exits[0]
+        assert first.returncode == 3 and first.uptime < 1.0
+        assert first.log_file == tmp_path / "worker.log"
+        assert str(first) in caplog.text and "exited with status 3" in caplog.text
+
+        # A run that outlives reset_after is healthy: the next wait starts over.
+        (project / "lifetime").write_text("1.5")
+        await _until(
+            lambda: any(e.uptime >= 1.0 for e in supervisor.exits), 30, "a long run to end"
+        )
+        healthy = next(e for e in supervisor.exits if e.uptime >= 1.0)
+        assert healthy.restart_in == 0.05
+        assert supervisor.restarts >= 4
+    finally:
+        await supervisor.stop()
+        await worker.stop()
+    restarts = supervisor.restarts
+    await asyncio.sleep(0.5)
+    assert supervisor.restarts == restarts and not worker.running, "nothing after stop()"
+
+
+async def test_supervisor_retries_a_restart_that_does_not_come_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
+    (project / "lifetime").write_text("0.3")
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    supervisor = Supervisor(
+        worker, backoff=RestartBackoff(initial=0.05, maximum=0.4, reset_after=60)
+    )
+    await worker.start()
+    (project / "broken").touch()
+    supervisor.start()
+    try:
+        await _until(lambda: caplog.text.count("did not come back") >= 2, 30, "failed restarts")
+        assert "cannot reach the database" in caplog.text
+        assert supervisor.restarts == 0 and len(supervisor.exits) == 1
+        (project / "broken").unlink()
+        await _until(lambda: supervisor.restarts == 1, 30, "a restart that comes up")
+        assert worker.running or worker.returncode == 3
+    finally:
+        await supervisor.stop()
+        await worker.stop()
+
+
+async def test_stack_restarts_a_killed_worker_and_stops_supervising_on_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 of the worker: reported with its signal and log, restarted (a new pid
+    that polls Temporal again), and stopping the stack stops both for good."""
+    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    backoff = RestartBackoff(initial=0.2, maximum=1.0, reset_after=30)
+    stack = _stack(tmp_path, restart_backoff=backoff)
+    async with stack:
+        worker, supervisor = stack.worker, stack.supervisor
+        assert worker is not None and supervisor is not None and supervisor.running
+        killed = worker.pid
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)
+        await _until(lambda: supervisor.restarts == 1, 90, "the worker to come back")
+
+        (gone,) = supervisor.exits
+        assert (gone.pid, gone.returncode) == (killed, -signal.SIGKILL)
+        assert gone.log_file == stack.log_dir / "worker.log"
+        assert f"worker (pid {killed}) killed by SIGKILL" in caplog.text
+        assert str(stack.log_dir / "worker.log") in caplog.text
+        restarted = worker.pid
+        assert restarted is not None and restarted != killed
+        assert "worker ready" in worker.log_tail()
+        record = json.loads((stack.state_dir / "run" / "worker.json").read_text())
+        assert record["pid"] == restarted, "a crash after this reaps the new worker"
+
+        # Ready means polling: the new process is among the task queue's pollers.
+        client = await stack.temporal.connect()
+        queue = Settings().task_queue
+
+        async def polls() -> bool:
+            described = await client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace="default",
+                    task_queue=TaskQueue(name=queue),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                )
+            )
+            return any(p.identity.startswith(f"{restarted}@") for p in described.pollers)
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await polls():
+            assert asyncio.get_running_loop().time() < deadline, "the new worker never polled"
+            await asyncio.sleep(0.2)
+    assert not supervisor.running
+    assert not worker.running and worker.returncode == 0, "stopped cleanly, not killed"
+    assert supervisor.restarts == 1, "no restart while stopping"
+    assert not psutil.pid_exists(restarted) or psutil.Process(restarted).status() == "zombie"
+    for log in stack.log_dir.glob("*.log"):
+        assert _mode(log) == 0o600, log
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_log_files_are_created_private_and_old_ones_tightened(tmp_path: Path) -> None:
+    project = _fake_worker(
+        tmp_path / "project",
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print("worker ready")
+        time.sleep(60)
+        """,
+    )
+    earlier = tmp_path / "logs" / "worker.log"
+    earlier.parent.mkdir()
+    earlier.write_text("a line from an earlier run\n")
+    earlier.chmod(0o644)
+    fresh = tmp_path / "fresh" / "worker.log"
+    for log in (earlier, fresh):
+        worker = WorkerProcess({}, project, log_file=log)
+        await worker.start()
+        try:
+            assert _mode(log) == 0o600, log
+        finally:
+            await worker.stop()
+    assert _mode(fresh.parent) == 0o700, "a directory made for a log is private too"
+    assert "a line from an earlier run" in earlier.read_text(), "appended, not replaced"
+
+
 def _stack(tmp_path: Path, **overrides: object) -> LocalStack:
     options: dict[str, object] = {
         "temporal_port": free_port(),
@@ -316,6 +592,59 @@ async def test_stack_names_the_busy_port_and_its_variable(
     with pytest.raises(StackError, match=f"port {listening_port} .*SANDBOX_URL"):
         await stack.start()
     assert not any(part.running for part in stack.components)
+
+
+async def test_stack_state_directory_and_its_logs_are_private(
+    tmp_path: Path, listening_port: int
+) -> None:
+    """A state directory an older Tollgate left world-readable is tightened on start,
+    even when the start then fails (here: on a busy port)."""
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    old_log = state / "logs" / "temporal.log"
+    old_log.write_text("from an older run\n")
+    old_db = state / "temporal.db"
+    old_db.write_bytes(b"SQLite format 3\0")
+    for path, mode in (
+        (state, 0o755),
+        (state / "logs", 0o755),
+        (old_log, 0o644),
+        (old_db, 0o644),
+    ):
+        path.chmod(mode)
+
+    stack = _stack(tmp_path, sandbox_port=listening_port)
+    with pytest.raises(StackError, match="already in use"):
+        await stack.start()
+
+    assert stack.postgres is not None
+    server_gid = stack.postgres.server_gid()
+    if server_gid is None:
+        assert _mode(state) == 0o700
+    else:
+        # As root, Postgres runs as its own account and must pass through to pgdata.
+        assert (_mode(state), state.stat().st_gid) == (0o710, server_gid)
+    assert _mode(state / "logs") == 0o700
+    assert _mode(old_log) == 0o600
+    assert _mode(old_db) == 0o600
+    assert _mode(state / "stack.lock") == 0o600
+
+
+async def test_files_a_child_creates_are_private(tmp_path: Path) -> None:
+    project = _fake_worker(
+        tmp_path / "project",
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        open("made-by-the-child", "w").close()
+        print("worker ready")
+        time.sleep(60)
+        """,
+    )
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    await worker.start()
+    await worker.stop()
+    assert _mode(project / "made-by-the-child") == 0o600
 
 
 async def test_stack_reaps_processes_left_by_a_crashed_run(

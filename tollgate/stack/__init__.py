@@ -15,6 +15,7 @@ Linux. Running as root works: Postgres then runs as the ``embedded_postgres`` us
 """
 
 from tollgate.stack._process import ManagedProcess, StackError, free_port, port_is_free
+from tollgate.stack._supervisor import ProcessExit, RestartBackoff, Supervisor
 from tollgate.stack.local import LocalStack
 from tollgate.stack.postgres import LocalPostgres, postgres_bin_dir
 from tollgate.stack.services import SandboxProcess, WorkerProcess
@@ -24,8 +25,11 @@ __all__ = [
     "LocalPostgres",
     "LocalStack",
     "ManagedProcess",
+    "ProcessExit",
+    "RestartBackoff",
     "SandboxProcess",
     "StackError",
+    "Supervisor",
     "TemporalDevServer",
     "WorkerProcess",
     "free_port",

