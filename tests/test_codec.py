@@ -868,3 +868,23 @@ async def test_canary_in_customer_data_never_reaches_the_history_in_clear(h: Har
         replayer = Replayer(workflows=list(WORKFLOWS), data_converter=encrypted.data_converter)
         replay = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         assert replay.replay_failure is None, replay.replay_failure
+
+
+async def test_a_history_written_under_a_rotated_key_still_replays(h: Harness) -> None:
+    """Rotation: the new key encrypts, PAYLOAD_OLD_KEYS keeps the old one decrypting."""
+    order = h.order()
+    handle = await h.service.create(order)
+    await handle.result()
+    history = await handle.fetch_history()
+    old_key = h.settings.payload_encryption_key
+    assert old_key
+
+    rotated = Settings(payload_encryption_key=encode_key(OTHER_KEY), payload_old_keys=old_key)
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter(rotated))
+    replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert replayed.replay_failure is None
+
+    forgotten = Settings(payload_encryption_key=encode_key(OTHER_KEY))
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter(forgotten))
+    failed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert failed.replay_failure is not None, "without the old key the history is unreadable"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+import uuid
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -18,9 +20,11 @@ from temporalio.client import WorkflowHandle
 
 from tests.conftest import Harness
 from tollgate import message_db
-from tollgate.message_models import MessageProgress
-from tollgate.names import MESSAGE_STATUS_QUERY
+from tollgate.message_models import DeviceSignal, MessageProgress
+from tollgate.message_service import MessageService
+from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL, MESSAGE_STATUS_QUERY
 from tollgate.sandbox import FaultSpec, Ledger
+from tollgate.stack import WorkerProcess
 from tollgate.states import MessageStatus
 
 M = MessageStatus
@@ -282,3 +286,61 @@ async def test_duplicate_send_is_refused(h: Harness) -> None:
     with pytest.raises(InputError, match="already exists"):
         await h.messages.send(msg)
     await handle.result()
+
+
+SIGNALS = int(os.environ.get("TOLLGATE_BOGUS_SIGNALS", "10000"))
+FLOOD_CONCURRENCY = int(os.environ.get("TOLLGATE_FLOOD_CONCURRENCY", "32"))
+
+
+async def test_ten_thousand_bogus_signals_leave_the_workflow_healthy_and_its_result_small(
+    h: Harness, tmp_path: Path
+) -> None:
+    """A buggy or hostile device client cannot grow a message workflow's memory or result.
+
+    The worker is its own process, as in production: flooding it from this process
+    would otherwise starve its workflow thread of the GIL, which says nothing about
+    the workflow.
+    """
+    queue = f"flood-{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess(
+        {
+            "TEMPORAL_ADDRESS": h.settings.temporal_address,
+            "DATABASE_URL": h.settings.database_url,
+            "SANDBOX_URL": h.settings.sandbox_url,
+            "TASK_QUEUE": queue,
+            "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
+            "RECONCILE_EVERY_SECONDS": "0",
+        },
+        log_file=tmp_path / "worker.log",
+    )
+    messages = MessageService(h.client, h.pool, queue)
+    user, devices = await h.devices(1)
+    msg = h.message(user, deadline=timedelta(seconds=60), read_window=timedelta(seconds=60))
+    await worker.start()
+    try:
+        handle = await messages.send(msg)
+        gate = asyncio.Semaphore(FLOOD_CONCURRENCY)
+
+        async def bogus(n: int) -> None:
+            signal = MESSAGE_DELIVERED_SIGNAL if n % 2 else MESSAGE_READ_SIGNAL
+            async with gate:
+                await handle.signal(signal, DeviceSignal(device_id=f"bogus-{n}"))
+
+        started = time.monotonic()
+        await asyncio.gather(*(bogus(n) for n in range(SIGNALS)))
+        print(f"{SIGNALS} signals in {time.monotonic() - started:.1f} s")
+        progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        assert progress.confirmed_devices == [] and progress.read_devices == []
+
+        await messages.device_says(msg.message_id, devices[0], "read")
+        result = await asyncio.wait_for(handle.result(), timeout=60)
+        latest = await h.client.get_workflow_handle(handle.id).describe()
+    finally:
+        await worker.stop()
+    # Temporal takes at most 10,000 signals per run: the lifecycle continued as new
+    # (state carried over) so that the real device's read was still accepted.
+    assert latest.run_id != handle.result_run_id
+    assert result.status == MessageStatus.READ and result.read_on == devices[0]
+    assert result.ignored_signal_count == SIGNALS
+    assert len(result.ignored_signals) == 10
+    assert len(result.model_dump_json()) < 4096, "the result stays small"

@@ -25,7 +25,13 @@ from tests.conftest import Harness
 from tollgate import db
 from tollgate.errors import InputError
 from tollgate.models import OrderProgress, OrderResult, TransitionInput, TransitionResult
-from tollgate.names import ORDER_STATUS_ATTR, ORDER_STATUS_QUERY, order_workflow_id
+from tollgate.names import (
+    ALERT_ATTR,
+    COMPENSATION_STUCK,
+    ORDER_STATUS_ATTR,
+    ORDER_STATUS_QUERY,
+    order_workflow_id,
+)
 from tollgate.providers import build_http_client
 from tollgate.sandbox import FaultSpec
 from tollgate.states import OrderStatus
@@ -404,3 +410,38 @@ async def test_status_query_reports_live_progress(h: Harness) -> None:
     assert result.status == S.COMPLETED
     report = await h.service.report(order.order_id)
     assert report.workflow_status == "COMPLETED" and len(report.transitions) == 5
+
+
+async def test_a_refund_answered_4xx_is_retried_until_done_and_raises_an_alert(
+    h: Harness,
+) -> None:
+    """Once, a refund answered 4xx failed the workflow and left the row COMPENSATING with
+    the money charged. Now the undo keeps trying, and says so where operators look."""
+    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=600))
+    retry = h.order().retry.model_copy(update={"compensation_alert_attempts": 3})
+    order = h.order(items=[{"sku": "SOLDOUT", "quantity": 1}], retry=retry)
+    handle = await h.service.create(order)
+    for _ in range(200):
+        if (await h.service.row(order.order_id)).status == S.RESERVING:
+            break
+        await asyncio.sleep(0.01)
+    # every payments call now answers 400: the refund the order is about to need
+    await h.sandbox.set_fault("payments", FaultSpec(fail_rate=1.0, fail_status=400))
+
+    async def alert() -> str | None:
+        return (await handle.describe()).typed_search_attributes.get(ALERT_ATTR)
+
+    for _ in range(300):
+        if await alert() == COMPENSATION_STUCK:
+            break
+        await asyncio.sleep(0.05)
+    assert await alert() == COMPENSATION_STUCK
+    assert (await h.service.row(order.order_id)).status == S.COMPENSATING
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+    await h.sandbox.clear_faults()
+    result = await asyncio.wait_for(handle.result(), timeout=30)
+    assert result.status == S.FAILED and result.compensations == ["refund:refunded"]
+    assert await alert() is None, "the alert is cleared once the undo went through"
+    ledger = await h.sandbox.ledger(order.order_id)
+    assert [c.status for c in ledger.charges] == ["refunded"]

@@ -36,6 +36,7 @@ from tollgate.errors import (
     StepVoided,
     TokenUnregistered,
     UnknownSku,
+    to_application_error,
 )
 from tollgate.message_models import Device, EmailInput, PushInput
 from tollgate.models import ChargeInput, OrderItem, RefundInput, ReleaseInput, ReserveInput
@@ -170,6 +171,28 @@ async def test_each_business_code_becomes_its_class(
         await send(Script(answer(status, {"error": code, "message": f"{code}!"})))
     assert type(caught.value) is cls
     assert caught.value.code == code and not caught.value.retryable
+
+
+async def test_a_rejection_keeps_the_code_and_drops_the_providers_text() -> None:
+    """Provider text quotes what it was sent (an address, a customer); error text ends up
+    in logs, failure reasons and histories, so only the machine code is kept."""
+    body = {"error": "bounced", "message": "address ada@example.com bounces", "to": "ada@"}
+    with pytest.raises(EmailBounced) as caught:
+        await send(Script(answer(422, body)))
+    assert "ada@example.com" not in str(caught.value)
+    assert str(caught.value) == "payments: POST /payments/charges -> 422: bounced"
+    application = to_application_error(caught.value)
+    assert "ada" not in str(application) and "ada" not in json.dumps(application.details)
+
+
+@pytest.mark.parametrize(
+    "code", ["customer ada@example.com", "BOUNCED", "x" * 65, "bounced\r\nX-Evil: 1"]
+)
+async def test_a_code_that_is_not_a_plain_token_is_treated_as_none(code: str) -> None:
+    with pytest.raises(ProviderRejected) as caught:
+        await send(Script(answer(400, {"error": code, "message": "no"})))
+    assert type(caught.value) is ProviderRejected and caught.value.code is None
+    assert code not in str(caught.value)
 
 
 # --- every activity's use of the body ------------------------------------------------

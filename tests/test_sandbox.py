@@ -623,6 +623,23 @@ async def test_email_happy_path(client: httpx.AsyncClient, admin: SandboxAdmin) 
     assert (await email(client, "k-empty", body="")).status_code == 201
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("subject", "New message from sam\r\nBcc: attacker@example.com"),
+        ("subject", "bell\x07"),
+        ("to", "ada@example.com\nBcc: attacker@example.com"),
+    ],
+)
+async def test_email_headers_with_line_breaks_are_refused(
+    client: httpx.AsyncClient, admin: SandboxAdmin, field: str, value: str
+) -> None:
+    """As real providers do: a CR/LF in a header would let the sender write more headers."""
+    response = await email(client, f"k-hdr-{field}-{len(value)}", **{field: value})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+    assert (await admin.ledger()).emails == []
+
+
 async def test_email_retry_with_same_key_sends_once(
     client: httpx.AsyncClient, admin: SandboxAdmin
 ) -> None:

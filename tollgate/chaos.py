@@ -47,6 +47,7 @@ from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
 from tollgate.names import message_workflow_id, order_workflow_id
 from tollgate.providers import Catalog, build_http_client
+from tollgate.reconcile import ReconcileInput, reconcile
 from tollgate.sandbox import FaultSpec, SandboxAdmin
 from tollgate.service import OrderService, build_order
 from tollgate.settings import Settings
@@ -70,6 +71,8 @@ CHAOS_RETRY = RetrySettings(
     maximum_attempts=60,
 )
 PROVIDER_TIMEOUT = 1.0
+#: Seconds between reconciler runs during the load.
+RECONCILE_EVERY = 3.0
 TASK_QUEUE = "chaos"
 
 
@@ -103,6 +106,9 @@ class ChaosReport(BaseModel):
 
     seconds: float
     faults_injected: dict[str, int]
+    #: Reconciler runs (with repair on) during the load, and the recoveries they started.
+    reconciler_runs: int = 0
+    reconciler_repairs: int = 0
     orders: int
     messages: int
     order_statuses: dict[str, int]
@@ -314,6 +320,7 @@ async def _checks(
     one_charge: list[str] = []
     refunded: list[str] = []
     released: list[str] = []
+    undone: list[str] = []
     one_email: list[str] = []
     no_double_push: list[str] = []
     edges: list[str] = []
@@ -337,6 +344,11 @@ async def _checks(
                 refunded.append(f"order {order_id} ({row.status}): charge not refunded")
             if any(r.status == "reserved" for r in ledger.reservations):
                 released.append(f"order {order_id} ({row.status}): reservation not released")
+        else:
+            if ledger.refunds or any(c.status == "refunded" for c in ledger.charges):
+                undone.append(f"order {order_id} (COMPLETED): its charge was refunded")
+            if ledger.releases or any(r.status == "released" for r in ledger.reservations):
+                undone.append(f"order {order_id} (COMPLETED): its reservation was released")
         for a in await db.list_transitions(pool, order_id):
             if a.from_status is not None and (a.from_status, a.to_status) not in ORDER_EDGES:
                 edges.append(f"order {order_id}: {a.from_status} -> {a.to_status}")
@@ -394,6 +406,11 @@ async def _checks(
             violations=released,
         ),
         Check(
+            name="nothing of a COMPLETED order refunded or released",
+            checked=n_orders,
+            violations=undone,
+        ),
+        Check(
             name="exactly one email per fallback message, none otherwise",
             checked=n_messages,
             violations=one_email,
@@ -435,6 +452,7 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
     sandbox_proc = SandboxProcess(free_port(), log_file=root / "sandbox.log")
     stack = _Stack(root, postgres, temporal, sandbox_proc)
     counts: Counter[str] = Counter()
+    reconciler: Counter[str] = Counter()
     try:
         ensure_key_file(stack.key_file)
         await postgres.start()
@@ -495,7 +513,33 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
                         await _inject(stack, sandbox, (fault,), window, counts)
                     await _inject(stack, sandbox, tuple(singles), window, counts)
 
-                await asyncio.gather(generate(), faults())
+                async def reconcile_now_and_then() -> None:
+                    # The reconciler runs with repair on throughout, as the worker's
+                    # schedule would: it must never take a lifecycle that finishes while
+                    # it looks for orphaned (the check above proves it did not).
+                    options = ReconcileInput(
+                        repair=True, grace=timedelta(seconds=2), lookback=timedelta(hours=1)
+                    )
+                    while True:
+                        await asyncio.sleep(RECONCILE_EVERY)
+                        try:
+                            report = await reconcile(
+                                client, pool, task_queue=TASK_QUEUE, options=options
+                            )
+                        except Exception:
+                            continue  # Temporal or Postgres is down: the next run looks
+                        reconciler["runs"] += 1
+                        reconciler["repairs"] += sum(
+                            1 for f in report.findings if f.repair_workflow_id
+                        )
+
+                reconciling = asyncio.create_task(reconcile_now_and_then())
+                try:
+                    await asyncio.gather(generate(), faults())
+                finally:
+                    reconciling.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reconciling
                 await sandbox.clear_faults()
                 while len(stack.workers) < config.workers:
                     await _retrying(stack.add_worker)
@@ -513,6 +557,8 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
         return ChaosReport(
             seconds=round(time.monotonic() - began, 1),
             faults_injected=dict(counts),
+            reconciler_runs=reconciler["runs"],
+            reconciler_repairs=reconciler["repairs"],
             orders=len(driver.order_ids),
             messages=len(driver.message_ids),
             order_statuses=dict(sorted(order_statuses.items())),
@@ -531,6 +577,10 @@ def print_report(report: ChaosReport, console: Console) -> None:
     """The table ``make chaos`` ends with."""
     faults = ", ".join(f"{k} x{v}" for k, v in sorted(report.faults_injected.items())) or "none"
     console.print(f"faults injected: {faults}")
+    console.print(
+        f"reconciler: {report.reconciler_runs} runs with repair on, "
+        f"{report.reconciler_repairs} recoveries started"
+    )
     console.print(
         f"entities: {report.orders} orders {report.order_statuses}, "
         f"{report.messages} messages {report.message_statuses}; {report.seconds} s"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,42 @@ PushKind = Literal["message", "read_receipt", "read_revert"]
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Device(_Model):
+    device_id: str
+    user_id: str
+    push_token: str
+    platform: str
+
+
+class DeliveryCarryOver(_Model):
+    """Where a message's lifecycle stood when it continued as new.
+
+    A message waits for days and every device signal is an event in its history;
+    Temporal caps signals per run (10,000 on the dev server), so after a few thousand
+    the lifecycle continues as a new run of the same workflow id, carrying this.
+    """
+
+    phase: Literal["awaiting_delivery", "awaiting_read"]
+    status: MessageStatus
+    version: int
+    devices: list[Device]
+    pushed: dict[str, str] = {}
+    removed: list[str] = []
+    confirmed: list[str] = []
+    reads: list[str] = []
+    #: ``<device>|<fact>`` already written to Postgres.
+    facts_recorded: list[str] = []
+    delivered_on: str | None = None
+    email_id: str | None = None
+    ignored_signals: list[str] = []
+    ignored_signal_count: int = 0
+    read_syncs: int = 0
+    #: When the delivery deadline passes (``awaiting_delivery``).
+    deadline_at: datetime | None = None
+    #: When the read window closes (``awaiting_read``).
+    window_ends: datetime | None = None
 
 
 class MessageInput(_Model):
@@ -39,6 +75,8 @@ class MessageInput(_Model):
     #: Heartbeat timeout of the push fan-out: a killed worker is noticed this fast.
     push_heartbeat_timeout: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
     retry: RetrySettings = RetrySettings()
+    #: Set only by the workflow itself when it continues as new.
+    carry_over: DeliveryCarryOver | None = None
 
 
 class DeviceRegistration(_Model):
@@ -96,13 +134,6 @@ class MessageProgress(_Model):
 
 
 # --- activity inputs and results -------------------------------------------------
-
-
-class Device(_Model):
-    device_id: str
-    user_id: str
-    push_token: str
-    platform: str
 
 
 class RecordMessageResult(_Model):

@@ -163,6 +163,8 @@ class MessageService:
         self, message: MessageInput
     ) -> WorkflowHandle[MessageDeliveryWorkflow, MessageResult]:
         """Insert the INITIATED row and start its workflow, both or neither."""
+        if message.carry_over is not None:
+            raise InputError("carry_over is set by the workflow itself, never by a sender")
         workflow_id = message_workflow_id(message.message_id)
         async with self._pool.acquire() as conn, conn.transaction():
             existing = await message_db.get_message(conn, message.message_id)

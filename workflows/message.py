@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from temporalio import workflow
@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.push import PushActivities
     from tollgate.errors import MessageRecalled
     from tollgate.message_models import (
+        DeliveryCarryOver,
         Device,
         DeviceFactInput,
         DeviceSignal,
@@ -66,12 +67,34 @@ with workflow.unsafe.imports_passed_through():
 ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
 
-#: Distinct signals kept while the recipient's devices are not known yet.
-_MAX_BUFFERED_SIGNALS = 64
+#: Distinct signals kept while the recipient's devices are not known yet. Generous, so
+#: that a flood of bogus signals in the first moments cannot crowd out a real device
+#: (Tollgate's own front doors send only what a caller asked for, one per request);
+#: bounded, so that the workflow's memory is.
+_MAX_BUFFERED_SIGNALS = 1_000
 #: Signals set aside that the result names (the rest are only counted).
 _IGNORED_SAMPLE = 10
 #: Read-receipt syncs a message may start; after that a read is recorded, not synced.
 _MAX_READ_SYNCS = 5
+#: Device signals one run takes before it continues as new. Temporal refuses signals
+#: past a per-run limit (10,000 on the dev server): a flood of bogus ones must not make
+#: the message deaf to its real devices.
+_SIGNALS_PER_RUN = 2_000
+
+
+class _ContinueAsNew(Exception):
+    """Raised at a wait point when this run has taken enough signals."""
+
+    def __init__(
+        self,
+        phase: Literal["awaiting_delivery", "awaiting_read"],
+        *,
+        deadline_at: datetime | None = None,
+        window_ends: datetime | None = None,
+    ) -> None:
+        super().__init__(phase)
+        self.phase, self.deadline_at, self.window_ends = phase, deadline_at, window_ends
+
 
 _TEMPORAL_RECALL = RecallRequest(reason="cancelled in Temporal", requested_by="temporal")
 _POSTGRES_RECALL = RecallRequest(reason="recall recorded in Postgres", requested_by="postgres")
@@ -93,7 +116,8 @@ class MessageDeliveryWorkflow:
         self._pushed: dict[str, str] = {}
         self._removed: list[str] = []
         #: Signals in arrival order; those for unknown devices are set aside.
-        self._signals: list[tuple[str, str]] = []
+        #: Signals in arrival order (a dict: ordered, and a duplicate is found at once).
+        self._signals: dict[tuple[str, str], None] = {}
         self._confirmed: list[str] = []
         self._reads: list[str] = []
         #: A sample of the signals set aside (unknown device, or over the buffer), and
@@ -102,6 +126,8 @@ class MessageDeliveryWorkflow:
         self._ignored_count = 0
         #: Read-receipt syncs started; bounded, since each failed one may be retried.
         self._read_syncs = 0
+        #: Device signals received by this run (Temporal caps signals per run).
+        self._signals_this_run = 0
         self._facts_recorded: set[tuple[str, str]] = set()
         self._recall: RecallRequest | None = None
         self._temporal_cancelled = False
@@ -119,17 +145,26 @@ class MessageDeliveryWorkflow:
     @workflow.run
     async def run(self, message: MessageInput) -> MessageResult:
         """Deliver the message; on recall, record CANCELLED. Returns where it ended."""
-        recorded = await self._activity(
-            MessageStoreActivities.record_message, message, retry=self._until_done_retry
-        )
-        self._set_status(recorded.status, recorded.version)
-        if recorded.status is MessageStatus.CANCELLED:
-            self._note_recall(_POSTGRES_RECALL)
+        carried = message.carry_over
+        if carried is None:
+            recorded = await self._activity(
+                MessageStoreActivities.record_message, message, retry=self._until_done_retry
+            )
+            self._set_status(recorded.status, recorded.version)
+            if recorded.status is MessageStatus.CANCELLED:
+                self._note_recall(_POSTGRES_RECALL)
+        else:
+            self._restore(carried)
 
+        continued: _ContinueAsNew | None = None
         if self._recall is None:
-            self._main = asyncio.create_task(self._deliver())
+            self._main = asyncio.create_task(
+                self._deliver() if carried is None else self._resume(carried)
+            )
             try:
                 await self._main
+            except _ContinueAsNew as full:
+                continued = full
             except asyncio.CancelledError:
                 self._note_recall(_TEMPORAL_RECALL, from_temporal=True)
             except (ActivityError, ChildWorkflowError) as err:
@@ -139,6 +174,15 @@ class MessageDeliveryWorkflow:
                     self._note_recall(_TEMPORAL_RECALL, from_temporal=True)
                 else:
                     raise
+
+        if continued is not None:
+            await run_to_completion(self._flush_facts(), lambda: None)
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if self._recall is None:
+                workflow.continue_as_new(
+                    message.model_copy(update={"carry_over": self._carry_over(continued)})
+                )
+            # else: a recall came in while this run wound down; it ends here, below
 
         if self._recall is not None:
             await run_to_completion(
@@ -161,19 +205,41 @@ class MessageDeliveryWorkflow:
         )
         self._devices = {d.device_id: d for d in found.devices}
         self._sort_signals()
-        dispatched_at = workflow.now()
+        deadline_at = workflow.now() + m.deadline
         await self._move(MessageStatus.DISPATCHED)
 
         push_failure = await self._push_message(found.devices)
         if self._pushed and push_failure is None:
-            self._step = "awaiting delivery"
-            remaining = m.deadline - (workflow.now() - dispatched_at)
-            if not self._confirmed and remaining > timedelta(0):
-                try:
-                    await workflow.wait_condition(lambda: bool(self._confirmed), timeout=remaining)
-                except TimeoutError:
-                    pass
+            await self._await_delivery(deadline_at)
+        await self._settle_delivery(push_failure)
 
+    async def _resume(self, carried: DeliveryCarryOver) -> None:
+        """Pick the lifecycle up where the previous run continued as new."""
+        if carried.phase == "awaiting_delivery":
+            assert carried.deadline_at is not None
+            await self._await_delivery(carried.deadline_at)
+            await self._settle_delivery(None)
+        else:
+            assert carried.window_ends is not None
+            await self._await_reads(carried.window_ends)
+
+    async def _await_delivery(self, deadline_at: datetime) -> None:
+        """Wait for a device to confirm, until ``deadline_at``."""
+        self._step = "awaiting delivery"
+        remaining = deadline_at - workflow.now()
+        if not self._confirmed and remaining > timedelta(0):
+            try:
+                await workflow.wait_condition(
+                    lambda: bool(self._confirmed) or self._run_is_full(), timeout=remaining
+                )
+            except TimeoutError:
+                return
+            if not self._confirmed:
+                raise _ContinueAsNew("awaiting_delivery", deadline_at=deadline_at)
+
+    async def _settle_delivery(self, push_failure: str | None) -> None:
+        """DELIVERED if a device confirmed, else the email fallback; then wait for reads."""
+        m = self._msg
         if self._confirmed:
             self._delivered_on = self._confirmed[0]
             await self._flush_facts()
@@ -189,7 +255,7 @@ class MessageDeliveryWorkflow:
                 reason = f"no delivery confirmation within {m.deadline}"
             if not await self._fall_back_to_email(reason):
                 return
-        await self._await_reads()
+        await self._await_reads(workflow.now() + m.read_window)
 
     async def _push_message(self, devices: list[Device]) -> str | None:
         """Fan the message out; returns why it failed for good, or None."""
@@ -244,10 +310,9 @@ class MessageDeliveryWorkflow:
         await self._move(MessageStatus.EMAILED, reason=f"email {email.email_id}")
         return True
 
-    async def _await_reads(self) -> None:
-        """Wait (up to the read window) for a read; sync it to the other devices."""
+    async def _await_reads(self, window_ends: datetime) -> None:
+        """Wait (until ``window_ends``) for a read; sync it to the other devices."""
         self._step = "awaiting read"
-        window_ends = workflow.now() + self._msg.read_window
         while True:
             remaining = window_ends - workflow.now()
             if remaining <= timedelta(0):
@@ -263,12 +328,14 @@ class MessageDeliveryWorkflow:
                 return
             try:
                 await workflow.wait_condition(
-                    lambda: self._next_reader() is not None, timeout=remaining
+                    lambda: self._next_reader() is not None or self._run_is_full(),
+                    timeout=remaining,
                 )
             except TimeoutError:
                 return
             reader = self._next_reader()
-            assert reader is not None
+            if reader is None:
+                raise _ContinueAsNew("awaiting_read", window_ends=window_ends)
             self._read_syncs += 1
             self._step = "syncing read receipts"
             devices = self._devices or {}
@@ -371,9 +438,10 @@ class MessageDeliveryWorkflow:
 
         Whatever a caller sends, the workflow's memory and its result stay small: a
         repeated signal is dropped, at most ``_MAX_BUFFERED_SIGNALS`` distinct ones wait
-        for dispatch (a recipient has at most 10 devices, so that is ample), and signals
-        for devices that are not the recipient's are only counted.
+        for dispatch (a recipient has at most 10 devices), and signals for devices that
+        are not the recipient's are only counted.
         """
+        self._signals_this_run += 1
         entry = (kind, device)
         if self._devices is None:
             if entry in self._signals:
@@ -381,7 +449,7 @@ class MessageDeliveryWorkflow:
             if len(self._signals) >= _MAX_BUFFERED_SIGNALS:
                 self._note_ignored(f"{kind}:{device} (buffer full)")
                 return
-        self._signals.append(entry)
+        self._signals[entry] = None
         self._sort_signals()
 
     def _sort_signals(self) -> None:
@@ -394,7 +462,7 @@ class MessageDeliveryWorkflow:
         """
         if self._devices is None:
             return
-        pending, self._signals = self._signals, []
+        pending, self._signals = self._signals, {}
         for kind, device in pending:
             if device not in self._devices:
                 self._note_ignored(f"{kind}:{device} (not a device of {self._msg.recipient_id})")
@@ -403,6 +471,50 @@ class MessageDeliveryWorkflow:
                 self._confirmed.append(device)
             if kind == "read" and device not in self._reads:
                 self._reads.append(device)
+
+    def _run_is_full(self) -> bool:
+        """Time to continue as new: many signals in this run, or a long history."""
+        return (
+            self._signals_this_run >= _SIGNALS_PER_RUN
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    def _carry_over(self, at: _ContinueAsNew) -> DeliveryCarryOver:
+        return DeliveryCarryOver(
+            phase=at.phase,
+            status=self._status,
+            version=self._version,
+            devices=list((self._devices or {}).values()),
+            pushed=dict(self._pushed),
+            removed=list(self._removed),
+            confirmed=list(self._confirmed),
+            reads=list(self._reads),
+            facts_recorded=sorted(f"{d}|{f}" for d, f in self._facts_recorded),
+            delivered_on=self._delivered_on,
+            email_id=self._email_id,
+            ignored_signals=list(self._ignored),
+            ignored_signal_count=self._ignored_count,
+            read_syncs=self._read_syncs,
+            deadline_at=at.deadline_at,
+            window_ends=at.window_ends,
+        )
+
+    def _restore(self, carried: DeliveryCarryOver) -> None:
+        self._set_status(carried.status, carried.version)
+        self._devices = {d.device_id: d for d in carried.devices}
+        self._pushed, self._removed = dict(carried.pushed), list(carried.removed)
+        self._confirmed, self._reads = list(carried.confirmed), list(carried.reads)
+        self._facts_recorded = {
+            (d, f) for d, _, f in (item.partition("|") for item in carried.facts_recorded)
+        }
+        self._delivered_on, self._email_id = carried.delivered_on, carried.email_id
+        self._ignored, self._ignored_count = (
+            list(carried.ignored_signals),
+            carried.ignored_signal_count,
+        )
+        self._read_syncs = carried.read_syncs
+        # Signals that arrived for this run before its first task ran are sorted now.
+        self._sort_signals()
 
     def _note_ignored(self, what: str) -> None:
         self._ignored_count += 1
