@@ -3,6 +3,7 @@ FROM python:3.11.10-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY tollgate ./tollgate
+COPY tollgate_dev ./tollgate_dev
 COPY workflows ./workflows
 COPY activities ./activities
 COPY schema ./schema

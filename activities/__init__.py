@@ -1,7 +1,8 @@
 """Activities: every side effect of Tollgate (Postgres writes, provider calls).
 
-Each module holds one class per dependency set; the worker builds each once with its
-clients and registers the bound methods.
+One class per business area or provider; the worker builds each once with its clients
+and registers the bound methods. Activities speak Temporal's language (the input and
+result models, ``ApplicationError``); the stores and providers they call do not.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ from typing import ParamSpec, TypeVar
 
 from opentelemetry import trace
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from tollgate.errors import TollgateError, to_application_error
+from tollgate.errors import TollgateError
+from tollgate.gate import Writer
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def to_application_error(exc: TollgateError) -> ApplicationError:
+    """The Temporal form of a domain error: ``type`` = class name, retryable per class."""
+    return ApplicationError(
+        str(exc), exc.details(), type=type(exc).__name__, non_retryable=not exc.retryable
+    )
 
 
 def classified(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -50,3 +60,8 @@ def current_actor() -> str:
     """Who is writing, as the audit table records it."""
     info = activity.info()
     return f"worker:{info.workflow_id}:{info.activity_type}"
+
+
+def writer(actor: str | None = None, reason: str | None = None) -> Writer:
+    """The audit's description of this activity as a writer (its trace id included)."""
+    return Writer(actor or current_actor(), current_trace_id(), reason)

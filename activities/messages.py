@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from activities import classified, current_actor, current_trace_id, current_workflow_id
-from tollgate import db, message_db
-from tollgate.message_models import (
+from activities import classified, current_actor, current_workflow_id, writer
+from tollgate import gate
+from tollgate.messages import store
+from tollgate.messages.models import (
     ClearReadInput,
     DeviceFactInput,
     DevicesInput,
     DevicesResult,
     MessageInput,
+    MessageSnapshot,
     MessageTransitionInput,
     RecallMessageInput,
-    RecordMessageResult,
 )
+from tollgate.messages.store import MESSAGES
 from tollgate.models import TransitionResult
 
 
@@ -28,70 +30,72 @@ class MessageStoreActivities:
 
     @activity.defn(name="record_message")
     @classified
-    async def record_message(self, message: MessageInput) -> RecordMessageResult:
-        """Ensure the INITIATED row exists (the CLI usually inserted it already)."""
+    async def record_message(self, message: MessageInput) -> MessageSnapshot:
+        """Ensure the INITIATED row exists (the service usually inserted it already)."""
+        me = writer()
         async with self._pool.acquire() as conn:
-            return await message_db.insert_message(
+            row = await store.insert_message(
                 conn,
                 message,
                 workflow_id=current_workflow_id(),
-                actor=current_actor(),
-                trace_id=current_trace_id(),
+                actor=me.actor,
+                trace_id=me.trace_id,
             )
+        return MessageSnapshot(status=row.status, version=row.version)
 
     @activity.defn(name="transition_message")
     @classified
     async def transition_message(self, req: MessageTransitionInput) -> TransitionResult:
         """Apply one version-checked transition to a message row."""
-        result = await db.transition_row(
+        moved = await gate.transition(
             self._pool,
-            db.MESSAGES,
-            entity_id=req.message_id,
-            expected_version=req.expected_version,
-            to_status=req.to_status.value,
-            transition_id=req.transition_id,
-            actor=req.actor,
-            reason=req.reason,
-            failure_reason=req.failure_reason,
-            trace_id=current_trace_id(),
+            MESSAGES,
+            gate.Move(
+                req.message_id,
+                req.expected_version,
+                req.to_status,
+                req.transition_id,
+                req.failure_reason,
+            ),
+            writer(req.actor, req.reason),
         )
         activity.logger.info(
             "message transition",
             extra={
                 "message_id": req.message_id,
                 "to_status": req.to_status.value,
-                "version": result.version,
+                "version": moved.version,
             },
         )
-        return result
+        return TransitionResult(version=moved.version, already_applied=moved.already_applied)
 
     @activity.defn(name="recall_message")
     @classified
-    async def recall_message(self, req: RecallMessageInput) -> RecordMessageResult:
+    async def recall_message(self, req: RecallMessageInput) -> MessageSnapshot:
         """Record CANCELLED (unless already recorded, read or ended); return where it stands."""
-        row = await message_db.recall_message(
+        row = await store.recall_message(
             self._pool,
             req.message_id,
             reason=req.reason,
             actor=f"{current_actor()}:{req.requested_by}",
         )
-        return RecordMessageResult(status=row.status, version=row.version)
+        return MessageSnapshot(status=row.status, version=row.version)
 
     @activity.defn(name="recipient_devices")
     @classified
     async def recipient_devices(self, req: DevicesInput) -> DevicesResult:
         """The recipient's active devices, oldest first."""
-        rows = await message_db.active_devices(self._pool, req.user_id)
+        rows = await store.active_devices(self._pool, req.user_id)
         return DevicesResult(devices=[r.ref() for r in rows])
 
     @activity.defn(name="record_device_fact")
     @classified
     async def record_device_fact(self, req: DeviceFactInput) -> None:
         """Record delivered / read / receipt-shown for devices (first writer wins)."""
-        await message_db.record_fact(self._pool, req.message_id, req.device_ids, req.fact)
+        await store.record_fact(self._pool, req.message_id, req.device_ids, req.fact)
 
     @activity.defn(name="clear_device_read")
     @classified
     async def clear_device_read(self, req: ClearReadInput) -> None:
         """Undo a device's read mark (compensation of the read-receipt sync)."""
-        await message_db.clear_read(self._pool, req.message_id, req.device_id)
+        await store.clear_read(self._pool, req.message_id, req.device_id)

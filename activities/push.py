@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import asyncpg
-import httpx
 from temporalio import activity
 
 from activities import classified
-from tollgate import message_db
-from tollgate.breaker import Breakers
 from tollgate.errors import TokenUnregistered
-from tollgate.message_models import PushInput, PushProgress, PushResult
-from tollgate.providers import NonEmptyStr, ProviderAnswer, ProviderClient
-
-
-class PushAnswer(ProviderAnswer):
-    """What a push must answer: the id of the notification handed over."""
-
-    push_id: NonEmptyStr
+from tollgate.messages import store
+from tollgate.messages.models import PushInput, PushProgress, PushResult
+from tollgate.providers.push import PushProvider
 
 
 class PushActivities:
-    """Calls the push provider (APNs/FCM-like) and records what reached which device."""
+    """Calls the push provider and records what reached which device."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, http: httpx.AsyncClient, breakers: Breakers | None = None
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool, provider: PushProvider) -> None:
         self._pool = pool
-        breaker = breakers.get("push") if breakers is not None else None
-        self._push = ProviderClient(http, "push", breaker)
+        self._provider = provider
 
     @activity.defn(name="push_to_devices")
     @classified
@@ -46,33 +35,27 @@ class PushActivities:
             if device.device_id in progress.pushed or device.device_id in progress.removed:
                 continue
             try:
-                answer = await self._push.call_as(
-                    PushAnswer,
-                    "POST",
-                    "/push/notifications",
-                    json={
-                        "token": device.push_token,
-                        "message_id": req.message_id,
-                        "kind": req.kind,
-                        "payload": req.payload,
-                    },
+                answer = await self._provider.push(
+                    token=device.push_token,
+                    message_id=req.message_id,
+                    kind=req.kind,
+                    payload=req.payload,
                     idempotency_key=f"{req.idempotency_prefix}:{device.device_id}",
                 )
             except TokenUnregistered:
-                await message_db.deactivate_device(
+                await store.deactivate_device(
                     self._pool, device.device_id, "push token unregistered"
                 )
                 progress = progress.model_copy(
                     update={"removed": [*progress.removed, device.device_id]}
                 )
             else:
-                push_id = answer.push_id
                 if req.kind == "message":
-                    await message_db.record_push(
-                        self._pool, req.message_id, device.device_id, push_id
+                    await store.record_push(
+                        self._pool, req.message_id, device.device_id, answer.push_id
                     )
                 progress = progress.model_copy(
-                    update={"pushed": {**progress.pushed, device.device_id: push_id}}
+                    update={"pushed": {**progress.pushed, device.device_id: answer.push_id}}
                 )
             activity.heartbeat(progress.model_dump())
         return PushResult(pushed=progress.pushed, removed=progress.removed)

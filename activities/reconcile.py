@@ -6,7 +6,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.client import Client
 
-from tollgate.reconcile import ReconcileInput, ReconcileReport, reconcile
+from tollgate.ops.reconcile import ReconcileInput, ReconcileReport, reconcile
 
 
 class ReconcileActivities:

@@ -25,20 +25,23 @@ import pytest
 import uvicorn
 from temporalio.client import Client
 
-from tollgate import db
+from tollgate import gate, postgres
 from tollgate.codec import encode_key, new_key
-from tollgate.message_models import MessageInput
-from tollgate.message_service import MessageService, build_message
+from tollgate.messages.models import MessageInput
+from tollgate.messages.service import MessageService, build_message
 from tollgate.migrate import apply_migrations
-from tollgate.models import OrderInput, RetrySettings
-from tollgate.providers import Catalog, build_http_client
-from tollgate.sandbox import SandboxAdmin, create_app
-from tollgate.service import OrderService, build_order
+from tollgate.models import RetrySettings
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput, TransitionInput
+from tollgate.orders.service import OrderService, build_order
+from tollgate.providers.client import build_http_client
+from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
-from tollgate.stack import LocalPostgres, TemporalDevServer, free_port
 from tollgate.telemetry import configure_tracing
 from tollgate.temporal import connect
 from tollgate.worker import build_worker
+from tollgate_dev.sandbox import SandboxAdmin, create_app
+from tollgate_dev.stack import LocalPostgres, TemporalDevServer, free_port
 
 #: Backoffs for tests: fast enough that a few retries take well under a second.
 FAST_RETRY = RetrySettings(
@@ -84,7 +87,7 @@ def owner_url(_databases: tuple[str, str]) -> str:
 @pytest.fixture(scope="session")
 async def owner_pool(owner_url: str) -> AsyncIterator[asyncpg.Pool]:
     """Connections as the schema owner, for tests that show the gate holds for it too."""
-    pool = await db.create_pool(owner_url, max_size=4)
+    pool = await postgres.create_pool(owner_url, max_size=4)
     try:
         yield pool
     finally:
@@ -146,7 +149,7 @@ async def client(settings: Settings) -> Client:
 
 @pytest.fixture(scope="session")
 async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(settings.database_url, max_size=10)
+    pool = await postgres.create_pool(settings.database_url, max_size=10)
     try:
         yield pool
     finally:
@@ -175,7 +178,7 @@ class Harness:
     sandbox: SandboxAdmin
     settings: Settings
     messages: MessageService
-    catalog: Catalog
+    inventory: Inventory
 
     def order(self, **overrides: object) -> OrderInput:
         """A valid order with a fresh id; keyword arguments override fields."""
@@ -225,17 +228,30 @@ async def h(
     task_queue = f"test-{uuid.uuid4().hex[:8]}"
     async with build_http_client(settings) as http:
         async with build_worker(client, settings, pool, http, task_queue=task_queue):
-            catalog = Catalog(http)
+            inventory = Inventory(http)
             yield Harness(
                 task_queue,
-                OrderService(client, pool, task_queue, catalog=catalog),
+                OrderService(client, pool, task_queue, inventory=inventory),
                 client,
                 pool,
                 sandbox,
                 settings,
                 MessageService(client, pool, task_queue),
-                catalog,
+                inventory,
             )
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+async def apply_transition(pool: asyncpg.Pool, req: TransitionInput) -> gate.Moved:
+    """Move an order through the gate as the ``transition_order`` activity does: its
+    input in, the gate's answer (version, already applied) out. For tests of the gate."""
+    return await gate.transition(
+        pool,
+        order_store.ORDERS,
+        gate.Move(
+            req.order_id, req.expected_version, req.to_status, req.transition_id, req.failure_reason
+        ),
+        gate.Writer(req.actor, None, req.reason),
+    )

@@ -10,7 +10,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from temporalio.exceptions import ApplicationErrorCategory
 
-from tollgate.breaker import (
+from tollgate.errors import ProviderUnavailable
+from tollgate.providers.breaker import (
     STATE_METRIC,
     BreakerConfig,
     Breakers,
@@ -18,7 +19,6 @@ from tollgate.breaker import (
     CircuitBreaker,
     ProviderCircuitOpen,
 )
-from tollgate.errors import ProviderUnavailable
 from tollgate.settings import Settings
 
 CLOSED, HALF_OPEN, OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN

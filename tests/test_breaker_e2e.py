@@ -20,14 +20,15 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus
 
 from tests.conftest import Harness
-from tollgate.breaker import Breakers, BreakerState
-from tollgate.models import OrderProgress, RetrySettings
+from tollgate.models import RetrySettings
 from tollgate.names import ORDER_STATUS_QUERY
-from tollgate.providers import build_http_client
-from tollgate.sandbox import FaultSpec
-from tollgate.service import OrderService
-from tollgate.states import OrderStatus
+from tollgate.orders.models import OrderProgress
+from tollgate.orders.service import OrderService
+from tollgate.orders.states import OrderStatus
+from tollgate.providers.breaker import Breakers, BreakerState
+from tollgate.providers.client import build_http_client
 from tollgate.worker import build_worker
+from tollgate_dev.sandbox import FaultSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +73,7 @@ async def test_an_open_breaker_keeps_calls_off_the_provider_until_it_recovers(
     breakers = Breakers(settings)
     payments = breakers.get("payments")
     queue = f"breaker-{uuid.uuid4().hex[:8]}"
-    service = OrderService(h.client, h.pool, queue, catalog=h.catalog)
+    service = OrderService(h.client, h.pool, queue, inventory=h.inventory)
 
     await h.sandbox.set_fault("payments", FaultSpec(fail_rate=1.0, fail_status=503))
     baseline = await _payments_requests(h)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tollgate.chaos import FAULTS, ChaosConfig, run_chaos
+from tollgate_dev.chaos import FAULTS, ChaosConfig, run_chaos
 
 
 async def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:

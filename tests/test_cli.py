@@ -14,10 +14,12 @@ import pytest
 from temporalio.service import RPCError, RPCStatusCode
 
 from tests.conftest import PROJECT_ROOT, Harness
-from tollgate import db, message_db
-from tollgate.message_models import MessageProgress
+from tollgate.messages import store as message_store
+from tollgate.messages.models import MessageProgress
+from tollgate.messages.states import MessageStatus
 from tollgate.names import MESSAGE_STATUS_QUERY
-from tollgate.states import MessageStatus, OrderStatus
+from tollgate.orders import store as order_store
+from tollgate.orders.states import OrderStatus
 
 
 @dataclass
@@ -122,7 +124,7 @@ async def test_bad_input_gets_one_line_exit_2_and_writes_nothing(
     run = await _starter(h, *args, *(["--order-id", order_id] if "create" in args else []))
     assert run.code == 2, run
     _one_clear_line(run, needle)
-    assert await db.get_order(h.pool, order_id) is None
+    assert await order_store.get_order(h.pool, order_id) is None
     with pytest.raises(RPCError) as caught:
         await h.service.handle(order_id).describe()
     assert caught.value.status == RPCStatusCode.NOT_FOUND, "no workflow was started either"
@@ -133,7 +135,7 @@ async def test_an_order_id_holding_the_derived_id_separator_is_refused(h: Harnes
     run = await _starter(h, *_create(), "--order-id", "x:recovery")
     assert run.code == 2, run
     _one_clear_line(run, "order_id: not a valid id")
-    assert await db.get_order(h.pool, "x:recovery") is None
+    assert await order_store.get_order(h.pool, "x:recovery") is None
 
 
 @pytest.mark.parametrize(
@@ -171,7 +173,7 @@ async def test_a_cancel_with_a_bad_reason_writes_nothing_and_the_order_goes_on(
     h: Harness,
 ) -> None:
     """Once, a 600-character reason left the row CANCELLING and the workflow uninformed."""
-    from tollgate.sandbox import FaultSpec
+    from tollgate_dev.sandbox import FaultSpec
 
     await h.sandbox.set_fault("payments", FaultSpec(latency_ms=1500, latency_phase="after"))
     order = h.order()
@@ -189,7 +191,7 @@ async def test_a_cancel_with_a_bad_reason_writes_nothing_and_the_order_goes_on(
     await h.sandbox.clear_faults()
     result = await handle.result()
     assert result.status == OrderStatus.COMPLETED and result.cancel_reason is None
-    audit = await db.list_transitions(h.pool, order.order_id)
+    audit = await order_store.list_transitions(h.pool, order.order_id)
     assert OrderStatus.CANCELLING not in [a.to_status for a in audit]
 
 
@@ -200,7 +202,7 @@ async def test_a_recall_with_a_bad_reason_writes_nothing(h: Harness) -> None:
     run = await _starter(h, "message", "recall", msg.message_id, "--reason", "y" * 501)
     assert run.code == 2, run
     _one_clear_line(run, "reason")
-    audit = await message_db.list_message_transitions(h.pool, msg.message_id)
+    audit = await message_store.list_transitions(h.pool, msg.message_id)
     assert MessageStatus.CANCELLED not in [a.to_status for a in audit]
 
 
@@ -288,7 +290,7 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
     created = json.loads(run.out)
     assert created["order_id"] == order_id and created["workflow_id"] == f"order-{order_id}"
     assert created["result"]["status"] == "COMPLETED"
-    row = await db.get_order(h.pool, order_id)
+    row = await order_store.get_order(h.pool, order_id)
     assert row is not None and row.amount_cents == 4450
     assert [(i.sku, i.quantity) for i in row.items] == [("WIDGET", 2), ("GADGET", 1)]
 
@@ -322,11 +324,11 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
     cancel = await _starter(h, "order", "cancel", order_id, "--json")
     assert cancel.code == 1, cancel
     assert json.loads(cancel.out)["recorded"] is False
-    assert (await db.get_order(h.pool, order_id)) == row
+    assert (await order_store.get_order(h.pool, order_id)) == row
 
 
 async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
-    from tollgate.sandbox import FaultSpec
+    from tollgate_dev.sandbox import FaultSpec
 
     await h.sandbox.set_fault("payments", FaultSpec(latency_ms=1500, latency_phase="after"))
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
@@ -345,7 +347,7 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     )
     assert run.code == 0, run
     for _ in range(100):
-        row = await db.get_order(h.pool, order_id)
+        row = await order_store.get_order(h.pool, order_id)
         if row is not None and row.status == OrderStatus.CHARGING:
             break
         await asyncio.sleep(0.05)
@@ -357,7 +359,7 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     assert outcome["recorded"] and outcome["signalled"]
     assert outcome["result"]["status"] == "CANCELLED"
     assert outcome["result"]["compensations"] == ["refund:refunded"]
-    row = await db.get_order(h.pool, order_id)
+    row = await order_store.get_order(h.pool, order_id)
     assert row is not None and (row.status, row.cancel_reason) == (
         OrderStatus.CANCELLED,
         "wrong size",
@@ -391,7 +393,7 @@ async def test_device_register_for_scripts_and_a_token_is_never_registered_twice
     assert run.code == 0, run
     device = json.loads(run.out)
     assert device["user_id"] == user and device["platform"] == "android" and device["active"]
-    row = await message_db.get_device(h.pool, device["id"])
+    row = await message_store.get_device(h.pool, device["id"])
     assert (row.user_id, row.push_token) == (user, token)
 
     second_id = f"cli-d-{uuid.uuid4().hex[:8]}"
@@ -435,7 +437,7 @@ async def test_bad_message_input_gets_one_line_exit_2_and_writes_nothing(
     run = await _starter(h, "message", "send", *args, "--message-id", message_id)
     assert run.code == 2, run
     _one_clear_line(run, needle)
-    assert await message_db.get_message(h.pool, message_id) is None
+    assert await message_store.get_message(h.pool, message_id) is None
     with pytest.raises(RPCError) as caught:
         await h.messages.handle(message_id).describe()
     assert caught.value.status == RPCStatusCode.NOT_FOUND
@@ -454,7 +456,7 @@ async def test_unknown_message_is_refused_with_exit_1(h: Harness, args: list[str
     run = await _starter(h, "message", *args)
     assert run.code == 1, run
     _one_clear_line(run, "no-such-message", "does not exist")
-    assert await message_db.get_message(h.pool, "no-such-message") is None
+    assert await message_store.get_message(h.pool, "no-such-message") is None
 
 
 async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harness) -> None:
@@ -479,7 +481,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
     }
 
     async def pushed_to_both() -> bool:
-        facts = await message_db.deliveries(h.pool, message_id)
+        facts = await message_store.deliveries(h.pool, message_id)
         return [f.device_id for f in facts if f.pushed_at] == sorted(devices)
 
     await _eventually(pushed_to_both, "pushed to both devices")
@@ -489,8 +491,8 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
     assert read.code == 0, read
 
     async def read_and_synced() -> bool:
-        row = await message_db.get_message(h.pool, message_id)
-        facts = {f.device_id: f for f in await message_db.deliveries(h.pool, message_id)}
+        row = await message_store.get_message(h.pool, message_id)
+        facts = {f.device_id: f for f in await message_store.deliveries(h.pool, message_id)}
         return row is not None and row.status == MessageStatus.READ and bool(facts[d1].receipt_at)
 
     await _eventually(read_and_synced, "read with the receipt on the other device")
@@ -519,12 +521,12 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
     assert human.code == 0, human
     assert "READ" in human.out and d0 in human.out and d1 in human.out
 
-    before = await message_db.get_message(h.pool, message_id)
+    before = await message_store.get_message(h.pool, message_id)
     recall = await _starter(h, "message", "recall", message_id)
     assert recall.code == 1, recall
     assert "cannot be recalled" in recall.out and "READ" in recall.out
     assert "Traceback" not in recall.out + recall.err
-    assert await message_db.get_message(h.pool, message_id) == before
+    assert await message_store.get_message(h.pool, message_id) == before
 
     # the lifecycle ended at READ: a late device signal is refused, not "bad input"
     await h.messages.handle(message_id).result()
@@ -534,7 +536,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
 
 
 async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> None:
-    from tollgate.sandbox import FaultSpec
+    from tollgate_dev.sandbox import FaultSpec
 
     user, _devices = await h.devices(2)
     await h.sandbox.set_fault("push", FaultSpec(latency_ms=1500))
@@ -556,12 +558,12 @@ async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> No
     assert recall.code == 0, recall
     outcome = json.loads(recall.out)
     assert outcome["recalled"] and outcome["status"] == "CANCELLED"
-    row = await message_db.get_message(h.pool, message_id)
+    row = await message_store.get_message(h.pool, message_id)
     assert row is not None and row.status == MessageStatus.CANCELLED
     assert row.failure_reason == "recalled: wrong chat"
     result = await asyncio.wait_for(handle.result(), timeout=30)
     assert result.status == MessageStatus.CANCELLED
-    audit = await message_db.list_message_transitions(h.pool, message_id)
+    audit = await message_store.list_transitions(h.pool, message_id)
     assert [a.to_status for a in audit] == [
         MessageStatus.INITIATED,
         MessageStatus.STORED,

@@ -3,7 +3,7 @@
 For any argument list (random strings, huge and tiny numbers, unicode digits, control
 characters, missing or repeated flags): the exit status is 0, 1 or 2; nothing on
 stderr is a traceback; and when the status is 2 (bad input) not a single row was
-written. The CLI runs in-process (``tollgate.cli.main``) in a thread, with its own event
+written. The CLI runs in-process (``tollgate.ops.cli.main``) in a thread, with its own event
 loop, while the test's loop keeps serving the sandbox and the worker it talks to.
 
 ``demo`` is left out: it takes only ``--json`` and runs nine scripted scenarios that
@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tollgate_dev.commands  # noqa: F401  (load and demo join the CLI)
 from tests.conftest import Harness
-from tollgate import cli
+from tollgate.ops import cli
 
 TABLES = ("orders", "messages", "devices", "order_transitions", "message_transitions")
 

@@ -44,20 +44,27 @@ from tollgate.codec import (
     load_key,
     new_key,
 )
-from tollgate.codec_server import create_app, load_codec_token, ui_origins_for
 from tollgate.errors import ConfigError
-from tollgate.message_models import MessageResult
-from tollgate.message_service import MessageService
-from tollgate.models import OrderInput, OrderResult
-from tollgate.providers import build_http_client
-from tollgate.service import OrderService
+from tollgate.messages.models import MessageResult
+from tollgate.messages.service import MessageService
+from tollgate.messages.states import MessageStatus
+from tollgate.ops.codec_server import create_app, load_codec_token, ui_origins_for
+from tollgate.orders.models import OrderInput, OrderResult
+from tollgate.orders.service import OrderService
+from tollgate.orders.states import OrderStatus
+from tollgate.providers.client import build_http_client
 from tollgate.settings import Settings
-from tollgate.stack import LocalStack, TemporalDevServer, free_port, port_is_free, temporal_binary
-from tollgate.stack.__main__ import _summary
-from tollgate.stack.codec import ensure_codec_token
-from tollgate.states import MessageStatus, OrderStatus
 from tollgate.temporal import connect, data_converter
 from tollgate.worker import WORKFLOWS, build_worker
+from tollgate_dev.stack import (
+    LocalStack,
+    TemporalDevServer,
+    free_port,
+    port_is_free,
+    temporal_binary,
+)
+from tollgate_dev.stack.__main__ import _summary
+from tollgate_dev.stack.codec import ensure_codec_token
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(32, 64))
@@ -570,7 +577,7 @@ async def test_codec_server_refuses_to_start_without_a_credential(tmp_path: Path
         ({"CODEC_AUTH_TOKEN": "weak"}, "CODEC_AUTH_TOKEN: a codec token must"),
     ):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tollgate.codec_server", "--port", str(port),
+            sys.executable, "-m", "tollgate.ops.codec_server", "--port", str(port),
             env=env | extra, cwd=PROJECT_ROOT,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -821,7 +828,7 @@ async def test_canary_in_customer_data_never_reaches_the_history_in_clear(h: Har
         data_converter=pydantic_data_converter,
     )
     queue = f"codec-{uuid.uuid4().hex[:8]}"
-    orders = OrderService(encrypted, h.pool, queue, catalog=h.catalog)
+    orders = OrderService(encrypted, h.pool, queue, inventory=h.inventory)
     messages = MessageService(encrypted, h.pool, queue)
     order = h.order(customer_id=canary)
     message = h.message(

@@ -42,8 +42,8 @@ from dotenv import dotenv_values
 from tollgate.migrate import apply_migrations
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
-from tollgate.stack import LocalPostgres, free_port, postgres_bin_dir
-from tollgate.stack.temporal import DYNAMIC_CONFIG
+from tollgate_dev.stack import LocalPostgres, free_port, postgres_bin_dir
+from tollgate_dev.stack.temporal import DYNAMIC_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -798,7 +798,7 @@ async def test_app_postgres_init_script_on_a_real_postgres(
         await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = 'c-1'")
         assert await conn.fetchval("SELECT count(*) FROM order_transitions") == 2
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard_update")
+            await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("DELETE FROM order_transitions")
     finally:

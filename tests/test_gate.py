@@ -19,11 +19,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tollgate import db
+from tests.conftest import apply_transition
+from tollgate import gate
 from tollgate.errors import OrderCancelled, VersionConflict
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
-from tollgate.models import OrderInput, TransitionInput
-from tollgate.states import ORDER_EDGES, OrderStatus
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput, TransitionInput
+from tollgate.orders.states import ORDER_EDGES, OrderStatus
 
 S = OrderStatus
 
@@ -64,7 +66,9 @@ def _order(order_id: str | None = None) -> OrderInput:
 async def _new_order(pool: asyncpg.Pool) -> str:
     order = _order()
     async with pool.acquire() as conn:
-        await db.insert_order(conn, order, workflow_id=f"order-{order.order_id}", actor="test")
+        await order_store.insert_order(
+            conn, order, workflow_id=f"order-{order.order_id}", actor="test"
+        )
     return order.order_id
 
 
@@ -112,26 +116,26 @@ async def test_every_edge_outside_the_graph_is_refused_from_plain_sql(writer: as
     for src, dst in itertools.product(S, S):
         order_id = await _new_order(pool)
         await _force(pool, order_id, src)
-        before = await db.get_order(pool, order_id)
+        before = await order_store.get_order(pool, order_id)
         assert before is not None and before.status == src
         if src == dst and not src.terminal:
             # not a transition: the row keeps its status, only the version moves
             await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, dst.value)
-            after = await db.get_order(pool, order_id)
+            after = await order_store.get_order(pool, order_id)
             assert after is not None and (after.status, after.version) == (src, before.version + 1)
             continue
         if (src, dst) in ORDER_EDGES:
             await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, dst.value)
             applied += 1
-            after = await db.get_order(pool, order_id)
+            after = await order_store.get_order(pool, order_id)
             assert after is not None and after.status == dst and after.version == before.version + 1
             continue
         with pytest.raises(asyncpg.PostgresError) as caught:
             await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, dst.value)
-        assert caught.value.sqlstate == db.ILLEGAL_TRANSITION_SQLSTATE, (src, dst, caught.value)
+        assert caught.value.sqlstate == gate.ILLEGAL_TRANSITION_SQLSTATE, (src, dst, caught.value)
         assert f"{src.value} -> {dst.value}" in str(caught.value)
         assert order_id in str(caught.value)
-        after = await db.get_order(pool, order_id)
+        after = await order_store.get_order(pool, order_id)
         assert after == before, "a refused transition must leave the row untouched"
         refused += 1
     assert applied == len(ORDER_EDGES)
@@ -150,7 +154,7 @@ async def test_cancellation_never_returns_to_a_running_state(
             await pool.execute(
                 "UPDATE orders SET status = $2 WHERE id = $1", order_id, running.value
             )
-        assert caught.value.sqlstate == db.ILLEGAL_TRANSITION_SQLSTATE
+        assert caught.value.sqlstate == gate.ILLEGAL_TRANSITION_SQLSTATE
 
 
 async def test_version_is_bumped_even_when_the_writer_forgets(pool: asyncpg.Pool) -> None:
@@ -159,7 +163,7 @@ async def test_version_is_bumped_even_when_the_writer_forgets(pool: asyncpg.Pool
         "UPDATE orders SET status = 'VALIDATING', version = 1 WHERE id = $1", order_id
     )
     await pool.execute("UPDATE orders SET failure_reason = 'note' WHERE id = $1", order_id)
-    row = await db.get_order(pool, order_id)
+    row = await order_store.get_order(pool, order_id)
     assert row is not None and row.version == 3
 
 
@@ -168,7 +172,7 @@ async def test_immutable_columns_and_initial_state(writer: asyncpg.Pool) -> None
     order_id = await _new_order(pool)
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("UPDATE orders SET amount_cents = 1 WHERE id = $1", order_id)
-    assert caught.value.sqlstate == db.IMMUTABLE_COLUMN_SQLSTATE
+    assert caught.value.sqlstate == gate.IMMUTABLE_COLUMN_SQLSTATE
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute(
             "INSERT INTO orders (id, customer_id, items, amount_cents, currency, workflow_id, status)"
@@ -187,7 +191,7 @@ async def test_audit_is_written_by_the_database_and_append_only(
     if writer is owner_pool:
         assert await acts_as_owner(owner_pool)
     refused_with = (
-        db.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
+        gate.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
     )
     order_id = await _new_order(pool)
     async with pool.acquire() as conn, conn.transaction():
@@ -195,7 +199,7 @@ async def test_audit_is_written_by_the_database_and_append_only(
         await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order_id)
     # a writer that describes nothing is recorded as its database role
     await pool.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order_id)
-    audit = await db.list_transitions(pool, order_id)
+    audit = await order_store.list_transitions(pool, order_id)
     assert [(a.from_status, a.to_status) for a in audit] == [
         (None, S.PENDING),
         (S.PENDING, S.VALIDATING),
@@ -214,7 +218,7 @@ async def test_audit_is_written_by_the_database_and_append_only(
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("TRUNCATE order_transitions CASCADE")
     assert caught.value.sqlstate == refused_with, caught.value
-    assert len(await db.list_transitions(pool, order_id)) == 3
+    assert len(await order_store.list_transitions(pool, order_id)) == 3
 
 
 def _move(order_id: str, version: int, to: OrderStatus, tid: str | None = None) -> TransitionInput:
@@ -231,7 +235,7 @@ async def test_concurrent_writers_on_one_row_lose_no_update(pool: asyncpg.Pool) 
     """20 writers race for the same version: one wins, the rest are told, none is lost."""
     order_id = await _new_order(pool)
     outcomes = await asyncio.gather(
-        *(db.apply_transition(pool, _move(order_id, 1, S.VALIDATING)) for _ in range(20)),
+        *(apply_transition(pool, _move(order_id, 1, S.VALIDATING)) for _ in range(20)),
         return_exceptions=True,
     )
     wins = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -239,7 +243,7 @@ async def test_concurrent_writers_on_one_row_lose_no_update(pool: asyncpg.Pool) 
     assert len(wins) == 1 and wins[0].version == 2
     assert len(conflicts) == 19
     assert all(c.status == S.VALIDATING and c.version == 2 for c in conflicts)
-    audit = await db.list_transitions(pool, order_id)
+    audit = await order_store.list_transitions(pool, order_id)
     assert [(a.from_status, a.to_status) for a in audit] == [
         (None, S.PENDING),
         (S.PENDING, S.VALIDATING),
@@ -253,7 +257,7 @@ async def test_increments_by_many_writers_are_all_counted(pool: asyncpg.Pool) ->
     async def writer(n: int) -> int:
         done = 0
         while done < 5:
-            row = await db.get_order(pool, order_id)
+            row = await order_store.get_order(pool, order_id)
             assert row is not None
             updated = await pool.fetchval(
                 "UPDATE orders SET failure_reason = coalesce(failure_reason, '') || $3"
@@ -267,34 +271,34 @@ async def test_increments_by_many_writers_are_all_counted(pool: asyncpg.Pool) ->
         return done
 
     assert sum(await asyncio.gather(*(writer(n) for n in range(10)))) == 50
-    row = await db.get_order(pool, order_id)
+    row = await order_store.get_order(pool, order_id)
     assert row is not None and row.version == 51
     assert row.failure_reason is not None and len(row.failure_reason.split(",")) - 1 == 50
 
 
 async def test_a_recorded_cancellation_wins_over_a_stale_writer(pool: asyncpg.Pool) -> None:
     order_id = await _new_order(pool)
-    await db.apply_transition(pool, _move(order_id, 1, S.VALIDATING))
-    cancel = await db.request_cancellation(pool, order_id, reason="stop", actor="cli:test")
+    await apply_transition(pool, _move(order_id, 1, S.VALIDATING))
+    cancel = await order_store.request_cancellation(pool, order_id, reason="stop", actor="cli:test")
     assert cancel.status == S.CANCELLING and cancel.version == 3
     with pytest.raises(OrderCancelled):
-        await db.apply_transition(pool, _move(order_id, 2, S.CHARGING))
+        await apply_transition(pool, _move(order_id, 2, S.CHARGING))
     # asking again changes nothing; an ended order is reported, not moved
-    again = await db.request_cancellation(pool, order_id, reason="again", actor="cli:test")
+    again = await order_store.request_cancellation(pool, order_id, reason="again", actor="cli:test")
     assert (again.status, again.version, again.cancel_reason) == (S.CANCELLING, 3, "stop")
-    await db.apply_transition(pool, _move(order_id, 3, S.CANCELLED))
-    ended = await db.request_cancellation(pool, order_id, reason="late", actor="cli:test")
+    await apply_transition(pool, _move(order_id, 3, S.CANCELLED))
+    ended = await order_store.request_cancellation(pool, order_id, reason="late", actor="cli:test")
     assert ended.status == S.CANCELLED
 
 
 async def test_retried_transition_recognises_its_own_committed_write(pool: asyncpg.Pool) -> None:
     order_id = await _new_order(pool)
     req = _move(order_id, 1, S.VALIDATING, tid=f"order-{order_id}:v1:VALIDATING")
-    first = await db.apply_transition(pool, req)
-    retry = await db.apply_transition(pool, req)
+    first = await apply_transition(pool, req)
+    retry = await apply_transition(pool, req)
     assert (first.version, first.already_applied) == (2, False)
     assert (retry.version, retry.already_applied) == (2, True)
-    assert len(await db.list_transitions(pool, order_id)) == 2  # creation + one transition
+    assert len(await order_store.list_transitions(pool, order_id)) == 2  # creation + one transition
 
 
 async def test_migrations_apply_once_and_refuse_edited_files(

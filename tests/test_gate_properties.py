@@ -6,7 +6,7 @@ ahead of the model, hoping a peer moves the row there first) and a target (a leg
 successor of the status it believes, or any status at all: illegal edges, same-status
 writes, moves out of terminal states). Half write plain SQL, the way a person at psql
 would, and may keep the row locked for a moment before committing; the other half go
-through ``db.apply_transition``. A third rule replays an accepted ``apply_transition``
+through ``apply_transition`` (tests/conftest.py). A third rule replays an accepted ``apply_transition``
 request, as a retried activity does.
 
 After every step the test checks each outcome against what else happened in the batch
@@ -44,10 +44,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tollgate import db
+from tests.conftest import apply_transition
+from tollgate import gate, postgres
 from tollgate.errors import IllegalTransition, OrderCancelled, VersionConflict
-from tollgate.models import OrderInput, TransitionInput
-from tollgate.states import ORDER_EDGES, OrderStatus
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput, TransitionInput
+from tollgate.orders.states import ORDER_EDGES, OrderStatus
 
 S = OrderStatus
 T = TypeVar("T")
@@ -398,7 +400,7 @@ class GateMachine(RuleBasedStateMachine):
         if w.delay_ms:
             await asyncio.sleep(w.delay_ms / 1000)
         if expected is None or believed is None:
-            row = await db.get_order(self.pool, order_id)
+            row = await order_store.get_order(self.pool, order_id)
             assert row is not None
             expected, believed = row.version, row.status
         if isinstance(w.target, OrderStatus):
@@ -419,7 +421,7 @@ class GateMachine(RuleBasedStateMachine):
             )
             attempt = dataclasses.replace(attempt, transition_id=tid)
             try:
-                result = await db.apply_transition(self.pool, req)
+                result = await apply_transition(self.pool, req)
             except IllegalTransition:
                 return dataclasses.replace(attempt, outcome="refused")
             except VersionConflict as exc:
@@ -431,7 +433,7 @@ class GateMachine(RuleBasedStateMachine):
 
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await db.describe_writer(conn, actor="prop:sql", trace_id=None, reason=None)
+                await gate.describe_writer(conn, gate.Writer("prop:sql"))
                 version = await conn.fetchval(
                     "UPDATE orders SET status = $3 WHERE id = $1 AND version = $2 RETURNING version",
                     order_id,
@@ -441,7 +443,7 @@ class GateMachine(RuleBasedStateMachine):
                 if version is not None and w.hold_ms:
                     await asyncio.sleep(w.hold_ms / 1000)  # others queue on the row lock
         except asyncpg.PostgresError as exc:
-            if exc.sqlstate != db.ILLEGAL_TRANSITION_SQLSTATE:
+            if exc.sqlstate != gate.ILLEGAL_TRANSITION_SQLSTATE:
                 raise
             return dataclasses.replace(attempt, outcome="refused")
         if version is None:
@@ -450,7 +452,7 @@ class GateMachine(RuleBasedStateMachine):
 
     async def _replay(self, req: TransitionInput) -> tuple[str, int]:
         try:
-            result = await db.apply_transition(self.pool, req)
+            result = await apply_transition(self.pool, req)
         except OrderCancelled as exc:
             return "cancelled", exc.version
         except VersionConflict as exc:
@@ -469,17 +471,17 @@ class GateMachine(RuleBasedStateMachine):
                     items=[{"sku": "WIDGET", "quantity": 1}],
                     amount_cents=100,
                 )
-                created = await db.insert_order(
+                created = await order_store.insert_order(
                     conn, order, workflow_id=f"order-{order_id}", actor="prop:create"
                 )
                 assert (created.status, created.version) == (S.PENDING, 1)
         return ids
 
-    async def _snapshot(self) -> dict[str, tuple[db.OrderRow | None, list[db.AuditRow]]]:
-        async def one(order_id: str) -> tuple[db.OrderRow | None, list[db.AuditRow]]:
-            return await db.get_order(self.pool, order_id), await db.list_transitions(
+    async def _snapshot(self) -> dict[str, tuple[order_store.OrderRow | None, list[gate.AuditRow]]]:
+        async def one(order_id: str) -> tuple[order_store.OrderRow | None, list[gate.AuditRow]]:
+            return await order_store.get_order(
                 self.pool, order_id
-            )
+            ), await order_store.list_transitions(self.pool, order_id)
 
         rows = await asyncio.gather(*(one(o) for o in self.order_ids))
         return dict(zip(self.order_ids, rows, strict=True))
@@ -490,7 +492,7 @@ def writers_loop(database_url: str) -> Iterator[tuple[LoopThread, asyncpg.Pool]]
     """A loop in a background thread, and an asyncpg pool that lives on it."""
     loop = LoopThread()
     try:
-        pool = loop.run(db.create_pool(database_url, max_size=8))
+        pool = loop.run(postgres.create_pool(database_url, max_size=8))
         try:
             yield loop, pool
         finally:

@@ -16,11 +16,12 @@ import asyncpg
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from tollgate import message_db
 from tollgate.errors import InputError, LimitReached
 from tollgate.ids import SAFE_ID_PATTERN, Body, Reason, SafeId, clip, is_safe_id, one_line
-from tollgate.message_models import MessageInput
-from tollgate.models import OrderInput, parse_input
+from tollgate.messages import store as message_store
+from tollgate.messages.models import MessageInput
+from tollgate.models import parse_input
+from tollgate.orders.models import OrderInput
 
 HOSTILE_IDS = [
     "foo:recovery",
@@ -188,7 +189,7 @@ async def test_an_eleventh_active_device_is_refused_even_when_registrations_race
 
     async def register(n: int) -> str:
         try:
-            await message_db.register_device(
+            await message_store.register_device(
                 pool, device_id=f"{user}-{n}", user_id=user, push_token=f"t-{user}-{n}",
                 platform="ios",
             )  # fmt: skip
@@ -197,15 +198,15 @@ async def test_an_eleventh_active_device_is_refused_even_when_registrations_race
         return "registered"
 
     outcomes = await asyncio.gather(*(register(n) for n in range(14)))
-    assert outcomes.count("registered") == message_db.MAX_ACTIVE_DEVICES == 10
+    assert outcomes.count("registered") == message_store.MAX_ACTIVE_DEVICES == 10
     assert outcomes.count("refused") == 4
     active = await pool.fetchval("SELECT count(*) FROM devices WHERE user_id = $1 AND active", user)
     assert active == 10
 
     # removing one makes room; reactivating a removed one counts again
-    first = (await message_db.active_devices(pool, user))[0].id
-    assert await message_db.deactivate_device(pool, first, "removed by its user")
+    first = (await message_store.active_devices(pool, user))[0].id
+    assert await message_store.deactivate_device(pool, first, "removed by its user")
     assert await register(99) == "registered"
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("UPDATE devices SET active = true WHERE id = $1", first)
-    assert caught.value.sqlstate == message_db.DEVICE_LIMIT_SQLSTATE
+    assert caught.value.sqlstate == message_store.DEVICE_LIMIT_SQLSTATE

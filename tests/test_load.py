@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Harness
-from tollgate.load import TokenBucket, percentile, run_load
+from tollgate_dev.load import TokenBucket, percentile, run_load
 
 
 class FakeTime:

@@ -16,9 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from tests.conftest import Harness
-from tollgate.message_service import MessageService
-from tollgate.service import OrderService
-from tollgate.stack import WorkerProcess
+from tollgate.messages.service import MessageService
+from tollgate.orders.service import OrderService
+from tollgate_dev.stack import WorkerProcess
 
 #: Text columns Tollgate (not the user) fills: failure notes, audit notes, findings.
 FREE_TEXT = {
@@ -57,7 +57,7 @@ async def test_canaries_in_personal_fields_reach_no_log_line_and_no_free_text_co
         },
         log_file=log,
     )
-    orders = OrderService(h.client, h.pool, queue, catalog=h.catalog)
+    orders = OrderService(h.client, h.pool, queue, inventory=h.inventory)
     messages = MessageService(h.client, h.pool, queue)
     await h.sandbox.decline_customer(canary["customer"] + "d")
     await h.sandbox.bounce_address(canary["email"])

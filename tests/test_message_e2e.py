@@ -19,13 +19,13 @@ import pytest
 from temporalio.client import WorkflowHandle
 
 from tests.conftest import Harness
-from tollgate import message_db
-from tollgate.message_models import DeviceSignal, MessageProgress
-from tollgate.message_service import MessageService
+from tollgate.messages import store as message_store
+from tollgate.messages.models import DeviceSignal, MessageProgress
+from tollgate.messages.service import MessageService
+from tollgate.messages.states import MessageStatus
 from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL, MESSAGE_STATUS_QUERY
-from tollgate.sandbox import FaultSpec, Ledger
-from tollgate.stack import WorkerProcess
-from tollgate.states import MessageStatus
+from tollgate_dev.sandbox import FaultSpec, Ledger
+from tollgate_dev.stack import WorkerProcess
 
 M = MessageStatus
 HISTORIES = Path(__file__).parent / "histories"
@@ -35,7 +35,7 @@ DISPATCH = [(None, M.INITIATED), (M.INITIATED, M.STORED), (M.STORED, M.DISPATCHE
 async def _audit(h: Harness, message_id: str) -> list[tuple[MessageStatus | None, MessageStatus]]:
     return [
         (a.from_status, a.to_status)
-        for a in await message_db.list_message_transitions(h.pool, message_id)
+        for a in await message_store.list_transitions(h.pool, message_id)
     ]
 
 
@@ -82,7 +82,7 @@ async def test_read_on_one_device_syncs_receipts_to_the_others(h: Harness) -> No
         (M.DISPATCHED, M.DELIVERED),
         (M.DELIVERED, M.READ),
     ]
-    facts = {d.device_id: d for d in await message_db.deliveries(h.pool, msg.message_id)}
+    facts = {d.device_id: d for d in await message_store.deliveries(h.pool, msg.message_id)}
     assert all(facts[d].pushed_at for d in (a, b, c))
     assert facts[a].delivered_at and facts[a].read_at
     assert facts[b].receipt_at and facts[c].receipt_at and not facts[b].read_at
@@ -113,7 +113,7 @@ async def test_no_confirmation_before_the_deadline_falls_back_to_one_email(h: Ha
         (M.DISPATCHED, M.FALLBACK_EMAIL),
         (M.FALLBACK_EMAIL, M.EMAILED),
     ]
-    audit = await message_db.list_message_transitions(h.pool, msg.message_id)
+    audit = await message_store.list_transitions(h.pool, msg.message_id)
     assert audit[3].reason and "no delivery confirmation" in audit[3].reason
     ledger = await h.sandbox.ledger(message_id=msg.message_id)
     assert [(e.to, e.email_id) for e in ledger.emails] == [(msg.recipient_email, result.email_id)]
@@ -153,7 +153,7 @@ async def test_recall_before_delivery_cancels(h: Harness) -> None:
     assert result.status == M.CANCELLED
     row = await h.messages.row(msg.message_id)
     assert row.status == M.CANCELLED and row.failure_reason == "recalled: sent to the wrong person"
-    audit = await message_db.list_message_transitions(h.pool, msg.message_id)
+    audit = await message_store.list_transitions(h.pool, msg.message_id)
     assert [(a.from_status, a.to_status) for a in audit] == [*DISPATCH, (M.DISPATCHED, M.CANCELLED)]
     assert audit[-1].actor == "cli:sam"
     ledger = await h.sandbox.ledger(message_id=msg.message_id)
@@ -183,16 +183,16 @@ async def test_unregistered_token_removes_the_device_and_is_not_retried(h: Harne
     result = await handle.result()
     assert result.status == M.DELIVERED and result.devices_removed == [a]
     assert (await h.sandbox.request_counts())["push"] - before == 2
-    device = await message_db.get_device(h.pool, a)
+    device = await message_store.get_device(h.pool, a)
     assert not device.active and device.removed_reason == "push token unregistered"
-    assert [d.id for d in await message_db.active_devices(h.pool, user)] == [b]
+    assert [d.id for d in await message_store.active_devices(h.pool, user)] == [b]
 
 
 async def test_recipient_without_devices_is_emailed(h: Harness) -> None:
     msg = h.message("nobody-has-devices", read_window=timedelta(milliseconds=300))
     result = await (await h.messages.send(msg)).result()
     assert result.status == M.EMAILED
-    audit = await message_db.list_message_transitions(h.pool, msg.message_id)
+    audit = await message_store.list_transitions(h.pool, msg.message_id)
     assert audit[3].reason == "no device could receive a push"
 
 
@@ -231,7 +231,7 @@ async def test_early_duplicate_and_unknown_signals_never_move_state_backwards(h:
         (M.DISPATCHED, M.DELIVERED),
         (M.DELIVERED, M.READ),
     ]
-    facts = {d.device_id: d for d in await message_db.deliveries(h.pool, msg.message_id)}
+    facts = {d.device_id: d for d in await message_store.deliveries(h.pool, msg.message_id)}
     assert facts[a].delivered_at and facts[b].delivered_at and facts[b].read_at
 
 
@@ -248,7 +248,7 @@ async def test_concurrent_reads_on_two_devices_make_one_read_transition(h: Harne
     assert result.status == M.READ and result.read_on in (a, b)
     audit = await _audit(h, msg.message_id)
     assert audit.count((M.DELIVERED, M.READ)) == 1 and len(audit) == 5
-    facts = {d.device_id: d for d in await message_db.deliveries(h.pool, msg.message_id)}
+    facts = {d.device_id: d for d in await message_store.deliveries(h.pool, msg.message_id)}
     assert facts[a].read_at and facts[b].read_at and not facts[c].read_at
 
 
@@ -271,7 +271,7 @@ async def test_read_sync_that_fails_for_good_reverts_the_read_everywhere(h: Harn
         (M.DELIVERED, M.READ),
         (M.READ, M.DELIVERED),
     ]
-    facts = {d.device_id: d for d in await message_db.deliveries(h.pool, msg.message_id)}
+    facts = {d.device_id: d for d in await message_store.deliveries(h.pool, msg.message_id)}
     assert facts[a].read_at is None and facts[b].receipt_at is None
     ledger = await h.sandbox.ledger(message_id=msg.message_id)
     assert _pushes(ledger, "read_receipt") == {}

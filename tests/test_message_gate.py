@@ -15,10 +15,11 @@ from collections import deque
 import asyncpg
 import pytest
 
-from tollgate import db, message_db
+from tollgate import gate
 from tollgate.errors import InputError, MessageNotFound
-from tollgate.message_service import build_message
-from tollgate.states import MESSAGE_EDGES, MessageStatus
+from tollgate.messages import store as message_store
+from tollgate.messages.service import build_message
+from tollgate.messages.states import MESSAGE_EDGES, MessageStatus
 
 M = MessageStatus
 
@@ -54,7 +55,7 @@ async def _new_message(pool: asyncpg.Pool) -> str:
         body="gate test body",
     )
     async with pool.acquire() as conn:
-        await message_db.insert_message(
+        await message_store.insert_message(
             conn, message, workflow_id=f"message-{message_id}", actor="test"
         )
     return message_id
@@ -83,13 +84,13 @@ async def _force(pool: asyncpg.Pool, message_id: str, target: MessageStatus) -> 
         await pool.execute("UPDATE messages SET status = $2 WHERE id = $1", message_id, step.value)
 
 
-async def _audit(pool: asyncpg.Pool, message_id: str) -> list[message_db.MessageAuditRow]:
-    return await message_db.list_message_transitions(pool, message_id)
+async def _audit(pool: asyncpg.Pool, message_id: str) -> list[gate.AuditRow]:
+    return await message_store.list_transitions(pool, message_id)
 
 
 async def _new_device(pool: asyncpg.Pool, user: str = "gate-user") -> str:
     device_id = f"gd-{uuid.uuid4().hex[:10]}"
-    await message_db.register_device(
+    await message_store.register_device(
         pool, device_id=device_id, user_id=user, push_token=f"tok-{device_id}", platform="ios"
     )
     return device_id
@@ -117,7 +118,7 @@ async def test_every_message_edge_outside_the_graph_is_refused_from_plain_sql(
     for src, dst in itertools.product(M, M):
         message_id = await _new_message(pool)
         await _force(pool, message_id, src)
-        before = await message_db.get_message(pool, message_id)
+        before = await message_store.get_message(pool, message_id)
         assert before is not None and before.status == src, (src, before)
         audit_before = await _audit(pool, message_id)
         assert len(audit_before) == len(_path_to(src)) + 1
@@ -127,7 +128,7 @@ async def test_every_message_edge_outside_the_graph_is_refused_from_plain_sql(
             await pool.execute(
                 "UPDATE messages SET status = $2 WHERE id = $1", message_id, dst.value
             )
-            after = await message_db.get_message(pool, message_id)
+            after = await message_store.get_message(pool, message_id)
             assert after is not None
             assert (after.status, after.version) == (src, before.version + 1), (src, dst)
             assert await _audit(pool, message_id) == audit_before, (src, dst)
@@ -138,7 +139,7 @@ async def test_every_message_edge_outside_the_graph_is_refused_from_plain_sql(
             await pool.execute(
                 "UPDATE messages SET status = $2 WHERE id = $1", message_id, dst.value
             )
-            after = await message_db.get_message(pool, message_id)
+            after = await message_store.get_message(pool, message_id)
             assert after is not None
             assert (after.status, after.version) == (dst, before.version + 1), (src, dst)
             audit_after = await _audit(pool, message_id)
@@ -153,10 +154,10 @@ async def test_every_message_edge_outside_the_graph_is_refused_from_plain_sql(
             await pool.execute(
                 "UPDATE messages SET status = $2 WHERE id = $1", message_id, dst.value
             )
-        assert caught.value.sqlstate == db.ILLEGAL_TRANSITION_SQLSTATE, (src, dst, caught.value)
+        assert caught.value.sqlstate == gate.ILLEGAL_TRANSITION_SQLSTATE, (src, dst, caught.value)
         assert f"{src.value} -> {dst.value}" in str(caught.value), (src, dst, caught.value)
         assert message_id in str(caught.value)
-        after = await message_db.get_message(pool, message_id)
+        after = await message_store.get_message(pool, message_id)
         assert after == before, "a refused transition must leave the row untouched"
         assert await _audit(pool, message_id) == audit_before
         refused += 1
@@ -184,14 +185,14 @@ async def test_message_content_is_immutable(
     pool = writer
     message_id = await _new_message(pool)
     await _force(pool, message_id, M.DELIVERED)
-    before = await message_db.get_message(pool, message_id)
+    before = await message_store.get_message(pool, message_id)
     with pytest.raises(asyncpg.PostgresError) as caught:
         # also with a legal status change in the same statement: the whole update is refused
         await pool.execute(
             f"UPDATE messages SET {column} = $2, status = 'READ' WHERE id = $1", message_id, value
         )
-    assert caught.value.sqlstate == db.IMMUTABLE_COLUMN_SQLSTATE, caught.value
-    assert await message_db.get_message(pool, message_id) == before
+    assert caught.value.sqlstate == gate.IMMUTABLE_COLUMN_SQLSTATE, caught.value
+    assert await message_store.get_message(pool, message_id) == before
 
 
 async def test_mutable_columns_change_and_bump_the_version(pool: asyncpg.Pool) -> None:
@@ -199,7 +200,7 @@ async def test_mutable_columns_change_and_bump_the_version(pool: asyncpg.Pool) -
     await pool.execute(
         "UPDATE messages SET failure_reason = 'note', version = 1 WHERE id = $1", message_id
     )
-    row = await message_db.get_message(pool, message_id)
+    row = await message_store.get_message(pool, message_id)
     assert row is not None and (row.failure_reason, row.version, row.status) == (
         "note",
         2,
@@ -224,7 +225,7 @@ async def test_a_message_must_be_created_initiated(
         )
     assert caught.value.sqlstate == "TG004", caught.value
     assert status.value in str(caught.value)
-    assert await message_db.get_message(pool, message_id) is None
+    assert await message_store.get_message(pool, message_id) is None
     assert await _audit(pool, message_id) == []
 
 
@@ -236,7 +237,7 @@ async def test_message_audit_is_written_by_the_database_and_append_only(
     if writer is owner_pool:
         assert await acts_as_owner(owner_pool)
     refused_with = (
-        db.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
+        gate.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
     )
     message_id = await _new_message(pool)
     async with pool.acquire() as conn, conn.transaction():
@@ -273,21 +274,21 @@ async def test_recall_cancels_unless_read_or_ended(
 ) -> None:
     message_id = await _new_message(pool)
     await _force(pool, message_id, status)
-    before = await message_db.get_message(pool, message_id)
+    before = await message_store.get_message(pool, message_id)
     assert before is not None
     audit_before = await _audit(pool, message_id)
 
-    row = await message_db.recall_message(pool, message_id, reason="wrong chat", actor="cli:sam")
+    row = await message_store.recall_message(pool, message_id, reason="wrong chat", actor="cli:sam")
 
     if status is M.READ or status.terminal:
         # refused: the row is returned as it stands and nothing is written
         assert row == before
-        assert await message_db.get_message(pool, message_id) == before
+        assert await message_store.get_message(pool, message_id) == before
         assert await _audit(pool, message_id) == audit_before
         return
     assert (row.status, row.version) == (M.CANCELLED, before.version + 1)
     assert row.failure_reason == "recalled: wrong chat"
-    assert await message_db.get_message(pool, message_id) == row
+    assert await message_store.get_message(pool, message_id) == row
     audit = await _audit(pool, message_id)
     assert audit[:-1] == audit_before
     assert (audit[-1].from_status, audit[-1].to_status) == (status, M.CANCELLED)
@@ -296,22 +297,22 @@ async def test_recall_cancels_unless_read_or_ended(
 
 async def test_recall_of_an_unknown_message_is_not_found(pool: asyncpg.Pool) -> None:
     with pytest.raises(MessageNotFound, match="no-such-message"):
-        await message_db.recall_message(pool, "no-such-message", reason="x", actor="cli:sam")
+        await message_store.recall_message(pool, "no-such-message", reason="x", actor="cli:sam")
 
 
 async def test_concurrent_recalls_cancel_once(pool: asyncpg.Pool) -> None:
     message_id = await _new_message(pool)
     await _force(pool, message_id, M.DELIVERED)
     first, second = await asyncio.gather(
-        message_db.recall_message(pool, message_id, reason="first", actor="cli:a"),
-        message_db.recall_message(pool, message_id, reason="second", actor="cli:b"),
+        message_store.recall_message(pool, message_id, reason="first", actor="cli:a"),
+        message_store.recall_message(pool, message_id, reason="second", actor="cli:b"),
     )
     assert first.status == second.status == M.CANCELLED
     assert first.version == second.version == 5
     audit = await _audit(pool, message_id)
     assert [(a.from_status, a.to_status) for a in audit].count((M.DELIVERED, M.CANCELLED)) == 1
     assert audit[-1].to_status == M.CANCELLED and len(audit) == 5
-    row = await message_db.get_message(pool, message_id)
+    row = await message_store.get_message(pool, message_id)
     assert row is not None and row.failure_reason in ("recalled: first", "recalled: second")
     assert row.failure_reason == f"recalled: {audit[-1].reason}"
 
@@ -319,17 +320,17 @@ async def test_concurrent_recalls_cancel_once(pool: asyncpg.Pool) -> None:
 async def test_device_facts_are_first_writer_wins(pool: asyncpg.Pool) -> None:
     message_id = await _new_message(pool)
     d0, d1 = await _new_device(pool), await _new_device(pool)
-    await message_db.record_push(pool, message_id, d0, "push-1")
-    await message_db.record_fact(pool, message_id, [d0], "delivered")
-    first = {d.device_id: d for d in await message_db.deliveries(pool, message_id)}
+    await message_store.record_push(pool, message_id, d0, "push-1")
+    await message_store.record_fact(pool, message_id, [d0], "delivered")
+    first = {d.device_id: d for d in await message_store.deliveries(pool, message_id)}
     assert list(first) == [d0] and first[d0].delivered_at is not None
 
     await asyncio.sleep(0.05)
     # a repeated confirmation, and a later one from another device
-    await message_db.record_fact(pool, message_id, [d0, d1], "delivered")
-    await message_db.record_push(pool, message_id, d0, "push-2")
-    await message_db.record_fact(pool, message_id, [d0], "read")
-    later = {d.device_id: d for d in await message_db.deliveries(pool, message_id)}
+    await message_store.record_fact(pool, message_id, [d0, d1], "delivered")
+    await message_store.record_push(pool, message_id, d0, "push-2")
+    await message_store.record_fact(pool, message_id, [d0], "read")
+    later = {d.device_id: d for d in await message_store.deliveries(pool, message_id)}
 
     assert sorted(later) == sorted([d0, d1])
     assert later[d0].delivered_at == first[d0].delivered_at
@@ -340,8 +341,8 @@ async def test_device_facts_are_first_writer_wins(pool: asyncpg.Pool) -> None:
 
     read_at = later[d0].read_at
     await asyncio.sleep(0.05)
-    await message_db.record_fact(pool, message_id, [d0], "read")
-    again = {d.device_id: d for d in await message_db.deliveries(pool, message_id)}
+    await message_store.record_fact(pool, message_id, [d0], "read")
+    again = {d.device_id: d for d in await message_store.deliveries(pool, message_id)}
     assert again[d0].read_at == read_at
 
 
@@ -350,11 +351,11 @@ async def test_a_push_token_belongs_to_one_device(pool: asyncpg.Pool) -> None:
     token = f"tok-{first}"
     newcomer = f"gd-{uuid.uuid4().hex[:10]}"
     with pytest.raises(InputError) as caught:
-        await message_db.register_device(
+        await message_store.register_device(
             pool, device_id=newcomer, user_id="someone-else", push_token=token, platform="android"
         )
     assert first in str(caught.value)
     assert await pool.fetchval("SELECT count(*) FROM devices WHERE push_token = $1", token) == 1
     assert await pool.fetchval("SELECT count(*) FROM devices WHERE id = $1", newcomer) == 0
-    kept = await message_db.get_device(pool, first)
+    kept = await message_store.get_device(pool, first)
     assert (kept.user_id, kept.platform, kept.active) == ("token-owner", "ios", True)

@@ -22,9 +22,8 @@ from temporalio.worker import Worker
 
 from activities.orders import OrderStoreActivities
 from tests.conftest import Harness
-from tollgate import db
 from tollgate.errors import InputError
-from tollgate.models import OrderProgress, OrderResult, TransitionInput, TransitionResult
+from tollgate.models import TransitionResult
 from tollgate.names import (
     ALERT_ATTR,
     COMPENSATION_STUCK,
@@ -32,10 +31,12 @@ from tollgate.names import (
     ORDER_STATUS_QUERY,
     order_workflow_id,
 )
-from tollgate.providers import build_http_client
-from tollgate.sandbox import FaultSpec
-from tollgate.states import OrderStatus
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderProgress, OrderResult, TransitionInput
+from tollgate.orders.states import OrderStatus
+from tollgate.providers.client import build_http_client
 from tollgate.worker import activities_for
+from tollgate_dev.sandbox import FaultSpec
 from workflows.order import OrderWorkflow
 
 S = OrderStatus
@@ -49,7 +50,9 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 async def _audit(h: Harness, order_id: str) -> list[tuple[OrderStatus | None, OrderStatus]]:
-    return [(a.from_status, a.to_status) for a in await db.list_transitions(h.pool, order_id)]
+    return [
+        (a.from_status, a.to_status) for a in await order_store.list_transitions(h.pool, order_id)
+    ]
 
 
 async def _maybe_record(handle: WorkflowHandle[Any, Any], name: str) -> None:
@@ -81,7 +84,7 @@ async def test_happy_path_completes_with_one_charge_and_one_reservation(h: Harne
     assert (row.status, row.version) == (S.COMPLETED, 5)
     assert result.version == row.version
     assert await _audit(h, order.order_id) == [*PIPELINE, (S.RESERVING, S.COMPLETED)]
-    audit = await db.list_transitions(h.pool, order.order_id)
+    audit = await order_store.list_transitions(h.pool, order.order_id)
     assert audit[0].actor == "cli:create"
     assert all(a.actor == f"workflow:order-{order.order_id}" for a in audit[1:])
     assert all(a.trace_id and len(a.trace_id) == 32 for a in audit[1:]), "trace id recorded"
@@ -146,7 +149,7 @@ async def test_invalid_order_is_refused_before_anything_is_written(h: Harness) -
         await h.service.create(order)
     assert "unknown SKU NO-SUCH-THING" in str(refused.value)
     assert "currency JPY is not supported" in str(refused.value)
-    assert await db.get_order(h.pool, order.order_id) is None
+    assert await order_store.get_order(h.pool, order.order_id) is None
     with pytest.raises(RPCError):
         await h.service.handle(order.order_id).describe()
 
@@ -226,7 +229,7 @@ async def test_cancel_while_reservation_is_slow_refunds_and_releases(h: Harness)
     assert result.status == S.CANCELLED and result.cancel_reason == "changed my mind"
     row = await h.service.row(order.order_id)
     assert (row.status, row.cancel_reason) == (S.CANCELLED, "changed my mind")
-    audit = await db.list_transitions(h.pool, order.order_id)
+    audit = await order_store.list_transitions(h.pool, order.order_id)
     assert [(a.from_status, a.to_status) for a in audit] == [
         *PIPELINE,
         (S.RESERVING, S.CANCELLING),
@@ -276,7 +279,9 @@ async def test_cancellation_recorded_only_in_postgres_still_wins(h: Harness) -> 
     order = h.order()
     handle = await h.service.create(order)
     await _wait_for_step(h, order.order_id, "charging")
-    state = await db.request_cancellation(h.pool, order.order_id, reason="from psql", actor="ops")
+    state = await order_store.request_cancellation(
+        h.pool, order.order_id, reason="from psql", actor="ops"
+    )
     assert state.status == S.CANCELLING
     result = await handle.result()
     assert result.status == S.CANCELLED and result.compensations == ["refund:refunded"]
@@ -343,7 +348,7 @@ async def test_a_start_temporal_refuses_writes_no_row(h: Harness) -> None:
     )
     await h.client.get_workflow_handle(f"order-{twin.order_id}").result()
     await h.pool.execute("SELECT 1")
-    row = await db.get_order(h.pool, twin.order_id)
+    row = await order_store.get_order(h.pool, twin.order_id)
     assert row is not None  # the workflow's own first activity recorded it
     third = h.order(order_id=f"t-{uuid.uuid4().hex[:10]}")
     await h.client.start_workflow(
@@ -351,7 +356,7 @@ async def test_a_start_temporal_refuses_writes_no_row(h: Harness) -> None:
     )
     with pytest.raises(InputError, match="already has a lifecycle"):
         await h.service.create(third)
-    assert await db.get_order(h.pool, third.order_id) is None
+    assert await order_store.get_order(h.pool, third.order_id) is None
     await h.client.get_workflow_handle(f"order-{third.order_id}").terminate("test cleanup")
 
 
@@ -393,7 +398,7 @@ async def test_transitions_retried_after_a_committed_first_attempt_apply_once(h:
             )
     assert result.status == S.COMPLETED and result.version == 5
     assert len(flaky.lost) == 4, "every transition lost its first reply"
-    audit = await db.list_transitions(h.pool, order.order_id)
+    audit = await order_store.list_transitions(h.pool, order.order_id)
     assert [(a.from_status, a.to_status) for a in audit] == [*PIPELINE, (S.RESERVING, S.COMPLETED)]
 
 
@@ -441,7 +446,8 @@ async def test_a_refund_answered_4xx_is_retried_until_done_and_raises_an_alert(
 
     await h.sandbox.clear_faults()
     result = await asyncio.wait_for(handle.result(), timeout=30)
-    assert result.status == S.FAILED and result.compensations == ["refund:refunded"]
+    assert result.status == S.FAILED
+    assert result.compensations == ["release:voided", "refund:refunded"], "last in, first out"
     assert await alert() is None, "the alert is cleared once the undo went through"
     ledger = await h.sandbox.ledger(order.order_id)
     assert [c.status for c in ledger.charges] == ["refunded"]

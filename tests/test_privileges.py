@@ -16,12 +16,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tollgate import db, message_db
-from tollgate.message_service import build_message
+from tests.conftest import apply_transition
+from tollgate import gate
+from tollgate.messages import store as message_store
+from tollgate.messages.service import build_message
+from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
-from tollgate.models import OrderInput, TransitionInput
-from tollgate.stack import LocalPostgres, free_port
-from tollgate.states import MessageStatus, OrderStatus
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput, TransitionInput
+from tollgate.orders.states import OrderStatus
+from tollgate_dev.stack import LocalPostgres, free_port
 
 INSUFFICIENT_PRIVILEGE = "42501"
 APP_GROUP = "tollgate_app"
@@ -78,13 +82,13 @@ async def attempt(pool: asyncpg.Pool, statement: str, *args: object) -> str:
 
 REFUSED = {
     # the gate itself
-    "disable guard": "ALTER TABLE orders DISABLE TRIGGER orders_guard_update",
+    "disable guard": "ALTER TABLE orders DISABLE TRIGGER orders_guard",
     "disable all triggers": "ALTER TABLE orders DISABLE TRIGGER ALL",
     "disable message guard": "ALTER TABLE messages DISABLE TRIGGER messages_guard",
     "disable append-only": "ALTER TABLE order_transitions DISABLE TRIGGER order_transitions_append_only",
-    "drop guard": "DROP TRIGGER orders_guard_update ON orders",
+    "drop guard": "DROP TRIGGER orders_guard ON orders",
     "replace guard": (
-        "CREATE OR REPLACE FUNCTION orders_guard_update() RETURNS trigger"
+        "CREATE OR REPLACE FUNCTION lifecycle_guard() RETURNS trigger"
         " LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"
     ),
     "alter table": "ALTER TABLE orders ADD COLUMN x int",
@@ -132,7 +136,7 @@ async def test_the_app_role_is_refused(app: asyncpg.Pool, statement: str) -> Non
 @pytest.mark.parametrize(
     "statement",
     [
-        "ALTER TABLE orders DISABLE TRIGGER orders_guard_update",
+        "ALTER TABLE orders DISABLE TRIGGER orders_guard",
         "ALTER TABLE orders ADD COLUMN x int",
         "INSERT INTO order_transition_edges VALUES ('COMPLETED', 'PENDING')",
         "DELETE FROM order_transitions WHERE false",
@@ -190,9 +194,6 @@ async def test_the_app_role_holds_exactly_its_grants(app: asyncpg.Pool) -> None:
         name: await app.fetchval("SELECT has_function_privilege($1, 'EXECUTE')", name)
         for name in (
             "tollgate_setting(text)",
-            "orders_guard_insert()",
-            "orders_guard_update()",
-            "orders_audit()",
             "lifecycle_guard()",
             "lifecycle_audit()",
             "audit_append_only()",
@@ -234,10 +235,10 @@ async def test_the_app_role_writes_orders_and_the_database_audits_them(
 ) -> None:
     order = _order()
     async with app.acquire() as conn:
-        await db.insert_order(
+        await order_store.insert_order(
             conn, order, workflow_id=f"order-{order.order_id}", actor="privileges:insert"
         )
-    moved = await db.apply_transition(
+    moved = await apply_transition(
         app,
         TransitionInput(
             order_id=order.order_id,
@@ -252,7 +253,7 @@ async def test_the_app_role_writes_orders_and_the_database_audits_them(
     # the SECURITY DEFINER trigger runs as
     await app.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order.order_id)
 
-    audit = await db.list_transitions(app, order.order_id)
+    audit = await order_store.list_transitions(app, order.order_id)
     app_role = await app.fetchval("SELECT session_user")
     assert [(a.from_status, a.to_status, a.actor) for a in audit] == [
         (None, OrderStatus.PENDING, "privileges:insert"),
@@ -272,26 +273,26 @@ async def test_the_app_role_writes_messages_devices_and_deliveries(app: asyncpg.
         body="least privilege",
     )
     async with app.acquire() as conn:
-        await message_db.insert_message(
+        await message_store.insert_message(
             conn, message, workflow_id=f"message-{message_id}", actor="privileges:insert"
         )
     device_id = f"pd-{uuid.uuid4().hex[:10]}"
-    await message_db.register_device(
+    await message_store.register_device(
         app,
         device_id=device_id,
         user_id="privileges-recipient",
         push_token=f"tok-{device_id}",
         platform="web",
     )
-    await message_db.record_push(app, message_id, device_id, "push-1")
-    await message_db.record_fact(app, message_id, [device_id], "delivered")
+    await message_store.record_push(app, message_id, device_id, "push-1")
+    await message_store.record_fact(app, message_id, [device_id], "delivered")
     await app.execute("UPDATE messages SET status = 'STORED' WHERE id = $1", message_id)
-    await message_db.deactivate_device(app, device_id, "privileges test")
+    await message_store.deactivate_device(app, device_id, "privileges test")
 
-    (delivery,) = await message_db.deliveries(app, message_id)
+    (delivery,) = await message_store.deliveries(app, message_id)
     assert delivery.push_id == "push-1" and delivery.delivered_at is not None
-    assert not (await message_db.get_device(app, device_id)).active
-    audit = await message_db.list_message_transitions(app, message_id)
+    assert not (await message_store.get_device(app, device_id)).active
+    audit = await message_store.list_transitions(app, message_id)
     app_role = await app.fetchval("SELECT session_user")
     assert [(a.from_status, a.to_status, a.actor) for a in audit] == [
         (None, MessageStatus.INITIATED, "privileges:insert"),
@@ -307,7 +308,9 @@ async def test_a_temporary_table_does_not_shadow_the_graph_or_the_audit(
     ``order_transitions`` does not swallow the audit row."""
     order = _order()
     async with app.acquire() as conn:
-        await db.insert_order(conn, order, workflow_id=f"order-{order.order_id}", actor="t")
+        await order_store.insert_order(
+            conn, order, workflow_id=f"order-{order.order_id}", actor="t"
+        )
     message_id = f"pm-{uuid.uuid4().hex[:12]}"
     message = build_message(
         message_id=message_id,
@@ -317,7 +320,7 @@ async def test_a_temporary_table_does_not_shadow_the_graph_or_the_audit(
         body="shadow",
     )
     async with app.acquire() as conn:
-        await message_db.insert_message(
+        await message_store.insert_message(
             conn, message, workflow_id=f"message-{message_id}", actor="t"
         )
 
@@ -336,11 +339,11 @@ async def test_a_temporary_table_does_not_shadow_the_graph_or_the_audit(
             with pytest.raises(asyncpg.PostgresError) as caught:
                 async with conn.transaction():
                     await conn.execute(statement, entity)
-            assert caught.value.sqlstate == db.ILLEGAL_TRANSITION_SQLSTATE, caught.value
+            assert caught.value.sqlstate == gate.ILLEGAL_TRANSITION_SQLSTATE, caught.value
 
         await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order.order_id)
         assert await conn.fetchval("SELECT count(*) FROM pg_temp.order_transitions") == 0
-    audit = await db.list_transitions(owner_pool, order.order_id)
+    audit = await order_store.list_transitions(owner_pool, order.order_id)
     assert [a.to_status for a in audit] == [OrderStatus.PENDING, OrderStatus.VALIDATING]
 
 

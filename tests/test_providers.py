@@ -18,11 +18,11 @@ import pytest
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from temporalio.testing import ActivityEnvironment
 
+from activities import to_application_error
 from activities.email import EmailActivities
 from activities.inventory import InventoryActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
-from tollgate.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from tollgate.errors import (
     EmailBounced,
     IdempotencyConflict,
@@ -36,11 +36,15 @@ from tollgate.errors import (
     StepVoided,
     TokenUnregistered,
     UnknownSku,
-    to_application_error,
 )
-from tollgate.message_models import Device, EmailInput, PushInput
-from tollgate.models import ChargeInput, OrderItem, RefundInput, ReleaseInput, ReserveInput
-from tollgate.providers import ProviderClient
+from tollgate.messages.models import Device, EmailInput, PushInput
+from tollgate.orders.models import ChargeInput, OrderItem, RefundInput, ReleaseInput, ReserveInput
+from tollgate.providers.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
+from tollgate.providers.client import ProviderClient
+from tollgate.providers.email import EmailProvider
+from tollgate.providers.inventory import Inventory
+from tollgate.providers.payments import PaymentGateway
+from tollgate.providers.push import PushProvider
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -204,24 +208,24 @@ def _charge(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any
     req = ChargeInput(
         order_id="o-1", customer_id="c", amount_cents=100, currency="USD", idempotency_key="k"
     )
-    return ActivityEnvironment().run(PaymentActivities(http, breakers).charge, req)
+    return ActivityEnvironment().run(PaymentActivities(PaymentGateway(http, breakers)).charge, req)
 
 
 def _refund(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = RefundInput(order_id="o-1", charge_idempotency_key="k", idempotency_key="r", reason="x")
-    return ActivityEnvironment().run(PaymentActivities(http, breakers).refund, req)
+    return ActivityEnvironment().run(PaymentActivities(PaymentGateway(http, breakers)).refund, req)
 
 
 def _reserve(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = ReserveInput(
         order_id="o-1", items=[OrderItem(sku="WIDGET", quantity=1)], idempotency_key="k"
     )
-    return ActivityEnvironment().run(InventoryActivities(http, breakers).reserve, req)
+    return ActivityEnvironment().run(InventoryActivities(Inventory(http, breakers)).reserve, req)
 
 
 def _release(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = ReleaseInput(order_id="o-1", reservation_idempotency_key="k", idempotency_key="r")
-    return ActivityEnvironment().run(InventoryActivities(http, breakers).release, req)
+    return ActivityEnvironment().run(InventoryActivities(Inventory(http, breakers)).release, req)
 
 
 def _push(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
@@ -232,13 +236,13 @@ def _push(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
         kind="read_receipt",
         idempotency_prefix="p",
     )
-    acts = PushActivities(cast(asyncpg.Pool, None), http, breakers)
+    acts = PushActivities(cast(asyncpg.Pool, None), PushProvider(http, breakers))
     return ActivityEnvironment().run(acts.push, req)
 
 
 def _send(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = EmailInput(message_id="m-1", to="a@b.c", subject="s", body="b", idempotency_key="k")
-    return ActivityEnvironment().run(EmailActivities(http, breakers).send, req)
+    return ActivityEnvironment().run(EmailActivities(EmailProvider(http, breakers)).send, req)
 
 
 #: activity -> (how to run it, a valid answer and what it yields, wrong answers)

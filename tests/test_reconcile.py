@@ -13,12 +13,13 @@ from temporalio.client import Client, DescribeWorkflowInput, Interceptor, Outbou
 from temporalio.service import RPCError
 
 from tests.conftest import FAST_RETRY, Harness
-from tollgate import db
-from tollgate.models import OrderProgress, RecoveryInput
+from tollgate.messages.states import MessageStatus
 from tollgate.names import ORDER_STATUS_QUERY, order_workflow_id, recovery_workflow_id
-from tollgate.reconcile import ReconcileInput, ReconcileReport, reconcile
-from tollgate.sandbox import FaultSpec
-from tollgate.states import MessageStatus, OrderStatus
+from tollgate.ops.reconcile import ReconcileInput, ReconcileReport, reconcile
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderProgress, RecoveryInput
+from tollgate.orders.states import OrderStatus
+from tollgate_dev.sandbox import FaultSpec
 from workflows.recovery import OrderRecoveryWorkflow
 
 S = OrderStatus
@@ -50,7 +51,9 @@ async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: b
     await _wait_for_step(h, order.order_id, step)
     await asyncio.sleep(0.3)  # the provider has acted; its answer is still on the way
     if cancel_first:
-        await db.request_cancellation(h.pool, order.order_id, reason="customer asked", actor="ops")
+        await order_store.request_cancellation(
+            h.pool, order.order_id, reason="customer asked", actor="ops"
+        )
     await handle.terminate("operator pressed Terminate in the Web UI")
     await h.sandbox.clear_faults()
     return order.order_id
@@ -90,7 +93,7 @@ async def test_terminated_orders_are_recovered_with_no_money_left_charged(h: Har
     for order_id, final in ((reserved, S.FAILED), (charged, S.FAILED), (cancelling, S.CANCELLED)):
         row = await h.service.row(order_id)
         assert row.status == final, (order_id, row.status)
-        audit = await db.list_transitions(h.pool, order_id)
+        audit = await order_store.list_transitions(h.pool, order_id)
         assert audit[-1].actor.startswith("reconciler:order-")
         ledger = await h.sandbox.ledger(order_id)
         assert [c.status for c in ledger.charges] == ["refunded"], "no money left charged"
@@ -111,9 +114,9 @@ async def test_a_row_that_disagrees_with_its_workflow_is_reported_not_repaired(
     conn = await asyncpg.connect(owner_url)
     try:
         async with conn.transaction():
-            await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard_update")
+            await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard")
             await conn.execute("UPDATE orders SET status = 'FAILED' WHERE id = $1", order.order_id)
-            await conn.execute("ALTER TABLE orders ENABLE TRIGGER orders_guard_update")
+            await conn.execute("ALTER TABLE orders ENABLE TRIGGER orders_guard")
     finally:
         await conn.close()
 
@@ -126,7 +129,7 @@ async def test_a_row_that_disagrees_with_its_workflow_is_reported_not_repaired(
 
 
 async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -> None:
-    from tollgate.reconcile import RECONCILE_SCHEDULE_ID, ReconcileReport, ensure_schedule
+    from tollgate.ops.reconcile import RECONCILE_SCHEDULE_ID, ReconcileReport, ensure_schedule
 
     assert await ensure_schedule(h.client, task_queue=h.task_queue, every=timedelta(hours=1))
     schedule = h.client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
@@ -230,7 +233,7 @@ async def test_recovery_claims_before_it_compensates(h: Harness) -> None:
         task_queue=h.task_queue,
     )
     assert result.outcome == "recovered" and result.status == S.FAILED
-    audit = await db.list_transitions(h.pool, order_id)
+    audit = await order_store.list_transitions(h.pool, order_id)
     claim, end = audit[-2], audit[-1]
     assert (claim.from_status, claim.to_status) == (S.CHARGING, S.COMPENSATING)
     assert claim.actor.startswith("reconciler:") and end.to_status == S.FAILED
@@ -245,7 +248,7 @@ async def test_a_row_temporal_does_not_know_is_reported_and_repaired_only_on_req
 ) -> None:
     order = h.order()
     async with h.pool.acquire() as conn:
-        await db.insert_order(
+        await order_store.insert_order(
             conn, order, workflow_id=order_workflow_id(order.order_id), actor="test"
         )
     report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)

@@ -18,14 +18,14 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from tollgate.sandbox import (
+from tollgate_dev.sandbox import (
     FaultSpec,
     SandboxAdmin,
     SandboxAdminError,
     SandboxConfig,
     create_app,
 )
-from tollgate.sandbox import __main__ as sandbox_main
+from tollgate_dev.sandbox import __main__ as sandbox_main
 
 CHARGES = "/payments/charges"
 REFUNDS = "/payments/refunds"

@@ -28,11 +28,11 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
-import tollgate.stack.temporal as stack_temporal
+import tollgate_dev.stack.temporal as stack_temporal
 from tollgate.migrate import SCHEMA_DIR
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
-from tollgate.stack import (
+from tollgate_dev.stack import (
     LocalPostgres,
     LocalStack,
     RestartBackoff,
@@ -431,7 +431,7 @@ SHORT_LIVED_WORKER = """
 async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    caplog.set_level(logging.INFO, logger="tollgate_dev.stack")
     project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
     (project / "lifetime").write_text("0.3")
     worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
@@ -467,7 +467,7 @@ async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run
 async def test_supervisor_retries_a_restart_that_does_not_come_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    caplog.set_level(logging.INFO, logger="tollgate_dev.stack")
     project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
     (project / "lifetime").write_text("0.3")
     worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
@@ -494,7 +494,7 @@ async def test_stack_restarts_a_killed_worker_and_stops_supervising_on_stop(
 ) -> None:
     """kill -9 of the worker: reported with its signal and log, restarted (a new pid
     that polls Temporal again), and stopping the stack stops both for good."""
-    caplog.set_level(logging.INFO, logger="tollgate.stack")
+    caplog.set_level(logging.INFO, logger="tollgate_dev.stack")
     backoff = RestartBackoff(initial=0.2, maximum=1.0, reset_after=30)
     stack = _stack(tmp_path, restart_backoff=backoff)
     async with stack:

@@ -23,12 +23,12 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from tests.conftest import FAST_RETRY
-from tollgate import message_db
-from tollgate.message_service import MessageService, build_message
+from tollgate.messages import store as message_store
+from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.states import MessageStatus
 from tollgate.names import SEARCH_ATTRIBUTES
-from tollgate.providers import build_http_client
+from tollgate.providers.client import build_http_client
 from tollgate.settings import Settings
-from tollgate.states import MessageStatus
 from tollgate.worker import build_worker
 
 
@@ -96,7 +96,7 @@ async def test_unread_message_rests_after_a_seven_day_read_window(
     )
     assert last - first >= timedelta(days=7), "the read window ran its full seven days"
     assert elapsed < 60, f"seven days took {elapsed:.1f} s of real time"
-    audit = await message_db.list_message_transitions(pool, msg.message_id)
+    audit = await message_store.list_transitions(pool, msg.message_id)
     assert [a.to_status for a in audit][-2:] == [
         MessageStatus.FALLBACK_EMAIL,
         MessageStatus.EMAILED,

@@ -11,10 +11,11 @@ from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from tollgate import db
+from tests.conftest import apply_transition
 from tollgate.errors import IllegalTransition, OrderCancelled, VersionConflict
-from tollgate.models import OrderInput, TransitionInput
-from tollgate.states import OrderStatus
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput, TransitionInput
+from tollgate.orders.states import OrderStatus
 
 S = OrderStatus
 
@@ -61,18 +62,20 @@ async def test_each_outcome_is_counted(reader: InMemoryMetricReader, pool: async
         amount_cents=1,
     )
     async with pool.acquire() as conn:
-        await db.insert_order(conn, order, workflow_id=f"order-{order.order_id}", actor="test")
+        await order_store.insert_order(
+            conn, order, workflow_id=f"order-{order.order_id}", actor="test"
+        )
     oid = order.order_id
     applied = _move(oid, 1, S.VALIDATING, tid="fixed")
-    await db.apply_transition(pool, applied)
-    await db.apply_transition(pool, applied)  # a retry of a committed write
+    await apply_transition(pool, applied)
+    await apply_transition(pool, applied)  # a retry of a committed write
     with pytest.raises(VersionConflict):
-        await db.apply_transition(pool, _move(oid, 1, S.VALIDATING))
+        await apply_transition(pool, _move(oid, 1, S.VALIDATING))
     with pytest.raises(IllegalTransition):
-        await db.apply_transition(pool, _move(oid, 2, S.COMPLETED))
-    await db.request_cancellation(pool, oid, reason="stop", actor="test")
+        await apply_transition(pool, _move(oid, 2, S.COMPLETED))
+    await order_store.request_cancellation(pool, oid, reason="stop", actor="test")
     with pytest.raises(OrderCancelled):
-        await db.apply_transition(pool, _move(oid, 2, S.CHARGING))
+        await apply_transition(pool, _move(oid, 2, S.CHARGING))
 
     after = _outcomes(reader, {"VALIDATING", "COMPLETED", "CHARGING"})
     delta = after - before

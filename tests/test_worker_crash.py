@@ -15,11 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from tests.conftest import Harness
-from tollgate import message_db
-from tollgate.message_service import MessageService
-from tollgate.sandbox import FaultSpec
-from tollgate.stack import WorkerProcess
-from tollgate.states import MessageStatus
+from tollgate.messages import store as message_store
+from tollgate.messages.service import MessageService
+from tollgate.messages.states import MessageStatus
+from tollgate_dev.sandbox import FaultSpec
+from tollgate_dev.stack import WorkerProcess
 
 DEVICES = 8
 
@@ -66,7 +66,7 @@ async def test_worker_killed_mid_fan_out_pushes_every_device_exactly_once(
 
         await second.start()
         for _ in range(600):
-            facts = await message_db.deliveries(h.pool, msg.message_id)
+            facts = await message_store.deliveries(h.pool, msg.message_id)
             if sum(1 for f in facts if f.pushed_at) == DEVICES:
                 break
             await asyncio.sleep(0.05)

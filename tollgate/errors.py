@@ -1,9 +1,9 @@
 """Tollgate's error taxonomy.
 
 Errors are classified where they happen. Activities raise the domain errors below;
-``to_application_error`` turns them into Temporal ``ApplicationError``s whose ``type``
-is the class name, so workflows and retry policies name them without importing
-activity code. Transient errors are retried by Temporal with backoff; permanent ones
+``activities.to_application_error`` turns them into Temporal ``ApplicationError``s whose
+``type`` is the class name, so workflows and retry policies name them without importing
+activity code. This module itself knows nothing of Temporal. Transient errors are retried by Temporal with backoff; permanent ones
 are non-retryable and end the step.
 
     TollgateError
@@ -37,8 +37,6 @@ are non-retryable and end the step.
 from __future__ import annotations
 
 from typing import Any
-
-from temporalio.exceptions import ApplicationError
 
 
 class TollgateError(Exception):
@@ -219,10 +217,3 @@ PERMANENT_ERROR_TYPES: tuple[str, ...] = tuple(
         EmailBounced,
     )
 )
-
-
-def to_application_error(exc: TollgateError) -> ApplicationError:
-    """The Temporal form of a domain error: ``type`` = class name, retryable per class."""
-    return ApplicationError(
-        str(exc), exc.details(), type=type(exc).__name__, non_retryable=not exc.retryable
-    )

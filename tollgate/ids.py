@@ -31,7 +31,6 @@ from tollgate.errors import InputError
 
 #: The safe alphabet, anchored. Also in SQL (schema/005_safe_input.sql): keep in step.
 SAFE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-SAFE_ID_MAX = 64
 #: Separates the parts of every id Tollgate derives; never inside an entity id.
 DERIVED_ID_SEPARATOR = ":"
 

@@ -1,13 +1,25 @@
-"""Names that cross process boundaries: workflow ids, signals, queries, search attributes.
+"""Names that cross process boundaries: workflow types and ids, signals, queries, search
+attributes, and the ids Tollgate derives from them (idempotency keys, transition ids).
 
 The CLI, the worker, the tests and the docs all import these, so a rename happens in
 one place. Workflow ids are built from the business key: starting the same order twice
-hits Temporal's id-conflict check instead of creating a second lifecycle.
+hits Temporal's id-conflict check instead of creating a second lifecycle. Derived ids
+join their parts with ``:``, which no entity id may contain (:mod:`tollgate.ids`), so no
+entity can spell another one's derived id.
 """
 
 from __future__ import annotations
 
 from temporalio.common import SearchAttributeKey
+
+from tollgate.ids import DERIVED_ID_SEPARATOR
+
+#: Workflow types, for starting and describing lifecycles without importing their code.
+ORDER_WORKFLOW = "OrderWorkflow"
+ORDER_RECOVERY_WORKFLOW = "OrderRecoveryWorkflow"
+MESSAGE_WORKFLOW = "MessageDeliveryWorkflow"
+READ_SYNC_WORKFLOW = "ReadReceiptSyncWorkflow"
+RECONCILER_WORKFLOW = "ReconcilerWorkflow"
 
 ORDER_WORKFLOW_PREFIX = "order-"
 
@@ -54,13 +66,6 @@ def order_workflow_id(order_id: str) -> str:
     return f"{ORDER_WORKFLOW_PREFIX}{order_id}"
 
 
-def order_id_from_workflow_id(workflow_id: str) -> str:
-    """Inverse of :func:`order_workflow_id`."""
-    if not workflow_id.startswith(ORDER_WORKFLOW_PREFIX):
-        raise ValueError(f"not an order workflow id: {workflow_id!r}")
-    return workflow_id[len(ORDER_WORKFLOW_PREFIX) :]
-
-
 def recovery_workflow_id(order_id: str) -> str:
     """The id of the reconciler's recovery run for an order: ``order-<id>:recovery``.
 
@@ -78,3 +83,18 @@ def message_workflow_id(message_id: str) -> str:
 def read_sync_workflow_id(message_id: str, attempt: int) -> str:
     """The id of the n-th read-receipt sync saga of a message (a child workflow)."""
     return f"{message_workflow_id(message_id)}:read-sync:{attempt}"
+
+
+def step_key(workflow_id: str, *parts: str) -> str:
+    """The idempotency key of one step of a lifecycle: ``<workflow id>:<step>[:<part>...]``.
+
+    Derived from the workflow id, never from a clock or an attempt: every retry of a
+    step, and every replay, sends the same key, so the provider acts once.
+    """
+    return DERIVED_ID_SEPARATOR.join((workflow_id, *parts))
+
+
+def transition_id(owner: str, from_version: int, to_status: str) -> str:
+    """The id of one transition, ``<owner>:v<from version>:<target>``: a retried write that
+    finds it on the row knows its earlier attempt committed."""
+    return f"{owner}:v{from_version}:{to_status}"

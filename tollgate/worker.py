@@ -21,12 +21,16 @@ from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
 from activities.reconcile import ReconcileActivities
-from tollgate import db
-from tollgate.breaker import Breakers
+from tollgate import postgres
 from tollgate.errors import ConfigError
 from tollgate.migrate import apply_migrations
-from tollgate.providers import build_http_client
-from tollgate.reconcile import ensure_schedule
+from tollgate.ops.reconcile import ensure_schedule
+from tollgate.providers.breaker import Breakers
+from tollgate.providers.client import build_http_client
+from tollgate.providers.email import EmailProvider
+from tollgate.providers.inventory import Inventory
+from tollgate.providers.payments import PaymentGateway
+from tollgate.providers.push import PushProvider
 from tollgate.settings import Settings
 from tollgate.telemetry import configure_logging, configure_metrics, configure_tracing
 from tollgate.temporal import connect, data_converter
@@ -55,11 +59,11 @@ def activities_for(
     Provider calls go through ``breakers`` (one per provider); None: no circuit breaking.
     """
     store = OrderStoreActivities(pool)
-    payments = PaymentActivities(http, breakers)
-    inventory = InventoryActivities(http, breakers)
+    payments = PaymentActivities(PaymentGateway(http, breakers))
+    inventory = InventoryActivities(Inventory(http, breakers))
     messages = MessageStoreActivities(pool)
-    push = PushActivities(pool, http, breakers)
-    email = EmailActivities(http, breakers)
+    push = PushActivities(pool, PushProvider(http, breakers))
+    email = EmailActivities(EmailProvider(http, breakers))
     return [
         store.record_order,
         store.transition_order,
@@ -127,7 +131,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             )
     # One breaker per provider for the whole worker process.
     breakers = Breakers(settings)
-    pool = await db.create_pool(settings.database_url, max_size=settings.database_pool_max)
+    pool = await postgres.create_pool(settings.database_url, max_size=settings.database_pool_max)
     try:
         async with build_http_client(settings) as http:
             worker = build_worker(client, settings, pool, http, breakers=breakers)

@@ -13,31 +13,21 @@ out is kept as a per-device fact, not a transition.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeVar
+from enum import StrEnum
+from typing import Literal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ChildWorkflowError
 
-from workflows._support import (
-    describe,
-    error_type,
-    is_cancellation,
-    run_activity,
-    run_to_completion,
-    step_retry,
-    until_done_retry,
-)
+from workflows._lifecycle import LifecycleWorkflow, describe, error_type, is_cancellation
 
 with workflow.unsafe.imports_passed_through():
     from activities.email import EmailActivities
     from activities.messages import MessageStoreActivities
     from activities.push import PushActivities
     from tollgate.errors import MessageRecalled
-    from tollgate.message_models import (
+    from tollgate.messages.models import (
         DeliveryCarryOver,
         Device,
         DeviceFactInput,
@@ -53,19 +43,38 @@ with workflow.unsafe.imports_passed_through():
         RecallMessageInput,
         RecallRequest,
     )
+    from tollgate.messages.states import MessageStatus
     from tollgate.names import (
         MESSAGE_DELIVERED_SIGNAL,
         MESSAGE_READ_SIGNAL,
         MESSAGE_RECALL_SIGNAL,
         MESSAGE_STATUS_ATTR,
         MESSAGE_STATUS_QUERY,
+        MESSAGE_WORKFLOW,
         read_sync_workflow_id,
+        step_key,
     )
-    from tollgate.states import MessageStatus
     from workflows.read_receipts import ReadReceiptSyncWorkflow
 
-ArgT = TypeVar("ArgT")
-ResultT = TypeVar("ResultT")
+M = MessageStatus
+
+
+class Step(StrEnum):
+    """What the delivery is doing, as the ``status`` query reports it."""
+
+    DISPATCHING = "dispatching"
+    PUSHING = "pushing"
+    AWAITING_DELIVERY = "awaiting delivery"
+    EMAILING = "emailing"
+    AWAITING_READ = "awaiting read"
+    SYNCING = "syncing read receipts"
+    READ = "read"
+    SYNC_ABANDONED = "read sync abandoned"
+    RECALLING = "recalling"
+    RECALLED = "recalled"
+    FAILED = "failed"
+    DONE = "done"
+
 
 #: Distinct signals kept while the recipient's devices are not known yet. Generous, so
 #: that a flood of bogus signals in the first moments cannot crowd out a real device
@@ -100,22 +109,27 @@ _TEMPORAL_RECALL = RecallRequest(reason="cancelled in Temporal", requested_by="t
 _POSTGRES_RECALL = RecallRequest(reason="recall recorded in Postgres", requested_by="postgres")
 
 
-@workflow.defn(name="MessageDeliveryWorkflow")
-class MessageDeliveryWorkflow:
+@workflow.defn(name=MESSAGE_WORKFLOW)
+class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
     """One message's delivery, from INITIATED to READ, EMAILED, FAILED or CANCELLED."""
+
+    status_attr = MESSAGE_STATUS_ATTR
+    stopped_error = MessageRecalled.__name__
+    stopped_status = M.CANCELLED
 
     @workflow.init
     def __init__(self, message: MessageInput) -> None:
         self._msg = message
-        self._id = workflow.info().workflow_id
-        self._status = MessageStatus.INITIATED
-        self._version = 0
-        self._step = "starting"
+        self._init_lifecycle(
+            M.INITIATED,
+            message.retry,
+            from_postgres=_POSTGRES_RECALL,
+            from_temporal=_TEMPORAL_RECALL,
+        )
         #: The recipient's devices when the message was dispatched; None until then.
         self._devices: dict[str, Device] | None = None
         self._pushed: dict[str, str] = {}
         self._removed: list[str] = []
-        #: Signals in arrival order; those for unknown devices are set aside.
         #: Signals in arrival order (a dict: ordered, and a duplicate is found at once).
         self._signals: dict[tuple[str, str], None] = {}
         self._confirmed: list[str] = []
@@ -128,17 +142,12 @@ class MessageDeliveryWorkflow:
         self._read_syncs = 0
         #: Device signals received by this run (Temporal caps signals per run).
         self._signals_this_run = 0
+        #: Set when this run took its share of signals and hands over to a new one.
+        self._continued: _ContinueAsNew | None = None
         self._facts_recorded: set[tuple[str, str]] = set()
-        self._recall: RecallRequest | None = None
-        self._temporal_cancelled = False
-        self._main: asyncio.Task[None] | None = None
         self._delivered_on: str | None = None
         self._read_on: str | None = None
         self._email_id: str | None = None
-        self._failure_reason: str | None = None
-
-        self._step_retry = step_retry(message.retry)
-        self._until_done_retry = until_done_retry(message.retry)
 
     # --- the process ---------------------------------------------------------------
 
@@ -147,66 +156,55 @@ class MessageDeliveryWorkflow:
         """Deliver the message; on recall, record CANCELLED. Returns where it ended."""
         carried = message.carry_over
         if carried is None:
-            recorded = await self._activity(
+            recorded = await self.activity(
                 MessageStoreActivities.record_message, message, retry=self._until_done_retry
             )
-            self._set_status(recorded.status, recorded.version)
-            if recorded.status is MessageStatus.CANCELLED:
-                self._note_recall(_POSTGRES_RECALL)
+            self.set_status(recorded.status, recorded.version)
+            if recorded.status is M.CANCELLED:
+                self.note_stop(_POSTGRES_RECALL)
         else:
             self._restore(carried)
 
-        continued: _ContinueAsNew | None = None
-        if self._recall is None:
-            self._main = asyncio.create_task(
-                self._deliver() if carried is None else self._resume(carried)
-            )
+        async def business() -> None:
             try:
-                await self._main
+                await (self._deliver() if carried is None else self._resume(carried))
             except _ContinueAsNew as full:
-                continued = full
-            except asyncio.CancelledError:
-                self._note_recall(_TEMPORAL_RECALL, from_temporal=True)
-            except (ActivityError, ChildWorkflowError) as err:
-                if error_type(err) == MessageRecalled.__name__:
-                    self._note_recall(_POSTGRES_RECALL)
-                elif is_cancellation(err):
-                    self._note_recall(_TEMPORAL_RECALL, from_temporal=True)
-                else:
-                    raise
+                self._continued = full
 
-        if continued is not None:
-            await run_to_completion(self._flush_facts(), lambda: None)
+        return await self.run_lifecycle(business, self._finish)
+
+    async def _finish(self) -> MessageResult:
+        """Continue as new, or record a recall; write what devices said; report."""
+        if self._continued is not None and self._stop is None:
+            await self._flush_facts()
             await workflow.wait_condition(workflow.all_handlers_finished)
-            if self._recall is None:
+            if self._stop is None:
                 workflow.continue_as_new(
-                    message.model_copy(update={"carry_over": self._carry_over(continued)})
+                    self._msg.model_copy(update={"carry_over": self._carry_over(self._continued)})
                 )
             # else: a recall came in while this run wound down; it ends here, below
-
-        if self._recall is not None:
-            await run_to_completion(
-                self._record_recall(self._recall),
-                lambda: self._note_recall(_TEMPORAL_RECALL, from_temporal=True),
-            )
-        await run_to_completion(self._flush_facts(), lambda: None)
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        if self._temporal_cancelled and self._status is MessageStatus.CANCELLED:
-            raise asyncio.CancelledError(self._recall.reason if self._recall else None)
+        if self._stop is not None:
+            await self._record_recall(self._stop)
+        await self._flush_facts()
         return self._result()
+
+    def on_step_failure(self, err: ActivityError | ChildWorkflowError) -> None:
+        """No saga to undo here: a step that fails for good is a bug, so the workflow
+        task fails and Temporal retries it after the fix is deployed."""
+        raise err
 
     async def _deliver(self) -> None:
         m = self._msg
-        await self._move(MessageStatus.STORED)
+        await self.move(M.STORED)
 
-        self._step = "dispatching"
-        found = await self._activity(
+        self._step = Step.DISPATCHING
+        found = await self.activity(
             MessageStoreActivities.recipient_devices, DevicesInput(user_id=m.recipient_id)
         )
         self._devices = {d.device_id: d for d in found.devices}
         self._sort_signals()
         deadline_at = workflow.now() + m.deadline
-        await self._move(MessageStatus.DISPATCHED)
+        await self.move(M.DISPATCHED)
 
         push_failure = await self._push_message(found.devices)
         if self._pushed and push_failure is None:
@@ -225,7 +223,7 @@ class MessageDeliveryWorkflow:
 
     async def _await_delivery(self, deadline_at: datetime) -> None:
         """Wait for a device to confirm, until ``deadline_at``."""
-        self._step = "awaiting delivery"
+        self._step = Step.AWAITING_DELIVERY
         remaining = deadline_at - workflow.now()
         if not self._confirmed and remaining > timedelta(0):
             try:
@@ -243,9 +241,7 @@ class MessageDeliveryWorkflow:
         if self._confirmed:
             self._delivered_on = self._confirmed[0]
             await self._flush_facts()
-            await self._move(
-                MessageStatus.DELIVERED, reason=f"confirmed by device {self._delivered_on}"
-            )
+            await self.move(M.DELIVERED, reason=f"confirmed by device {self._delivered_on}")
         else:
             if push_failure is not None:
                 reason = f"push failed: {push_failure}"
@@ -259,7 +255,7 @@ class MessageDeliveryWorkflow:
 
     async def _push_message(self, devices: list[Device]) -> str | None:
         """Fan the message out; returns why it failed for good, or None."""
-        self._step = "pushing"
+        self._step = Step.PUSHING
         if not devices:
             return None
         try:
@@ -270,7 +266,7 @@ class MessageDeliveryWorkflow:
                     devices=devices,
                     kind="message",
                     payload={"sender": self._msg.sender_id, "preview": self._msg.body[:80]},
-                    idempotency_prefix=f"{self._id}:push",
+                    idempotency_prefix=step_key(self._id, "push"),
                 ),
                 start_to_close_timeout=self._msg.retry.activity_timeout * max(1, len(devices)),
                 heartbeat_timeout=self._msg.push_heartbeat_timeout,
@@ -285,34 +281,34 @@ class MessageDeliveryWorkflow:
 
     async def _fall_back_to_email(self, reason: str) -> bool:
         """FALLBACK_EMAIL, then EMAILED (True) or FAILED (False)."""
-        await self._move(MessageStatus.FALLBACK_EMAIL, reason=reason)
-        self._step = "emailing"
+        await self.move(M.FALLBACK_EMAIL, reason=reason)
+        self._step = Step.EMAILING
         m = self._msg
         try:
-            email = await self._activity(
+            email = await self.activity(
                 EmailActivities.send,
                 EmailInput(
                     message_id=m.message_id,
                     to=m.recipient_email,
                     subject=f"New message from {m.sender_id}",
                     body=m.body,
-                    idempotency_key=f"{self._id}:email",
+                    idempotency_key=step_key(self._id, "email"),
                 ),
             )
         except ActivityError as err:
             if is_cancellation(err):
                 raise
             self._failure_reason = describe(err)
-            await self._move(MessageStatus.FAILED, failure_reason=self._failure_reason)
-            self._step = "failed"
+            await self.move(M.FAILED, failure_reason=self._failure_reason)
+            self._step = Step.FAILED
             return False
         self._email_id = email.email_id
-        await self._move(MessageStatus.EMAILED, reason=f"email {email.email_id}")
+        await self.move(M.EMAILED, reason=f"email {email.email_id}")
         return True
 
     async def _await_reads(self, window_ends: datetime) -> None:
         """Wait (until ``window_ends``) for a read; sync it to the other devices."""
-        self._step = "awaiting read"
+        self._step = Step.AWAITING_READ
         while True:
             remaining = window_ends - workflow.now()
             if remaining <= timedelta(0):
@@ -324,7 +320,7 @@ class MessageDeliveryWorkflow:
                     "read receipts could not be synced; giving up",
                     extra={"message_id": self._msg.message_id, "attempts": self._read_syncs},
                 )
-                self._step = "read sync abandoned"
+                self._step = Step.SYNC_ABANDONED
                 return
             try:
                 await workflow.wait_condition(
@@ -337,7 +333,7 @@ class MessageDeliveryWorkflow:
             if reader is None:
                 raise _ContinueAsNew("awaiting_read", window_ends=window_ends)
             self._read_syncs += 1
-            self._step = "syncing read receipts"
+            self._step = Step.SYNCING
             devices = self._devices or {}
             result = await workflow.execute_child_workflow(
                 ReadReceiptSyncWorkflow.run,
@@ -356,21 +352,21 @@ class MessageDeliveryWorkflow:
                 ),
                 id=read_sync_workflow_id(self._msg.message_id, self._read_syncs),
             )
-            self._set_status(result.status, result.version)
+            self.set_status(result.status, result.version)
             if result.synced:
                 self._read_on = reader
                 self._facts_recorded.add((reader, "read"))
                 self._facts_recorded.update((d, "receipt") for d in result.receipts_pushed)
-                self._step = "read"
+                self._step = Step.READ
                 return
             # The reader's device was told to show it unread; a new read starts over.
             self._reads.remove(reader)
             self._facts_recorded.discard((reader, "read"))
-            self._step = "awaiting read"
+            self._step = Step.AWAITING_READ
 
     async def _record_recall(self, request: RecallRequest) -> None:
-        self._step = "recalling"
-        state = await self._activity(
+        self._step = Step.RECALLING
+        state = await self.activity(
             MessageStoreActivities.recall_message,
             RecallMessageInput(
                 message_id=self._msg.message_id,
@@ -379,8 +375,8 @@ class MessageDeliveryWorkflow:
             ),
             retry=self._until_done_retry,
         )
-        self._set_status(state.status, state.version)
-        self._step = "recalled" if state.status is MessageStatus.CANCELLED else "done"
+        self.set_status(state.status, state.version)
+        self._step = Step.RECALLED if state.status is M.CANCELLED else Step.DONE
 
     async def _flush_facts(self) -> None:
         """Write the per-device delivered/read facts signals brought in so far."""
@@ -392,7 +388,7 @@ class MessageDeliveryWorkflow:
             new = [d for d in devices if (d, fact) not in self._facts_recorded]
             if not new:
                 continue
-            await self._activity(
+            await self.activity(
                 MessageStoreActivities.record_device_fact,
                 DeviceFactInput(message_id=self._msg.message_id, device_ids=new, fact=fact),
                 retry=self._until_done_retry,
@@ -414,9 +410,10 @@ class MessageDeliveryWorkflow:
     @workflow.signal(name=MESSAGE_RECALL_SIGNAL)
     def recall(self, request: RecallRequest) -> None:
         """The sender recalls the message: stop whatever runs, end CANCELLED."""
-        self._note_recall(request)
-        if self._main is not None and not self._main.done() and not self._status.settled:
-            self._main.cancel()
+        if self._status.settled:
+            self.note_stop(request)  # read or ended: nothing to interrupt
+        else:
+            self.interrupt(request)
 
     @workflow.query(name=MESSAGE_STATUS_QUERY)
     def status(self) -> MessageProgress:
@@ -500,7 +497,7 @@ class MessageDeliveryWorkflow:
         )
 
     def _restore(self, carried: DeliveryCarryOver) -> None:
-        self._set_status(carried.status, carried.version)
+        self.set_status(carried.status, carried.version)
         self._devices = {d.device_id: d for d in carried.devices}
         self._pushed, self._removed = dict(carried.pushed), list(carried.removed)
         self._confirmed, self._reads = list(carried.confirmed), list(carried.reads)
@@ -524,47 +521,28 @@ class MessageDeliveryWorkflow:
     def _next_reader(self) -> str | None:
         return self._reads[0] if self._reads else None
 
-    def _note_recall(self, request: RecallRequest, *, from_temporal: bool = False) -> None:
-        if self._recall is None:
-            self._recall = request
-            self._temporal_cancelled = from_temporal
-
-    def _set_status(self, status: MessageStatus, version: int) -> None:
-        self._status, self._version = status, version
-        workflow.upsert_search_attributes([MESSAGE_STATUS_ATTR.value_set(status.value)])
-        workflow.set_current_details(f"**{status.value}** (v{version})")
-
-    async def _move(
-        self, to: MessageStatus, *, reason: str | None = None, failure_reason: str | None = None
-    ) -> None:
-        result = await self._activity(
+    async def _transition(
+        self,
+        to: MessageStatus,
+        *,
+        transition_id: str,
+        reason: str | None,
+        failure_reason: str | None,
+    ) -> int:
+        result = await self.activity(
             MessageStoreActivities.transition_message,
             MessageTransitionInput(
                 message_id=self._msg.message_id,
                 expected_version=self._version,
                 to_status=to,
-                transition_id=f"{self._id}:v{self._version}:{to.value}",
+                transition_id=transition_id,
                 actor=f"workflow:{self._id}",
                 reason=reason,
                 failure_reason=failure_reason,
             ),
             retry=self._until_done_retry,
         )
-        self._set_status(to, result.version)
-
-    async def _activity(
-        self,
-        method: Callable[[Any, ArgT], Awaitable[ResultT]],
-        arg: ArgT,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> ResultT:
-        return await run_activity(
-            method,
-            arg,
-            start_to_close=self._msg.retry.activity_timeout,
-            retry=retry or self._step_retry,
-        )
+        return result.version
 
     def _result(self) -> MessageResult:
         return MessageResult(

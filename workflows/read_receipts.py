@@ -14,13 +14,13 @@ from typing import Literal
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
-from workflows._support import describe, error_type, step_retry, until_done_retry, until_undone
+from workflows._lifecycle import describe, error_type, step_retry, until_done_retry, until_undone
 
 with workflow.unsafe.imports_passed_through():
     from activities.messages import MessageStoreActivities
     from activities.push import PushActivities
     from tollgate.errors import MessageRecalled
-    from tollgate.message_models import (
+    from tollgate.messages.models import (
         ClearReadInput,
         DeviceFactInput,
         MessageTransitionInput,
@@ -28,10 +28,11 @@ with workflow.unsafe.imports_passed_through():
         ReadSyncInput,
         ReadSyncResult,
     )
-    from tollgate.states import MessageStatus
+    from tollgate.messages.states import MessageStatus
+    from tollgate.names import READ_SYNC_WORKFLOW, step_key, transition_id
 
 
-@workflow.defn(name="ReadReceiptSyncWorkflow")
+@workflow.defn(name=READ_SYNC_WORKFLOW)
 class ReadReceiptSyncWorkflow:
     """Child of ``MessageDeliveryWorkflow``; one per read that needs syncing."""
 
@@ -51,7 +52,7 @@ class ReadReceiptSyncWorkflow:
                     message_id=inp.message_id,
                     expected_version=version,
                     to_status=to,
-                    transition_id=f"{owner}:v{version}:{to.value}",
+                    transition_id=transition_id(owner, version, to.value),
                     actor=f"workflow:{workflow.info().workflow_id}",
                     reason=reason,
                 ),
@@ -83,7 +84,7 @@ class ReadReceiptSyncWorkflow:
                     devices=inp.other_devices,
                     kind="read_receipt",
                     payload={"read_on": inp.reader_device_id},
-                    idempotency_prefix=f"{owner}:receipt:{inp.reader_device_id}",
+                    idempotency_prefix=step_key(owner, "receipt", inp.reader_device_id),
                 ),
                 start_to_close_timeout=timeout * max(1, len(inp.other_devices)),
                 heartbeat_timeout=timeout,
@@ -120,7 +121,7 @@ class ReadReceiptSyncWorkflow:
                     kind="read_revert",
                     payload={"reason": "read state could not be synced"},
                     # one revert per sync attempt: the device may be read and reverted again
-                    idempotency_prefix=f"{workflow.info().workflow_id}:read-revert",
+                    idempotency_prefix=step_key(workflow.info().workflow_id, "read-revert"),
                 ),
                 settings=r,
                 what="read-revert",

@@ -9,10 +9,11 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.reconcile import ReconcileActivities
-    from tollgate.reconcile import ReconcileInput, ReconcileReport
+    from tollgate.names import RECONCILER_WORKFLOW
+    from tollgate.ops.reconcile import ReconcileInput, ReconcileReport
 
 
-@workflow.defn(name="ReconcilerWorkflow")
+@workflow.defn(name=RECONCILER_WORKFLOW)
 class ReconcilerWorkflow:
     """Run the reconcile activity once; the schedule provides the repetition."""
 

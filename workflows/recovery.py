@@ -30,14 +30,20 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows._support import error_type, run_activity, until_done_retry, until_undone
+from workflows._lifecycle import error_type, run_activity, until_done_retry, until_undone
 
 with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
     from activities.orders import OrderStoreActivities
     from activities.payments import PaymentActivities
     from tollgate.errors import OrderCancelled, VersionConflict
-    from tollgate.models import (
+    from tollgate.names import (
+        ORDER_RECOVERY_WORKFLOW,
+        order_workflow_id,
+        step_key,
+        transition_id,
+    )
+    from tollgate.orders.models import (
         OrderSnapshot,
         ReadOrderInput,
         RecoveryInput,
@@ -46,8 +52,7 @@ with workflow.unsafe.imports_passed_through():
         ReleaseInput,
         TransitionInput,
     )
-    from tollgate.names import order_workflow_id
-    from tollgate.states import OrderStatus
+    from tollgate.orders.states import OrderStatus
 
 S = OrderStatus
 ArgT = TypeVar("ArgT")
@@ -67,7 +72,7 @@ _CLAIM: dict[OrderStatus, OrderStatus] = {
 _ATTEMPTS = 5
 
 
-@workflow.defn(name="OrderRecoveryWorkflow")
+@workflow.defn(name=ORDER_RECOVERY_WORKFLOW)
 class OrderRecoveryWorkflow:
     """Claim the row, compensate from the ledger's idempotency keys, then end the row."""
 
@@ -114,8 +119,8 @@ class OrderRecoveryWorkflow:
             PaymentActivities.refund,
             RefundInput(
                 order_id=self._inp.order_id,
-                charge_idempotency_key=f"{original}:charge",
-                idempotency_key=f"{original}:refund",
+                charge_idempotency_key=step_key(original, "charge"),
+                idempotency_key=step_key(original, "refund"),
                 reason=self._inp.reason,
             ),
             settings=self._inp.retry,
@@ -125,8 +130,8 @@ class OrderRecoveryWorkflow:
             InventoryActivities.release,
             ReleaseInput(
                 order_id=self._inp.order_id,
-                reservation_idempotency_key=f"{original}:reserve",
-                idempotency_key=f"{original}:release",
+                reservation_idempotency_key=step_key(original, "reserve"),
+                idempotency_key=step_key(original, "release"),
             ),
             settings=self._inp.retry,
             what="release",
@@ -142,7 +147,7 @@ class OrderRecoveryWorkflow:
                 order_id=self._inp.order_id,
                 expected_version=row.version,
                 to_status=to,
-                transition_id=f"{me}:v{row.version}:{to.value}",
+                transition_id=transition_id(me, row.version, to.value),
                 actor=f"reconciler:{me}",
                 reason=self._inp.reason,
                 failure_reason=None if to in (S.CANCELLED, S.CANCELLING) else self._inp.reason,

@@ -1,0 +1,252 @@
+"""What users do to orders (create, cancel, inspect), shared by the CLI, demo and tests.
+
+Each operation writes Postgres first and talks to Temporal second, and is arranged so
+that a failure in between leaves nothing half-done: an order row is committed only if
+its workflow started; a cancellation is recorded before the workflow is told.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from tollgate.codec import search_token
+from tollgate.errors import InputError, OrderNotFound, ProviderError
+from tollgate.gate import AuditRow
+from tollgate.ids import require_safe_id
+from tollgate.models import parse_input
+from tollgate.names import (
+    CUSTOMER_ID_ATTR,
+    ORDER_CANCEL_SIGNAL,
+    ORDER_STATUS_ATTR,
+    ORDER_STATUS_QUERY,
+    ORDER_WORKFLOW,
+    order_workflow_id,
+)
+from tollgate.orders import store
+from tollgate.orders.models import (
+    MAX_AMOUNT_CENTS,
+    CancelOrderRequest,
+    OrderInput,
+    OrderProgress,
+    OrderResult,
+    order_problems,
+)
+from tollgate.orders.states import OrderStatus
+from tollgate.providers.inventory import Inventory
+from tollgate.temporal import inspect_workflow
+
+#: ``SKU:QTY`` with ASCII digits only (``str.isdigit`` accepts '²', which int() refuses).
+_ITEM = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([0-9]{1,6})", re.ASCII)
+#: A plain decimal: no exponent; bounded length, so Decimal never sees a huge exponent.
+_AMOUNT = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?", re.ASCII)
+
+
+def parse_item(text: str) -> dict[str, object]:
+    """``SKU:QTY`` -> ``{"sku": ..., "quantity": ...}``; a clear error otherwise."""
+    match = _ITEM.fullmatch(text.strip())
+    if match is None:
+        raise InputError(f"item {text!r} is not SKU:QTY (e.g. WIDGET:2)")
+    return {"sku": match.group(1).upper(), "quantity": int(match.group(2))}
+
+
+def parse_amount(text: str) -> int:
+    """A decimal amount in major units (``12.34``) -> integer cents."""
+    if not _AMOUNT.fullmatch(text.strip()):
+        raise InputError(f"amount {text!r} is not a number like 12.34")
+    value = Decimal(text.strip())
+    if value <= 0:
+        raise InputError(f"amount must be positive, got {text}")
+    if value != value.quantize(Decimal("0.01")):
+        raise InputError(f"amount {text} has more than two decimal places")
+    if value * 100 > MAX_AMOUNT_CENTS:
+        raise InputError(f"amount {text} is over the limit of {MAX_AMOUNT_CENTS / 100:.2f}")
+    return int(value * 100)
+
+
+def build_order(**fields: object) -> OrderInput:
+    """Validate an order; a pydantic error becomes one line naming the field."""
+    return parse_input(OrderInput, fields)
+
+
+class CancelOutcome(BaseModel):
+    """What ``cancel`` did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order_id: str
+    recorded: bool
+    status: OrderStatus
+    version: int
+    signalled: bool
+    message: str
+
+
+class OrderReport(BaseModel):
+    """Everything ``order status`` shows: the row, its audit trail, the workflow."""
+
+    model_config = ConfigDict(frozen=True)
+
+    order: store.OrderRow
+    transitions: list[AuditRow[OrderStatus]]
+    workflow_id: str
+    workflow_status: str | None
+    workflow_progress: OrderProgress | None
+    checked_at: datetime
+
+
+class OrderService:
+    """Order operations over one Temporal client and one Postgres pool."""
+
+    def __init__(
+        self, client: Client, pool: asyncpg.Pool, task_queue: str, *, inventory: Inventory
+    ) -> None:
+        self._client = client
+        self._pool = pool
+        self._task_queue = task_queue
+        self._inventory = inventory
+
+    def handle(self, order_id: str) -> WorkflowHandle[Any, OrderResult]:
+        """The workflow handle of an order."""
+        return self._client.get_workflow_handle(
+            order_workflow_id(order_id), result_type=OrderResult
+        )
+
+    async def row(self, order_id: str) -> store.OrderRow:
+        """The order's row in Postgres, or ``OrderNotFound``."""
+        row = await store.get_order(self._pool, order_id)
+        if row is None:
+            raise OrderNotFound(order_id)
+        return row
+
+    async def create(self, order: OrderInput) -> WorkflowHandle[Any, OrderResult]:
+        """Insert the PENDING row and start its workflow, both or neither.
+
+        The row insert and the start share one database transaction: if Temporal refuses
+        the start (the order already has a lifecycle) or cannot be reached, the insert
+        rolls back. If the commit itself fails after the start, the workflow's first
+        activity inserts the identical row, so the order is still recorded.
+        """
+        await self.check(order)
+        workflow_id = order_workflow_id(order.order_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            existing = await store.get_order(conn, order.order_id)
+            if existing is not None:
+                raise InputError(f"order {order.order_id} already exists ({existing.status})")
+            await store.insert_order(conn, order, workflow_id=workflow_id, actor="cli:create")
+            try:
+                return await self._client.start_workflow(
+                    ORDER_WORKFLOW,
+                    order,
+                    result_type=OrderResult,
+                    id=workflow_id,
+                    task_queue=self._task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                    # An order id names one checkout forever, even after it ended.
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    search_attributes=TypedSearchAttributes(
+                        [
+                            SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
+                            SearchAttributePair(
+                                CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)
+                            ),
+                        ]
+                    ),
+                    static_summary=(
+                        f"Order {order.order_id}: {len(order.items)} item(s), "
+                        f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
+                    ),
+                )
+            except WorkflowAlreadyStartedError:
+                raise InputError(
+                    f"order {order.order_id} already has a lifecycle ({workflow_id}); "
+                    "order ids cannot be reused"
+                ) from None
+
+    async def check(self, order: OrderInput) -> None:
+        """Refuse an order that breaks a business rule or names an unknown SKU, before
+        anything is written or started (``InputError`` listing every problem).
+
+        When the inventory cannot be asked (down, slow), the order is accepted and the
+        workflow's validation step asks again with retries: an outage delays a checkout,
+        it does not refuse one.
+        """
+        problems = order_problems(order)
+        try:
+            unknown = await self._inventory.unknown_skus(i.sku for i in order.items)
+        except ProviderError:
+            unknown = []
+        problems += [f"unknown SKU {sku}" for sku in unknown]
+        if problems:
+            raise InputError(f"order {order.order_id} refused: {'; '.join(problems)}")
+
+    async def cancel(self, order_id: str, *, reason: str, requested_by: str) -> CancelOutcome:
+        """Record CANCELLING in Postgres (version-checked), then signal the workflow.
+
+        The whole request is validated first: a reason the signal could not carry must
+        not leave a row CANCELLING that its workflow never hears of.
+        """
+        request = parse_input(CancelOrderRequest, {"reason": reason, "requested_by": requested_by})
+        require_safe_id("order id", order_id)
+        state = await store.request_cancellation(
+            self._pool, order_id, reason=request.reason, actor=f"cli:{request.requested_by}"
+        )
+        if state.status.terminal:
+            return CancelOutcome(
+                order_id=order_id,
+                recorded=False,
+                status=state.status,
+                version=state.version,
+                signalled=False,
+                message=f"order {order_id} is already {state.status}; nothing to cancel",
+            )
+        signalled = True
+        try:
+            await self.handle(order_id).signal(ORDER_CANCEL_SIGNAL, request)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            signalled = False
+        message = (
+            f"cancellation of {order_id} recorded; the workflow is compensating"
+            if signalled
+            else f"cancellation of {order_id} recorded, but its workflow is not running"
+        )
+        return CancelOutcome(
+            order_id=order_id,
+            recorded=True,
+            status=state.status,
+            version=state.version,
+            signalled=signalled,
+            message=message,
+        )
+
+    async def report(self, order_id: str) -> OrderReport:
+        """The row, its audited transitions, and the workflow's status and live progress."""
+        row = await self.row(order_id)
+        transitions = await store.list_transitions(self._pool, order_id)
+        workflow_status, progress = await inspect_workflow(
+            self.handle(order_id), ORDER_STATUS_QUERY, OrderProgress
+        )
+        return OrderReport(
+            order=row,
+            transitions=transitions,
+            workflow_id=row.workflow_id,
+            workflow_status=workflow_status,
+            workflow_progress=progress,
+            checked_at=datetime.now().astimezone(),
+        )

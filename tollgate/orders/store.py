@@ -1,0 +1,123 @@
+"""Orders in Postgres: the row, its audit trail, and the order's face of the gate.
+
+Every status change goes through :mod:`tollgate.gate` with :data:`ORDERS`; this module
+adds what only orders have (their columns, the cancellation's reason) and returns rows,
+never Temporal types: activities map rows to those.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+from tollgate import gate
+from tollgate.errors import OrderCancelled, OrderNotFound
+from tollgate.gate import AuditRow, Lifecycle, Writer
+from tollgate.orders.models import OrderInput, OrderItem
+from tollgate.orders.states import ORDER_TERMINAL, OrderStatus
+from tollgate.postgres import Connection, Executor
+
+ORDERS = Lifecycle(
+    kind="order",
+    table="orders",
+    audit_table="order_transitions",
+    audit_key="order_id",
+    stopped=frozenset({OrderStatus.CANCELLING, OrderStatus.CANCELLED}),
+    stop_status=OrderStatus.CANCELLING,
+    # recorded already (CANCELLING, CANCELLED), or over (COMPLETED, FAILED)
+    stop_refused=frozenset({OrderStatus.CANCELLING, *ORDER_TERMINAL}),
+    stop_columns=lambda reason: {"cancel_reason": reason},
+    identity=("customer_id", "items", "amount_cents", "currency", "workflow_id"),
+    stopped_error=OrderCancelled,
+    not_found=OrderNotFound,
+)
+
+
+class OrderRow(BaseModel):
+    """An order as Postgres holds it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    customer_id: str
+    items: list[OrderItem]
+    amount_cents: int
+    currency: str
+    workflow_id: str
+    status: OrderStatus
+    version: int
+    last_transition_id: str | None
+    failure_reason: str | None
+    cancel_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def _row(record: asyncpg.Record | None) -> OrderRow | None:
+    return None if record is None else OrderRow.model_validate(dict(record))
+
+
+async def get_order(conn: Executor, order_id: str) -> OrderRow | None:
+    """The order row, or None."""
+    return _row(await gate.get_row(conn, ORDERS, order_id))
+
+
+async def insert_order(
+    conn: Connection,
+    order: OrderInput,
+    *,
+    workflow_id: str,
+    actor: str,
+    trace_id: str | None = None,
+) -> OrderRow:
+    """Insert the PENDING row, or recognise an identical one already there."""
+    record = await gate.insert_or_match(
+        conn,
+        ORDERS,
+        {
+            "id": order.order_id,
+            "customer_id": order.customer_id,
+            "items": [i.model_dump() for i in order.items],
+            "amount_cents": order.amount_cents,
+            "currency": order.currency,
+            "workflow_id": workflow_id,
+        },
+        Writer(actor, trace_id, "order created"),
+    )
+    row = _row(record)
+    assert row is not None
+    return row
+
+
+async def request_cancellation(
+    pool: asyncpg.Pool,
+    order_id: str,
+    *,
+    reason: str,
+    actor: str,
+    transition_id: str | None = None,
+    trace_id: str | None = None,
+) -> OrderRow:
+    """Record a cancellation (move to CANCELLING) unless the order is past it.
+
+    The row comes back as it stands: CANCELLING (recorded now or earlier) or a terminal
+    state, in which case nothing was written and the caller reports the refusal.
+    """
+    record = await gate.stop(
+        pool,
+        ORDERS,
+        order_id,
+        reason=reason,
+        writer=Writer(actor, trace_id, reason),
+        transition_id=transition_id,
+    )
+    row = _row(record)
+    assert row is not None
+    return row
+
+
+async def list_transitions(conn: Executor, order_id: str) -> list[AuditRow[OrderStatus]]:
+    """The audited transitions of an order, oldest first."""
+    return await gate.audit_trail(conn, ORDERS, order_id, OrderStatus)

@@ -1,0 +1,26 @@
+"""Connections to Postgres, the same way for the worker, the CLI and the tests."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+#: One connection, taken from the pool or made directly.
+Connection = asyncpg.Connection | PoolConnectionProxy
+#: Anything that runs a statement: a connection, a pooled connection, or the pool.
+Executor = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
+
+
+async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
+    """A connection pool; jsonb columns come back as Python objects."""
+
+    async def _init(conn: asyncpg.Connection) -> None:
+        await conn.set_type_codec(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init)
+    assert pool is not None
+    return pool

@@ -1,0 +1,93 @@
+"""The development commands of ``starter.py``: ``load`` and ``demo``.
+
+They drive the sandbox and many lifecycles, which a production deployment has no use
+for, so they live with the rest of the development infrastructure and join the CLI
+only where this package is installed (``starter.py`` looks for it).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from cyclopts import Parameter
+from rich.table import Table
+
+from tollgate.errors import InputError
+from tollgate.messages.service import MessageService
+from tollgate.ops.cli import EXIT_REFUSED, JsonFlag, app, connected, console, emit_json
+from tollgate.orders.service import OrderService
+from tollgate.providers.client import build_http_client
+from tollgate.providers.inventory import Inventory
+from tollgate.settings import Settings
+from tollgate_dev.demo import print_outcomes, run_demo
+from tollgate_dev.load import run_load
+
+#: Upper bounds of ``load``: past them a typo would run for hours.
+MAX_LOAD_COUNT = 100_000
+MAX_LOAD_CONCURRENCY = 1_000
+MAX_LOAD_RATE = 10_000.0
+
+
+@app.command
+async def load(
+    kind: Literal["orders", "messages"],
+    *,
+    count: Annotated[int, Parameter(help="How many lifecycles to run.")] = 100,
+    concurrency: Annotated[int, Parameter(help="At most this many in flight at once.")] = 10,
+    rate: Annotated[float | None, Parameter(help="Start at most this many per second.")] = None,
+    max_wait: Annotated[
+        float | None, Parameter(help="Refuse a start that waits longer (s).")
+    ] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Run many orders or messages with backpressure at ingress; print a summary."""
+    if not 1 <= count <= MAX_LOAD_COUNT or not 1 <= concurrency <= MAX_LOAD_CONCURRENCY:
+        raise InputError(
+            f"--count must be 1..{MAX_LOAD_COUNT} and --concurrency 1..{MAX_LOAD_CONCURRENCY}"
+        )
+    if rate is not None and not 0 < rate <= MAX_LOAD_RATE:
+        raise InputError(f"--rate must be positive and at most {MAX_LOAD_RATE:g}")
+    if max_wait is not None and not 0 <= max_wait <= 3600:
+        raise InputError("--max-wait must be between 0 and 3600 seconds")
+    settings = Settings()
+    async with connected(settings) as (client, pool), build_http_client(settings) as http:
+        summary = await run_load(
+            kind,
+            orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
+            messages=MessageService(client, pool, settings.task_queue),
+            count=count,
+            concurrency=concurrency,
+            rate=rate,
+            max_wait=max_wait,
+            console=None if json else console,
+        )
+    if json:
+        emit_json(summary.model_dump(mode="json"))
+        return
+    table = Table("final status", "count", title=f"load {kind}: {summary.requested} requested")
+    for status, n in summary.statuses.items():
+        table.add_row(status, str(n))
+    if summary.refused_at_ingress:
+        table.add_row("refused at ingress", str(summary.refused_at_ingress))
+    console.print(table)
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f} ms"
+
+    console.print(
+        f"{summary.seconds:.1f} s, {summary.throughput_per_second} per second; latency "
+        f"p50 {ms(summary.latency_p50_ms)}, p95 {ms(summary.latency_p95_ms)}, p99 {ms(summary.latency_p99_ms)}"
+    )
+
+
+@app.command
+async def demo(*, json: JsonFlag = False) -> None:
+    """Run the demo scenarios against a running stack and print their outcomes."""
+    settings = Settings()
+    outcomes = await run_demo(settings)
+    if json:
+        emit_json([o.model_dump(mode="json") for o in outcomes])
+    else:
+        print_outcomes(outcomes, settings, console)
+    if not all(o.ok for o in outcomes):
+        raise SystemExit(EXIT_REFUSED)

@@ -1,0 +1,194 @@
+"""``starter.py load``: drive many lifecycles, with backpressure at ingress.
+
+Two limits keep the load generator from burying the system in work it cannot take:
+
+* a token bucket (``--rate`` per second, bursts up to ``--concurrency``) paces starts;
+* a bound on in-flight lifecycles (``--concurrency``) stops starting new ones while the
+  oldest are unfinished.
+
+A start that cannot get a token within ``--max-wait`` is refused at ingress (counted,
+not attempted): when the system cannot keep up, work is delayed or refused at the door
+instead of piling up into timeouts deep inside. The summary gives final statuses,
+throughput and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tollgate.messages.service import MessageService, build_message
+from tollgate.models import RetrySettings
+from tollgate.orders.service import OrderService, build_order
+
+_SKUS = ("WIDGET", "GADGET", "GIZMO")
+
+
+class TokenBucket:
+    """Tokens refill at ``rate`` per second up to ``capacity``; ``take`` waits for one.
+
+    The clock and sleep are injectable so the pacing logic is testable without waiting.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        capacity: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate <= 0 or capacity < 1:
+            raise ValueError("rate must be positive and capacity at least 1")
+        self.rate, self.capacity = rate, capacity
+        self._clock, self._sleep = clock, sleep
+        self._tokens = float(capacity)
+        self._updated = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
+    async def take(self, max_wait: float | None = None) -> bool:
+        """Take a token, waiting if needed; False if it would take longer than ``max_wait``."""
+        async with self._lock:
+            self._refill()
+            if self._tokens < 1:
+                wait = (1 - self._tokens) / self.rate
+                if max_wait is not None and wait > max_wait:
+                    return False
+                await self._sleep(wait)
+                self._refill()
+            self._tokens -= 1
+            return True
+
+
+class LoadSummary(BaseModel):
+    """What a load run did, as ``--json`` prints it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["orders", "messages"]
+    requested: int
+    started: int
+    refused_at_ingress: int
+    errors: int
+    statuses: dict[str, int]
+    seconds: float
+    throughput_per_second: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """The ``p``-th percentile (nearest rank) of ``values``; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(p / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+async def run_load(
+    kind: Literal["orders", "messages"],
+    *,
+    orders: OrderService,
+    messages: MessageService,
+    count: int,
+    concurrency: int,
+    rate: float | None,
+    max_wait: float | None,
+    console: Console | None = None,
+) -> LoadSummary:
+    """Start ``count`` lifecycles under the two limits and wait for every one to end."""
+    run_id = uuid.uuid4().hex[:8]
+    bucket = TokenBucket(rate, concurrency) if rate else None
+    in_flight = asyncio.Semaphore(concurrency)
+    retry = RetrySettings(
+        initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=2)
+    )
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    refused = errors = 0
+
+    async def one(n: int) -> None:
+        nonlocal refused, errors
+        async with in_flight:
+            if bucket is not None and not await bucket.take(max_wait):
+                refused += 1
+                return
+            started = time.monotonic()
+            try:
+                if kind == "orders":
+                    order = build_order(
+                        order_id=f"load-{run_id}-{n}",
+                        customer_id=f"load-customer-{n % 50}",
+                        items=[{"sku": _SKUS[n % len(_SKUS)], "quantity": 1}],
+                        amount_cents=100 + n % 900,
+                        retry=retry,
+                    )
+                    status = (await (await orders.create(order)).result()).status.value
+                else:
+                    message = build_message(
+                        message_id=f"load-{run_id}-{n}",
+                        sender_id="load",
+                        recipient_id=f"load-recipient-{n % 50}",
+                        recipient_email=f"load-recipient-{n % 50}@example.com",
+                        body=f"load message {n}",
+                        deadline=timedelta(seconds=1),
+                        read_window=timedelta(seconds=1),
+                        retry=retry,
+                    )
+                    status = (await (await messages.send(message)).result()).status.value
+            except Exception as exc:  # a failed start or lifecycle is counted, not fatal
+                errors += 1
+                statuses[f"error:{type(exc).__name__}"] += 1
+                return
+            latencies.append((time.monotonic() - started) * 1000)
+            statuses[status] += 1
+
+    began = time.monotonic()
+    with Progress(
+        TextColumn(f"load {kind}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console is None,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task(kind, total=count)
+
+        async def tracked(n: int) -> None:
+            await one(n)
+            progress.advance(bar)
+
+        await asyncio.gather(*(tracked(n) for n in range(count)))
+    seconds = time.monotonic() - began
+    finished = sum(statuses.values()) - errors
+    return LoadSummary(
+        kind=kind,
+        requested=count,
+        started=count - refused,
+        refused_at_ingress=refused,
+        errors=errors,
+        statuses=dict(sorted(statuses.items())),
+        seconds=round(seconds, 3),
+        throughput_per_second=round(finished / seconds, 2) if seconds > 0 else 0.0,
+        latency_p50_ms=percentile(latencies, 50),
+        latency_p95_ms=percentile(latencies, 95),
+        latency_p99_ms=percentile(latencies, 99),
+    )

@@ -1,0 +1,780 @@
+"""The provider sandbox: fake payments, inventory, push and email providers over real HTTP.
+
+Tests and the demo point Tollgate's activities at this app to script outages and then
+read the ledger to prove each side effect happened at most once.
+
+How a provider request is handled (every provider alike):
+
+1. It is counted (``GET /admin/requests``), whatever happens next, and its body is read
+   in full, so a request whose caller then times out is still carried out (late).
+2. Fault injection, per the provider's :class:`FaultSpec`: sleep ``hang_ms``, then
+   ``latency_ms`` if its phase is ``before``; then decide whether this request fails
+   (``fail_next`` first, else ``fail_rate`` from a seeded RNG). A ``before`` failure
+   answers ``fail_status`` right away and nothing else happens.
+3. The ``Idempotency-Key`` header and the JSON body are checked (400 if bad).
+4. Under the provider's lock: a stored answer for (endpoint, key) is replayed (or 409 if
+   the body differs); otherwise the ledger is changed and the answer stored.
+5. ``latency_ms`` with phase ``after`` is slept, and an ``after`` failure replaces the
+   real answer with ``fail_status``: the work is done but the caller never hears of it.
+
+State lives on a :class:`SandboxState` owned by each app (also at ``app.state.sandbox``),
+so one process can run many independent sandboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tollgate_dev.sandbox.models import (
+    PROVIDERS,
+    AddressList,
+    Charge,
+    ChargeRequest,
+    ChargeResponse,
+    Email,
+    EmailRequest,
+    EmailResponse,
+    FaultSpec,
+    Ledger,
+    Push,
+    PushRequest,
+    PushResponse,
+    Refund,
+    RefundRequest,
+    RefundResponse,
+    Release,
+    ReleaseRequest,
+    ReleaseResponse,
+    Reservation,
+    ReservationRequest,
+    ReservationResponse,
+    SandboxConfig,
+    SkuResponse,
+    StockUpdate,
+    TokenList,
+    Void,
+)
+
+__all__ = ["SandboxState", "create_app"]
+
+Body = TypeVar("Body", bound=BaseModel)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Set on a response that is a replay of a stored answer; handy when reading traces.
+REPLAY_HEADER = "Idempotent-Replayed"
+_MAX_KEY_LENGTH = 255
+#: Request bodies here are a few hundred bytes; the cap only stops accidents.
+_MAX_BODY_BYTES = 1 << 20
+#: nginx's "client closed request": never seen by anyone, but clearer than a 500 in logs.
+_CLIENT_CLOSED = 499
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A provider's final answer, before it is rendered (and stored for replay)."""
+
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _StoredAnswer:
+    fingerprint: str
+    status: int
+    content: bytes
+
+
+class ProviderState:
+    """Per-provider machinery: lock, fault spec, RNG, request counter, stored answers."""
+
+    def __init__(self, name: str, seed: int) -> None:
+        self.name = name
+        # Created once and never replaced: a reset must not hand a fresh lock to new
+        # requests while an in-flight one still holds the old one.
+        self.lock = asyncio.Lock()
+        self.fault = FaultSpec()
+        self.requests = 0
+        self.answers: dict[tuple[str, str], _StoredAnswer] = {}
+        self.rng = random.Random()
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """Forget faults, counts and stored answers; re-seed the RNG."""
+        self.fault = FaultSpec()
+        self.requests = 0
+        self.answers.clear()
+        # One RNG per provider, seeded with the provider's name too: otherwise how many
+        # payments requests ran would change which inventory requests fail.
+        self.rng.seed(f"{seed}:{self.name}")
+
+    def decide_failure(self) -> bool:
+        """Whether the current request fails; consumes one ``fail_next`` if it does."""
+        if self.fault.fail_next > 0:
+            self.fault.fail_next -= 1
+            return True
+        rate = self.fault.fail_rate
+        # No RNG draw at rate 0, so turning faults on later starts from the seed's sequence.
+        return rate > 0 and self.rng.random() < rate
+
+
+class SandboxState:
+    """Everything one sandbox app knows: providers, stock, declined cards, unregistered
+    device tokens, bounced addresses and the ledger."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.providers: dict[str, ProviderState] = {
+            name: ProviderState(name, config.seed) for name in PROVIDERS
+        }
+        self.stock: dict[str, int] = {}
+        self.declined: set[str] = set()
+        self.unregistered: set[str] = set()
+        self.bounced: set[str] = set()
+        # Keyed by the idempotency key that created them: refunds / releases look them up
+        # that way. Dicts keep insertion order, so the ledger reads oldest first.
+        self.charges: dict[str, Charge] = {}
+        self.reservations: dict[str, Reservation] = {}
+        # Keyed by what they undo: at most one refund per charge, one release per reservation.
+        self.refunds: dict[str, Refund] = {}
+        self.releases: dict[str, Release] = {}
+        # Keyed by (provider, kind, voided key).
+        self.voids: dict[tuple[str, str, str], Void] = {}
+        # Keyed by the idempotency key that sent them.
+        self.pushes: dict[str, Push] = {}
+        self.emails: dict[str, Email] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the configured start: seed stock, configured declines, unregistered
+        tokens and bounces, empty ledger."""
+        for provider in self.providers.values():
+            provider.reset(self.config.seed)
+        self.stock = dict(self.config.initial_stock)
+        self.declined = set(self.config.declined_customers)
+        self.unregistered = set(self.config.unregistered_tokens)
+        self.bounced = set(self.config.bounced_addresses)
+        self.charges.clear()
+        self.reservations.clear()
+        self.refunds.clear()
+        self.releases.clear()
+        self.voids.clear()
+        self.pushes.clear()
+        self.emails.clear()
+
+    def ledger(self, order_id: str | None = None, message_id: str | None = None) -> Ledger:
+        """The ledger, or only the entries of one order and / or one message.
+
+        With neither filter, everything. Otherwise each filter selects its own kind of
+        entry (``order_id``: charges, refunds, reservations, releases, voids; ``message_id``:
+        pushes, emails) and kinds whose filter was not given are left out, so
+        ``message_id="m-1"`` alone is exactly m-1's pushes and emails.
+        """
+        everything = order_id is None and message_id is None
+
+        def order_keep(entry: Any) -> bool:
+            return everything or (order_id is not None and entry.order_id == order_id)
+
+        def message_keep(entry: Push | Email) -> bool:
+            return everything or (message_id is not None and entry.message_id == message_id)
+
+        return Ledger(
+            charges=[c for c in self.charges.values() if order_keep(c)],
+            refunds=[r for r in self.refunds.values() if order_keep(r)],
+            reservations=[r for r in self.reservations.values() if order_keep(r)],
+            releases=[r for r in self.releases.values() if order_keep(r)],
+            voids=[v for v in self.voids.values() if order_keep(v)],
+            pushes=[p for p in self.pushes.values() if message_keep(p)],
+            emails=[e for e in self.emails.values() if message_keep(e)],
+        )
+
+    def add_void(self, provider: str, kind: str, order_id: str, key: str, by: str) -> None:
+        """Leave a tombstone for ``key`` (once: repeating the undo adds nothing)."""
+        slot = (provider, kind, key)
+        if slot not in self.voids:
+            self.voids[slot] = Void(
+                provider=provider,
+                kind=kind,
+                order_id=order_id,
+                idempotency_key=key,
+                voided_by=by,
+                created_at=_now(),
+            )
+
+    def is_voided(self, provider: str, kind: str, key: str) -> bool:
+        """Whether an undo for ``key`` arrived before the request it undoes."""
+        return (provider, kind, key) in self.voids
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id(prefix: str) -> str:
+    # uuid, not the seeded RNG: drawing ids from it would shift the fault sequence.
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _render(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json(
+    body: dict[str, Any], status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(_render(body), status, headers, media_type="application/json")
+
+
+def _error(status: int, error: str, message: str, **extra: Any) -> Outcome:
+    return Outcome(status, {"error": error, "message": message, **extra})
+
+
+def _send(outcome: Outcome) -> Response:
+    return _json(outcome.body, outcome.status)
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+def _invalid(exc: ValidationError) -> Outcome:
+    """400 whose message names every offending field, e.g. ``items.0.quantity: ...``."""
+    problems: list[str] = []
+    fields: list[str] = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "body"
+        fields.append(field)
+        problems.append(f"{field}: {err['msg']}")
+    return _error(400, "invalid_request", "; ".join(problems), fields=fields)
+
+
+async def _parse(request: Request, model: type[Body]) -> Body | Outcome:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        return _invalid(exc)
+
+
+# --------------------------------------------------------------------------- business logic
+# Each handler runs under its provider's lock, gets a validated body and the request's
+# idempotency key, and returns the final answer. They never await: a handler that did
+# would still be safe (the lock serialises them), but keeping them synchronous means an
+# answer is decided and stored in one step.
+
+
+def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
+    if state.is_voided("payments", "charge", key):
+        return _error(409, "voided", f"a refund for charge key {key!r} arrived first")
+    if body.customer_id in state.declined:
+        return _error(402, "card_declined", f"card of customer {body.customer_id!r} declined")
+    if body.amount_cents > state.config.card_limit_cents:
+        return _error(
+            402,
+            "insufficient_funds",
+            f"{body.amount_cents} cents is over the card limit of "
+            f"{state.config.card_limit_cents} cents",
+        )
+    charge = Charge(
+        charge_id=_new_id("ch"),
+        order_id=body.order_id,
+        customer_id=body.customer_id,
+        amount_cents=body.amount_cents,
+        currency=body.currency,
+        status="captured",
+        idempotency_key=key,
+        created_at=_now(),
+    )
+    state.charges[key] = charge
+    return Outcome(201, _dump(ChargeResponse.model_validate(charge, from_attributes=True)))
+
+
+def _refund_answer(refund: Refund) -> dict[str, Any]:
+    return _dump(
+        RefundResponse(
+            status="refunded",
+            refund_id=refund.refund_id,
+            charge_id=refund.charge_id,
+            amount_cents=refund.amount_cents,
+        )
+    )
+
+
+def _refund(state: SandboxState, body: RefundRequest, key: str) -> Outcome:
+    charge_key = body.charge_idempotency_key
+    charge = state.charges.get(charge_key)
+    if charge is None:
+        # The charge may still be on its way (slow network, retry in flight): make sure
+        # it can never land, and report that nothing was taken.
+        state.add_void("payments", "charge", body.order_id, charge_key, key)
+        voided = RefundResponse(status="voided", refund_id=None, charge_id=None, amount_cents=0)
+        return Outcome(200, _dump(voided))
+    if charge.order_id != body.order_id:
+        # Refunding another order's money is a caller bug, never something to do quietly.
+        return _error(
+            409,
+            "order_mismatch",
+            f"charge key {charge_key!r} belongs to order {charge.order_id!r}, "
+            f"not {body.order_id!r}",
+        )
+    existing = state.refunds.get(charge.charge_id)
+    if existing is not None:
+        return Outcome(200, _refund_answer(existing))
+    refund = Refund(
+        refund_id=_new_id("re"),
+        charge_id=charge.charge_id,
+        order_id=charge.order_id,
+        amount_cents=charge.amount_cents,
+        currency=charge.currency,
+        reason=body.reason,
+        idempotency_key=key,
+        charge_idempotency_key=charge_key,
+        created_at=_now(),
+    )
+    charge.status = "refunded"
+    state.refunds[charge.charge_id] = refund
+    return Outcome(201, _refund_answer(refund))
+
+
+def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome:
+    if state.is_voided("inventory", "reservation", key):
+        return _error(409, "voided", f"a release for reservation key {key!r} arrived first")
+    # Sum per sku first: two lines of 60 WIDGET need 120 in stock, not 60 twice.
+    wanted: dict[str, int] = {}
+    for item in body.items:
+        wanted[item.sku] = wanted.get(item.sku, 0) + item.quantity
+    # Check everything before touching anything: the reservation is all-or-nothing.
+    for sku, quantity in wanted.items():
+        if sku not in state.stock:
+            return _error(422, "unknown_sku", f"no such sku {sku!r}", sku=sku)
+        available = state.stock[sku]
+        if available < quantity:
+            return _error(
+                422,
+                "out_of_stock",
+                f"{quantity} of {sku!r} requested, {available} available",
+                sku=sku,
+                requested=quantity,
+                available=available,
+            )
+    for sku, quantity in wanted.items():
+        state.stock[sku] -= quantity
+    reservation = Reservation(
+        reservation_id=_new_id("rs"),
+        order_id=body.order_id,
+        items=body.items,
+        status="reserved",
+        idempotency_key=key,
+        created_at=_now(),
+    )
+    state.reservations[key] = reservation
+    answer = ReservationResponse.model_validate(reservation, from_attributes=True)
+    return Outcome(201, _dump(answer))
+
+
+def _release_answer(release: Release) -> dict[str, Any]:
+    answer = ReleaseResponse(
+        status="released", release_id=release.release_id, reservation_id=release.reservation_id
+    )
+    return _dump(answer)
+
+
+def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
+    reservation_key = body.reservation_idempotency_key
+    reservation = state.reservations.get(reservation_key)
+    if reservation is None:
+        state.add_void("inventory", "reservation", body.order_id, reservation_key, key)
+        voided = ReleaseResponse(status="voided", release_id=None, reservation_id=None)
+        return Outcome(200, _dump(voided))
+    if reservation.order_id != body.order_id:
+        return _error(
+            409,
+            "order_mismatch",
+            f"reservation key {reservation_key!r} belongs to order "
+            f"{reservation.order_id!r}, not {body.order_id!r}",
+        )
+    existing = state.releases.get(reservation.reservation_id)
+    if existing is not None:
+        return Outcome(200, _release_answer(existing))
+    for item in reservation.items:
+        # .get: an admin may have replaced the stock table since; giving back is still right.
+        state.stock[item.sku] = state.stock.get(item.sku, 0) + item.quantity
+    release = Release(
+        release_id=_new_id("rl"),
+        reservation_id=reservation.reservation_id,
+        order_id=reservation.order_id,
+        items=reservation.items,
+        idempotency_key=key,
+        reservation_idempotency_key=reservation_key,
+        created_at=_now(),
+    )
+    reservation.status = "released"
+    state.releases[reservation.reservation_id] = release
+    return Outcome(201, _release_answer(release))
+
+
+def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
+    if body.token in state.unregistered:
+        # APNs / FCM answer 410 Gone (UNREGISTERED) for a token whose app was removed.
+        return _error(
+            410,
+            "unregistered",
+            f"device token {body.token!r} is no longer registered",
+            token=body.token,
+        )
+    push = Push(
+        push_id=_new_id("pu"),
+        token=body.token,
+        message_id=body.message_id,
+        kind=body.kind,
+        payload=body.payload,
+        idempotency_key=key,
+        created_at=_now(),
+    )
+    state.pushes[key] = push
+    return Outcome(201, _dump(PushResponse.model_validate(push, from_attributes=True)))
+
+
+def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
+    if body.to in state.bounced:
+        return _error(422, "bounced", f"address {body.to!r} bounces", to=body.to)
+    email = Email(
+        email_id=_new_id("em"),
+        to=body.to,
+        subject=body.subject,
+        body=body.body,
+        message_id=body.message_id,
+        idempotency_key=key,
+        created_at=_now(),
+    )
+    state.emails[key] = email
+    return Outcome(201, _dump(EmailResponse.model_validate(email, from_attributes=True)))
+
+
+def _sku(state: SandboxState, sku: str) -> Outcome:
+    if sku not in state.stock:
+        return _error(404, "unknown_sku", f"no such sku {sku!r}")
+    return Outcome(200, _dump(SkuResponse(sku=sku, available=state.stock[sku])))
+
+
+# --------------------------------------------------------------------------- request pipeline
+
+
+async def _sleep_ms(ms: int) -> None:
+    if ms > 0:
+        await asyncio.sleep(ms / 1000)
+
+
+async def _with_faults(
+    provider: ProviderState, request: Request, work: Callable[[], Awaitable[Response]]
+) -> Response:
+    """Count the request and wrap ``work`` (validation + ledger) in the provider's faults.
+
+    The spec is re-read at each step rather than copied once, so a fault set while a
+    request is hanging applies to it, as a real outage would.
+    """
+    provider.requests += 1
+    try:
+        # Receive the whole body before any simulated slowness: a real provider has the
+        # request in hand and carries on after the caller times out and hangs up. Read
+        # later, the body would be gone with the connection and the late side effect
+        # (the thing voids exist for) could never happen. Starlette caches it for work().
+        await request.body()
+    except ClientDisconnect:
+        # Gone before the request was even complete: nothing to do, nobody to answer.
+        return Response(status_code=_CLIENT_CLOSED)
+    await _sleep_ms(provider.fault.hang_ms)
+    if provider.fault.latency_phase == "before":
+        await _sleep_ms(provider.fault.latency_ms)
+    failing = provider.decide_failure()
+    fail_status, fail_phase = provider.fault.fail_status, provider.fault.fail_phase
+    if failing and fail_phase == "before":
+        return _injected(provider.name, fail_status, "before")
+    response = await work()
+    if provider.fault.latency_phase == "after":
+        await _sleep_ms(provider.fault.latency_ms)
+    if failing:
+        # The ledger changed and the answer is stored; only this response is lost.
+        return _injected(provider.name, fail_status, "after")
+    return response
+
+
+def _injected(provider: str, status: int, phase: str) -> Response:
+    return _send(_error(status, "injected_fault", f"injected {provider} fault ({phase})"))
+
+
+async def _idempotent(
+    state: SandboxState,
+    provider: ProviderState,
+    endpoint: str,
+    request: Request,
+    model: type[Body],
+    handler: Callable[[SandboxState, Body, str], Outcome],
+) -> Response:
+    """Validate, then replay the stored answer for (endpoint, key) or run ``handler``."""
+    key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
+    if not key or len(key) > _MAX_KEY_LENGTH:
+        return _send(
+            _error(
+                400,
+                "invalid_request",
+                f"{IDEMPOTENCY_HEADER}: header is required (1-{_MAX_KEY_LENGTH} characters)",
+                fields=[IDEMPOTENCY_HEADER],
+            )
+        )
+    parsed = await _parse(request, model)
+    if isinstance(parsed, Outcome):
+        return _send(parsed)
+    # The validated body, not the raw bytes: key order and whitespace are not a change,
+    # including inside free-form objects (a push's payload), hence sort_keys.
+    fingerprint = json.dumps(parsed.model_dump(mode="json"), sort_keys=True)
+    async with provider.lock:
+        stored = provider.answers.get((endpoint, key))
+        if stored is not None:
+            if stored.fingerprint != fingerprint:
+                return _send(
+                    _error(
+                        409,
+                        "idempotency_conflict",
+                        f"{IDEMPOTENCY_HEADER} {key!r} was already used for "
+                        f"{endpoint} with a different body",
+                    )
+                )
+            return Response(
+                stored.content,
+                stored.status,
+                {REPLAY_HEADER: "true"},
+                media_type="application/json",
+            )
+        outcome = handler(state, parsed, key)
+        content = _render(outcome.body)
+        # Every answer a handler gives is final (2xx, 402, 409 voided, 422...): storing
+        # them all is what makes a retried decline get the same decline.
+        provider.answers[(endpoint, key)] = _StoredAnswer(fingerprint, outcome.status, content)
+    return Response(content, outcome.status, media_type="application/json")
+
+
+def _provider_post(
+    state: SandboxState,
+    provider_name: str,
+    endpoint: str,
+    model: type[Body],
+    handler: Callable[[SandboxState, Body, str], Outcome],
+) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint for an idempotent provider POST. Adding a provider = more of these."""
+    provider = state.providers[provider_name]
+
+    async def endpoint_fn(request: Request) -> Response:
+        return await _with_faults(
+            provider,
+            request,
+            lambda: _idempotent(state, provider, endpoint, request, model, handler),
+        )
+
+    return endpoint_fn
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _routes(state: SandboxState) -> list[Route]:
+    inventory = state.providers["inventory"]
+
+    async def get_sku(request: Request) -> Response:
+        sku = request.path_params["sku"]
+
+        async def work() -> Response:
+            async with inventory.lock:
+                return _send(_sku(state, sku))
+
+        return await _with_faults(inventory, request, work)
+
+    def provider_or_404(request: Request) -> ProviderState | Response:
+        name = request.path_params["provider"]
+        found = state.providers.get(name)
+        if found is None:
+            known = ", ".join(state.providers)
+            return _send(_error(404, "unknown_provider", f"no provider {name!r} (known: {known})"))
+        return found
+
+    async def health(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def list_faults(request: Request) -> Response:
+        return _json({name: _dump(p.fault) for name, p in state.providers.items()})
+
+    async def clear_all_faults(request: Request) -> Response:
+        for provider in state.providers.values():
+            provider.fault = FaultSpec()
+        return await list_faults(request)
+
+    async def get_fault(request: Request) -> Response:
+        provider = provider_or_404(request)
+        if isinstance(provider, Response):
+            return provider
+        return _json(_dump(provider.fault))
+
+    async def put_fault(request: Request) -> Response:
+        provider = provider_or_404(request)
+        if isinstance(provider, Response):
+            return provider
+        spec = await _parse(request, FaultSpec)
+        if isinstance(spec, Outcome):
+            return _send(spec)
+        provider.fault = spec
+        return _json(_dump(spec))
+
+    async def clear_fault(request: Request) -> Response:
+        provider = provider_or_404(request)
+        if isinstance(provider, Response):
+            return provider
+        provider.fault = FaultSpec()
+        return _json(_dump(provider.fault))
+
+    async def request_counts(request: Request) -> Response:
+        return _json({name: p.requests for name, p in state.providers.items()})
+
+    async def get_stock(request: Request) -> Response:
+        return _json(dict(state.stock))
+
+    async def put_stock(request: Request) -> Response:
+        sku = request.path_params["sku"]
+        update = await _parse(request, StockUpdate)
+        if isinstance(update, Outcome):
+            return _send(update)
+        async with inventory.lock:
+            state.stock[sku] = update.quantity
+        return _json(_dump(SkuResponse(sku=sku, available=update.quantity)))
+
+    async def list_declined(request: Request) -> Response:
+        return _json({"declined": sorted(state.declined)})
+
+    async def decline(request: Request) -> Response:
+        state.declined.add(request.path_params["customer_id"])
+        return await list_declined(request)
+
+    async def allow(request: Request) -> Response:
+        state.declined.discard(request.path_params["customer_id"])
+        return await list_declined(request)
+
+    async def list_unregistered(request: Request) -> Response:
+        return _json(_dump(TokenList(unregistered=sorted(state.unregistered))))
+
+    async def unregister(request: Request) -> Response:
+        state.unregistered.add(request.path_params["token"])
+        return await list_unregistered(request)
+
+    async def register(request: Request) -> Response:
+        state.unregistered.discard(request.path_params["token"])
+        return await list_unregistered(request)
+
+    async def list_bounced(request: Request) -> Response:
+        return _json(_dump(AddressList(bounced=sorted(state.bounced))))
+
+    async def bounce(request: Request) -> Response:
+        state.bounced.add(request.path_params["address"])
+        return await list_bounced(request)
+
+    async def unbounce(request: Request) -> Response:
+        state.bounced.discard(request.path_params["address"])
+        return await list_bounced(request)
+
+    async def ledger(request: Request) -> Response:
+        order_id = request.query_params.get("order_id")
+        message_id = request.query_params.get("message_id")
+        return _json(_dump(state.ledger(order_id, message_id)))
+
+    async def reset(request: Request) -> Response:
+        # Take every provider lock so no handler sees a half-reset sandbox.
+        locks = [p.lock for p in state.providers.values()]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            state.reset()
+        finally:
+            for lock in locks:
+                lock.release()
+        return _json({"status": "reset"})
+
+    payments_charges = _provider_post(state, "payments", "charges", ChargeRequest, _charge)
+    payments_refunds = _provider_post(state, "payments", "refunds", RefundRequest, _refund)
+    reservations = _provider_post(state, "inventory", "reservations", ReservationRequest, _reserve)
+    releases = _provider_post(state, "inventory", "releases", ReleaseRequest, _release)
+    push_notifications = _provider_post(state, "push", "notifications", PushRequest, _push)
+    email_messages = _provider_post(state, "email", "messages", EmailRequest, _send_email)
+
+    return [
+        Route("/health", health, methods=["GET"]),
+        # providers
+        Route("/payments/charges", payments_charges, methods=["POST"]),
+        Route("/payments/refunds", payments_refunds, methods=["POST"]),
+        Route("/inventory/skus/{sku}", get_sku, methods=["GET"]),
+        Route("/inventory/reservations", reservations, methods=["POST"]),
+        Route("/inventory/releases", releases, methods=["POST"]),
+        Route("/push/notifications", push_notifications, methods=["POST"]),
+        Route("/email/messages", email_messages, methods=["POST"]),
+        # admin
+        Route("/admin/faults", list_faults, methods=["GET"]),
+        Route("/admin/faults", clear_all_faults, methods=["DELETE"]),
+        Route("/admin/faults/{provider}", get_fault, methods=["GET"]),
+        Route("/admin/faults/{provider}", put_fault, methods=["PUT"]),
+        Route("/admin/faults/{provider}", clear_fault, methods=["DELETE"]),
+        Route("/admin/requests", request_counts, methods=["GET"]),
+        Route("/admin/stock", get_stock, methods=["GET"]),
+        Route("/admin/stock/{sku}", put_stock, methods=["PUT"]),
+        Route("/admin/payments/declined", list_declined, methods=["GET"]),
+        Route("/admin/payments/declined/{customer_id}", decline, methods=["PUT"]),
+        Route("/admin/payments/declined/{customer_id}", allow, methods=["DELETE"]),
+        Route("/admin/push/unregistered", list_unregistered, methods=["GET"]),
+        Route("/admin/push/unregistered/{token}", unregister, methods=["PUT"]),
+        Route("/admin/push/unregistered/{token}", register, methods=["DELETE"]),
+        Route("/admin/email/bounced", list_bounced, methods=["GET"]),
+        Route("/admin/email/bounced/{address}", bounce, methods=["PUT"]),
+        Route("/admin/email/bounced/{address}", unbounce, methods=["DELETE"]),
+        Route("/admin/ledger", ledger, methods=["GET"]),
+        Route("/admin/reset", reset, methods=["POST"]),
+    ]
+
+
+_HTTP_ERRORS = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Routing errors as JSON too, so clients can always read ``error``.
+    assert isinstance(exc, HTTPException)
+    error = _HTTP_ERRORS.get(exc.status_code, "http_error")
+    return _json({"error": error, "message": exc.detail}, exc.status_code, exc.headers)
+
+
+def create_app(config: SandboxConfig | None = None) -> Starlette:
+    """A new sandbox with its own state; ``app.state.sandbox`` is its :class:`SandboxState`."""
+    state = SandboxState(config or SandboxConfig())
+    app = Starlette(
+        routes=_routes(state),
+        exception_handlers={HTTPException: _http_error},
+        max_body_size=_MAX_BODY_BYTES,
+    )
+    app.state.sandbox = state
+    return app

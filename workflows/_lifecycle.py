@@ -1,0 +1,352 @@
+"""The frame every Tollgate lifecycle runs in, and the helpers it is made of.
+
+A lifecycle workflow (an order's checkout, a message's delivery) does its business in
+one method and leaves the rest to :class:`LifecycleWorkflow`:
+
+* it holds where the row stands (status, version) and shows it: the status search
+  attribute and the Web UI's current details follow every move;
+* :meth:`LifecycleWorkflow.move` is the version-checked transition through the gate,
+  with a deterministic transition id;
+* :meth:`LifecycleWorkflow.run_lifecycle` runs the business as a task and turns the three
+  ways a person stops a lifecycle into one: the stop signal (the row was moved first),
+  a transition that finds the row stopped in Postgres, and a Temporal cancel (the Web
+  UI's button). Then it runs the ending to completion, even through a second cancel;
+  waits for signal handlers; and ends the execution as Canceled when Temporal cancelled.
+
+Everything here is deterministic: no I/O, no clocks, no randomness outside ``workflow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from temporalio import workflow
+from temporalio.common import MetricCounter, RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    FailureError,
+    RetryState,
+)
+from temporalio.exceptions import CancelledError as TemporalCancelledError
+
+with workflow.unsafe.imports_passed_through():
+    from tollgate.errors import PERMANENT_ERROR_TYPES
+    from tollgate.models import RetrySettings
+    from tollgate.names import ALERT_ATTR, COMPENSATION_STUCK, transition_id
+
+T = TypeVar("T")
+ArgT = TypeVar("ArgT")
+ResultT = TypeVar("ResultT")
+StatusT = TypeVar("StatusT", bound=StrEnum)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost failure behind activity and child-workflow wrappers."""
+    while isinstance(err, (ActivityError, ChildWorkflowError)) and err.cause is not None:
+        err = err.cause
+    return err
+
+
+def error_type(err: BaseException) -> str | None:
+    """The ``ApplicationError.type`` at the root of ``err``, if there is one."""
+    cause = root_cause(err)
+    return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def is_cancellation(err: BaseException) -> bool:
+    """Whether an activity/child failure is only the echo of a cancellation."""
+    return isinstance(root_cause(err), TemporalCancelledError)
+
+
+def describe(err: BaseException) -> str:
+    """``Type: message`` of the root failure, for failure reasons people read."""
+    cause = root_cause(err)
+    kind = error_type(cause) or type(cause).__name__
+    message = cause.message if isinstance(cause, FailureError) else str(cause)
+    return f"{kind}: {message}"
+
+
+async def run_to_completion(work: Coroutine[Any, Any, T], on_cancel: Callable[[], None]) -> T:
+    """Run ``work`` to the end even if the workflow is cancelled meanwhile.
+
+    Compensations and final transitions must not be abandoned half-way by a second
+    cancel, so they run as their own task; each cancellation is reported to
+    ``on_cancel`` and otherwise ignored.
+    """
+    task: asyncio.Task[T] = asyncio.create_task(work)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
+            on_cancel()
+
+
+def step_retry(settings: RetrySettings) -> RetryPolicy:
+    """Retries for a forward step: bounded, so a dead provider ends in compensation."""
+    return RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff_coefficient,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=settings.maximum_attempts,
+        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+    )
+
+
+def until_done_retry(settings: RetrySettings) -> RetryPolicy:
+    """Retries for Postgres writes and compensations: they must eventually happen.
+
+    An outage delays the lifecycle; it never leaves money charged or a row half-moved.
+    """
+    return RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff_coefficient,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=0,
+        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+    )
+
+
+async def until_undone(
+    method: Callable[[Any, ArgT], Awaitable[ResultT]],
+    arg: ArgT,
+    *,
+    settings: RetrySettings,
+    what: str,
+) -> ResultT:
+    """Run a compensation until it succeeds, whatever the error; alert while it does not.
+
+    An undo that gives up leaves money charged or stock held, so no answer ends it: a
+    transient failure is retried by Temporal, a permanent one (a refund answered 4xx) by
+    this loop after a backoff timer. Once ``settings.compensation_alert_attempts``
+    attempts failed, the lifecycle raises an operator-visible alert: the
+    ``TollgateAlert`` search attribute (``compensation-stuck``), a warning in the
+    worker's log and the ``tollgate_compensation_stuck`` metric. The alert is cleared
+    when the compensation finally goes through.
+    """
+    alert_after = settings.compensation_alert_attempts
+    policy = RetryPolicy(
+        initial_interval=settings.initial_interval,
+        backoff_coefficient=settings.backoff_coefficient,
+        maximum_interval=settings.maximum_interval,
+        maximum_attempts=alert_after,
+    )
+    delay = settings.initial_interval
+    failed = 0
+    alerted = False
+    while True:
+        try:
+            result = await workflow.execute_activity_method(
+                method, arg, start_to_close_timeout=settings.activity_timeout, retry_policy=policy
+            )
+        except ActivityError as err:
+            if is_cancellation(err):
+                raise
+            gave_up = err.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
+            failed += alert_after if gave_up else 1
+            if failed >= alert_after and not alerted:
+                alerted = True
+                workflow.upsert_search_attributes([ALERT_ATTR.value_set(COMPENSATION_STUCK)])
+                _stuck_counter().add(1, {"compensation": what})
+                workflow.logger.warning(
+                    "compensation keeps failing; it is retried until it succeeds",
+                    extra={"compensation": what, "failed_attempts": failed, "error": describe(err)},
+                )
+            await workflow.sleep(delay)
+            delay = min(delay * settings.backoff_coefficient, settings.maximum_interval)
+            continue
+        if alerted:
+            workflow.upsert_search_attributes([ALERT_ATTR.value_unset()])
+            workflow.logger.info(
+                "stuck compensation went through",
+                extra={"compensation": what, "failed_attempts": failed},
+            )
+        return result
+
+
+def _stuck_counter() -> MetricCounter:
+    return workflow.metric_meter().create_counter(
+        "tollgate_compensation_stuck",
+        "Compensations that failed past the alert threshold (retried until they succeed)",
+    )
+
+
+async def run_activity(
+    method: Callable[[Any, ArgT], Awaitable[ResultT]],
+    arg: ArgT,
+    *,
+    start_to_close: timedelta,
+    retry: RetryPolicy,
+) -> ResultT:
+    """One activity-method call with the lifecycle's timeout and retry policy."""
+    return await workflow.execute_activity_method(
+        method, arg, start_to_close_timeout=start_to_close, retry_policy=retry
+    )
+
+
+class StepFailed(Exception):
+    """A forward step cannot succeed; the lifecycle undoes what it did and ends FAILED."""
+
+
+@dataclass(frozen=True)
+class Undo:
+    """One compensation, registered before the step it undoes runs."""
+
+    #: What it is called in results and alerts: ``refund``, ``release``.
+    name: str
+    method: Callable[[Any, Any], Awaitable[Any]]
+    arg: Any
+
+
+class StopRequest(Protocol):
+    """What a cancel or recall carries: why, and who asked."""
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def requested_by(self) -> str: ...
+
+
+StopT = TypeVar("StopT", bound=StopRequest)
+
+
+class LifecycleWorkflow(Generic[StatusT, StopT]):
+    """Base of a lifecycle workflow: its row's state, its moves, and its stop frame.
+
+    A subclass names its status search attribute, the error type a stopped row raises,
+    and the stop requests that stand for Postgres and for Temporal, and implements
+    :meth:`_transition` (the one activity that moves its row).
+    """
+
+    status_attr: ClassVar[SearchAttributeKey[str]]
+    #: ``ApplicationError.type`` of a transition that found the row stopped in Postgres.
+    stopped_error: ClassVar[str]
+    #: The status a stopped lifecycle ends in.
+    stopped_status: ClassVar[StrEnum]
+
+    def _init_lifecycle(
+        self,
+        status: StatusT,
+        retry: RetrySettings,
+        *,
+        from_postgres: StopT,
+        from_temporal: StopT,
+    ) -> None:
+        self._id = workflow.info().workflow_id
+        self._status: StatusT = status
+        self._version = 0
+        self._step: str = "starting"
+        self._retry = retry
+        self._step_retry = step_retry(retry)
+        self._until_done_retry = until_done_retry(retry)
+        self._stop: StopT | None = None
+        self._temporal_stopped = False
+        self._stop_from_postgres = from_postgres
+        self._stop_from_temporal = from_temporal
+        self._main: asyncio.Task[None] | None = None
+        self._failure_reason: str | None = None
+
+    async def run_lifecycle(
+        self,
+        business: Callable[[], Coroutine[Any, Any, None]],
+        ending: Callable[[], Coroutine[Any, Any, ResultT]],
+    ) -> ResultT:
+        """Run ``business`` unless stopped already, then ``ending`` to completion.
+
+        A :class:`StepFailed` from the business becomes ``_failure_reason``; a failed
+        activity or child goes to :meth:`on_step_failure` unless it only echoes a stop.
+        Other errors fail the workflow task (Temporal retries it), as a bug should.
+        """
+        if self._stop is None:
+            self._main = asyncio.create_task(business())
+            try:
+                await self._main
+            except asyncio.CancelledError:
+                self.note_stop(self._stop_from_temporal, from_temporal=True)
+            except StepFailed as failed:
+                self._failure_reason = str(failed)
+            except (ActivityError, ChildWorkflowError) as err:
+                if error_type(err) == self.stopped_error:
+                    self.note_stop(self._stop_from_postgres)
+                elif is_cancellation(err):
+                    self.note_stop(self._stop_from_temporal, from_temporal=True)
+                else:
+                    self.on_step_failure(err)
+        result = await run_to_completion(
+            ending(), lambda: self.note_stop(self._stop_from_temporal, from_temporal=True)
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if self._temporal_stopped and self._status == self.stopped_status:
+            # Let Temporal record the execution as Canceled, matching the row.
+            raise asyncio.CancelledError(self._stop.reason if self._stop else None)
+        return result
+
+    def on_step_failure(self, err: ActivityError | ChildWorkflowError) -> None:
+        """A step failed for good: by default the ending undoes and ends FAILED."""
+        self._failure_reason = describe(err)
+
+    def note_stop(self, request: StopT, *, from_temporal: bool = False) -> None:
+        """Remember the first stop request; later ones change nothing."""
+        if self._stop is None:
+            self._stop = request
+            self._temporal_stopped = from_temporal
+
+    def interrupt(self, request: StopT) -> None:
+        """A person's stop, by signal: note it and cancel the step in flight."""
+        self.note_stop(request)
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+
+    def set_status(self, status: StatusT, version: int) -> None:
+        """Where the row stands now; shown in the search attribute and the Web UI."""
+        self._status, self._version = status, version
+        workflow.upsert_search_attributes([self.status_attr.value_set(status.value)])
+        workflow.set_current_details(f"**{status.value}** (v{version})")
+
+    async def move(
+        self, to: StatusT, *, reason: str | None = None, failure_reason: str | None = None
+    ) -> None:
+        """One version-checked transition from where this workflow last left the row."""
+        version = await self._transition(
+            to,
+            transition_id=transition_id(self._id, self._version, to.value),
+            reason=reason,
+            failure_reason=failure_reason,
+        )
+        self.set_status(to, version)
+
+    async def _transition(
+        self, to: StatusT, *, transition_id: str, reason: str | None, failure_reason: str | None
+    ) -> int:
+        """Run the row's transition activity; return the new version."""
+        raise NotImplementedError
+
+    async def activity(
+        self,
+        method: Callable[[Any, ArgT], Awaitable[ResultT]],
+        arg: ArgT,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> ResultT:
+        """One activity call with this lifecycle's timeout; a forward step's retries unless
+        ``retry`` says otherwise."""
+        return await run_activity(
+            method,
+            arg,
+            start_to_close=self._retry.activity_timeout,
+            retry=retry or self._step_retry,
+        )
+
+    async def undo(self, undo: Undo) -> str:
+        """Run one compensation until it goes through; ``<name>:<outcome>``."""
+        outcome = await until_undone(undo.method, undo.arg, settings=self._retry, what=undo.name)
+        return f"{undo.name}:{outcome.outcome}"
