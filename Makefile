@@ -7,6 +7,14 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install up demo test chaos lint typecheck format clean
 
+# Dead code: what no code, test or framework calls. Tests are read too, so a helper only
+# tests use is not dead. Frameworks call what these decorators mark and read these
+# names: model fields read by serialization, __aexit__'s arguments, uvicorn's exit flag,
+# pytest's module marks, Temporal's interceptor hook.
+VULTURE_PATHS := tollgate tollgate_dev workflows activities tests worker.py starter.py
+VULTURE_FRAMEWORK_DECORATORS := @*app.command,@*_app.command,@field_validator,@model_validator,@activity.defn,@workflow.*,@pytest.fixture,@rule,@invariant,@initialize,@precondition
+VULTURE_NAMES := model_config,checked_at,updated_at,registered_at,removed_at,compensations_done,exc_type,tb,should_exit,pytestmark,intercept_client
+
 # The virtualenv is (re)built when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +27,11 @@ install: $(STAMP)
 ## Run the local stack (Temporal dev server + Web UI, Postgres, provider sandbox, worker)
 ## in the foreground until Ctrl-C. `python starter.py ...` in another terminal reaches it.
 up: $(STAMP)
-	$(PY) -m tollgate.stack up
+	$(PY) -m tollgate_dev.stack up
 
 ## Bring the stack up (or use the one `make up` runs), run the demo scenarios, print outcomes.
 demo: $(STAMP)
-	$(PY) -m tollgate.demo
+	$(PY) -m tollgate_dev.demo
 
 ## The test suite against a real Temporal dev server, real Postgres and the HTTP sandbox.
 test: $(STAMP)
@@ -32,11 +40,16 @@ test: $(STAMP)
 ## The long chaos run: 70 lifecycles for 60 s while workers, Temporal and Postgres are
 ## killed and providers fail; prints the invariants table, exits non-zero on a violation.
 chaos: $(STAMP)
-	$(PY) -m tollgate.chaos
+	$(PY) -m tollgate_dev.chaos
 
+## Style, types, the import contracts of pyproject.toml, and dead code.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture $(VULTURE_PATHS) --min-confidence 60 \
+		--ignore-decorators "$(VULTURE_FRAMEWORK_DECORATORS)" --ignore-names "$(VULTURE_NAMES)"
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
