@@ -9,17 +9,41 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from enum import StrEnum
+from typing import Any, ParamSpec, Protocol, TypeVar
 
+import asyncpg
 from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from tollgate import gate
 from tollgate.errors import TollgateError
-from tollgate.gate import Writer
+from tollgate.gate import Lifecycle, Writer
+from tollgate.models import TransitionRequest, TransitionResult
+from tollgate.postgres import Connection
 
 P = ParamSpec("P")
 R = TypeVar("R")
+E = TypeVar("E")
+Row = TypeVar("Row")
+RowT = TypeVar("RowT", covariant=True)
+EntityT = TypeVar("EntityT", contravariant=True)
+
+
+class Insert(Protocol[EntityT, RowT]):
+    """A store's insert-or-match of an entity's first row."""
+
+    def __call__(
+        self,
+        conn: Connection,
+        entity: EntityT,
+        /,
+        *,
+        workflow_id: str,
+        actor: str,
+        trace_id: str | None,
+    ) -> Awaitable[RowT]: ...
 
 
 def to_application_error(exc: TollgateError) -> ApplicationError:
@@ -65,3 +89,44 @@ def current_actor() -> str:
 def writer(actor: str | None = None, reason: str | None = None) -> Writer:
     """The audit's description of this activity as a writer (its trace id included)."""
     return Writer(actor or current_actor(), current_trace_id(), reason)
+
+
+async def record_row(pool: asyncpg.Pool, insert: Insert[E, Row], entity: E) -> Row:
+    """Ensure the entity's first row exists, written by (and naming) this workflow.
+
+    The service usually inserted it already, in the transaction that started the
+    workflow; this is the lifecycle's own first step in case that commit was lost.
+    """
+    me = writer()
+    async with pool.acquire() as conn:
+        return await insert(
+            conn, entity, workflow_id=current_workflow_id(), actor=me.actor, trace_id=me.trace_id
+        )
+
+
+async def move_row(
+    pool: asyncpg.Pool,
+    lifecycle: Lifecycle,
+    entity_id: str,
+    req: TransitionRequest[Any],
+) -> TransitionResult:
+    """One version-checked transition through the gate, logged with the entity's id."""
+    to_status = req.to_status.value if isinstance(req.to_status, StrEnum) else str(req.to_status)
+    moved = await gate.transition(
+        pool,
+        lifecycle,
+        gate.Move(
+            entity_id, req.expected_version, to_status, req.transition_id, req.failure_reason
+        ),
+        writer(req.actor, req.reason),
+    )
+    activity.logger.info(
+        f"{lifecycle.kind} transition",
+        extra={
+            f"{lifecycle.kind}_id": entity_id,
+            "to_status": to_status,
+            "version": moved.version,
+            "already_applied": moved.already_applied,
+        },
+    )
+    return TransitionResult(version=moved.version, already_applied=moved.already_applied)

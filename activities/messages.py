@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from activities import classified, current_actor, current_workflow_id, writer
-from tollgate import gate
+from activities import classified, current_actor, move_row, record_row
 from tollgate.messages import store
 from tollgate.messages.models import (
     ClearReadInput,
@@ -32,42 +31,14 @@ class MessageStoreActivities:
     @classified
     async def record_message(self, message: MessageInput) -> MessageSnapshot:
         """Ensure the INITIATED row exists (the service usually inserted it already)."""
-        me = writer()
-        async with self._pool.acquire() as conn:
-            row = await store.insert_message(
-                conn,
-                message,
-                workflow_id=current_workflow_id(),
-                actor=me.actor,
-                trace_id=me.trace_id,
-            )
+        row = await record_row(self._pool, store.insert_message, message)
         return MessageSnapshot(status=row.status, version=row.version)
 
     @activity.defn(name="transition_message")
     @classified
     async def transition_message(self, req: MessageTransitionInput) -> TransitionResult:
         """Apply one version-checked transition to a message row."""
-        moved = await gate.transition(
-            self._pool,
-            MESSAGES,
-            gate.Move(
-                req.message_id,
-                req.expected_version,
-                req.to_status,
-                req.transition_id,
-                req.failure_reason,
-            ),
-            writer(req.actor, req.reason),
-        )
-        activity.logger.info(
-            "message transition",
-            extra={
-                "message_id": req.message_id,
-                "to_status": req.to_status.value,
-                "version": moved.version,
-            },
-        )
-        return TransitionResult(version=moved.version, already_applied=moved.already_applied)
+        return await move_row(self._pool, MESSAGES, req.message_id, req)
 
     @activity.defn(name="recall_message")
     @classified

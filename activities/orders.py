@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from activities import classified, current_workflow_id, writer
-from tollgate import gate
+from activities import classified, move_row, record_row, writer
 from tollgate.errors import OrderNotFound
 from tollgate.models import TransitionResult
 from tollgate.orders import store
@@ -31,43 +30,14 @@ class OrderStoreActivities:
     @classified
     async def record_order(self, order: OrderInput) -> OrderSnapshot:
         """Ensure the PENDING row exists (the service usually inserted it already)."""
-        me = writer()
-        async with self._pool.acquire() as conn:
-            row = await store.insert_order(
-                conn,
-                order,
-                workflow_id=current_workflow_id(),
-                actor=me.actor,
-                trace_id=me.trace_id,
-            )
+        row = await record_row(self._pool, store.insert_order, order)
         return OrderSnapshot(status=row.status, version=row.version)
 
     @activity.defn(name="transition_order")
     @classified
     async def transition_order(self, req: TransitionInput) -> TransitionResult:
         """Apply one version-checked transition; see :func:`tollgate.gate.transition`."""
-        moved = await gate.transition(
-            self._pool,
-            ORDERS,
-            gate.Move(
-                req.order_id,
-                req.expected_version,
-                req.to_status,
-                req.transition_id,
-                req.failure_reason,
-            ),
-            writer(req.actor, req.reason),
-        )
-        activity.logger.info(
-            "order transition",
-            extra={
-                "order_id": req.order_id,
-                "to_status": req.to_status.value,
-                "version": moved.version,
-                "already_applied": moved.already_applied,
-            },
-        )
-        return TransitionResult(version=moved.version, already_applied=moved.already_applied)
+        return await move_row(self._pool, ORDERS, req.order_id, req)
 
     @activity.defn(name="read_order")
     @classified

@@ -8,14 +8,16 @@ pydantic data converter and are validated on the way in.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TypeVar
+from enum import StrEnum
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tollgate.errors import InputError
-from tollgate.ids import SAFE_ID_PATTERN, SAFE_ID_RULE
+from tollgate.ids import SAFE_ID_PATTERN, SAFE_ID_RULE, Requester
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+StatusT = TypeVar("StatusT", bound=StrEnum)
 
 
 def parse_input(model: type[ModelT], fields: dict[str, object]) -> ModelT:
@@ -57,3 +59,24 @@ class TransitionResult(Model):
     version: int
     #: True when an earlier attempt of this very transition had already committed.
     already_applied: bool = False
+
+
+class TransitionRequest(Model, Generic[StatusT]):
+    """What a lifecycle's transition activity is asked: one version-checked move.
+
+    Each area adds the entity's id under its own name (``order_id``, ``message_id``).
+    """
+
+    expected_version: int
+    to_status: StatusT
+    #: Deterministic id of this transition (see :func:`tollgate.names.transition_id`).
+    transition_id: str
+    actor: str
+    reason: str | None = None
+    failure_reason: str | None = None
+
+
+class StopRequest(Model):
+    """A person's cancel or recall: each area adds its ``reason`` (with its default)."""
+
+    requested_by: Requester = "unknown"

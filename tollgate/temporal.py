@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import asyncpg
 import temporalio.worker
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.contrib.opentelemetry import TracingInterceptor, TracingWorkflowInboundInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.codec import EncryptionCodec, load_key, load_old_keys
-from tollgate.errors import ConfigError
+from tollgate.errors import ConfigError, InputError
+from tollgate.gate import Lifecycle, get_row
 from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL
+from tollgate.postgres import Connection
 from tollgate.settings import Settings
 
 
@@ -89,6 +100,66 @@ async def connect(settings: Settings, *, converter: DataConverter | None = None)
 
 
 ProgressT = TypeVar("ProgressT")
+ResultT = TypeVar("ResultT")
+
+
+async def start_lifecycle(
+    client: Client,
+    pool: asyncpg.Pool,
+    lifecycle: Lifecycle,
+    entity_id: str,
+    *,
+    insert: Callable[[Connection], Awaitable[object]],
+    workflow: str,
+    arg: object,
+    workflow_id: str,
+    task_queue: str,
+    result_type: type[ResultT],
+    search_attributes: Sequence[SearchAttributePair[str]],
+    summary: str,
+) -> WorkflowHandle[Any, ResultT]:
+    """Insert an entity's first row and start its workflow: both, or neither.
+
+    The insert and the start share one database transaction: if Temporal refuses the
+    start (the id already has a lifecycle) or cannot be reached, the insert rolls back.
+    If the commit itself fails after the start, the workflow's first activity inserts
+    the identical row, so the entity is still recorded. An id names one lifecycle
+    forever, even after it ended.
+    """
+    kind = lifecycle.kind
+    async with pool.acquire() as conn, conn.transaction():
+        existing = await get_row(conn, lifecycle, entity_id)
+        if existing is not None:
+            raise InputError(f"{kind} {entity_id} already exists ({existing['status']})")
+        await insert(conn)
+        try:
+            return await client.start_workflow(
+                workflow,
+                arg,
+                result_type=result_type,
+                id=workflow_id,
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                search_attributes=TypedSearchAttributes(search_attributes),
+                static_summary=summary,
+            )
+        except WorkflowAlreadyStartedError:
+            raise InputError(
+                f"{kind} {entity_id} already has a lifecycle ({workflow_id}); "
+                f"{kind} ids cannot be reused"
+            ) from None
+
+
+async def signal_if_running(handle: WorkflowHandle[Any, Any], signal: str, arg: object) -> bool:
+    """Send ``signal``; False when Temporal does not know the workflow (long gone)."""
+    try:
+        await handle.signal(signal, arg)
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return False
+    return True
 
 
 async def inspect_workflow(

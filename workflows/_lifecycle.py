@@ -223,8 +223,9 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
     """Base of a lifecycle workflow: its row's state, its moves, and its stop frame.
 
     A subclass names its status search attribute, the error type a stopped row raises,
-    and the stop requests that stand for Postgres and for Temporal, and implements
-    :meth:`_transition` (the one activity that moves its row).
+    the status a stop ends in, and the activity that moves its row; it builds that
+    activity's input (:meth:`transition_input`) and passes the stop requests that stand
+    for Postgres and for Temporal to :meth:`_init_lifecycle`.
     """
 
     status_attr: ClassVar[SearchAttributeKey[str]]
@@ -232,6 +233,8 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
     stopped_error: ClassVar[str]
     #: The status a stopped lifecycle ends in.
     stopped_status: ClassVar[StrEnum]
+    #: The activity that moves this lifecycle's row (as a ``staticmethod``).
+    transition_activity: ClassVar[Any]
 
     def _init_lifecycle(
         self,
@@ -316,18 +319,22 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         self, to: StatusT, *, reason: str | None = None, failure_reason: str | None = None
     ) -> None:
         """One version-checked transition from where this workflow last left the row."""
-        version = await self._transition(
-            to,
-            transition_id=transition_id(self._id, self._version, to.value),
-            reason=reason,
-            failure_reason=failure_reason,
+        result = await self.activity(
+            self.transition_activity,
+            self.transition_input(
+                expected_version=self._version,
+                to_status=to,
+                transition_id=transition_id(self._id, self._version, to.value),
+                actor=f"workflow:{self._id}",
+                reason=reason,
+                failure_reason=failure_reason,
+            ),
+            retry=self._until_done_retry,
         )
-        self.set_status(to, version)
+        self.set_status(to, result.version)
 
-    async def _transition(
-        self, to: StatusT, *, transition_id: str, reason: str | None, failure_reason: str | None
-    ) -> int:
-        """Run the row's transition activity; return the new version."""
+    def transition_input(self, **fields: Any) -> Any:
+        """The transition activity's input: ``fields`` plus the entity's id."""
         raise NotImplementedError
 
     async def activity(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ChildWorkflowError
@@ -116,6 +116,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
     status_attr = MESSAGE_STATUS_ATTR
     stopped_error = MessageRecalled.__name__
     stopped_status = M.CANCELLED
+    transition_activity = staticmethod(MessageStoreActivities.transition_message)
 
     @workflow.init
     def __init__(self, message: MessageInput) -> None:
@@ -521,28 +522,8 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
     def _next_reader(self) -> str | None:
         return self._reads[0] if self._reads else None
 
-    async def _transition(
-        self,
-        to: MessageStatus,
-        *,
-        transition_id: str,
-        reason: str | None,
-        failure_reason: str | None,
-    ) -> int:
-        result = await self.activity(
-            MessageStoreActivities.transition_message,
-            MessageTransitionInput(
-                message_id=self._msg.message_id,
-                expected_version=self._version,
-                to_status=to,
-                transition_id=transition_id,
-                actor=f"workflow:{self._id}",
-                reason=reason,
-                failure_reason=failure_reason,
-            ),
-            retry=self._until_done_retry,
-        )
-        return result.version
+    def transition_input(self, **fields: Any) -> MessageTransitionInput:
+        return MessageTransitionInput(message_id=self._msg.message_id, **fields)
 
     def _result(self) -> MessageResult:
         return MessageResult(

@@ -15,6 +15,7 @@ transition that finds CANCELLING in Postgres, or a Temporal cancel (e.g. the Web
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -76,6 +77,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
     status_attr = ORDER_STATUS_ATTR
     stopped_error = OrderCancelled.__name__
     stopped_status = S.CANCELLED
+    transition_activity = staticmethod(OrderStoreActivities.transition_order)
 
     @workflow.init
     def __init__(self, order: OrderInput) -> None:
@@ -233,23 +235,8 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
     # --- plumbing ------------------------------------------------------------------
 
-    async def _transition(
-        self, to: OrderStatus, *, transition_id: str, reason: str | None, failure_reason: str | None
-    ) -> int:
-        result = await self.activity(
-            OrderStoreActivities.transition_order,
-            TransitionInput(
-                order_id=self._order.order_id,
-                expected_version=self._version,
-                to_status=to,
-                transition_id=transition_id,
-                actor=f"workflow:{self._id}",
-                reason=reason,
-                failure_reason=failure_reason,
-            ),
-            retry=self._until_done_retry,
-        )
-        return result.version
+    def transition_input(self, **fields: Any) -> TransitionInput:
+        return TransitionInput(order_id=self._order.order_id, **fields)
 
     def _result(self) -> OrderResult:
         return OrderResult(

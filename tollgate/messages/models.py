@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tollgate.ids import Body, Reason, Requester, SafeId
+from tollgate.ids import Body, Reason, SafeId
 from tollgate.messages.states import MessageStatus
-from tollgate.models import Model, RetrySettings
+from tollgate.models import Model, RetrySettings, StopRequest, TransitionRequest
 
 #: An address the email provider can take: no spaces, quotes or control characters.
 EMAIL_PATTERN = r"^[A-Za-z0-9._%+'-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$"
@@ -91,11 +91,10 @@ class DeviceSignal(Model):
     device_id: SafeId
 
 
-class RecallRequest(Model):
+class RecallRequest(StopRequest):
     """Payload of the ``recall`` signal."""
 
     reason: Reason = "recalled by sender"
-    requested_by: Requester = "unknown"
 
 
 class MessageResult(Model):
@@ -139,14 +138,8 @@ class MessageSnapshot(Model):
     version: int
 
 
-class MessageTransitionInput(Model):
+class MessageTransitionInput(TransitionRequest[MessageStatus]):
     message_id: str
-    expected_version: int
-    to_status: MessageStatus
-    transition_id: str
-    actor: str
-    reason: str | None = None
-    failure_reason: str | None = None
 
 
 class RecallMessageInput(Model):

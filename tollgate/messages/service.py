@@ -16,12 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.codec import search_token
 from tollgate.errors import InputError, MessageNotFound, NotRunning
@@ -48,7 +43,7 @@ from tollgate.names import (
     RECIPIENT_ID_ATTR,
     message_workflow_id,
 )
-from tollgate.temporal import inspect_workflow
+from tollgate.temporal import inspect_workflow, signal_if_running, start_lifecycle
 
 _DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)", re.ASCII)
 #: No knob of Tollgate takes a longer duration; anything past it is a typo.
@@ -166,35 +161,27 @@ class MessageService:
         if message.carry_over is not None:
             raise InputError("carry_over is set by the workflow itself, never by a sender")
         workflow_id = message_workflow_id(message.message_id)
-        async with self._pool.acquire() as conn, conn.transaction():
-            existing = await store.get_message(conn, message.message_id)
-            if existing is not None:
-                raise InputError(f"message {message.message_id} already exists ({existing.status})")
-            await store.insert_message(conn, message, workflow_id=workflow_id, actor="cli:send")
-            try:
-                return await self._client.start_workflow(
-                    MESSAGE_WORKFLOW,
-                    message,
-                    result_type=MessageResult,
-                    id=workflow_id,
-                    task_queue=self._task_queue,
-                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    search_attributes=TypedSearchAttributes(
-                        [
-                            SearchAttributePair(MESSAGE_STATUS_ATTR, MessageStatus.INITIATED.value),
-                            SearchAttributePair(
-                                RECIPIENT_ID_ATTR, search_token(self._client, message.recipient_id)
-                            ),
-                        ]
-                    ),
-                    static_summary=f"Message {message.message_id}: {message.sender_id} -> {message.recipient_id}",
-                )
-            except WorkflowAlreadyStartedError:
-                raise InputError(
-                    f"message {message.message_id} already has a lifecycle ({workflow_id}); "
-                    "message ids cannot be reused"
-                ) from None
+        return await start_lifecycle(
+            self._client,
+            self._pool,
+            store.MESSAGES,
+            message.message_id,
+            insert=lambda conn: store.insert_message(
+                conn, message, workflow_id=workflow_id, actor="cli:send"
+            ),
+            workflow=MESSAGE_WORKFLOW,
+            arg=message,
+            workflow_id=workflow_id,
+            task_queue=self._task_queue,
+            result_type=MessageResult,
+            search_attributes=[
+                SearchAttributePair(MESSAGE_STATUS_ATTR, MessageStatus.INITIATED.value),
+                SearchAttributePair(
+                    RECIPIENT_ID_ATTR, search_token(self._client, message.recipient_id)
+                ),
+            ],
+            summary=f"Message {message.message_id}: {message.sender_id} -> {message.recipient_id}",
+        )
 
     async def device_says(
         self, message_id: str, device_id: str, what: Literal["delivered", "read"]
@@ -204,14 +191,8 @@ class MessageService:
         require_safe_id("message id", message_id)
         row = await self.row(message_id)
         signal = MESSAGE_DELIVERED_SIGNAL if what == "delivered" else MESSAGE_READ_SIGNAL
-        try:
-            await self.handle(message_id).signal(signal, payload)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            raise NotRunning(
-                f"message {message_id} is no longer running (it is {row.status})"
-            ) from None
+        if not await signal_if_running(self.handle(message_id), signal, payload):
+            raise NotRunning(f"message {message_id} is no longer running (it is {row.status})")
 
     async def recall(self, message_id: str, *, reason: str, requested_by: str) -> RecallOutcome:
         """Record CANCELLED in Postgres (version-checked), then signal the workflow.
@@ -231,13 +212,7 @@ class MessageService:
                 signalled=False,
                 message=f"message {message_id} is already {row.status}; it cannot be recalled",
             )
-        signalled = True
-        try:
-            await self.handle(message_id).signal(MESSAGE_RECALL_SIGNAL, request)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            signalled = False
+        signalled = await signal_if_running(self.handle(message_id), MESSAGE_RECALL_SIGNAL, request)
         return RecallOutcome(
             message_id=message_id,
             recalled=True,

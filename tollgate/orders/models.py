@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from tollgate.ids import Reason, Requester, SafeId
-from tollgate.models import Model, RetrySettings
+from tollgate.ids import Reason, SafeId
+from tollgate.models import Model, RetrySettings, StopRequest, TransitionRequest
 from tollgate.orders.states import OrderStatus
 
 Sku = Annotated[str, Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")]
@@ -94,25 +94,17 @@ class OrderProgress(Model):
     compensations_done: list[str]
 
 
-class CancelOrderRequest(Model):
+class CancelOrderRequest(StopRequest):
     """Payload of the ``cancel`` signal."""
 
     reason: Reason = "cancelled by request"
-    requested_by: Requester = "unknown"
 
 
 # --- activity inputs and results -------------------------------------------------
 
 
-class TransitionInput(Model):
+class TransitionInput(TransitionRequest[OrderStatus]):
     order_id: str
-    expected_version: int
-    to_status: OrderStatus
-    #: Deterministic id of this transition (workflow id + from-version + target).
-    transition_id: str
-    actor: str
-    reason: str | None = None
-    failure_reason: str | None = None
 
 
 class BeginCancelInput(Model):

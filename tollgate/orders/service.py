@@ -17,12 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.codec import search_token
 from tollgate.errors import InputError, OrderNotFound, ProviderError
@@ -48,7 +43,7 @@ from tollgate.orders.models import (
 )
 from tollgate.orders.states import OrderStatus
 from tollgate.providers.inventory import Inventory
-from tollgate.temporal import inspect_workflow
+from tollgate.temporal import inspect_workflow, signal_if_running, start_lifecycle
 
 #: ``SKU:QTY`` with ASCII digits only (``str.isdigit`` accepts '²', which int() refuses).
 _ITEM = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([0-9]{1,6})", re.ASCII)
@@ -134,48 +129,34 @@ class OrderService:
         return row
 
     async def create(self, order: OrderInput) -> WorkflowHandle[Any, OrderResult]:
-        """Insert the PENDING row and start its workflow, both or neither.
-
-        The row insert and the start share one database transaction: if Temporal refuses
-        the start (the order already has a lifecycle) or cannot be reached, the insert
-        rolls back. If the commit itself fails after the start, the workflow's first
-        activity inserts the identical row, so the order is still recorded.
-        """
+        """Check the order, then insert the PENDING row and start its workflow, both or
+        neither (see :func:`tollgate.temporal.start_lifecycle`)."""
         await self.check(order)
         workflow_id = order_workflow_id(order.order_id)
-        async with self._pool.acquire() as conn, conn.transaction():
-            existing = await store.get_order(conn, order.order_id)
-            if existing is not None:
-                raise InputError(f"order {order.order_id} already exists ({existing.status})")
-            await store.insert_order(conn, order, workflow_id=workflow_id, actor="cli:create")
-            try:
-                return await self._client.start_workflow(
-                    ORDER_WORKFLOW,
-                    order,
-                    result_type=OrderResult,
-                    id=workflow_id,
-                    task_queue=self._task_queue,
-                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                    # An order id names one checkout forever, even after it ended.
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    search_attributes=TypedSearchAttributes(
-                        [
-                            SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
-                            SearchAttributePair(
-                                CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)
-                            ),
-                        ]
-                    ),
-                    static_summary=(
-                        f"Order {order.order_id}: {len(order.items)} item(s), "
-                        f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
-                    ),
-                )
-            except WorkflowAlreadyStartedError:
-                raise InputError(
-                    f"order {order.order_id} already has a lifecycle ({workflow_id}); "
-                    "order ids cannot be reused"
-                ) from None
+        return await start_lifecycle(
+            self._client,
+            self._pool,
+            store.ORDERS,
+            order.order_id,
+            insert=lambda conn: store.insert_order(
+                conn, order, workflow_id=workflow_id, actor="cli:create"
+            ),
+            workflow=ORDER_WORKFLOW,
+            arg=order,
+            workflow_id=workflow_id,
+            task_queue=self._task_queue,
+            result_type=OrderResult,
+            search_attributes=[
+                SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
+                SearchAttributePair(
+                    CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)
+                ),
+            ],
+            summary=(
+                f"Order {order.order_id}: {len(order.items)} item(s), "
+                f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
+            ),
+        )
 
     async def check(self, order: OrderInput) -> None:
         """Refuse an order that breaks a business rule or names an unknown SKU, before
@@ -214,13 +195,7 @@ class OrderService:
                 signalled=False,
                 message=f"order {order_id} is already {state.status}; nothing to cancel",
             )
-        signalled = True
-        try:
-            await self.handle(order_id).signal(ORDER_CANCEL_SIGNAL, request)
-        except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
-            signalled = False
+        signalled = await signal_if_running(self.handle(order_id), ORDER_CANCEL_SIGNAL, request)
         message = (
             f"cancellation of {order_id} recorded; the workflow is compensating"
             if signalled

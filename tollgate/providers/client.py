@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,7 +41,7 @@ from tollgate.errors import (
     TokenUnregistered,
     UnknownSku,
 )
-from tollgate.providers.breaker import CircuitBreaker, ProviderCircuitOpen
+from tollgate.providers.breaker import Breakers, CircuitBreaker, ProviderCircuitOpen
 from tollgate.settings import Settings
 
 _REJECTIONS: dict[str, type[ProviderRejected]] = {
@@ -217,6 +217,17 @@ class ProviderClient:
             # same bytes will not change the answer.
             raise ProviderRejected(self.provider, detail, code=code)
         raise error_cls(self.provider, detail, code=code)
+
+
+class Provider:
+    """Base of one provider's API: its name, and a client behind its own breaker."""
+
+    #: The provider's name: its breaker's, its metrics' and its errors'.
+    name: ClassVar[str]
+
+    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
+        breaker = breakers.get(self.name) if breakers is not None else None
+        self._client = ProviderClient(http, self.name, breaker)
 
 
 def _as_is(body: dict[str, Any]) -> dict[str, Any]:

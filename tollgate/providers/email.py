@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import httpx
-
 from tollgate.ids import one_line
-from tollgate.providers.breaker import Breakers
-from tollgate.providers.client import NonEmptyStr, ProviderAnswer, ProviderClient
+from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer
 
 
 class EmailAnswer(ProviderAnswer):
@@ -15,12 +12,10 @@ class EmailAnswer(ProviderAnswer):
     email_id: NonEmptyStr
 
 
-class EmailProvider:
+class EmailProvider(Provider):
     """Calls the email provider with the message's idempotency key."""
 
-    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
-        breaker = breakers.get("email") if breakers is not None else None
-        self._client = ProviderClient(http, "email", breaker)
+    name = "email"
 
     async def send(
         self, *, to: str, subject: str, body: str, message_id: str, idempotency_key: str

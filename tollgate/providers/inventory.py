@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal, Self
 
-import httpx
 from pydantic import model_validator
 
 from tollgate.errors import UnknownSku
-from tollgate.providers.breaker import Breakers
-from tollgate.providers.client import NonEmptyStr, ProviderAnswer, ProviderClient
+from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer
 
 
 class ReservationAnswer(ProviderAnswer):
@@ -32,12 +30,10 @@ class ReleaseAnswer(ProviderAnswer):
         return self
 
 
-class Inventory:
+class Inventory(Provider):
     """Calls the inventory service. Reservations are all-or-nothing on its side."""
 
-    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
-        breaker = breakers.get("inventory") if breakers is not None else None
-        self._client = ProviderClient(http, "inventory", breaker)
+    name = "inventory"
 
     async def unknown_skus(self, skus: Iterable[str]) -> list[str]:
         """The SKUs the inventory does not know, in the order given."""

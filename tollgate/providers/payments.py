@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-import httpx
 from pydantic import model_validator
 
-from tollgate.providers.breaker import Breakers
-from tollgate.providers.client import NonEmptyStr, ProviderAnswer, ProviderClient
+from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer
 
 
 class ChargeAnswer(ProviderAnswer):
@@ -30,12 +28,10 @@ class RefundAnswer(ProviderAnswer):
         return self
 
 
-class PaymentGateway:
+class PaymentGateway(Provider):
     """Calls the gateway; every call carries the step's idempotency key."""
 
-    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
-        breaker = breakers.get("payments") if breakers is not None else None
-        self._client = ProviderClient(http, "payments", breaker)
+    name = "payments"
 
     async def charge(
         self,

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
-from tollgate.providers.breaker import Breakers
-from tollgate.providers.client import NonEmptyStr, ProviderAnswer, ProviderClient
+from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer
 
 
 class PushAnswer(ProviderAnswer):
@@ -16,12 +13,10 @@ class PushAnswer(ProviderAnswer):
     push_id: NonEmptyStr
 
 
-class PushProvider:
+class PushProvider(Provider):
     """Calls the push provider; a token it no longer knows is ``TokenUnregistered``."""
 
-    def __init__(self, http: httpx.AsyncClient, breakers: Breakers | None = None) -> None:
-        breaker = breakers.get("push") if breakers is not None else None
-        self._client = ProviderClient(http, "push", breaker)
+    name = "push"
 
     async def push(
         self,
