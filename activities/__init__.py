@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 from opentelemetry import trace
@@ -26,7 +26,6 @@ from tollgate.postgres import Connection
 P = ParamSpec("P")
 R = TypeVar("R")
 E = TypeVar("E")
-Row = TypeVar("Row")
 RowT = TypeVar("RowT", covariant=True)
 EntityT = TypeVar("EntityT", contravariant=True)
 
@@ -44,6 +43,23 @@ class Insert(Protocol[EntityT, RowT]):
         actor: str,
         trace_id: str | None,
     ) -> Awaitable[RowT]: ...
+
+
+class StoreActivities:
+    """Base of the activities that read and write one area's tables through the gate."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+
+ProviderT = TypeVar("ProviderT")
+
+
+class ProviderActivities(Generic[ProviderT]):
+    """Base of the activities that call one provider (:mod:`tollgate.providers`)."""
+
+    def __init__(self, provider: ProviderT) -> None:
+        self._provider = provider
 
 
 def to_application_error(exc: TollgateError) -> ApplicationError:
@@ -64,6 +80,16 @@ def classified(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise to_application_error(exc) from exc
 
     return wrapper
+
+
+def defn(name: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """An activity named ``name`` whose domain errors reach Temporal classified: what
+    every Tollgate activity is (``activity.defn`` over :func:`classified`)."""
+
+    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        return activity.defn(name=name)(classified(fn))
+
+    return decorate
 
 
 def current_trace_id() -> str | None:
@@ -91,17 +117,35 @@ def writer(actor: str | None = None, reason: str | None = None) -> Writer:
     return Writer(actor or current_actor(), current_trace_id(), reason)
 
 
-async def record_row(pool: asyncpg.Pool, insert: Insert[E, Row], entity: E) -> Row:
-    """Ensure the entity's first row exists, written by (and naming) this workflow.
+class _Standing(Protocol):
+    @property
+    def status(self) -> Any: ...
+
+    @property
+    def version(self) -> int: ...
+
+
+SnapshotT = TypeVar("SnapshotT")
+
+
+async def record_row(
+    pool: asyncpg.Pool,
+    insert: Insert[E, _Standing],
+    entity: E,
+    snapshot: Callable[..., SnapshotT],
+) -> SnapshotT:
+    """Ensure the entity's first row exists, written by (and naming) this workflow, and
+    say where it stands (``snapshot(status=..., version=...)``).
 
     The service usually inserted it already, in the transaction that started the
     workflow; this is the lifecycle's own first step in case that commit was lost.
     """
     me = writer()
     async with pool.acquire() as conn:
-        return await insert(
+        row = await insert(
             conn, entity, workflow_id=current_workflow_id(), actor=me.actor, trace_id=me.trace_id
         )
+    return snapshot(status=row.status, version=row.version)
 
 
 async def move_row(

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from temporalio import activity
-
-from activities import classified
+from activities import ProviderActivities, defn
 from tollgate.messages.models import EmailInput, EmailResult
 from tollgate.providers.email import EmailProvider
 
 
-class EmailActivities:
+class EmailActivities(ProviderActivities[EmailProvider]):
     """The email provider's call as an activity."""
 
-    def __init__(self, email: EmailProvider) -> None:
-        self._email = email
-
-    @activity.defn(name="send_fallback_email")
-    @classified
+    @defn("send_fallback_email")
     async def send(self, req: EmailInput) -> EmailResult:
         """Send the message by email; a retry reuses the key, so at most one is sent."""
-        answer = await self._email.send(
+        answer = await self._provider.send(
             to=req.to,
             subject=req.subject,
             body=req.body,

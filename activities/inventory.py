@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from temporalio import activity
-
-from activities import classified
+from activities import ProviderActivities, defn
 from tollgate.orders.models import (
     CompensationResult,
     OrderInput,
@@ -17,37 +15,31 @@ from tollgate.orders.models import (
 from tollgate.providers.inventory import Inventory
 
 
-class InventoryActivities:
+class InventoryActivities(ProviderActivities[Inventory]):
     """The inventory service's calls as activities."""
 
-    def __init__(self, inventory: Inventory) -> None:
-        self._inventory = inventory
-
-    @activity.defn(name="validate_order")
-    @classified
+    @defn("validate_order")
     async def validate(self, order: OrderInput) -> ValidateResult:
         """Business checks an order must pass before money moves: every problem is listed."""
-        unknown = await self._inventory.unknown_skus(i.sku for i in order.items)
+        unknown = await self._provider.unknown_skus(i.sku for i in order.items)
         return ValidateResult(
             problems=order_problems(order) + [f"unknown SKU {s}" for s in unknown]
         )
 
-    @activity.defn(name="reserve_inventory")
-    @classified
+    @defn("reserve_inventory")
     async def reserve(self, req: ReserveInput) -> ReserveResult:
         """Reserve every item of the order, or none."""
-        answer = await self._inventory.reserve(
+        answer = await self._provider.reserve(
             order_id=req.order_id,
             items=[i.model_dump() for i in req.items],
             idempotency_key=req.idempotency_key,
         )
         return ReserveResult(reservation_id=answer.reservation_id)
 
-    @activity.defn(name="release_inventory")
-    @classified
+    @defn("release_inventory")
     async def release(self, req: ReleaseInput) -> CompensationResult:
         """Release the reservation made with ``reservation_idempotency_key``, if any."""
-        answer = await self._inventory.release(
+        answer = await self._provider.release(
             order_id=req.order_id,
             reservation_idempotency_key=req.reservation_idempotency_key,
             idempotency_key=req.idempotency_key,

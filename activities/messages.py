@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncpg
-from temporalio import activity
-
-from activities import classified, current_actor, move_row, record_row
+from activities import StoreActivities, current_actor, defn, move_row, record_row
 from tollgate.messages import store
 from tollgate.messages.models import (
     ClearReadInput,
@@ -21,27 +18,20 @@ from tollgate.messages.store import MESSAGES
 from tollgate.models import TransitionResult
 
 
-class MessageStoreActivities:
+class MessageStoreActivities(StoreActivities):
     """Activities that read and write ``messages``, ``devices`` and ``message_deliveries``."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-
-    @activity.defn(name="record_message")
-    @classified
+    @defn("record_message")
     async def record_message(self, message: MessageInput) -> MessageSnapshot:
         """Ensure the INITIATED row exists (the service usually inserted it already)."""
-        row = await record_row(self._pool, store.insert_message, message)
-        return MessageSnapshot(status=row.status, version=row.version)
+        return await record_row(self._pool, store.insert_message, message, MessageSnapshot)
 
-    @activity.defn(name="transition_message")
-    @classified
+    @defn("transition_message")
     async def transition_message(self, req: MessageTransitionInput) -> TransitionResult:
         """Apply one version-checked transition to a message row."""
         return await move_row(self._pool, MESSAGES, req.message_id, req)
 
-    @activity.defn(name="recall_message")
-    @classified
+    @defn("recall_message")
     async def recall_message(self, req: RecallMessageInput) -> MessageSnapshot:
         """Record CANCELLED (unless already recorded, read or ended); return where it stands."""
         row = await store.recall_message(
@@ -52,21 +42,18 @@ class MessageStoreActivities:
         )
         return MessageSnapshot(status=row.status, version=row.version)
 
-    @activity.defn(name="recipient_devices")
-    @classified
+    @defn("recipient_devices")
     async def recipient_devices(self, req: DevicesInput) -> DevicesResult:
         """The recipient's active devices, oldest first."""
         rows = await store.active_devices(self._pool, req.user_id)
         return DevicesResult(devices=[r.ref() for r in rows])
 
-    @activity.defn(name="record_device_fact")
-    @classified
+    @defn("record_device_fact")
     async def record_device_fact(self, req: DeviceFactInput) -> None:
         """Record delivered / read / receipt-shown for devices (first writer wins)."""
         await store.record_fact(self._pool, req.message_id, req.device_ids, req.fact)
 
-    @activity.defn(name="clear_device_read")
-    @classified
+    @defn("clear_device_read")
     async def clear_device_read(self, req: ClearReadInput) -> None:
         """Undo a device's read mark (compensation of the read-receipt sync)."""
         await store.clear_read(self._pool, req.message_id, req.device_id)

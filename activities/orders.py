@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncpg
-from temporalio import activity
-
-from activities import classified, move_row, record_row, writer
+from activities import StoreActivities, defn, move_row, record_row, writer
 from tollgate.errors import OrderNotFound
 from tollgate.models import TransitionResult
 from tollgate.orders import store
@@ -20,27 +17,10 @@ from tollgate.orders.models import (
 from tollgate.orders.store import ORDERS
 
 
-class OrderStoreActivities:
+class OrderStoreActivities(StoreActivities):
     """Activities that read and write the ``orders`` table through the gate."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-
-    @activity.defn(name="record_order")
-    @classified
-    async def record_order(self, order: OrderInput) -> OrderSnapshot:
-        """Ensure the PENDING row exists (the service usually inserted it already)."""
-        row = await record_row(self._pool, store.insert_order, order)
-        return OrderSnapshot(status=row.status, version=row.version)
-
-    @activity.defn(name="transition_order")
-    @classified
-    async def transition_order(self, req: TransitionInput) -> TransitionResult:
-        """Apply one version-checked transition; see :func:`tollgate.gate.transition`."""
-        return await move_row(self._pool, ORDERS, req.order_id, req)
-
-    @activity.defn(name="read_order")
-    @classified
+    @defn("read_order")
     async def read_order(self, req: ReadOrderInput) -> OrderSnapshot:
         """The row's status and version, for a workflow that did not write it last."""
         row = await store.get_order(self._pool, req.order_id)
@@ -48,8 +28,12 @@ class OrderStoreActivities:
             raise OrderNotFound(req.order_id)
         return OrderSnapshot(status=row.status, version=row.version)
 
-    @activity.defn(name="begin_order_cancellation")
-    @classified
+    @defn("record_order")
+    async def record_order(self, order: OrderInput) -> OrderSnapshot:
+        """Ensure the PENDING row exists (the service usually inserted it already)."""
+        return await record_row(self._pool, store.insert_order, order, OrderSnapshot)
+
+    @defn("begin_order_cancellation")
     async def begin_cancellation(self, req: BeginCancelInput) -> BeginCancelResult:
         """Record CANCELLING unless it is already recorded or the order has ended."""
         row = await store.request_cancellation(
@@ -63,3 +47,8 @@ class OrderStoreActivities:
         return BeginCancelResult(
             status=row.status, version=row.version, cancel_reason=row.cancel_reason
         )
+
+    @defn("transition_order")
+    async def transition_order(self, req: TransitionInput) -> TransitionResult:
+        """Apply one version-checked transition; see :func:`tollgate.gate.transition`."""
+        return await move_row(self._pool, ORDERS, req.order_id, req)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from temporalio import activity
-
-from activities import classified
+from activities import ProviderActivities, defn
 from tollgate.orders.models import ChargeInput, ChargeResult, CompensationResult, RefundInput
 from tollgate.providers.payments import PaymentGateway
 
 
-class PaymentActivities:
+class PaymentActivities(ProviderActivities[PaymentGateway]):
     """The gateway's calls as activities; the step's idempotency key goes with each."""
 
-    def __init__(self, gateway: PaymentGateway) -> None:
-        self._gateway = gateway
-
-    @activity.defn(name="charge_payment")
-    @classified
+    @defn("charge_payment")
     async def charge(self, req: ChargeInput) -> ChargeResult:
         """Capture the order total. A retry reuses the key, so the gateway charges once."""
-        answer = await self._gateway.charge(
+        answer = await self._provider.charge(
             order_id=req.order_id,
             customer_id=req.customer_id,
             amount_cents=req.amount_cents,
@@ -28,12 +22,11 @@ class PaymentActivities:
         )
         return ChargeResult(charge_id=answer.charge_id)
 
-    @activity.defn(name="refund_payment")
-    @classified
+    @defn("refund_payment")
     async def refund(self, req: RefundInput) -> CompensationResult:
         """Refund whatever the charge with ``charge_idempotency_key`` captured (a void when
         it never happened, so a late charge with that key is refused)."""
-        answer = await self._gateway.refund(
+        answer = await self._provider.refund(
             order_id=req.order_id,
             charge_idempotency_key=req.charge_idempotency_key,
             reason=req.reason,

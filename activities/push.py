@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from activities import classified
+from activities import defn
 from tollgate.errors import TokenUnregistered
 from tollgate.messages import store
 from tollgate.messages.models import PushInput, PushProgress, PushResult
@@ -19,8 +19,7 @@ class PushActivities:
         self._pool = pool
         self._provider = provider
 
-    @activity.defn(name="push_to_devices")
-    @classified
+    @defn("push_to_devices")
     async def push(self, req: PushInput) -> PushResult:
         """Push to every device in order, heartbeating the devices done after each one.
 

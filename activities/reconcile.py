@@ -6,6 +6,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.client import Client
 
+from activities import defn
 from tollgate.ops.reconcile import ReconcileInput, ReconcileReport, reconcile
 
 
@@ -17,7 +18,7 @@ class ReconcileActivities:
         self._pool = pool
         self._task_queue = task_queue
 
-    @activity.defn(name="reconcile")
+    @defn("reconcile")
     async def reconcile(self, options: ReconcileInput) -> ReconcileReport:
         """One reconcile run; findings are logged, recorded and (orders) repaired."""
         report = await reconcile(

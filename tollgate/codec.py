@@ -39,7 +39,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.converter import PayloadCodec
 
-from tollgate.settings import Settings
+from tollgate.settings import Settings, read_secret
 
 #: ``encoding`` metadata of an encrypted payload.
 ENCODING = b"binary/encrypted"
@@ -156,16 +156,13 @@ def load_key(settings: Settings) -> bytes | None:
 
     A malformed key raises :class:`ValueError` naming the setting it came from.
     """
-    if settings.payload_encryption_key:  # an empty variable counts as unset
-        return _parse_key(settings.payload_encryption_key, "PAYLOAD_ENCRYPTION_KEY")
-    path = settings.payload_key_path
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"PAYLOAD_KEY_FILE {path} could not be read: {exc}") from None
-    return _parse_key(text, f"PAYLOAD_KEY_FILE {path}")
+    return read_secret(
+        settings.payload_encryption_key,
+        settings.payload_key_path,
+        setting="PAYLOAD_ENCRYPTION_KEY",
+        file_setting="PAYLOAD_KEY_FILE",
+        parse=_parse_key,
+    )
 
 
 def load_old_keys(settings: Settings) -> list[bytes]:

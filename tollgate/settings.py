@@ -10,11 +10,14 @@ machine often already runs those, and the local stack must not collide with them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecretT = TypeVar("SecretT")
 
 DEFAULT_TEMPORAL_PORT = 17233
 DEFAULT_TEMPORAL_UI_PORT = 18233
@@ -112,3 +115,28 @@ class Settings(BaseSettings):
         """Where the codec-server credential is: ``CODEC_AUTH_TOKEN_FILE``, else in the
         state dir."""
         return self.codec_auth_token_file or self.state_dir / "codec.token"
+
+
+def read_secret(
+    value: str | None,
+    path: Path,
+    *,
+    setting: str,
+    file_setting: str,
+    parse: Callable[[str, str], SecretT],
+) -> SecretT | None:
+    """A secret from its setting, else from its file when that exists, else None.
+
+    ``parse(text, source)`` checks it and names ``source`` (the setting, or the file
+    setting with its path) in its error, never the secret. An empty setting counts as
+    unset; an unreadable file is a ``ValueError`` naming it.
+    """
+    if value:
+        return parse(value.strip(), setting)
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file_setting} {path} could not be read: {exc}") from None
+    return parse(text.strip(), f"{file_setting} {path}")

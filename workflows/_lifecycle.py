@@ -206,6 +206,13 @@ class Undo:
     arg: Any
 
 
+async def run_undo(undo: Undo, settings: RetrySettings) -> str:
+    """Run one compensation until it goes through (:func:`until_undone`);
+    ``<name>:<outcome>``, e.g. ``refund:voided``."""
+    outcome = await until_undone(undo.method, undo.arg, settings=settings, what=undo.name)
+    return f"{undo.name}:{outcome.outcome}"
+
+
 class StopRequest(Protocol):
     """What a cancel or recall carries: why, and who asked."""
 
@@ -355,5 +362,4 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
 
     async def undo(self, undo: Undo) -> str:
         """Run one compensation until it goes through; ``<name>:<outcome>``."""
-        outcome = await until_undone(undo.method, undo.arg, settings=self._retry, what=undo.name)
-        return f"{undo.name}:{outcome.outcome}"
+        return await run_undo(undo, self._retry)

@@ -64,6 +64,34 @@ class Step(StrEnum):
     CANCELLED = "cancelled"
 
 
+def refund_undo(order_id: str, owner: str, reason: str) -> Undo:
+    """The undo of an order's charge: refund what the key ``<owner>:charge`` captured
+    (a void when nothing was, so a late charge with that key is refused)."""
+    return Undo(
+        "refund",
+        PaymentActivities.refund,
+        RefundInput(
+            order_id=order_id,
+            charge_idempotency_key=step_key(owner, "charge"),
+            idempotency_key=step_key(owner, "refund"),
+            reason=reason,
+        ),
+    )
+
+
+def release_undo(order_id: str, owner: str) -> Undo:
+    """The undo of an order's reservation: release what the key ``<owner>:reserve`` held."""
+    return Undo(
+        "release",
+        InventoryActivities.release,
+        ReleaseInput(
+            order_id=order_id,
+            reservation_idempotency_key=step_key(owner, "reserve"),
+            idempotency_key=step_key(owner, "release"),
+        ),
+    )
+
+
 _TEMPORAL_CANCEL = CancelOrderRequest(reason="cancelled in Temporal", requested_by="temporal")
 _POSTGRES_CANCEL = CancelOrderRequest(
     reason="cancellation recorded in Postgres", requested_by="postgres"
@@ -114,18 +142,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
         await self.move(S.CHARGING)
         self._step = Step.CHARGING
-        self._undo.append(
-            Undo(
-                "refund",
-                PaymentActivities.refund,
-                RefundInput(
-                    order_id=o.order_id,
-                    charge_idempotency_key=step_key(self._id, "charge"),
-                    idempotency_key=step_key(self._id, "refund"),
-                    reason=f"order {o.order_id} did not complete",
-                ),
-            )
-        )
+        self._undo.append(refund_undo(o.order_id, self._id, f"order {o.order_id} did not complete"))
         charge = await self.activity(
             PaymentActivities.charge,
             ChargeInput(
@@ -140,17 +157,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
         await self.move(S.RESERVING)
         self._step = Step.RESERVING
-        self._undo.append(
-            Undo(
-                "release",
-                InventoryActivities.release,
-                ReleaseInput(
-                    order_id=o.order_id,
-                    reservation_idempotency_key=step_key(self._id, "reserve"),
-                    idempotency_key=step_key(self._id, "release"),
-                ),
-            )
-        )
+        self._undo.append(release_undo(o.order_id, self._id))
         reservation = await self.activity(
             InventoryActivities.reserve,
             ReserveInput(

@@ -30,17 +30,15 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows._lifecycle import error_type, run_activity, until_done_retry, until_undone
+from workflows._lifecycle import error_type, run_activity, run_undo, until_done_retry
+from workflows.order import refund_undo, release_undo
 
 with workflow.unsafe.imports_passed_through():
-    from activities.inventory import InventoryActivities
     from activities.orders import OrderStoreActivities
-    from activities.payments import PaymentActivities
     from tollgate.errors import OrderCancelled, VersionConflict
     from tollgate.names import (
         ORDER_RECOVERY_WORKFLOW,
         order_workflow_id,
-        step_key,
         transition_id,
     )
     from tollgate.orders.models import (
@@ -48,8 +46,6 @@ with workflow.unsafe.imports_passed_through():
         ReadOrderInput,
         RecoveryInput,
         RecoveryResult,
-        RefundInput,
-        ReleaseInput,
         TransitionInput,
     )
     from tollgate.orders.states import OrderStatus
@@ -114,29 +110,15 @@ class OrderRecoveryWorkflow:
 
     async def _compensate(self) -> list[str]:
         """Undo with the original workflow's keys: replayed if done, voided if never run."""
-        original = order_workflow_id(self._inp.order_id)
-        refund = await until_undone(
-            PaymentActivities.refund,
-            RefundInput(
-                order_id=self._inp.order_id,
-                charge_idempotency_key=step_key(original, "charge"),
-                idempotency_key=step_key(original, "refund"),
-                reason=self._inp.reason,
-            ),
-            settings=self._inp.retry,
-            what="refund",
-        )
-        release = await until_undone(
-            InventoryActivities.release,
-            ReleaseInput(
-                order_id=self._inp.order_id,
-                reservation_idempotency_key=step_key(original, "reserve"),
-                idempotency_key=step_key(original, "release"),
-            ),
-            settings=self._inp.retry,
-            what="release",
-        )
-        return [f"refund:{refund.outcome}", f"release:{release.outcome}"]
+        order_id = self._inp.order_id
+        original = order_workflow_id(order_id)
+        return [
+            await run_undo(undo, self._inp.retry)
+            for undo in (
+                refund_undo(order_id, original, self._inp.reason),
+                release_undo(order_id, original),
+            )
+        ]
 
     async def _move(self, row: OrderSnapshot, to: OrderStatus) -> OrderSnapshot:
         """One version-checked write from where ``row`` stands (to the same status: a claim)."""

@@ -6,6 +6,7 @@ proves the two are the same graph.
 
 from __future__ import annotations
 
+import itertools
 from enum import StrEnum
 
 
@@ -44,17 +45,17 @@ DELIVERY_SETTLED: frozenset[MessageStatus] = frozenset(
     {M.DELIVERED, M.EMAILED, M.READ, M.FAILED, M.CANCELLED}
 )
 
+#: Delivered to a device, then read.
+_PIPELINE = (M.INITIATED, M.STORED, M.DISPATCHED, M.DELIVERED, M.READ)
+#: No device confirmed in time: emailed, then read (or the email failed).
+_FALLBACK = (M.DISPATCHED, M.FALLBACK_EMAIL, M.EMAILED, M.READ)
+
 MESSAGE_EDGES: frozenset[tuple[MessageStatus, MessageStatus]] = frozenset(
     {
-        (M.INITIATED, M.STORED),
-        (M.STORED, M.DISPATCHED),
-        (M.DISPATCHED, M.DELIVERED),
-        (M.DELIVERED, M.READ),
-        (M.DISPATCHED, M.FALLBACK_EMAIL),
-        (M.FALLBACK_EMAIL, M.EMAILED),
+        *itertools.pairwise(_PIPELINE),
+        *itertools.pairwise(_FALLBACK),
         (M.FALLBACK_EMAIL, M.FAILED),
-        (M.EMAILED, M.READ),
-        # compensation of the read-receipt sync saga
+        # compensation of the read-receipt sync saga: back to where the read came from
         (M.READ, M.DELIVERED),
         (M.READ, M.EMAILED),
         *((s, M.CANCELLED) for s in _RECALLABLE),

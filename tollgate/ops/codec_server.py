@@ -51,7 +51,7 @@ from temporalio.api.common.v1 import Payloads
 from temporalio.converter import PayloadCodec
 
 from tollgate.codec import EncryptionCodec, PayloadDecryptionError, load_key
-from tollgate.settings import Settings
+from tollgate.settings import Settings, read_secret
 
 #: Headers the Web UI sends with its codec requests.
 ALLOWED_HEADERS = ("Content-Type", "X-Namespace", "Authorization")
@@ -81,16 +81,13 @@ def load_codec_token(settings: Settings) -> str | None:
     ``CODEC_AUTH_TOKEN_FILE`` (default ``<state_dir>/codec.token``) if it exists, else
     ``None``. A malformed or unreadable one raises :class:`ValueError` naming its source.
     """
-    if settings.codec_auth_token is not None:
-        return check_token(settings.codec_auth_token.strip(), "CODEC_AUTH_TOKEN")
-    path = settings.codec_token_path
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"CODEC_AUTH_TOKEN_FILE {path} could not be read: {exc}") from None
-    return check_token(text.strip(), f"CODEC_AUTH_TOKEN_FILE {path}")
+    return read_secret(
+        settings.codec_auth_token,
+        settings.codec_token_path,
+        setting="CODEC_AUTH_TOKEN",
+        file_setting="CODEC_AUTH_TOKEN_FILE",
+        parse=check_token,
+    )
 
 
 def create_app(

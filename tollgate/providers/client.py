@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, NamedTuple, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -89,6 +89,13 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
+class _Request(NamedTuple):
+    method: str
+    path: str
+    json: dict[str, Any] | None
+    idempotency_key: str | None
+
+
 class ProviderClient:
     """Calls one provider's HTTP API and classifies what comes back."""
 
@@ -108,7 +115,7 @@ class ProviderClient:
         idempotency_key: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Send one request; return ``(status, body)`` for a 2xx, raise otherwise."""
-        return await self._guarded(method, path, json, idempotency_key, _as_is)
+        return await self._guarded(_Request(method, path, json, idempotency_key), _as_is)
 
     async def call_as(
         self,
@@ -134,28 +141,23 @@ class ProviderClient:
                     f"{method} {path}: answer is not a valid {answer.__name__}: {_summary(exc)}",
                 ) from exc
 
-        _, parsed = await self._guarded(method, path, json, idempotency_key, parse)
+        _, parsed = await self._guarded(_Request(method, path, json, idempotency_key), parse)
         return parsed
 
     async def _guarded(
-        self,
-        method: str,
-        path: str,
-        json: dict[str, Any] | None,
-        idempotency_key: str | None,
-        parse: Callable[[dict[str, Any]], T],
+        self, request: _Request, parse: Callable[[dict[str, Any]], T]
     ) -> tuple[int, T]:
         """One exchange under the breaker, if there is one."""
         breaker = self.breaker
         if breaker is None:
-            return await self._exchange(method, path, json, idempotency_key, parse)
+            return await self._exchange(request, parse)
         try:
             permit = breaker.before_call()
         except ProviderCircuitOpen as exc:
             # Raised in its Temporal form: ``activities.classified`` would drop the delay.
             raise exc.to_application_error() from exc
         try:
-            result = await self._exchange(method, path, json, idempotency_key, parse)
+            result = await self._exchange(request, parse)
         except ProviderError as exc:
             # Transient errors are the retryable ones; a business "no" means it is up.
             breaker.record(permit, success=not exc.retryable)
@@ -167,13 +169,9 @@ class ProviderClient:
         return result
 
     async def _exchange(
-        self,
-        method: str,
-        path: str,
-        json: dict[str, Any] | None,
-        idempotency_key: str | None,
-        parse: Callable[[dict[str, Any]], T],
+        self, request: _Request, parse: Callable[[dict[str, Any]], T]
     ) -> tuple[int, T]:
+        method, path, json, idempotency_key = request
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         try:
             response = await self._http.request(method, path, json=json, headers=headers)
