@@ -134,18 +134,23 @@ _TRANSITION_OUTCOMES = _meter.create_counter(
 )
 
 
-async def describe_writer(conn: Connection, writer: Writer) -> None:
-    """Tell the audit trigger who writes and why (transaction-local settings).
-
-    Both are made one printable line and cut to the audit columns' bounds
-    (schema/005_safe_input.sql): a reason built from an error can be long or odd.
-    """
-    await conn.execute(
-        "SELECT set_config('tollgate.actor', $1, true), set_config('tollgate.trace_id', $2, true),"
-        " set_config('tollgate.reason', $3, true)",
+def _described(writer: Writer) -> tuple[str, str, str]:
+    """The writer as the audit's settings hold it: one printable line each, cut to the
+    audit columns' bounds (schema/005_safe_input.sql), since a reason built from an
+    error can be long or odd."""
+    return (
         one_line(writer.actor, limit=ACTOR_MAX),
         writer.trace_id or "",
         one_line(writer.reason, limit=NOTE_MAX) if writer.reason else "",
+    )
+
+
+async def describe_writer(conn: Connection, writer: Writer) -> None:
+    """Tell the audit trigger who writes and why (transaction-local settings)."""
+    await conn.execute(
+        "SELECT set_config('tollgate.actor', $1, true), set_config('tollgate.trace_id', $2, true),"
+        " set_config('tollgate.reason', $3, true)",
+        *_described(writer),
     )
 
 
@@ -185,34 +190,41 @@ async def transition(pool: asyncpg.Pool, lifecycle: Lifecycle, move: Move, write
 async def _transition(
     pool: asyncpg.Pool, lifecycle: Lifecycle, move: Move, writer: Writer
 ) -> Moved:
+    # One statement, one round trip: the writer's description is set (transaction-local)
+    # by an InitPlan that runs before any row is touched, so the audit trigger sees it;
+    # the statement is its own transaction. Only a miss costs a second read.
     reason = writer.reason or move.failure_reason
-    async with pool.acquire() as conn, conn.transaction():
-        await describe_writer(conn, Writer(writer.actor, writer.trace_id, reason))
-        try:
-            version = await conn.fetchval(
-                f"""
-                UPDATE {lifecycle.table}
-                   SET status = $3, last_transition_id = $4,
-                       failure_reason = coalesce($5, failure_reason)
-                 WHERE id = $1 AND version = $2
-                RETURNING version
-                """,
-                move.entity_id,
-                move.expected_version,
-                move.to_status,
-                move.transition_id,
-                one_line(move.failure_reason, limit=NOTE_MAX) if move.failure_reason else None,
+    try:
+        version = await pool.fetchval(
+            f"""
+            WITH writer AS MATERIALIZED (
+                SELECT set_config('tollgate.actor', $6, true),
+                       set_config('tollgate.trace_id', $7, true),
+                       set_config('tollgate.reason', $8, true)
             )
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == ILLEGAL_TRANSITION_SQLSTATE:
-                raise IllegalTransition(move.entity_id, str(exc)) from exc
-            raise
-        if version is not None:
-            return Moved(version=version)
-        current = await conn.fetchrow(
-            f"SELECT status, version, last_transition_id FROM {lifecycle.table} WHERE id = $1",
+            UPDATE {lifecycle.table}
+               SET status = $3, last_transition_id = $4,
+                   failure_reason = coalesce($5, failure_reason)
+             WHERE id = $1 AND version = $2 AND EXISTS (SELECT FROM writer)
+            RETURNING version
+            """,
             move.entity_id,
+            move.expected_version,
+            move.to_status,
+            move.transition_id,
+            one_line(move.failure_reason, limit=NOTE_MAX) if move.failure_reason else None,
+            *_described(Writer(writer.actor, writer.trace_id, reason)),
         )
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == ILLEGAL_TRANSITION_SQLSTATE:
+            raise IllegalTransition(move.entity_id, str(exc)) from exc
+        raise
+    if version is not None:
+        return Moved(version=version)
+    current = await pool.fetchrow(
+        f"SELECT status, version, last_transition_id FROM {lifecycle.table} WHERE id = $1",
+        move.entity_id,
+    )
     if current is None:
         raise lifecycle.not_found(move.entity_id)
     if current["last_transition_id"] == move.transition_id:
