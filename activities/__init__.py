@@ -21,6 +21,7 @@ from tollgate import gate
 from tollgate.errors import TollgateError
 from tollgate.gate import Lifecycle, Writer
 from tollgate.models import TransitionRequest, TransitionResult
+from tollgate.names import transition_id
 from tollgate.postgres import Connection
 
 P = ParamSpec("P")
@@ -146,6 +147,39 @@ async def record_row(
             conn, entity, workflow_id=current_workflow_id(), actor=me.actor, trace_id=me.trace_id
         )
     return snapshot(status=row.status, version=row.version)
+
+
+async def begin_row(
+    pool: asyncpg.Pool,
+    lifecycle: Lifecycle,
+    insert: Insert[E, _Standing],
+    entity: E,
+    entity_id: str,
+    first: StrEnum,
+    snapshot: Callable[..., SnapshotT],
+) -> SnapshotT:
+    """Record the entity's first row (unless the service did) and take its first step,
+    ``first``, as the workflow's own move would (same transition id and actor); say where
+    the row stands then.
+
+    A row found past its initial version (a retry, after this very move committed) or
+    stopped (cancelled before its workflow ran) is reported as it is.
+    """
+    me = writer()
+    workflow_id = current_workflow_id()
+    async with pool.acquire() as conn:
+        row = await insert(
+            conn, entity, workflow_id=workflow_id, actor=me.actor, trace_id=me.trace_id
+        )
+    if row.status != lifecycle.initial or row.version != 1:
+        return snapshot(status=row.status, version=row.version)
+    moved = await gate.transition(
+        pool,
+        lifecycle,
+        gate.Move(entity_id, 1, first.value, transition_id(workflow_id, 1, first.value)),
+        Writer(f"workflow:{workflow_id}", me.trace_id),
+    )
+    return snapshot(status=first, version=moved.version)
 
 
 async def move_row(

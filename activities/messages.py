@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import StoreActivities, current_actor, defn, move_row, record_row
+from activities import StoreActivities, begin_row, current_actor, defn, move_row, record_row
 from tollgate.messages import store
 from tollgate.messages.models import (
     ClearReadInput,
@@ -14,12 +14,26 @@ from tollgate.messages.models import (
     MessageTransitionInput,
     RecallMessageInput,
 )
+from tollgate.messages.states import MessageStatus
 from tollgate.messages.store import MESSAGES
 from tollgate.models import TransitionResult
 
 
 class MessageStoreActivities(StoreActivities):
     """Activities that read and write ``messages``, ``devices`` and ``message_deliveries``."""
+
+    @defn("begin_message")
+    async def begin_message(self, message: MessageInput) -> MessageSnapshot:
+        """Ensure the INITIATED row exists and move it to STORED: a delivery's first step."""
+        return await begin_row(
+            self._pool,
+            MESSAGES,
+            store.insert_message,
+            message,
+            message.message_id,
+            MessageStatus.STORED,
+            MessageSnapshot,
+        )
 
     @defn("record_message")
     async def record_message(self, message: MessageInput) -> MessageSnapshot:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import StoreActivities, defn, move_row, record_row, writer
+from activities import StoreActivities, begin_row, defn, move_row, record_row, writer
 from tollgate.errors import OrderNotFound
 from tollgate.models import TransitionResult
 from tollgate.orders import store
@@ -14,6 +14,7 @@ from tollgate.orders.models import (
     ReadOrderInput,
     TransitionInput,
 )
+from tollgate.orders.states import OrderStatus
 from tollgate.orders.store import ORDERS
 
 
@@ -27,6 +28,19 @@ class OrderStoreActivities(StoreActivities):
         if row is None:
             raise OrderNotFound(req.order_id)
         return OrderSnapshot(status=row.status, version=row.version)
+
+    @defn("begin_order")
+    async def begin_order(self, order: OrderInput) -> OrderSnapshot:
+        """Ensure the PENDING row exists and move it to VALIDATING: a checkout's first step."""
+        return await begin_row(
+            self._pool,
+            ORDERS,
+            store.insert_order,
+            order,
+            order.order_id,
+            OrderStatus.VALIDATING,
+            OrderSnapshot,
+        )
 
     @defn("record_order")
     async def record_order(self, order: OrderInput) -> OrderSnapshot:

@@ -330,7 +330,9 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
 async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     from tollgate_dev.sandbox import FaultSpec
 
-    await h.sandbox.set_fault("payments", FaultSpec(latency_ms=1500, latency_phase="after"))
+    # The charge is captured but its answer lost twice: with the CLI's default backoff
+    # (1 s, then 2 s) the order stays CHARGING for ~3 s, longer than the CLI's start-up.
+    await h.sandbox.set_fault("payments", FaultSpec(fail_next=2, fail_phase="after"))
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
     run = await _starter(
         h,

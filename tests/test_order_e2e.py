@@ -32,7 +32,13 @@ from tollgate.names import (
     order_workflow_id,
 )
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderProgress, OrderResult, TransitionInput
+from tollgate.orders.models import (
+    OrderInput,
+    OrderProgress,
+    OrderResult,
+    OrderSnapshot,
+    TransitionInput,
+)
 from tollgate.orders.states import OrderStatus
 from tollgate.providers.client import build_http_client
 from tollgate.worker import activities_for
@@ -361,18 +367,28 @@ async def test_a_start_temporal_refuses_writes_no_row(h: Harness) -> None:
 
 
 class _LosesFirstReply:
-    """Stand-in for transition_order: commits, then 'loses' the reply once per transition."""
+    """Stand-in for the activities that move an order (begin_order takes the first step,
+    transition_order the others): each commits, then 'loses' its reply once."""
 
     def __init__(self, real: OrderStoreActivities) -> None:
         self.real = real
         self.lost: set[str] = set()
 
+    def _lose_once(self, transition: str) -> None:
+        if transition not in self.lost:
+            self.lost.add(transition)
+            raise RuntimeError("connection reset after commit (simulated)")
+
+    @activity.defn(name="begin_order")
+    async def begin(self, order: OrderInput) -> OrderSnapshot:
+        result = await self.real.begin_order(order)
+        self._lose_once("begin")
+        return result
+
     @activity.defn(name="transition_order")
     async def transition(self, req: TransitionInput) -> TransitionResult:
         result = await self.real.transition_order(req)
-        if req.transition_id not in self.lost:
-            self.lost.add(req.transition_id)
-            raise RuntimeError("connection reset after commit (simulated)")
+        self._lose_once(req.transition_id)
         return result
 
 
@@ -383,14 +399,14 @@ async def test_transitions_retried_after_a_committed_first_attempt_apply_once(h:
         acts = [
             a
             for a in activities_for(h.pool, http)
-            if getattr(a, "__name__", "") != "transition_order"
+            if getattr(a, "__name__", "") not in ("transition_order", "begin_order")
         ]
         queue = f"{h.task_queue}-flaky"
         async with Worker(
             h.client,
             task_queue=queue,
             workflows=[OrderWorkflow],
-            activities=[*acts, flaky.transition],
+            activities=[*acts, flaky.begin, flaky.transition],
         ):
             order = h.order()
             result = await h.client.execute_workflow(

@@ -55,6 +55,8 @@ class Lifecycle:
     #: What the entity is called in messages: ``order``, ``message``.
     kind: str
     table: str
+    #: The status every row is created in.
+    initial: str
     #: The audit table the trigger appends to, and its column naming the entity.
     audit_table: str
     audit_key: str
@@ -299,15 +301,27 @@ async def insert_or_match(
     row; if it differs in an identity column, someone else's entity holds the id.
     """
     names = list(values)
-    placeholders = ", ".join(f"${n}" for n in range(1, len(names) + 1))
-    async with conn.transaction():
-        await describe_writer(conn, writer)
-        await conn.execute(
-            f"INSERT INTO {lifecycle.table} ({', '.join(names)}) VALUES ({placeholders})"
-            " ON CONFLICT (id) DO NOTHING",
-            *values.values(),
+    placeholders = ", ".join(f"${n}" for n in range(4, len(names) + 4))
+    # One round trip for a new entity, as in transition(): the writer's description is
+    # set by an InitPlan before the row is inserted and the audit trigger reads it.
+    row = await conn.fetchrow(
+        f"""
+        WITH writer AS MATERIALIZED (
+            SELECT set_config('tollgate.actor', $1, true),
+                   set_config('tollgate.trace_id', $2, true),
+                   set_config('tollgate.reason', $3, true)
         )
-        row = await get_row(conn, lifecycle, values["id"])
+        INSERT INTO {lifecycle.table} ({", ".join(names)})
+        SELECT {placeholders} WHERE EXISTS (SELECT FROM writer)
+        ON CONFLICT (id) DO NOTHING
+        RETURNING *
+        """,
+        *_described(writer),
+        *values.values(),
+    )
+    if row is not None:
+        return row
+    row = await get_row(conn, lifecycle, values["id"])
     assert row is not None
     if any(row[column] != values[column] for column in lifecycle.identity):
         raise VersionConflict(values["id"], 1, row["status"], row["version"], kind=lifecycle.kind)

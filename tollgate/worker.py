@@ -65,6 +65,7 @@ def activities_for(
     push = PushActivities(pool, PushProvider(http, breakers))
     email = EmailActivities(EmailProvider(http, breakers))
     return [
+        store.begin_order,
         store.record_order,
         store.transition_order,
         store.begin_cancellation,
@@ -74,6 +75,7 @@ def activities_for(
         inventory.validate,
         inventory.reserve,
         inventory.release,
+        messages.begin_message,
         messages.record_message,
         messages.transition_message,
         messages.recall_message,

@@ -47,6 +47,11 @@ ResultT = TypeVar("ResultT")
 StatusT = TypeVar("StatusT", bound=StrEnum)
 
 
+#: What a failed activity or child surfaces as in workflow code. A local activity's
+#: failure arrives as its ApplicationError itself, not wrapped in an ActivityError.
+STEP_FAILURES = (ActivityError, ChildWorkflowError, ApplicationError)
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The innermost failure behind activity and child-workflow wrappers."""
     while isinstance(err, (ActivityError, ChildWorkflowError)) and err.cause is not None:
@@ -192,6 +197,12 @@ async def run_activity(
     )
 
 
+#: Patch that made store activities (gate writes, Postgres reads) local activities and
+#: folded a lifecycle's record into its first transition. Histories recorded before it
+#: replay the old way: regular activities, record and first move apart.
+LOCAL_STORE_PATCH = "local-store-activities"
+
+
 class StepFailed(Exception):
     """A forward step cannot succeed; the lifecycle undoes what it did and ends FAILED."""
 
@@ -264,6 +275,35 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         self._stop_from_temporal = from_temporal
         self._main: asyncio.Task[None] | None = None
         self._failure_reason: str | None = None
+        self._local_store = False
+
+    def patch_store(self) -> bool:
+        """Whether store activities run local (this code) or regular (a history recorded
+        before :data:`LOCAL_STORE_PATCH`). Call once, at the start of the run."""
+        self._local_store = workflow.patched(LOCAL_STORE_PATCH)
+        return self._local_store
+
+    async def store(
+        self,
+        method: Callable[[Any, ArgT], Awaitable[ResultT]],
+        arg: ArgT,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> ResultT:
+        """A store activity: one short Postgres statement or two, retried until done.
+
+        Local: it runs in this worker right away, with no round trip through the
+        Temporal server (a regular activity costs one each way), and its result is
+        recorded in the workflow task that follows. It is idempotent like every gate
+        write (a retried transition finds its own transition id), so a worker that dies
+        after it committed only makes the next worker find the row already moved.
+        """
+        policy = retry or self._until_done_retry
+        if not self._local_store:
+            return await self.activity(method, arg, retry=policy)
+        return await workflow.execute_local_activity_method(
+            method, arg, start_to_close_timeout=self._retry.activity_timeout, retry_policy=policy
+        )
 
     async def run_lifecycle(
         self,
@@ -284,7 +324,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
                 self.note_stop(self._stop_from_temporal, from_temporal=True)
             except StepFailed as failed:
                 self._failure_reason = str(failed)
-            except (ActivityError, ChildWorkflowError) as err:
+            except STEP_FAILURES as err:
                 if error_type(err) == self.stopped_error:
                     self.note_stop(self._stop_from_postgres)
                 elif is_cancellation(err):
@@ -300,7 +340,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
             raise asyncio.CancelledError(self._stop.reason if self._stop else None)
         return result
 
-    def on_step_failure(self, err: ActivityError | ChildWorkflowError) -> None:
+    def on_step_failure(self, err: ActivityError | ChildWorkflowError | ApplicationError) -> None:
         """A step failed for good: by default the ending undoes and ends FAILED."""
         self._failure_reason = describe(err)
 
@@ -326,7 +366,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         self, to: StatusT, *, reason: str | None = None, failure_reason: str | None = None
     ) -> None:
         """One version-checked transition from where this workflow last left the row."""
-        result = await self.activity(
+        result = await self.store(
             self.transition_activity,
             self.transition_input(
                 expected_version=self._version,
@@ -336,7 +376,6 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
                 reason=reason,
                 failure_reason=failure_reason,
             ),
-            retry=self._until_done_retry,
         )
         self.set_status(to, result.version)
 

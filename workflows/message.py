@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 from workflows._lifecycle import LifecycleWorkflow, describe, error_type, is_cancellation
 
@@ -156,10 +156,15 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
     async def run(self, message: MessageInput) -> MessageResult:
         """Deliver the message; on recall, record CANCELLED. Returns where it ended."""
         carried = message.carry_over
+        local_store = self.patch_store()
         if carried is None:
-            recorded = await self.activity(
-                MessageStoreActivities.record_message, message, retry=self._until_done_retry
-            )
+            if local_store:
+                # Record the message (unless the service did) and move it to STORED.
+                recorded = await self.store(MessageStoreActivities.begin_message, message)
+            else:
+                recorded = await self.activity(
+                    MessageStoreActivities.record_message, message, retry=self._until_done_retry
+                )
             self.set_status(recorded.status, recorded.version)
             if recorded.status is M.CANCELLED:
                 self.note_stop(_POSTGRES_RECALL)
@@ -189,17 +194,18 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         await self._flush_facts()
         return self._result()
 
-    def on_step_failure(self, err: ActivityError | ChildWorkflowError) -> None:
+    def on_step_failure(self, err: ActivityError | ChildWorkflowError | ApplicationError) -> None:
         """No saga to undo here: a step that fails for good is a bug, so the workflow
         task fails and Temporal retries it after the fix is deployed."""
         raise err
 
     async def _deliver(self) -> None:
         m = self._msg
-        await self.move(M.STORED)
+        if self._status is not M.STORED:
+            await self.move(M.STORED)
 
         self._step = Step.DISPATCHING
-        found = await self.activity(
+        found = await self.store(
             MessageStoreActivities.recipient_devices, DevicesInput(user_id=m.recipient_id)
         )
         self._devices = {d.device_id: d for d in found.devices}
@@ -367,7 +373,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
 
     async def _record_recall(self, request: RecallRequest) -> None:
         self._step = Step.RECALLING
-        state = await self.activity(
+        state = await self.store(
             MessageStoreActivities.recall_message,
             RecallMessageInput(
                 message_id=self._msg.message_id,
@@ -389,7 +395,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
             new = [d for d in devices if (d, fact) not in self._facts_recorded]
             if not new:
                 continue
-            await self.activity(
+            await self.store(
                 MessageStoreActivities.record_device_fact,
                 DeviceFactInput(message_id=self._msg.message_id, device_ids=new, fact=fact),
                 retry=self._until_done_retry,

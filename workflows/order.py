@@ -18,9 +18,14 @@ from enum import StrEnum
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
 
-from workflows._lifecycle import LifecycleWorkflow, StepFailed, Undo, error_type
+from workflows._lifecycle import (
+    STEP_FAILURES,
+    LifecycleWorkflow,
+    StepFailed,
+    Undo,
+    error_type,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
@@ -124,9 +129,13 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
     @workflow.run
     async def run(self, order: OrderInput) -> OrderResult:
         """Check out; on failure or cancellation, compensate. Returns the final state."""
-        recorded = await self.activity(
-            OrderStoreActivities.record_order, order, retry=self._until_done_retry
-        )
+        if self.patch_store():
+            # Record the order (unless the service did) and move it to VALIDATING at once.
+            recorded = await self.store(OrderStoreActivities.begin_order, order)
+        else:
+            recorded = await self.activity(
+                OrderStoreActivities.record_order, order, retry=self._until_done_retry
+            )
         self._version, self._status = recorded.version, recorded.status
         if recorded.status.cancelling:
             self.note_stop(_POSTGRES_CANCEL)
@@ -134,7 +143,8 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
     async def _check_out(self) -> None:
         o = self._order
-        await self.move(S.VALIDATING)
+        if self._status is not S.VALIDATING:
+            await self.move(S.VALIDATING)
         self._step = Step.VALIDATING
         problems = (await self.activity(InventoryActivities.validate, o)).problems
         if problems:
@@ -174,7 +184,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         if self._stop is None and self._failure_reason is not None:
             try:
                 return await self._fail(self._failure_reason)
-            except ActivityError as err:
+            except STEP_FAILURES as err:
                 if error_type(err) != OrderCancelled.__name__:
                     raise
                 self.note_stop(_POSTGRES_CANCEL)
@@ -194,7 +204,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
     async def _cancel(self, request: CancelOrderRequest) -> OrderResult:
         self._step = Step.CANCELLING
-        state = await self.activity(
+        state = await self.store(
             OrderStoreActivities.begin_cancellation,
             BeginCancelInput(
                 order_id=self._order.order_id,
@@ -202,7 +212,6 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
                 transition_id=step_key(self._id, "cancel"),
                 actor=f"workflow:{self._id}:{request.requested_by}",
             ),
-            retry=self._until_done_retry,
         )
         self.set_status(state.status, state.version)
         if state.status.terminal:

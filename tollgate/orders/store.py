@@ -22,6 +22,7 @@ from tollgate.postgres import Connection, Executor
 ORDERS = Lifecycle(
     kind="order",
     table="orders",
+    initial=OrderStatus.PENDING,
     audit_table="order_transitions",
     audit_key="order_id",
     stopped=frozenset({OrderStatus.CANCELLING, OrderStatus.CANCELLED}),
