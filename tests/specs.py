@@ -175,8 +175,8 @@ class StandIn:
     def __init__(self, real: Callable[..., Any], default: Answer, log: list[Call]) -> None:
         # The name and the models are the real activity's: the workflow cannot tell.
         definition = activity._Definition.must_from_callable(real)
-        assert definition.arg_types and len(definition.arg_types) == 1, definition.name
-        self.name = definition.name
+        assert definition.name and definition.arg_types and len(definition.arg_types) == 1
+        self.name: str = definition.name
         self._default = default
         self._rules: list[tuple[Callable[[Any], bool], deque[Answer]]] = []
         self._log = log
@@ -311,9 +311,15 @@ class StandIns:
         return self.version
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 async def env() -> AsyncIterator[WorkflowEnvironment]:
-    """One time-skipping server per spec module (it starts in about 0.1 s)."""
+    """A time-skipping server of the spec's own (it starts in about 0.1 s).
+
+    Not shared, because the server's clock is: it stops skipping while any activity is
+    in flight, and an attempt a workflow abandoned (a cancel of a held step: the
+    workflow does not wait for it) stays in flight for the server forever once that
+    workflow has closed. A spec after it would wait out its days in real time.
+    """
     async with time_skipping() as started:
         yield started
 
