@@ -42,6 +42,7 @@ from activities.messages import MessageStoreActivities
 from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
+from tollgate.errors import OrderNotFound, TollgateError
 from tollgate.messages.models import (
     Device,
     DevicesResult,
@@ -112,11 +113,11 @@ async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
 
 @dataclass(frozen=True)
 class Fail:
-    """Answer by raising what the real activity raises: its error ``type``, and whether
-    Temporal may retry it (``non_retryable`` as the real error class says)."""
+    """Answer by raising what the real activity raises for a domain error: an
+    ``ApplicationError`` whose ``type`` is the class name, retryable as the class says
+    (as :func:`activities.to_application_error` maps it)."""
 
-    type: str
-    non_retryable: bool = False
+    error: type[TollgateError]
 
 
 class Block:
@@ -213,10 +214,11 @@ class StandIn:
         if callable(answer):
             answer = answer(arg)
         if isinstance(answer, Fail):
+            kind = answer.error.__name__
             raise ApplicationError(
-                f"stand-in {self.name} answers {answer.type}",
-                type=answer.type,
-                non_retryable=answer.non_retryable,
+                f"stand-in {self.name} answers {kind}",
+                type=kind,
+                non_retryable=not answer.error.retryable,
             )
         assert answer is None or isinstance(answer, BaseModel), answer
         return answer
@@ -255,7 +257,7 @@ class StandIns:
                 status=OrderStatus.CANCELLING, version=self._bump(), cancel_reason=a.reason
             ),
             # A recovery reads a row that exists only once the spec says where it stands.
-            OrderStoreActivities.read_order: Fail("OrderNotFound", non_retryable=True),
+            OrderStoreActivities.read_order: Fail(OrderNotFound),
             InventoryActivities.validate: ValidateResult(problems=[]),
             PaymentActivities.charge: lambda a: ChargeResult(charge_id=f"ch-{a.order_id}"),
             PaymentActivities.refund: CompensationResult(outcome="refunded", reference="rf-1"),

@@ -20,6 +20,14 @@ from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from tests import specs
 from tests.specs import RETRY, Block, Fail, StandIns
+from tollgate.errors import (
+    InvalidProviderRequest,
+    OrderCancelled,
+    OutOfStock,
+    PaymentDeclined,
+    ProviderUnavailable,
+    VersionConflict,
+)
 from tollgate.names import (
     ALERT_ATTR,
     COMPENSATION_STUCK,
@@ -62,7 +70,7 @@ IN_FLIGHT = {"validating": 3, "charging": 5, "reserving": 7}
 UNDO_CALL = {"refund": "refund_payment", "release": "release_inventory"}
 UNDO_DONE = {"refund": "refund:refunded", "release": "release:released"}
 
-DECLINED = Fail("PaymentDeclined", non_retryable=True)
+DECLINED = Fail(PaymentDeclined)
 
 
 def order() -> OrderInput:
@@ -154,7 +162,7 @@ async def test_a_declined_card_is_undone_by_the_refund_registered_before_the_cha
 async def test_out_of_stock_releases_the_reservation_then_refunds_the_charge(
     acts: StandIns,
 ) -> None:
-    acts[InventoryActivities.reserve].then(Fail("OutOfStock", non_retryable=True))
+    acts[InventoryActivities.reserve].then(Fail(OutOfStock))
     acts[InventoryActivities.release].then(CompensationResult(outcome="voided"))
 
     result = await check_out(acts, order())
@@ -212,7 +220,7 @@ async def test_a_transition_that_finds_the_order_cancelled_in_postgres_compensat
 ) -> None:
     """The CLI recorded CANCELLING but its signal has not arrived: the next move finds it."""
     acts[OrderStoreActivities.transition_order].when(
-        lambda move: move.to_status is S.RESERVING, Fail("OrderCancelled", non_retryable=True)
+        lambda move: move.to_status is S.RESERVING, Fail(OrderCancelled)
     )
 
     result = await check_out(acts, order())
@@ -257,7 +265,7 @@ async def test_a_temporal_cancel_compensates_and_ends_the_execution_canceled(
 async def test_a_charge_whose_retries_run_out_is_refunded_and_the_order_fails(
     acts: StandIns,
 ) -> None:
-    acts[PaymentActivities.charge].then(*[Fail("ProviderUnavailable")] * RETRY.maximum_attempts)
+    acts[PaymentActivities.charge].then(*[Fail(ProviderUnavailable)] * RETRY.maximum_attempts)
 
     result = await check_out(acts, order())
 
@@ -277,7 +285,7 @@ async def test_a_refund_refused_again_and_again_is_retried_until_it_succeeds_und
 ) -> None:
     """A 4xx on a refund is not retried by Temporal; the saga retries it itself, forever,
     and raises the alert once ``compensation_alert_attempts`` attempts have failed."""
-    refused = Fail("InvalidProviderRequest", non_retryable=True)
+    refused = Fail(InvalidProviderRequest)
     below_threshold = Block(then=refused)  # held after 2 failures, then the 3rd fails
     past_threshold = Block()  # held after 4 failures, then the refund goes through
     acts[PaymentActivities.charge].then(DECLINED)
@@ -355,7 +363,7 @@ async def test_recovery_claims_a_charging_order_before_it_refunds_and_releases(
 
 
 @pytest.mark.parametrize(
-    ("moved_to", "then_trail", "outcome"),
+    ("moved_to", "then_trail", "then_moves", "ends"),
     [
         pytest.param(
             OrderSnapshot(status=S.RESERVING, version=4),
@@ -365,21 +373,36 @@ async def test_recovery_claims_a_charging_order_before_it_refunds_and_releases(
                 "release_inventory",
                 "transition_order:FAILED",
             ],
-            "recovered",
+            [(4, "COMPENSATING"), (5, "FAILED")],
+            RecoveryResult(
+                order_id="o-moving",
+                status=S.FAILED,
+                compensations=["refund:refunded", "release:released"],
+            ),
             id="still-open",
         ),
         pytest.param(
-            OrderSnapshot(status=S.COMPLETED, version=4), [], "nothing to do", id="completed"
+            OrderSnapshot(status=S.COMPLETED, version=4),
+            [],
+            [],
+            RecoveryResult(
+                order_id="o-moving", status=S.COMPLETED, compensations=[], outcome="nothing to do"
+            ),
+            id="completed",
         ),
     ],
 )
 async def test_recovery_reads_again_and_decides_again_when_the_row_moves_before_the_claim(
-    acts: StandIns, moved_to: OrderSnapshot, then_trail: list[str], outcome: str
+    acts: StandIns,
+    moved_to: OrderSnapshot,
+    then_trail: list[str],
+    then_moves: list[tuple[int, str]],
+    ends: RecoveryResult,
 ) -> None:
     acts[OrderStoreActivities.read_order].then(
         OrderSnapshot(status=S.CHARGING, version=3), moved_to
     )
-    acts[OrderStoreActivities.transition_order].then(Fail("VersionConflict", non_retryable=True))
+    acts[OrderStoreActivities.transition_order].then(Fail(VersionConflict))
 
     result = await recover(acts, "o-moving")
 
@@ -389,9 +412,5 @@ async def test_recovery_reads_again_and_decides_again_when_the_row_moves_before_
         "read_order",
         *then_trail,
     ]
-    claims = acts.moves(OrderStoreActivities.transition_order)
-    assert claims[0] == (3, "COMPENSATING")
-    assert all(version >= moved_to.version for version, _ in claims[1:])
-    assert result.outcome == outcome and result.status is (
-        S.FAILED if outcome == "recovered" else S.COMPLETED
-    )
+    assert acts.moves(OrderStoreActivities.transition_order) == [(3, "COMPENSATING"), *then_moves]
+    assert result == ends
