@@ -251,6 +251,7 @@ class StandIns:
         self.log: list[Call] = []
         self.version = 0
         defaults: dict[Callable[..., Any], Answer] = {
+            OrderStoreActivities.begin_order: lambda _: self._recorded(OrderStatus.VALIDATING),
             OrderStoreActivities.record_order: lambda _: self._recorded(OrderStatus.PENDING),
             OrderStoreActivities.transition_order: self._moved,
             OrderStoreActivities.begin_cancellation: lambda a: BeginCancelResult(
@@ -263,6 +264,7 @@ class StandIns:
             PaymentActivities.refund: CompensationResult(outcome="refunded", reference="rf-1"),
             InventoryActivities.reserve: lambda a: ReserveResult(reservation_id=f"rs-{a.order_id}"),
             InventoryActivities.release: CompensationResult(outcome="released", reference="rl-1"),
+            MessageStoreActivities.begin_message: lambda _: self._recorded(MessageStatus.STORED),
             MessageStoreActivities.record_message: lambda _: self._recorded(
                 MessageStatus.INITIATED
             ),
@@ -299,10 +301,11 @@ class StandIns:
         return [(c.expected_version, c.to_status.value) for c in self[real].calls]
 
     def _recorded(self, status: OrderStatus | MessageStatus) -> OrderSnapshot | MessageSnapshot:
-        self.version = 1
+        # A begin records the row (version 1) and makes its first move (version 2).
+        self.version = 1 if status in (OrderStatus.PENDING, MessageStatus.INITIATED) else 2
         if isinstance(status, OrderStatus):
-            return OrderSnapshot(status=status, version=1)
-        return MessageSnapshot(status=status, version=1)
+            return OrderSnapshot(status=status, version=self.version)
+        return MessageSnapshot(status=status, version=self.version)
 
     def _moved(self, arg: Any) -> TransitionResult:
         self.version = arg.expected_version + 1

@@ -39,8 +39,7 @@ PHONE, TABLET, LAPTOP = devices_of("bob")
 
 #: The delivery's calls up to and including the push to every device.
 DISPATCH = [
-    "record_message",
-    "transition_message:STORED",
+    "begin_message",
     "recipient_devices",
     "transition_message:DISPATCHED",
     "push_to_devices:message",

@@ -56,8 +56,7 @@ S = OrderStatus
 
 #: The checkout's calls up to and including the reservation, when every step succeeds.
 FORWARD = [
-    "record_order",
-    "transition_order:VALIDATING",
+    "begin_order",
     "validate_order",
     "transition_order:CHARGING",
     "charge_payment",
@@ -65,7 +64,7 @@ FORWARD = [
     "reserve_inventory",
 ]
 #: How far into FORWARD the checkout is while each step's provider call is in flight.
-IN_FLIGHT = {"validating": 3, "charging": 5, "reserving": 7}
+IN_FLIGHT = {"validating": 2, "charging": 4, "reserving": 6}
 #: An undo as the trail shows its call, and as the result reports it by default.
 UNDO_CALL = {"refund": "refund_payment", "release": "release_inventory"}
 UNDO_DONE = {"refund": "refund:refunded", "release": "release:released"}
@@ -105,7 +104,6 @@ async def test_an_order_that_passes_every_step_completes_with_one_charge_and_one
     assert acts.trail() == [*FORWARD, "transition_order:COMPLETED"]
     # each move expects the version the previous write left
     assert acts.moves(OrderStoreActivities.transition_order) == [
-        (1, "VALIDATING"),
         (2, "CHARGING"),
         (3, "RESERVING"),
         (4, "COMPLETED"),
@@ -126,8 +124,7 @@ async def test_an_invalid_order_fails_at_validation_and_nothing_is_charged(
     result = await check_out(acts, order())
 
     assert acts.trail() == [
-        "record_order",
-        "transition_order:VALIDATING",
+        "begin_order",
         "validate_order",
         "transition_order:FAILED",
     ]
