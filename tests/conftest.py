@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +26,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import uvicorn
+from starlette.types import ASGIApp
 from temporalio.client import Client
 
 from tollgate import gate, postgres
@@ -106,24 +110,41 @@ async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
         await server.stop()
 
 
-@pytest.fixture(scope="session")
-async def sandbox_url() -> AsyncIterator[str]:
-    """The provider sandbox, served over a real socket from this process."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+@asynccontextmanager
+async def serve_in_process(app: ASGIApp, *, startup_timeout: float = 10.0) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a real socket of this process; yields its base URL.
+
+    The socket is bound here and handed to uvicorn, so no other process can take the
+    port between choosing it and listening on it. The server shares the test's event
+    loop: whatever the test awaits, the server keeps answering meanwhile.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if serving.done():
+                serving.result()  # the server's own error, when it raised one
+                raise AssertionError("server exited during startup")
+            assert time.monotonic() < deadline, "server did not start"
+            await asyncio.sleep(0.01)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await task
+        await asyncio.wait_for(serving, timeout=10)
+
+
+@pytest.fixture(scope="session")
+async def sandbox_url() -> AsyncIterator[str]:
+    """The provider sandbox, served over a real socket from this process."""
+    async with serve_in_process(create_app()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

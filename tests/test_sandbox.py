@@ -8,7 +8,6 @@ runs the real uvicorn server on a socket to prove the sandbox works over the wir
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
+from tests.conftest import serve_in_process
 from tollgate_dev.sandbox import (
     FaultSpec,
     SandboxAdmin,
@@ -1069,49 +1069,30 @@ def test_main_reads_seed_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_real_server_over_a_socket() -> None:
     """Hang longer than the client's timeout; the refund voids the key; the late charge
     lands after the client gave up and is refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Bind here and hand the socket over: no window for another process to take the port.
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(), log_level="warning", lifespan="off", access_log=False)
-    )
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert not serving.done(), "server exited during startup"
-            assert time.monotonic() < deadline, "server did not start"
-            await asyncio.sleep(0.01)
+    async with (
+        serve_in_process(create_app()) as url,
+        SandboxAdmin(url) as admin,
+        httpx.AsyncClient(base_url=url, timeout=0.2) as client,
+    ):
+        assert await admin.health() == {"status": "ok"}
+        await admin.set_fault("payments", FaultSpec(hang_ms=500))
+        with pytest.raises(httpx.TimeoutException):
+            await charge(client, "k-hung")
 
-        url = f"http://127.0.0.1:{port}"
-        async with (
-            SandboxAdmin(url) as admin,
-            httpx.AsyncClient(base_url=url, timeout=0.2) as client,
-        ):
-            assert await admin.health() == {"status": "ok"}
-            await admin.set_fault("payments", FaultSpec(hang_ms=500))
-            with pytest.raises(httpx.TimeoutException):
-                await charge(client, "k-hung")
+        await admin.clear_faults()
+        refund = await post(
+            client, REFUNDS, "k-comp", {"order_id": "o-1", "charge_idempotency_key": "k-hung"}
+        )
+        assert refund.json()["status"] == "voided"
 
-            await admin.clear_faults()
-            refund = await post(
-                client, REFUNDS, "k-comp", {"order_id": "o-1", "charge_idempotency_key": "k-hung"}
-            )
-            assert refund.json()["status"] == "voided"
+        # Well past the hang: the abandoned charge has been processed (and refused).
+        await asyncio.sleep(1.0)
+        retry = await charge(client, "k-hung")
+        assert retry.status_code == 409
+        assert retry.json()["error"] == "voided"
+        assert retry.headers.get("Idempotent-Replayed") == "true"
 
-            # Well past the hang: the abandoned charge has been processed (and refused).
-            await asyncio.sleep(1.0)
-            retry = await charge(client, "k-hung")
-            assert retry.status_code == 409
-            assert retry.json()["error"] == "voided"
-            assert retry.headers.get("Idempotent-Replayed") == "true"
-
-            ledger = await admin.ledger()
-            assert ledger.charges == []
-            assert [v.idempotency_key for v in ledger.voids] == ["k-hung"]
-            assert (await admin.request_counts())["payments"] == 3
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=10)
+        ledger = await admin.ledger()
+        assert ledger.charges == []
+        assert [v.idempotency_key for v in ledger.voids] == ["k-hung"]
+        assert (await admin.request_counts())["payments"] == 3
