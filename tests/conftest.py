@@ -201,6 +201,19 @@ class Harness:
     messages: MessageService
     inventory: Inventory
 
+    def process_env(self, task_queue: str | None = None, **extra: str) -> dict[str, str]:
+        """The environment a Tollgate process (the CLI, a worker) needs to join this
+        harness: its Temporal, database, sandbox and payload key, on ``task_queue`` (the
+        harness's own unless given), plus ``extra``."""
+        return {
+            "TEMPORAL_ADDRESS": self.settings.temporal_address,
+            "DATABASE_URL": self.settings.database_url,
+            "SANDBOX_URL": self.settings.sandbox_url,
+            "TASK_QUEUE": task_queue or self.task_queue,
+            "PAYLOAD_ENCRYPTION_KEY": self.settings.payload_encryption_key or "",
+            **extra,
+        }
+
     def order(self, **overrides: object) -> OrderInput:
         """A valid order with a fresh id; keyword arguments override fields."""
         fields: dict[str, object] = {
