@@ -98,6 +98,15 @@ async def owner_pool(owner_url: str) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
+@pytest.fixture(params=["app", "owner"])
+def writer(
+    request: pytest.FixtureRequest, pool: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> asyncpg.Pool:
+    """The application role's pool, then the schema owner's: a test taking ``writer``
+    runs once as each, to show the gate holds whoever writes."""
+    return pool if request.param == "app" else owner_pool
+
+
 @pytest.fixture(scope="session")
 async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     """A Temporal dev server (headless) with Tollgate's search attributes registered."""
