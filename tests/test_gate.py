@@ -18,9 +18,11 @@ import asyncpg
 import pytest
 
 from tests.conftest import apply_transition
-from tests.db import attempt, audit_refusal, execute_as, move, new_order, path_to
+from tests.db import attempt, audit_refusal, execute_as, move, new_message, new_order, path_to
 from tollgate import gate
 from tollgate.errors import OrderCancelled, VersionConflict
+from tollgate.messages import store as message_store
+from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
 from tollgate.orders import store as order_store
 from tollgate.orders.states import ORDER_EDGES, OrderStatus
@@ -123,36 +125,55 @@ async def test_immutable_columns_and_initial_state(writer: asyncpg.Pool) -> None
     assert caught.value.sqlstate == "TG004"
 
 
+#: Per lifecycle: how a test makes a fresh row, reads its audit, and the statuses the row
+#: is created in and then moved to twice from psql.
+AUDITED = {
+    "orders": (
+        _new_order,
+        order_store.list_transitions,
+        (S.PENDING, S.VALIDATING, S.CANCELLING),
+    ),
+    "messages": (
+        lambda pool: new_message(pool, "mg", party="gate", body="gate test body"),
+        message_store.list_transitions,
+        (MessageStatus.INITIATED, MessageStatus.STORED, MessageStatus.CANCELLED),
+    ),
+}
+
+
+@pytest.mark.parametrize("table", list(AUDITED))
 async def test_audit_is_written_by_the_database_and_append_only(
-    writer: asyncpg.Pool, owner_pool: asyncpg.Pool
+    writer: asyncpg.Pool, owner_pool: asyncpg.Pool, table: str
 ) -> None:
-    """The triggers write the audit; nobody rewrites it. The application role is refused
-    by its privileges before any trigger runs; the owner, who has the privileges, by the
-    append-only trigger."""
+    """The triggers write the audit of both lifecycles; nobody rewrites it. The
+    application role is refused by its privileges before any trigger runs; the owner, who
+    has the privileges, by the append-only trigger."""
+    new_row, list_transitions, (created, named, anonymous) = AUDITED[table]
+    audit_table, key = f"{table[:-1]}_transitions", f"{table[:-1]}_id"
     pool = writer
-    refused_with = await audit_refusal(writer, owner_pool, "orders")
-    order_id = await _new_order(pool)
-    await execute_as(
-        pool, "alice-at-psql", "UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order_id
-    )
+    refused_with = await audit_refusal(writer, owner_pool, table)
+    row_id = await new_row(pool)
+    move_to = f"UPDATE {table} SET status = $2 WHERE id = $1"
+    await execute_as(pool, "alice-at-psql", move_to, row_id, named.value)
     # a writer that describes nothing is recorded as its database role
-    await pool.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order_id)
-    audit = await order_store.list_transitions(pool, order_id)
-    assert [(a.from_status, a.to_status) for a in audit] == [
-        (None, S.PENDING),
-        (S.PENDING, S.VALIDATING),
-        (S.VALIDATING, S.CANCELLING),
+    await pool.execute(move_to, row_id, anonymous.value)
+    audit = await list_transitions(pool, row_id)
+    assert [(a.from_status, a.to_status, a.to_version) for a in audit] == [
+        (None, created, 1),
+        (created, named, 2),
+        (named, anonymous, 3),
     ]
-    assert [a.to_version for a in audit] == [1, 2, 3]
+    assert (audit[0].actor, audit[0].reason) == ("test", f"{table[:-1]} created")
     assert audit[1].actor == "alice-at-psql"
     assert audit[2].actor == await pool.fetchval("SELECT session_user")
     for statement in (
-        "UPDATE order_transitions SET actor = 'someone else' WHERE order_id = $1",
-        "DELETE FROM order_transitions WHERE order_id = $1",
+        f"UPDATE {audit_table} SET actor = 'someone else' WHERE {key} = $1",
+        f"UPDATE {audit_table} SET to_status = '{created}' WHERE {key} = $1",
+        f"DELETE FROM {audit_table} WHERE {key} = $1",
     ):
-        assert await attempt(pool, statement, order_id) == refused_with, statement
-    assert await attempt(pool, "TRUNCATE order_transitions CASCADE") == refused_with
-    assert len(await order_store.list_transitions(pool, order_id)) == 3
+        assert await attempt(pool, statement, row_id) == refused_with, statement
+    assert await attempt(pool, f"TRUNCATE {audit_table} CASCADE") == refused_with
+    assert await list_transitions(pool, row_id) == audit
 
 
 async def test_concurrent_writers_on_one_row_lose_no_update(pool: asyncpg.Pool) -> None:

@@ -2,7 +2,8 @@
 
 Like ``test_gate.py`` these write with plain SQL where they can, so the guarantees are
 shown to hold for any writer, and use ``tollgate.message_db`` where it is the subject.
-Tests taking ``writer`` run as the application role and again as the schema owner.
+Tests taking ``writer`` run as the application role and again as the schema owner. That
+the audit is append-only is shown for both lifecycles at once, in ``test_gate.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.db import attempt, audit_refusal, execute_as, new_message, path_to
+from tests.db import new_message, path_to
 from tollgate import gate
 from tollgate.errors import InputError, MessageNotFound
 from tollgate.messages import store as message_store
@@ -180,37 +181,6 @@ async def test_a_message_must_be_created_initiated(
     assert status.value in str(caught.value)
     assert await message_store.get_message(pool, message_id) is None
     assert await _audit(pool, message_id) == []
-
-
-async def test_message_audit_is_written_by_the_database_and_append_only(
-    writer: asyncpg.Pool, owner_pool: asyncpg.Pool
-) -> None:
-    """The application role is refused by its privileges, the owner by the trigger."""
-    pool = writer
-    refused_with = await audit_refusal(writer, owner_pool, "messages")
-    message_id = await _new_message(pool)
-    await execute_as(
-        pool, "bob-at-psql", "UPDATE messages SET status = 'STORED' WHERE id = $1", message_id
-    )
-    await pool.execute("UPDATE messages SET status = 'CANCELLED' WHERE id = $1", message_id)
-    audit = await _audit(pool, message_id)
-    assert [(a.from_status, a.to_status, a.to_version) for a in audit] == [
-        (None, M.INITIATED, 1),
-        (M.INITIATED, M.STORED, 2),
-        (M.STORED, M.CANCELLED, 3),
-    ]
-    assert (audit[0].actor, audit[0].reason) == ("test", "message created")
-    assert audit[1].actor == "bob-at-psql"
-    assert audit[2].actor == await pool.fetchval("SELECT session_user")
-
-    for statement in (
-        "UPDATE message_transitions SET actor = 'someone else' WHERE message_id = $1",
-        "UPDATE message_transitions SET to_status = 'READ' WHERE message_id = $1",
-        "DELETE FROM message_transitions WHERE message_id = $1",
-    ):
-        assert await attempt(pool, statement, message_id) == refused_with, statement
-    assert await attempt(pool, "TRUNCATE message_transitions") == refused_with
-    assert await _audit(pool, message_id) == audit
 
 
 @pytest.mark.parametrize("status", list(M))
