@@ -32,7 +32,7 @@ from temporalio.client import Client
 from tollgate import gate, postgres
 from tollgate.codec import encode_key, new_key
 from tollgate.messages.models import MessageInput
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
 from tollgate.orders import store as order_store
@@ -44,6 +44,7 @@ from tollgate.settings import Settings
 from tollgate.telemetry import configure_tracing
 from tollgate.temporal import connect
 from tollgate.worker import build_worker
+from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import SandboxAdmin, create_app
 from tollgate_dev.stack import LocalPostgres, TemporalDevServer, free_port
 
@@ -241,8 +242,6 @@ class Harness:
         fields: dict[str, object] = {
             "message_id": f"m-{uuid.uuid4().hex[:12]}",
             "sender_id": "sam",
-            "recipient_id": recipient,
-            "recipient_email": f"{recipient}@example.com",
             "body": "See you at noon?",
             "deadline": timedelta(seconds=5),
             "read_window": timedelta(seconds=5),
@@ -250,18 +249,12 @@ class Harness:
             "retry": FAST_RETRY,
         }
         fields.update(overrides)
-        return build_message(**fields)
+        return message_to(recipient, **fields)
 
     async def devices(self, count: int, *, user: str | None = None) -> tuple[str, list[str]]:
         """Register ``count`` devices of a fresh user; returns (user id, device ids)."""
         user = user or f"u-{uuid.uuid4().hex[:8]}"
-        ids = []
-        for n in range(count):
-            row = await self.messages.register_device(
-                device_id=f"{user}-d{n}", user_id=user, push_token=f"tok-{user}-{n}", platform="ios"
-            )
-            ids.append(row.id)
-        return user, ids
+        return user, await register_phones(self.messages, user, count)
 
 
 @pytest.fixture

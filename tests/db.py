@@ -17,10 +17,10 @@ import asyncpg
 
 from tollgate import gate
 from tollgate.messages import store as message_store
-from tollgate.messages.service import build_message
 from tollgate.orders import store as order_store
 from tollgate.orders.models import OrderInput, TransitionInput
 from tollgate.orders.states import OrderStatus
+from tollgate_dev.recipients import message_to
 
 #: SQLSTATE insufficient_privilege: a role's privileges refused the statement before any
 #: trigger ran.
@@ -132,12 +132,8 @@ async def new_message(
     """Insert a fresh INITIATED message the way the CLI does, from ``<party>-sender`` to
     ``<party>-recipient``; its id, ``<prefix>-<random>``."""
     message_id = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    message = build_message(
-        message_id=message_id,
-        sender_id=f"{party}-sender",
-        recipient_id=f"{party}-recipient",
-        recipient_email=f"{party}-recipient@example.com",
-        body=body,
+    message = message_to(
+        f"{party}-recipient", message_id=message_id, sender_id=f"{party}-sender", body=body
     )
     async with pool.acquire() as conn:
         await message_store.insert_message(

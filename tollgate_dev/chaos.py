@@ -42,7 +42,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from tollgate.codec import ensure_key_file
 from tollgate.errors import InputError
 from tollgate.messages import store as message_store
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.messages.states import MESSAGE_EDGES, MessageStatus
 from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
@@ -56,6 +56,7 @@ from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
 from tollgate.temporal import connect
+from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import FaultSpec, SandboxAdmin
 from tollgate_dev.stack import (
     LocalPostgres,
@@ -206,11 +207,10 @@ class _Driver:
 
     async def message(self, n: int, recipient: str, devices: list[str]) -> None:
         roll = self.rng.random()
-        message = build_message(
+        message = message_to(
+            recipient,
             message_id=f"chaos-{self.run_id}-m{n}",
             sender_id="chaos-sender",
-            recipient_id=recipient,
-            recipient_email=f"{recipient}@example.com",
             body=f"chaos message {n}",
             deadline=timedelta(seconds=4),
             read_window=timedelta(seconds=3),
@@ -483,16 +483,7 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
                 recipients = []
                 for r in range(5):
                     user = f"chaos-{driver.run_id}-user{r}"
-                    ids = []
-                    for d in range(2):
-                        device = await driver.messages.register_device(
-                            device_id=f"{user}-d{d}",
-                            user_id=user,
-                            push_token=f"tok-{user}-{d}",
-                            platform="ios",
-                        )
-                        ids.append(device.id)
-                    recipients.append((user, ids))
+                    recipients.append((user, await register_phones(driver.messages, user, 2)))
 
                 total = config.orders + config.messages
                 kinds = ["order"] * config.orders + ["message"] * config.messages
