@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,12 +26,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 import uvicorn
+from starlette.types import ASGIApp
 from temporalio.client import Client
 
 from tollgate import gate, postgres
 from tollgate.codec import encode_key, new_key
 from tollgate.messages.models import MessageInput
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
 from tollgate.orders import store as order_store
@@ -40,6 +44,7 @@ from tollgate.settings import Settings
 from tollgate.telemetry import configure_tracing
 from tollgate.temporal import connect
 from tollgate.worker import build_worker
+from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import SandboxAdmin, create_app
 from tollgate_dev.stack import LocalPostgres, TemporalDevServer, free_port
 
@@ -94,6 +99,15 @@ async def owner_pool(owner_url: str) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
+@pytest.fixture(params=["app", "owner"])
+def writer(
+    request: pytest.FixtureRequest, pool: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> asyncpg.Pool:
+    """The application role's pool, then the schema owner's: a test taking ``writer``
+    runs once as each, to show the gate holds whoever writes."""
+    return pool if request.param == "app" else owner_pool
+
+
 @pytest.fixture(scope="session")
 async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     """A Temporal dev server (headless) with Tollgate's search attributes registered."""
@@ -106,24 +120,41 @@ async def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
         await server.stop()
 
 
-@pytest.fixture(scope="session")
-async def sandbox_url() -> AsyncIterator[str]:
-    """The provider sandbox, served over a real socket from this process."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+@asynccontextmanager
+async def serve_in_process(app: ASGIApp, *, startup_timeout: float = 10.0) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a real socket of this process; yields its base URL.
+
+    The socket is bound here and handed to uvicorn, so no other process can take the
+    port between choosing it and listening on it. The server shares the test's event
+    loop: whatever the test awaits, the server keeps answering meanwhile.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if serving.done():
+                serving.result()  # the server's own error, when it raised one
+                raise AssertionError("server exited during startup")
+            assert time.monotonic() < deadline, "server did not start"
+            await asyncio.sleep(0.01)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await task
+        await asyncio.wait_for(serving, timeout=10)
+
+
+@pytest.fixture(scope="session")
+async def sandbox_url() -> AsyncIterator[str]:
+    """The provider sandbox, served over a real socket from this process."""
+    async with serve_in_process(create_app()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -180,6 +211,19 @@ class Harness:
     messages: MessageService
     inventory: Inventory
 
+    def process_env(self, task_queue: str | None = None, **extra: str) -> dict[str, str]:
+        """The environment a Tollgate process (the CLI, a worker) needs to join this
+        harness: its Temporal, database, sandbox and payload key, on ``task_queue`` (the
+        harness's own unless given), plus ``extra``."""
+        return {
+            "TEMPORAL_ADDRESS": self.settings.temporal_address,
+            "DATABASE_URL": self.settings.database_url,
+            "SANDBOX_URL": self.settings.sandbox_url,
+            "TASK_QUEUE": task_queue or self.task_queue,
+            "PAYLOAD_ENCRYPTION_KEY": self.settings.payload_encryption_key or "",
+            **extra,
+        }
+
     def order(self, **overrides: object) -> OrderInput:
         """A valid order with a fresh id; keyword arguments override fields."""
         fields: dict[str, object] = {
@@ -198,8 +242,6 @@ class Harness:
         fields: dict[str, object] = {
             "message_id": f"m-{uuid.uuid4().hex[:12]}",
             "sender_id": "sam",
-            "recipient_id": recipient,
-            "recipient_email": f"{recipient}@example.com",
             "body": "See you at noon?",
             "deadline": timedelta(seconds=5),
             "read_window": timedelta(seconds=5),
@@ -207,18 +249,12 @@ class Harness:
             "retry": FAST_RETRY,
         }
         fields.update(overrides)
-        return build_message(**fields)
+        return message_to(recipient, **fields)
 
     async def devices(self, count: int, *, user: str | None = None) -> tuple[str, list[str]]:
         """Register ``count`` devices of a fresh user; returns (user id, device ids)."""
         user = user or f"u-{uuid.uuid4().hex[:8]}"
-        ids = []
-        for n in range(count):
-            row = await self.messages.register_device(
-                device_id=f"{user}-d{n}", user_id=user, push_token=f"tok-{user}-{n}", platform="ios"
-            )
-            ids.append(row.id)
-        return user, ids
+        return user, await register_phones(self.messages, user, count)
 
 
 @pytest.fixture

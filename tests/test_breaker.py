@@ -312,25 +312,22 @@ def test_state_is_published_as_a_gauge_per_provider(clock: FakeClock) -> None:
 
 
 def test_breakers_take_their_thresholds_from_settings() -> None:
+    thresholds: dict[str, float] = {
+        "failure_rate": 0.25,
+        "window": 8,
+        "min_calls": 4,
+        "consecutive_failures": 3,
+        "open_seconds": 7.0,
+        "half_open_probes": 1,
+    }
     settings = Settings(
-        breaker_failure_rate=0.25,
-        breaker_window=8,
-        breaker_min_calls=4,
-        breaker_consecutive_failures=3,
-        breaker_open_seconds=7.0,
-        breaker_half_open_probes=1,
+        **{f"breaker_{name}": value for name, value in thresholds.items()},
         provider_timeout_seconds=2.0,
     )
     config = Breakers(settings).get("email").config
-    assert config == BreakerConfig(
-        failure_rate=0.25,
-        window=8,
-        min_calls=4,
-        consecutive_failures=3,
-        open_seconds=7.0,
-        half_open_probes=1,
-        probe_wait_seconds=2.0,
-    )
+    # Each BREAKER_<NAME> setting is the config's <name>; calls refused while the probes are
+    # out are told to come back once a provider call has timed out (here sooner than 7 s).
+    assert config == BreakerConfig(**thresholds, probe_wait_seconds=2.0)
 
 
 def test_inconsistent_thresholds_are_refused_up_front() -> None:

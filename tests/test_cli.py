@@ -31,15 +31,7 @@ class Run:
 
 async def _starter(h: Harness, *args: str, env: dict[str, str] | None = None) -> Run:
     """Run the CLI without blocking the event loop the in-process worker lives on."""
-    full_env = {
-        **os.environ,
-        "TEMPORAL_ADDRESS": h.settings.temporal_address,
-        "DATABASE_URL": h.settings.database_url,
-        "SANDBOX_URL": h.settings.sandbox_url,
-        "TASK_QUEUE": h.task_queue,
-        "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
-        **(env or {}),
-    }
+    full_env = {**os.environ, **h.process_env(), **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "starter.py",

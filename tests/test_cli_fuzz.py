@@ -159,14 +159,7 @@ async def _counts(database_url: str) -> tuple[int, ...]:
 async def test_every_command_fails_cleanly_whatever_its_arguments(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = {
-        "TEMPORAL_ADDRESS": h.settings.temporal_address,
-        "DATABASE_URL": h.settings.database_url,
-        "SANDBOX_URL": h.settings.sandbox_url,
-        "TASK_QUEUE": h.task_queue,
-        "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
-    }
-    for name, value in env.items():
+    for name, value in h.process_env().items():
         monkeypatch.setenv(name, value)
     seen: dict[int, int] = {}
 

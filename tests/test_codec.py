@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from google.protobuf.message import Message
 from rich.console import Console
 from temporalio.api.common.v1 import Payload
@@ -32,7 +31,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from tests.conftest import PROJECT_ROOT, Harness
+from tests.conftest import PROJECT_ROOT, Harness, serve_in_process
 from tollgate.codec import (
     ENCODING,
     KEY_ID_METADATA,
@@ -262,21 +261,8 @@ async def codec_url() -> AsyncIterator[str]:
         ui_origins=ui_origins_for(UI_ORIGIN),
         max_body_bytes=MAX_BODY,
     )
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", access_log=False
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_in_process(app) as url:
+        yield url
 
 
 @pytest.fixture

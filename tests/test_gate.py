@@ -12,86 +12,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
-import uuid
-from collections import deque
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tests.conftest import apply_transition
+from tests.db import attempt, audit_refusal, execute_as, move, new_message, new_order, path_to
 from tollgate import gate
 from tollgate.errors import OrderCancelled, VersionConflict
+from tollgate.messages import store as message_store
+from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderInput, TransitionInput
 from tollgate.orders.states import ORDER_EDGES, OrderStatus
 
 S = OrderStatus
 
-INSUFFICIENT_PRIVILEGE = "42501"
-
-
-@pytest.fixture(params=["app", "owner"])
-def writer(
-    request: pytest.FixtureRequest, pool: asyncpg.Pool, owner_pool: asyncpg.Pool
-) -> asyncpg.Pool:
-    """The application role's pool, then the schema owner's."""
-    return pool if request.param == "app" else owner_pool
-
-
-async def acts_as_owner(pool: asyncpg.Pool) -> bool:
-    """Whether ``pool``'s role has the owner's rights on ``orders`` (owner, superuser...).
-
-    False for the application role, except when the tests were given a single external
-    database URL, which then serves as both.
-    """
-    return bool(
-        await pool.fetchval(
-            "SELECT pg_has_role(session_user, relowner, 'USAGE') FROM pg_class"
-            " WHERE oid = 'orders'::regclass"
-        )
-    )
-
-
-def _order(order_id: str | None = None) -> OrderInput:
-    return OrderInput(
-        order_id=order_id or f"g-{uuid.uuid4().hex[:12]}",
-        customer_id="gate-test",
-        items=[{"sku": "WIDGET", "quantity": 1}],
-        amount_cents=100,
-    )
-
 
 async def _new_order(pool: asyncpg.Pool) -> str:
-    order = _order()
-    async with pool.acquire() as conn:
-        await order_store.insert_order(
-            conn, order, workflow_id=f"order-{order.order_id}", actor="test"
-        )
-    return order.order_id
-
-
-def _path_to(target: OrderStatus) -> list[OrderStatus]:
-    """Shortest legal path from PENDING to ``target`` (breadth-first over the graph)."""
-    previous: dict[OrderStatus, OrderStatus | None] = {S.PENDING: None}
-    queue = deque([S.PENDING])
-    while queue:
-        node = queue.popleft()
-        for a, b in ORDER_EDGES:
-            if a == node and b not in previous:
-                previous[b] = node
-                queue.append(b)
-    path: list[OrderStatus] = []
-    node: OrderStatus | None = target
-    while node is not None:
-        path.append(node)
-        node = previous[node]
-    return path[::-1][1:]
+    return await new_order(pool, "g", customer_id="gate-test")
 
 
 async def _force(pool: asyncpg.Pool, order_id: str, target: OrderStatus) -> None:
-    for step in _path_to(target):
+    for step in path_to(ORDER_EDGES, S.PENDING, target):
         await pool.execute("UPDATE orders SET status = $2 WHERE id = $1", order_id, step.value)
 
 
@@ -181,61 +125,62 @@ async def test_immutable_columns_and_initial_state(writer: asyncpg.Pool) -> None
     assert caught.value.sqlstate == "TG004"
 
 
+#: Per lifecycle: how a test makes a fresh row, reads its audit, and the statuses the row
+#: is created in and then moved to twice from psql.
+AUDITED = {
+    "orders": (
+        _new_order,
+        order_store.list_transitions,
+        (S.PENDING, S.VALIDATING, S.CANCELLING),
+    ),
+    "messages": (
+        lambda pool: new_message(pool, "mg", party="gate", body="gate test body"),
+        message_store.list_transitions,
+        (MessageStatus.INITIATED, MessageStatus.STORED, MessageStatus.CANCELLED),
+    ),
+}
+
+
+@pytest.mark.parametrize("table", list(AUDITED))
 async def test_audit_is_written_by_the_database_and_append_only(
-    writer: asyncpg.Pool, owner_pool: asyncpg.Pool
+    writer: asyncpg.Pool, owner_pool: asyncpg.Pool, table: str
 ) -> None:
-    """The triggers write the audit; nobody rewrites it. The application role is refused
-    by its privileges before any trigger runs; the owner, who has the privileges, by the
-    append-only trigger."""
+    """The triggers write the audit of both lifecycles; nobody rewrites it. The
+    application role is refused by its privileges before any trigger runs; the owner, who
+    has the privileges, by the append-only trigger."""
+    new_row, list_transitions, (created, named, anonymous) = AUDITED[table]
+    audit_table, key = f"{table[:-1]}_transitions", f"{table[:-1]}_id"
     pool = writer
-    if writer is owner_pool:
-        assert await acts_as_owner(owner_pool)
-    refused_with = (
-        gate.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
-    )
-    order_id = await _new_order(pool)
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT set_config('tollgate.actor', 'alice-at-psql', true)")
-        await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order_id)
+    refused_with = await audit_refusal(writer, owner_pool, table)
+    row_id = await new_row(pool)
+    move_to = f"UPDATE {table} SET status = $2 WHERE id = $1"
+    await execute_as(pool, "alice-at-psql", move_to, row_id, named.value)
     # a writer that describes nothing is recorded as its database role
-    await pool.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order_id)
-    audit = await order_store.list_transitions(pool, order_id)
-    assert [(a.from_status, a.to_status) for a in audit] == [
-        (None, S.PENDING),
-        (S.PENDING, S.VALIDATING),
-        (S.VALIDATING, S.CANCELLING),
+    await pool.execute(move_to, row_id, anonymous.value)
+    audit = await list_transitions(pool, row_id)
+    assert [(a.from_status, a.to_status, a.to_version) for a in audit] == [
+        (None, created, 1),
+        (created, named, 2),
+        (named, anonymous, 3),
     ]
-    assert [a.to_version for a in audit] == [1, 2, 3]
+    assert (audit[0].actor, audit[0].reason) == ("test", f"{table[:-1]} created")
     assert audit[1].actor == "alice-at-psql"
     assert audit[2].actor == await pool.fetchval("SELECT session_user")
     for statement in (
-        "UPDATE order_transitions SET actor = 'someone else' WHERE order_id = $1",
-        "DELETE FROM order_transitions WHERE order_id = $1",
+        f"UPDATE {audit_table} SET actor = 'someone else' WHERE {key} = $1",
+        f"UPDATE {audit_table} SET to_status = '{created}' WHERE {key} = $1",
+        f"DELETE FROM {audit_table} WHERE {key} = $1",
     ):
-        with pytest.raises(asyncpg.PostgresError) as caught:
-            await pool.execute(statement, order_id)
-        assert caught.value.sqlstate == refused_with, (statement, caught.value)
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await pool.execute("TRUNCATE order_transitions CASCADE")
-    assert caught.value.sqlstate == refused_with, caught.value
-    assert len(await order_store.list_transitions(pool, order_id)) == 3
-
-
-def _move(order_id: str, version: int, to: OrderStatus, tid: str | None = None) -> TransitionInput:
-    return TransitionInput(
-        order_id=order_id,
-        expected_version=version,
-        to_status=to,
-        transition_id=tid or f"test:{uuid.uuid4().hex}",
-        actor="test",
-    )
+        assert await attempt(pool, statement, row_id) == refused_with, statement
+    assert await attempt(pool, f"TRUNCATE {audit_table} CASCADE") == refused_with
+    assert await list_transitions(pool, row_id) == audit
 
 
 async def test_concurrent_writers_on_one_row_lose_no_update(pool: asyncpg.Pool) -> None:
     """20 writers race for the same version: one wins, the rest are told, none is lost."""
     order_id = await _new_order(pool)
     outcomes = await asyncio.gather(
-        *(apply_transition(pool, _move(order_id, 1, S.VALIDATING)) for _ in range(20)),
+        *(apply_transition(pool, move(order_id, 1, S.VALIDATING)) for _ in range(20)),
         return_exceptions=True,
     )
     wins = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -278,22 +223,22 @@ async def test_increments_by_many_writers_are_all_counted(pool: asyncpg.Pool) ->
 
 async def test_a_recorded_cancellation_wins_over_a_stale_writer(pool: asyncpg.Pool) -> None:
     order_id = await _new_order(pool)
-    await apply_transition(pool, _move(order_id, 1, S.VALIDATING))
+    await apply_transition(pool, move(order_id, 1, S.VALIDATING))
     cancel = await order_store.request_cancellation(pool, order_id, reason="stop", actor="cli:test")
     assert cancel.status == S.CANCELLING and cancel.version == 3
     with pytest.raises(OrderCancelled):
-        await apply_transition(pool, _move(order_id, 2, S.CHARGING))
+        await apply_transition(pool, move(order_id, 2, S.CHARGING))
     # asking again changes nothing; an ended order is reported, not moved
     again = await order_store.request_cancellation(pool, order_id, reason="again", actor="cli:test")
     assert (again.status, again.version, again.cancel_reason) == (S.CANCELLING, 3, "stop")
-    await apply_transition(pool, _move(order_id, 3, S.CANCELLED))
+    await apply_transition(pool, move(order_id, 3, S.CANCELLED))
     ended = await order_store.request_cancellation(pool, order_id, reason="late", actor="cli:test")
     assert ended.status == S.CANCELLED
 
 
 async def test_retried_transition_recognises_its_own_committed_write(pool: asyncpg.Pool) -> None:
     order_id = await _new_order(pool)
-    req = _move(order_id, 1, S.VALIDATING, tid=f"order-{order_id}:v1:VALIDATING")
+    req = move(order_id, 1, S.VALIDATING, tid=f"order-{order_id}:v1:VALIDATING")
     first = await apply_transition(pool, req)
     retry = await apply_transition(pool, req)
     assert (first.version, first.already_applied) == (2, False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Harness
-from tollgate_dev.load import TokenBucket, percentile, run_load
+from tollgate_dev.load import LoadSummary, TokenBucket, percentile, run_load
 
 
 class FakeTime:
@@ -52,6 +52,22 @@ def test_percentiles_use_nearest_rank() -> None:
     assert percentile([7.0], 99) == 7.0
 
 
+async def _orders(
+    h: Harness, *, count: int, concurrency: int, rate: float, max_wait: float | None
+) -> LoadSummary:
+    """``load orders`` with these limits against the harness's worker, printing nothing."""
+    return await run_load(
+        "orders",
+        orders=h.service,
+        messages=h.messages,
+        count=count,
+        concurrency=concurrency,
+        rate=rate,
+        max_wait=max_wait,
+        console=None,
+    )
+
+
 async def test_load_runs_every_order_to_completion_within_the_bounds(h: Harness) -> None:
     in_flight = peak = 0
     real_create = h.service.create
@@ -75,16 +91,7 @@ async def test_load_runs_every_order_to_completion_within_the_bounds(h: Harness)
         return Counted()
 
     h.service.create = counting_create  # type: ignore[method-assign]
-    summary = await run_load(
-        "orders",
-        orders=h.service,
-        messages=h.messages,
-        count=20,
-        concurrency=4,
-        rate=50,
-        max_wait=None,
-        console=None,
-    )
+    summary = await _orders(h, count=20, concurrency=4, rate=50, max_wait=None)
     assert summary.statuses == {"COMPLETED": 20}
     assert summary.started == 20 and summary.refused_at_ingress == 0 and summary.errors == 0
     assert peak <= 4, f"{peak} orders in flight with --concurrency 4"
@@ -93,16 +100,7 @@ async def test_load_runs_every_order_to_completion_within_the_bounds(h: Harness)
 
 
 async def test_load_beyond_the_rate_is_refused_at_ingress_not_timed_out(h: Harness) -> None:
-    summary = await run_load(
-        "orders",
-        orders=h.service,
-        messages=h.messages,
-        count=12,
-        concurrency=2,
-        rate=2,
-        max_wait=0.1,
-        console=None,
-    )
+    summary = await _orders(h, count=12, concurrency=2, rate=2, max_wait=0.1)
     # a burst of 2, then one token every 0.5 s: whoever would wait longer is turned away
     assert summary.refused_at_ingress >= 1
     assert summary.started <= 2 + summary.seconds * 2 + 1, "starts exceeded the rate"

@@ -46,16 +46,7 @@ async def test_canaries_in_personal_fields_reach_no_log_line_and_no_free_text_co
     queue = f"canary-{tag}"
     log = tmp_path / "worker.log"
     worker = WorkerProcess(
-        {
-            "TEMPORAL_ADDRESS": h.settings.temporal_address,
-            "DATABASE_URL": h.settings.database_url,
-            "SANDBOX_URL": h.settings.sandbox_url,
-            "TASK_QUEUE": queue,
-            "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
-            "RECONCILE_EVERY_SECONDS": "0",
-            "LOG_LEVEL": "DEBUG",
-        },
-        log_file=log,
+        h.process_env(queue, RECONCILE_EVERY_SECONDS="0", LOG_LEVEL="DEBUG"), log_file=log
     )
     orders = OrderService(h.client, h.pool, queue, inventory=h.inventory)
     messages = MessageService(h.client, h.pool, queue)

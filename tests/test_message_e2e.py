@@ -303,15 +303,7 @@ async def test_ten_thousand_bogus_signals_leave_the_workflow_healthy_and_its_res
     """
     queue = f"flood-{uuid.uuid4().hex[:8]}"
     worker = WorkerProcess(
-        {
-            "TEMPORAL_ADDRESS": h.settings.temporal_address,
-            "DATABASE_URL": h.settings.database_url,
-            "SANDBOX_URL": h.settings.sandbox_url,
-            "TASK_QUEUE": queue,
-            "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
-            "RECONCILE_EVERY_SECONDS": "0",
-        },
-        log_file=tmp_path / "worker.log",
+        h.process_env(queue, RECONCILE_EVERY_SECONDS="0"), log_file=tmp_path / "worker.log"
     )
     messages = MessageService(h.client, h.pool, queue)
     user, devices = await h.devices(1)

@@ -2,7 +2,8 @@
 
 Like ``test_gate.py`` these write with plain SQL where they can, so the guarantees are
 shown to hold for any writer, and use ``tollgate.message_db`` where it is the subject.
-Tests taking ``writer`` run as the application role and again as the schema owner.
+Tests taking ``writer`` run as the application role and again as the schema owner. That
+the audit is append-only is shown for both lifecycles at once, in ``test_gate.py``.
 """
 
 from __future__ import annotations
@@ -10,73 +11,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections import deque
 
 import asyncpg
 import pytest
 
+from tests.db import new_message, path_to
 from tollgate import gate
 from tollgate.errors import InputError, MessageNotFound
 from tollgate.messages import store as message_store
-from tollgate.messages.service import build_message
 from tollgate.messages.states import MESSAGE_EDGES, MessageStatus
 
 M = MessageStatus
 
-INSUFFICIENT_PRIVILEGE = "42501"
-
-
-@pytest.fixture(params=["app", "owner"])
-def writer(
-    request: pytest.FixtureRequest, pool: asyncpg.Pool, owner_pool: asyncpg.Pool
-) -> asyncpg.Pool:
-    """The application role's pool, then the schema owner's."""
-    return pool if request.param == "app" else owner_pool
-
-
-async def acts_as_owner(pool: asyncpg.Pool) -> bool:
-    """Whether ``pool``'s role has the owner's rights on ``messages`` (see test_gate.py)."""
-    return bool(
-        await pool.fetchval(
-            "SELECT pg_has_role(session_user, relowner, 'USAGE') FROM pg_class"
-            " WHERE oid = 'messages'::regclass"
-        )
-    )
-
 
 async def _new_message(pool: asyncpg.Pool) -> str:
     """Insert a fresh INITIATED message row the way the CLI and the workflow do."""
-    message_id = f"mg-{uuid.uuid4().hex[:12]}"
-    message = build_message(
-        message_id=message_id,
-        sender_id="gate-sender",
-        recipient_id="gate-recipient",
-        recipient_email="gate-recipient@example.com",
-        body="gate test body",
-    )
-    async with pool.acquire() as conn:
-        await message_store.insert_message(
-            conn, message, workflow_id=f"message-{message_id}", actor="test"
-        )
-    return message_id
+    return await new_message(pool, "mg", party="gate", body="gate test body")
 
 
 def _path_to(target: MessageStatus) -> list[MessageStatus]:
-    """Shortest legal path from INITIATED to ``target`` (breadth-first over the graph)."""
-    previous: dict[MessageStatus, MessageStatus | None] = {M.INITIATED: None}
-    queue = deque([M.INITIATED])
-    while queue:
-        node = queue.popleft()
-        for a, b in sorted(MESSAGE_EDGES):
-            if a == node and b not in previous:
-                previous[b] = node
-                queue.append(b)
-    path: list[MessageStatus] = []
-    node: MessageStatus | None = target
-    while node is not None:
-        path.append(node)
-        node = previous[node]
-    return path[::-1][1:]
+    return path_to(MESSAGE_EDGES, M.INITIATED, target)
 
 
 async def _force(pool: asyncpg.Pool, message_id: str, target: MessageStatus) -> None:
@@ -227,45 +181,6 @@ async def test_a_message_must_be_created_initiated(
     assert status.value in str(caught.value)
     assert await message_store.get_message(pool, message_id) is None
     assert await _audit(pool, message_id) == []
-
-
-async def test_message_audit_is_written_by_the_database_and_append_only(
-    writer: asyncpg.Pool, owner_pool: asyncpg.Pool
-) -> None:
-    """The application role is refused by its privileges, the owner by the trigger."""
-    pool = writer
-    if writer is owner_pool:
-        assert await acts_as_owner(owner_pool)
-    refused_with = (
-        gate.AUDIT_APPEND_ONLY_SQLSTATE if await acts_as_owner(pool) else INSUFFICIENT_PRIVILEGE
-    )
-    message_id = await _new_message(pool)
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT set_config('tollgate.actor', 'bob-at-psql', true)")
-        await conn.execute("UPDATE messages SET status = 'STORED' WHERE id = $1", message_id)
-    await pool.execute("UPDATE messages SET status = 'CANCELLED' WHERE id = $1", message_id)
-    audit = await _audit(pool, message_id)
-    assert [(a.from_status, a.to_status, a.to_version) for a in audit] == [
-        (None, M.INITIATED, 1),
-        (M.INITIATED, M.STORED, 2),
-        (M.STORED, M.CANCELLED, 3),
-    ]
-    assert (audit[0].actor, audit[0].reason) == ("test", "message created")
-    assert audit[1].actor == "bob-at-psql"
-    assert audit[2].actor == await pool.fetchval("SELECT session_user")
-
-    for statement in (
-        "UPDATE message_transitions SET actor = 'someone else' WHERE message_id = $1",
-        "UPDATE message_transitions SET to_status = 'READ' WHERE message_id = $1",
-        "DELETE FROM message_transitions WHERE message_id = $1",
-    ):
-        with pytest.raises(asyncpg.PostgresError) as caught:
-            await pool.execute(statement, message_id)
-        assert caught.value.sqlstate == refused_with, (statement, caught.value)
-    with pytest.raises(asyncpg.PostgresError) as caught:
-        await pool.execute("TRUNCATE message_transitions")
-    assert caught.value.sqlstate == refused_with, caught.value
-    assert await _audit(pool, message_id) == audit
 
 
 @pytest.mark.parametrize("status", list(M))

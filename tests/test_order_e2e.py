@@ -79,6 +79,18 @@ async def _wait_for_step(h: Harness, order_id: str, step: str) -> None:
     raise AssertionError(f"{order_id} never reached step {step}")
 
 
+async def _started_with_late_answers(
+    h: Harness, provider: str, latency_ms: int, step: str
+) -> tuple[OrderInput, WorkflowHandle[Any, Any]]:
+    """An order started while ``provider`` acts at once but answers ``latency_ms`` late,
+    once its workflow is at ``step``: the moment a cancellation finds the outcome unknown."""
+    await h.sandbox.set_fault(provider, FaultSpec(latency_ms=latency_ms, latency_phase="after"))
+    order = h.order()
+    handle = await h.service.create(order)
+    await _wait_for_step(h, order.order_id, step)
+    return order, handle
+
+
 async def test_happy_path_completes_with_one_charge_and_one_reservation(h: Harness) -> None:
     order = h.order(items=[{"sku": "WIDGET", "quantity": 2}], amount_cents=1998)
     stock_before = (await h.sandbox.stock())["WIDGET"]
@@ -221,10 +233,7 @@ async def test_retries_exhausted_compensate_and_fail(h: Harness) -> None:
 
 async def test_cancel_while_reservation_is_slow_refunds_and_releases(h: Harness) -> None:
     """The reservation lands at once but its answer is slow: cancel, and both are undone."""
-    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=1500, latency_phase="after"))
-    order = h.order()
-    handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, "reserving")
+    order, handle = await _started_with_late_answers(h, "inventory", 1500, "reserving")
     await asyncio.sleep(0.2)
     outcome = await h.service.cancel(
         order.order_id, reason="changed my mind", requested_by="tester"
@@ -281,10 +290,7 @@ async def test_cancellation_racing_each_step_leaves_nothing_charged_or_reserved(
 
 async def test_cancellation_recorded_only_in_postgres_still_wins(h: Harness) -> None:
     """No signal at all: the next transition finds CANCELLING and the order compensates."""
-    await h.sandbox.set_fault("payments", FaultSpec(latency_ms=800, latency_phase="after"))
-    order = h.order()
-    handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, "charging")
+    order, handle = await _started_with_late_answers(h, "payments", 800, "charging")
     state = await order_store.request_cancellation(
         h.pool, order.order_id, reason="from psql", actor="ops"
     )
@@ -297,10 +303,7 @@ async def test_cancellation_recorded_only_in_postgres_still_wins(h: Harness) -> 
 
 async def test_cancel_from_temporal_compensates_and_ends_cancelled(h: Harness) -> None:
     """A cancel from the Web UI (a Temporal cancel request) ends the same way."""
-    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=1000, latency_phase="after"))
-    order = h.order()
-    handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, "reserving")
+    order, handle = await _started_with_late_answers(h, "inventory", 1000, "reserving")
     await asyncio.sleep(0.2)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError) as caught:

@@ -17,17 +17,15 @@ import asyncpg
 import pytest
 
 from tests.conftest import apply_transition
+from tests.db import INSUFFICIENT_PRIVILEGE, acts_as_owner, attempt, move, new_message, new_order
 from tollgate import gate
 from tollgate.messages import store as message_store
-from tollgate.messages.service import build_message
 from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderInput, TransitionInput
 from tollgate.orders.states import OrderStatus
 from tollgate_dev.stack import LocalPostgres, free_port
 
-INSUFFICIENT_PRIVILEGE = "42501"
 APP_GROUP = "tollgate_app"
 
 #: What the application role may do on each table 003 covers; anything else is refused.
@@ -58,26 +56,9 @@ async def app(pool: asyncpg.Pool, owner_pool: asyncpg.Pool) -> asyncpg.Pool:
             f"TOLLGATE_TEST_DATABASE_URL to a login role in {APP_GROUP} and "
             "TOLLGATE_TEST_DATABASE_OWNER_URL to the schema owner to test the separation"
         )
-    owns = await pool.fetchval(
-        "SELECT pg_has_role(session_user, relowner, 'USAGE') FROM pg_class"
-        " WHERE oid = 'orders'::regclass"
-    )
+    owns = await acts_as_owner(pool, "orders")
     assert not owns, f"{app_role!r} has the rights of the schema owner (a superuser?)"
     return pool
-
-
-async def attempt(pool: asyncpg.Pool, statement: str, *args: object) -> str:
-    """Run ``statement`` in a transaction that is rolled back; its SQLSTATE, or "ok"."""
-    async with pool.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            await conn.execute(statement, *args)
-        except asyncpg.PostgresError as exc:
-            return str(exc.sqlstate)
-        finally:
-            await tx.rollback()
-    return "ok"
 
 
 REFUSED = {
@@ -221,61 +202,39 @@ async def test_no_one_attaches_the_audit_function_to_a_table_of_their_own(
         assert caught.value.sqlstate == INSUFFICIENT_PRIVILEGE, caught.value
 
 
-def _order() -> OrderInput:
-    return OrderInput(
-        order_id=f"p-{uuid.uuid4().hex[:12]}",
-        customer_id="privileges-test",
-        items=[{"sku": "WIDGET", "quantity": 1}],
-        amount_cents=100,
-    )
-
-
 async def test_the_app_role_writes_orders_and_the_database_audits_them(
     app: asyncpg.Pool,
 ) -> None:
-    order = _order()
-    async with app.acquire() as conn:
-        await order_store.insert_order(
-            conn, order, workflow_id=f"order-{order.order_id}", actor="privileges:insert"
-        )
+    order_id = await new_order(app, "p", customer_id="privileges-test", actor="privileges:insert")
     moved = await apply_transition(
         app,
-        TransitionInput(
-            order_id=order.order_id,
-            expected_version=1,
-            to_status=OrderStatus.VALIDATING,
-            transition_id=f"privileges:{order.order_id}:VALIDATING",
+        move(
+            order_id,
+            1,
+            OrderStatus.VALIDATING,
+            f"privileges:{order_id}:VALIDATING",
             actor="privileges:move",
         ),
     )
     assert (moved.version, moved.already_applied) == (2, False)
     # a writer that describes nothing is recorded as its login role, not as the owner
     # the SECURITY DEFINER trigger runs as
-    await app.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order.order_id)
+    await app.execute("UPDATE orders SET status = 'CANCELLING' WHERE id = $1", order_id)
 
-    audit = await order_store.list_transitions(app, order.order_id)
+    audit = await order_store.list_transitions(app, order_id)
     app_role = await app.fetchval("SELECT session_user")
     assert [(a.from_status, a.to_status, a.actor) for a in audit] == [
         (None, OrderStatus.PENDING, "privileges:insert"),
         (OrderStatus.PENDING, OrderStatus.VALIDATING, "privileges:move"),
         (OrderStatus.VALIDATING, OrderStatus.CANCELLING, app_role),
     ]
-    assert audit[1].transition_id == f"privileges:{order.order_id}:VALIDATING"
+    assert audit[1].transition_id == f"privileges:{order_id}:VALIDATING"
 
 
 async def test_the_app_role_writes_messages_devices_and_deliveries(app: asyncpg.Pool) -> None:
-    message_id = f"pm-{uuid.uuid4().hex[:12]}"
-    message = build_message(
-        message_id=message_id,
-        sender_id="privileges-sender",
-        recipient_id="privileges-recipient",
-        recipient_email="privileges-recipient@example.com",
-        body="least privilege",
+    message_id = await new_message(
+        app, "pm", party="privileges", body="least privilege", actor="privileges:insert"
     )
-    async with app.acquire() as conn:
-        await message_store.insert_message(
-            conn, message, workflow_id=f"message-{message_id}", actor="privileges:insert"
-        )
     device_id = f"pd-{uuid.uuid4().hex[:10]}"
     await message_store.register_device(
         app,
@@ -306,23 +265,8 @@ async def test_a_temporary_table_does_not_shadow_the_graph_or_the_audit(
     """Temporary tables come first on a default search_path. The trigger functions pin
     theirs, so a session's own ``order_transition_edges`` widens nothing, and its own
     ``order_transitions`` does not swallow the audit row."""
-    order = _order()
-    async with app.acquire() as conn:
-        await order_store.insert_order(
-            conn, order, workflow_id=f"order-{order.order_id}", actor="t"
-        )
-    message_id = f"pm-{uuid.uuid4().hex[:12]}"
-    message = build_message(
-        message_id=message_id,
-        sender_id="s",
-        recipient_id="r",
-        recipient_email="r@example.com",
-        body="shadow",
-    )
-    async with app.acquire() as conn:
-        await message_store.insert_message(
-            conn, message, workflow_id=f"message-{message_id}", actor="t"
-        )
+    order_id = await new_order(app, "p", customer_id="privileges-test", actor="t")
+    message_id = await new_message(app, "pm", party="privileges", body="shadow", actor="t")
 
     schema = await app.fetchval(
         "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'orders'::regclass"
@@ -333,7 +277,7 @@ async def test_a_temporary_table_does_not_shadow_the_graph_or_the_audit(
         await conn.execute("INSERT INTO order_transition_edges VALUES ('PENDING', 'COMPLETED')")
         await conn.execute("INSERT INTO message_transition_edges VALUES ('INITIATED', 'READ')")
         for statement, entity in (
-            ("UPDATE orders SET status = 'COMPLETED' WHERE id = $1", order.order_id),
+            ("UPDATE orders SET status = 'COMPLETED' WHERE id = $1", order_id),
             ("UPDATE messages SET status = 'READ' WHERE id = $1", message_id),
         ):
             with pytest.raises(asyncpg.PostgresError) as caught:
@@ -341,9 +285,9 @@ async def test_a_temporary_table_does_not_shadow_the_graph_or_the_audit(
                     await conn.execute(statement, entity)
             assert caught.value.sqlstate == gate.ILLEGAL_TRANSITION_SQLSTATE, caught.value
 
-        await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order.order_id)
+        await conn.execute("UPDATE orders SET status = 'VALIDATING' WHERE id = $1", order_id)
         assert await conn.fetchval("SELECT count(*) FROM pg_temp.order_transitions") == 0
-    audit = await order_store.list_transitions(owner_pool, order.order_id)
+    audit = await order_store.list_transitions(owner_pool, order_id)
     assert [a.to_status for a in audit] == [OrderStatus.PENDING, OrderStatus.VALIDATING]
 
 

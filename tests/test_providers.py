@@ -23,20 +23,7 @@ from activities.email import EmailActivities
 from activities.inventory import InventoryActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
-from tollgate.errors import (
-    EmailBounced,
-    IdempotencyConflict,
-    InvalidProviderRequest,
-    MalformedProviderResponse,
-    OutOfStock,
-    PaymentDeclined,
-    ProviderError,
-    ProviderRejected,
-    ProviderUnavailable,
-    StepVoided,
-    TokenUnregistered,
-    UnknownSku,
-)
+from tollgate import errors
 from tollgate.messages.models import Device, EmailInput, PushInput
 from tollgate.orders.models import ChargeInput, OrderItem, RefundInput, ReleaseInput, ReserveInput
 from tollgate.providers.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
@@ -102,7 +89,7 @@ async def test_a_2xx_object_is_returned_with_the_idempotency_key_sent() -> None:
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 408])
 async def test_server_errors_and_throttling_are_unavailable(status: int) -> None:
-    with pytest.raises(ProviderUnavailable) as caught:
+    with pytest.raises(errors.ProviderUnavailable) as caught:
         await send(Script(answer(status, {"error": "card_declined", "message": "no"})))
     assert caught.value.code == f"http_{status}"
     assert caught.value.retryable
@@ -118,7 +105,7 @@ async def test_server_errors_and_throttling_are_unavailable(status: int) -> None
     ],
 )
 async def test_timeouts_and_connection_errors_are_unavailable(exc: Exception, code: str) -> None:
-    with pytest.raises(ProviderUnavailable) as caught:
+    with pytest.raises(errors.ProviderUnavailable) as caught:
         await send(Script(exc))
     assert caught.value.code == code and caught.value.retryable
 
@@ -130,7 +117,7 @@ async def test_timeouts_and_connection_errors_are_unavailable(exc: Exception, co
 )
 @pytest.mark.parametrize("status", [200, 201])
 async def test_a_2xx_that_is_not_a_json_object_is_malformed(status: int, raw: bytes) -> None:
-    with pytest.raises(MalformedProviderResponse) as caught:
+    with pytest.raises(errors.MalformedProviderResponse) as caught:
         await send(Script(answer(status, raw=raw)))
     assert caught.value.retryable
 
@@ -139,7 +126,7 @@ async def test_a_body_that_cannot_be_decoded_is_malformed() -> None:
     garbled = httpx.Response(
         200, stream=httpx.ByteStream(b"not gzip"), headers={"content-encoding": "gzip"}
     )
-    with pytest.raises(MalformedProviderResponse):
+    with pytest.raises(errors.MalformedProviderResponse):
         await send(Script(garbled))
 
 
@@ -149,29 +136,29 @@ async def test_a_body_that_cannot_be_decoded_is_malformed() -> None:
 async def test_a_4xx_with_an_unknown_code_is_a_plain_permanent_rejection(
     body: dict[str, Any],
 ) -> None:
-    with pytest.raises(ProviderRejected) as caught:
+    with pytest.raises(errors.ProviderRejected) as caught:
         await send(Script(answer(400, body)))
-    assert type(caught.value) is ProviderRejected and not caught.value.retryable
+    assert type(caught.value) is errors.ProviderRejected and not caught.value.retryable
 
 
 @pytest.mark.parametrize(
     ("code", "status", "cls"),
     [
-        ("card_declined", 402, PaymentDeclined),
-        ("insufficient_funds", 402, PaymentDeclined),
-        ("out_of_stock", 409, OutOfStock),
-        ("unknown_sku", 404, UnknownSku),
-        ("invalid_request", 400, InvalidProviderRequest),
-        ("idempotency_conflict", 409, IdempotencyConflict),
-        ("voided", 409, StepVoided),
-        ("unregistered", 410, TokenUnregistered),
-        ("bounced", 422, EmailBounced),
+        ("card_declined", 402, errors.PaymentDeclined),
+        ("insufficient_funds", 402, errors.PaymentDeclined),
+        ("out_of_stock", 409, errors.OutOfStock),
+        ("unknown_sku", 404, errors.UnknownSku),
+        ("invalid_request", 400, errors.InvalidProviderRequest),
+        ("idempotency_conflict", 409, errors.IdempotencyConflict),
+        ("voided", 409, errors.StepVoided),
+        ("unregistered", 410, errors.TokenUnregistered),
+        ("bounced", 422, errors.EmailBounced),
     ],
 )
 async def test_each_business_code_becomes_its_class(
-    code: str, status: int, cls: type[ProviderRejected]
+    code: str, status: int, cls: type[errors.ProviderRejected]
 ) -> None:
-    with pytest.raises(ProviderRejected) as caught:
+    with pytest.raises(errors.ProviderRejected) as caught:
         await send(Script(answer(status, {"error": code, "message": f"{code}!"})))
     assert type(caught.value) is cls
     assert caught.value.code == code and not caught.value.retryable
@@ -181,7 +168,7 @@ async def test_a_rejection_keeps_the_code_and_drops_the_providers_text() -> None
     """Provider text quotes what it was sent (an address, a customer); error text ends up
     in logs, failure reasons and histories, so only the machine code is kept."""
     body = {"error": "bounced", "message": "address ada@example.com bounces", "to": "ada@"}
-    with pytest.raises(EmailBounced) as caught:
+    with pytest.raises(errors.EmailBounced) as caught:
         await send(Script(answer(422, body)))
     assert "ada@example.com" not in str(caught.value)
     assert str(caught.value) == "payments: POST /payments/charges -> 422: bounced"
@@ -193,9 +180,9 @@ async def test_a_rejection_keeps_the_code_and_drops_the_providers_text() -> None
     "code", ["customer ada@example.com", "BOUNCED", "x" * 65, "bounced\r\nX-Evil: 1"]
 )
 async def test_a_code_that_is_not_a_plain_token_is_treated_as_none(code: str) -> None:
-    with pytest.raises(ProviderRejected) as caught:
+    with pytest.raises(errors.ProviderRejected) as caught:
         await send(Script(answer(400, {"error": code, "message": "no"})))
-    assert type(caught.value) is ProviderRejected and caught.value.code is None
+    assert type(caught.value) is errors.ProviderRejected and caught.value.code is None
     assert code not in str(caught.value)
 
 
@@ -344,7 +331,7 @@ async def test_a_malformed_answer_is_a_retryable_application_error(name: str, bo
             await run(http, None)
     assert caught.value.type == "MalformedProviderResponse"
     assert caught.value.non_retryable is False
-    assert isinstance(caught.value.__cause__, MalformedProviderResponse)
+    assert isinstance(caught.value.__cause__, errors.MalformedProviderResponse)
 
 
 # --- the breaker around the call -----------------------------------------------------
@@ -411,7 +398,9 @@ async def test_an_open_circuit_fails_fast_and_says_when_to_retry(name: str) -> N
     assert err.category is ApplicationErrorCategory.BENIGN
     assert err.next_retry_delay == timedelta(seconds=2.5)
     assert err.details[0]["provider"] == provider
-    assert isinstance(err.__cause__, ProviderUnavailable), "a retryable domain error at heart"
+    assert isinstance(err.__cause__, errors.ProviderUnavailable), (
+        "a retryable domain error at heart"
+    )
 
 
 async def test_the_client_itself_raises_the_temporal_form_when_open() -> None:
@@ -454,6 +443,6 @@ async def test_a_cancelled_probe_gives_its_slot_back() -> None:
 async def test_without_a_breaker_nothing_is_refused() -> None:
     script = Script(answer(503, {}))
     for _ in range(5):
-        with pytest.raises(ProviderError):
+        with pytest.raises(errors.ProviderError):
             await send(script)
     assert len(script.requests) == 5

@@ -15,7 +15,8 @@ import socket
 import stat
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -35,6 +36,7 @@ from tollgate.settings import Settings
 from tollgate_dev.stack import (
     LocalPostgres,
     LocalStack,
+    ManagedProcess,
     RestartBackoff,
     SandboxProcess,
     StackError,
@@ -57,6 +59,27 @@ def listening_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
+@asynccontextmanager
+async def _open(connecting: Awaitable[asyncpg.Connection]) -> AsyncIterator[asyncpg.Connection]:
+    """The connection ``connecting`` makes, closed when the block ends however it ends."""
+    conn = await connecting
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def _running(process: ManagedProcess) -> AsyncIterator[None]:
+    """``process`` started for the block and stopped after it, also when a check fails:
+    a server left running would hold its port and directory for the rest of the run."""
+    await process.start()
+    try:
+        yield
+    finally:
+        await process.stop()
+
+
 def test_free_port_is_free_until_taken(listening_port: int) -> None:
     port = free_port()
     assert port_is_free(LOCALHOST, port)
@@ -65,8 +88,7 @@ def test_free_port_is_free_until_taken(listening_port: int) -> None:
 
 async def test_postgres_lifecycle(tmp_path: Path) -> None:
     server = LocalPostgres(tmp_path / "pg" / "data", free_port(), durable=False)
-    await server.start()
-    try:
+    async with _running(server):
         assert server.url == f"postgresql://tollgate@127.0.0.1:{server.port}/tollgate"
         password = quote(server.owner_password, safe="")
         assert server.owner_url == (
@@ -78,19 +100,13 @@ async def test_postgres_lifecycle(tmp_path: Path) -> None:
             "tollgate_owner": {"login": True, "super": False, "groups": []},
             "database owner": "tollgate_owner",
         }
-        conn = await asyncpg.connect(server.url)
-        try:
+        async with _open(asyncpg.connect(server.url)) as conn:
             assert await conn.fetchval("SELECT current_user") == "tollgate"
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute("CREATE TABLE survivors (name text)")
-        finally:
-            await conn.close()
-        conn = await asyncpg.connect(server.owner_url)
-        try:
+        async with _open(asyncpg.connect(server.owner_url)) as conn:
             await conn.execute("CREATE TABLE survivors (name text)")
             await conn.execute("INSERT INTO survivors VALUES ('restart')")
-        finally:
-            await conn.close()
 
         await server.restart()
         assert await _survivors(server) == ["restart"]
@@ -105,8 +121,6 @@ async def test_postgres_lifecycle(tmp_path: Path) -> None:
         twin = LocalPostgres(server.data_dir, free_port(), durable=False)
         with pytest.raises(StackError, match="already running"):
             await twin.start()
-    finally:
-        await server.stop()
     assert not server.running
     assert server.returncode == 0
     assert not (server.data_dir / "postmaster.pid").exists()
@@ -121,17 +135,13 @@ async def test_postgres_start_failure_quotes_the_log(tmp_path: Path, listening_p
 
 
 async def _survivors(server: LocalPostgres) -> list[str]:
-    conn = await asyncpg.connect(server.owner_url)
-    try:
+    async with _open(asyncpg.connect(server.owner_url)) as conn:
         return [row["name"] for row in await conn.fetch("SELECT name FROM survivors")]
-    finally:
-        await conn.close()
 
 
 async def _roles(server: LocalPostgres) -> dict[str, object]:
     """The Tollgate roles' attributes and memberships, and who owns the database."""
-    conn = await server.connect_admin()
-    try:
+    async with _open(server.connect_admin()) as conn:
         rows = await conn.fetch(
             """
             SELECT r.rolname, r.rolcanlogin, r.rolsuper OR r.rolcreaterole OR r.rolcreatedb
@@ -153,62 +163,61 @@ async def _roles(server: LocalPostgres) -> dict[str, object]:
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'tollgate'"
         )
         return roles
-    finally:
-        await conn.close()
+
+
+@pytest.fixture
+async def postgres(tmp_path: Path) -> AsyncIterator[LocalPostgres]:
+    """A cluster of the test's own, started; stopped after the test however it ends."""
+    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
+    async with _running(server):
+        yield server
+
+
+async def _as_superuser(server: LocalPostgres, *statements: str) -> None:
+    """Run ``statements`` one by one as the cluster's superuser (over the unix socket):
+    how these tests make a cluster look like one an older Tollgate left."""
+    async with _open(server.connect_admin()) as admin:
+        for statement in statements:
+            await admin.execute(statement)
 
 
 async def test_postgres_upgrades_a_cluster_where_the_app_role_was_superuser(
-    tmp_path: Path,
+    postgres: LocalPostgres,
 ) -> None:
     """Before the roles were split, ``tollgate`` was a superuser owning the database and
     every table. A start takes all of that away and hands it to ``tollgate_owner``."""
-    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
-    await server.start()
-    try:
-        admin = await server.connect_admin()
-        try:
-            await admin.execute("ALTER ROLE tollgate SUPERUSER CREATEDB")
-            await admin.execute("REVOKE tollgate_app FROM tollgate")
-            await admin.execute("ALTER DATABASE tollgate OWNER TO tollgate")
-            await admin.execute("DROP ROLE tollgate_owner")
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(server.url)
-        try:
-            await conn.execute("CREATE TABLE legacy (name text)")
-            await conn.execute("INSERT INTO legacy VALUES ('kept')")
-        finally:
-            await conn.close()
+    await _as_superuser(
+        postgres,
+        "ALTER ROLE tollgate SUPERUSER CREATEDB",
+        "REVOKE tollgate_app FROM tollgate",
+        "ALTER DATABASE tollgate OWNER TO tollgate",
+        "DROP ROLE tollgate_owner",
+    )
+    async with _open(asyncpg.connect(postgres.url)) as conn:
+        await conn.execute("CREATE TABLE legacy (name text)")
+        await conn.execute("INSERT INTO legacy VALUES ('kept')")
 
-        await server.restart()
-        roles = await _roles(server)
-        assert roles["tollgate"] == {"login": True, "super": False, "groups": ["tollgate_app"]}
-        assert roles["database owner"] == "tollgate_owner"
-        conn = await asyncpg.connect(server.owner_url)
-        try:
-            assert (
-                await conn.fetchval(
-                    "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'legacy'"
-                )
-                == "tollgate_owner"
+    await postgres.restart()
+    roles = await _roles(postgres)
+    assert roles["tollgate"] == {"login": True, "super": False, "groups": ["tollgate_app"]}
+    assert roles["database owner"] == "tollgate_owner"
+    async with _open(asyncpg.connect(postgres.owner_url)) as conn:
+        assert (
+            await conn.fetchval(
+                "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'legacy'"
             )
-            assert await conn.fetchval("SELECT name FROM legacy") == "kept"
-        finally:
-            await conn.close()
-    finally:
-        await server.stop()
+            == "tollgate_owner"
+        )
+        assert await conn.fetchval("SELECT name FROM legacy") == "kept"
 
 
 async def _login(dsn: str) -> str:
     """``current_user`` of a fresh connection to ``dsn``, with no password from elsewhere
     (``PGPASSWORD`` is cleared by the caller, and no ``.pgpass`` is read)."""
     no_passfile = "/nonexistent/tollgate-test/.pgpass"
-    conn = await asyncpg.connect(dsn, passfile=no_passfile, timeout=10)
-    try:
+    async with _open(asyncpg.connect(dsn, passfile=no_passfile, timeout=10)) as conn:
         user: str = await conn.fetchval("SELECT current_user")
         return user
-    finally:
-        await conn.close()
 
 
 async def _assert_locked_down(server: LocalPostgres) -> None:
@@ -224,11 +233,8 @@ async def _assert_locked_down(server: LocalPostgres) -> None:
         await _login(f"postgresql://tollgate_owner@{tcp}/tollgate")
     assert await _login(server.owner_url) == "tollgate_owner"
     assert await _login(server.url) == "tollgate"
-    admin = await server.connect_admin()
-    try:
+    async with _open(server.connect_admin()) as admin:
         assert await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-    finally:
-        await admin.close()
 
 
 async def test_postgres_superuser_only_over_the_socket_owner_only_with_password(
@@ -236,8 +242,7 @@ async def test_postgres_superuser_only_over_the_socket_owner_only_with_password(
 ) -> None:
     monkeypatch.delenv("PGPASSWORD", raising=False)
     server = LocalPostgres(tmp_path / "pg" / "data", free_port(), durable=False)
-    await server.start()
-    try:
+    async with _running(server):
         await _assert_locked_down(server)
         password_file = tmp_path / "pg" / "data.owner-password"
         assert server.owner_password_file == password_file
@@ -249,8 +254,6 @@ async def test_postgres_superuser_only_over_the_socket_owner_only_with_password(
         await server.restart()
         assert server.owner_password == password, "the password is kept across restarts"
         await _assert_locked_down(server)
-    finally:
-        await server.stop()
 
 
 #: pg_hba.conf as ``initdb --auth=trust`` writes it (what clusters of the stack had).
@@ -265,39 +268,28 @@ host    replication     all             ::1/128                 trust
 
 
 async def test_postgres_locks_down_a_cluster_created_with_trust_everywhere(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres: LocalPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An old ``.tollgate/pgdata``: trust for everyone over TCP, an owner with no
     password and no password file. The next start closes it, in place."""
     monkeypatch.delenv("PGPASSWORD", raising=False)
-    server = LocalPostgres(tmp_path / "data", free_port(), durable=False)
-    await server.start()
-    try:
-        admin = await server.connect_admin()
-        try:
-            await admin.execute("CREATE TABLE kept (name text)")
-            await admin.execute("INSERT INTO kept VALUES ('old data')")
-            await admin.execute("ALTER ROLE tollgate_owner PASSWORD NULL")
-        finally:
-            await admin.close()
-    finally:
-        await server.stop()
-    hba = server.data_dir / "pg_hba.conf"
+    await _as_superuser(
+        postgres,
+        "CREATE TABLE kept (name text)",
+        "INSERT INTO kept VALUES ('old data')",
+        "ALTER ROLE tollgate_owner PASSWORD NULL",
+    )
+    await postgres.stop()
+    hba = postgres.data_dir / "pg_hba.conf"
     hba.write_text(TRUST_EVERYWHERE)  # keeps the file's owner, the server's account
-    server.owner_password_file.unlink()
+    postgres.owner_password_file.unlink()
 
-    await server.start()
-    try:
-        await _assert_locked_down(server)
-        assert _mode(server.owner_password_file) == 0o600
-        assert "127.0.0.1/32            trust" not in hba.read_text()
-        admin = await server.connect_admin()
-        try:
-            assert await admin.fetchval("SELECT name FROM kept") == "old data"
-        finally:
-            await admin.close()
-    finally:
-        await server.stop()
+    await postgres.start()
+    await _assert_locked_down(postgres)
+    assert _mode(postgres.owner_password_file) == 0o600
+    assert "127.0.0.1/32            trust" not in hba.read_text()
+    async with _open(postgres.connect_admin()) as admin:
+        assert await admin.fetchval("SELECT name FROM kept") == "old data"
 
 
 async def _registered_attributes(server: TemporalDevServer) -> dict[str, str]:
@@ -318,13 +310,10 @@ def _expected(attributes: dict[str, str]) -> dict[str, str]:
 async def test_temporal_dev_server_headless(tmp_path: Path) -> None:
     server = TemporalDevServer(free_port(), None, log_file=tmp_path / "temporal.log")
     assert server.ui_url is None
-    await server.start()
-    try:
+    async with _running(server):
         assert server.address == f"127.0.0.1:{server.port}"
         registered = await _registered_attributes(server)
         assert _expected(SEARCH_ATTRIBUTES).items() <= registered.items()
-    finally:
-        await server.stop()
     assert server.returncode == 0
     assert port_is_free(LOCALHOST, server.port)
 
@@ -362,13 +351,10 @@ async def test_temporal_registers_new_attributes_on_an_existing_db(
 
 async def test_sandbox_process(tmp_path: Path) -> None:
     sandbox = SandboxProcess(free_port(), log_file=tmp_path / "sandbox.log")
-    await sandbox.start()
-    try:
+    async with _running(sandbox):
         async with httpx.AsyncClient() as http:
             response = await http.get(f"{sandbox.url}/health")
         assert response.status_code == 200
-    finally:
-        await sandbox.stop()
     assert not sandbox.running
 
 
@@ -428,19 +414,35 @@ SHORT_LIVED_WORKER = """
     """
 
 
+@asynccontextmanager
+async def _supervised_short_lived_worker(
+    tmp_path: Path, backoff: RestartBackoff, *, break_after_start: bool = False
+) -> AsyncIterator[tuple[Path, WorkerProcess, Supervisor]]:
+    """A :data:`SHORT_LIVED_WORKER` (each run 0.3 s long) started and then supervised with
+    ``backoff``; with ``break_after_start``, its runs after the first fail before they are
+    ready. Yields (its project directory, the worker, the supervisor); both are stopped
+    after the block, also when a check in it fails."""
+    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
+    (project / "lifetime").write_text("0.3")
+    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
+    supervisor = Supervisor(worker, backoff=backoff)
+    await worker.start()
+    if break_after_start:
+        (project / "broken").touch()
+    supervisor.start()
+    try:
+        yield project, worker, supervisor
+    finally:
+        await supervisor.stop()
+        await worker.stop()
+
+
 async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tollgate_dev.stack")
-    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
-    (project / "lifetime").write_text("0.3")
-    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
-    supervisor = Supervisor(
-        worker, backoff=RestartBackoff(initial=0.05, maximum=0.2, reset_after=1.0)
-    )
-    await worker.start()
-    supervisor.start()
-    try:
+    backoff = RestartBackoff(initial=0.05, maximum=0.2, reset_after=1.0)
+    async with _supervised_short_lived_worker(tmp_path, backoff) as (project, worker, supervisor):
         await _until(lambda: len(supervisor.exits) >= 4, 30, "four exits")
         assert [e.restart_in for e in supervisor.exits[:4]] == [0.05, 0.1, 0.2, 0.2]
         first = supervisor.exits[0]
@@ -456,9 +458,6 @@ async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run
         healthy = next(e for e in supervisor.exits if e.uptime >= 1.0)
         assert healthy.restart_in == 0.05
         assert supervisor.restarts >= 4
-    finally:
-        await supervisor.stop()
-        await worker.stop()
     restarts = supervisor.restarts
     await asyncio.sleep(0.5)
     assert supervisor.restarts == restarts and not worker.running, "nothing after stop()"
@@ -468,25 +467,18 @@ async def test_supervisor_retries_a_restart_that_does_not_come_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tollgate_dev.stack")
-    project = _fake_worker(tmp_path / "project", SHORT_LIVED_WORKER)
-    (project / "lifetime").write_text("0.3")
-    worker = WorkerProcess({}, project, log_file=tmp_path / "worker.log")
-    supervisor = Supervisor(
-        worker, backoff=RestartBackoff(initial=0.05, maximum=0.4, reset_after=60)
-    )
-    await worker.start()
-    (project / "broken").touch()
-    supervisor.start()
-    try:
+    backoff = RestartBackoff(initial=0.05, maximum=0.4, reset_after=60)
+    async with _supervised_short_lived_worker(tmp_path, backoff, break_after_start=True) as (
+        project,
+        worker,
+        supervisor,
+    ):
         await _until(lambda: caplog.text.count("did not come back") >= 2, 30, "failed restarts")
         assert "cannot reach the database" in caplog.text
         assert supervisor.restarts == 0 and len(supervisor.exits) == 1
         (project / "broken").unlink()
         await _until(lambda: supervisor.restarts == 1, 30, "a restart that comes up")
         assert worker.running or worker.returncode == 3
-    finally:
-        await supervisor.stop()
-        await worker.stop()
 
 
 async def test_stack_restarts_a_killed_worker_and_stops_supervising_on_stop(
@@ -563,11 +555,8 @@ async def test_log_files_are_created_private_and_old_ones_tightened(tmp_path: Pa
     fresh = tmp_path / "fresh" / "worker.log"
     for log in (earlier, fresh):
         worker = WorkerProcess({}, project, log_file=log)
-        await worker.start()
-        try:
+        async with _running(worker):
             assert _mode(log) == 0o600, log
-        finally:
-            await worker.stop()
     assert _mode(fresh.parent) == 0o700, "a directory made for a log is private too"
     assert "a line from an earlier run" in earlier.read_text(), "appended, not replaced"
 
@@ -736,21 +725,15 @@ async def test_whole_stack(tmp_path: Path) -> None:
     async with _stack(tmp_path) as stack:
         assert stack.worker is not None and stack.worker.running
         assert stack.applied_migrations == sorted(p.name for p in SCHEMA_DIR.glob("*.sql"))
-        conn = await asyncpg.connect(stack.database_owner_url)
-        try:
+        async with _open(asyncpg.connect(stack.database_owner_url)) as conn:
             assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(
                 stack.applied_migrations
             )
-        finally:
-            await conn.close()
-        conn = await asyncpg.connect(stack.database_url)
-        try:
+        async with _open(asyncpg.connect(stack.database_url)) as conn:
             assert await conn.fetchval("SELECT current_user") == "tollgate"
             assert await conn.fetchval("SELECT count(*) FROM orders") == 0
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute("DELETE FROM schema_migrations")
-        finally:
-            await conn.close()
         assert sorted(stack.env()) == [
             "DATABASE_OWNER_URL",
             "DATABASE_URL",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 
 import asyncpg
@@ -12,9 +11,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests.conftest import apply_transition
+from tests.db import move, new_order
 from tollgate.errors import IllegalTransition, OrderCancelled, VersionConflict
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderInput, TransitionInput
 from tollgate.orders.states import OrderStatus
 
 S = OrderStatus
@@ -43,39 +42,19 @@ def _outcomes(reader: InMemoryMetricReader, order_statuses: set[str]) -> Counter
     return counts
 
 
-def _move(order_id: str, version: int, to: OrderStatus, tid: str | None = None) -> TransitionInput:
-    return TransitionInput(
-        order_id=order_id,
-        expected_version=version,
-        to_status=to,
-        transition_id=tid or f"m:{uuid.uuid4().hex}",
-        actor="metrics-test",
-    )
-
-
 async def test_each_outcome_is_counted(reader: InMemoryMetricReader, pool: asyncpg.Pool) -> None:
     before = _outcomes(reader, {"VALIDATING", "COMPLETED", "CHARGING"})
-    order = OrderInput(
-        order_id=f"mt-{uuid.uuid4().hex[:10]}",
-        customer_id="m",
-        items=[{"sku": "WIDGET", "quantity": 1}],
-        amount_cents=1,
-    )
-    async with pool.acquire() as conn:
-        await order_store.insert_order(
-            conn, order, workflow_id=f"order-{order.order_id}", actor="test"
-        )
-    oid = order.order_id
-    applied = _move(oid, 1, S.VALIDATING, tid="fixed")
+    oid = await new_order(pool, "mt", customer_id="m", amount_cents=1)
+    applied = move(oid, 1, S.VALIDATING, tid="fixed")
     await apply_transition(pool, applied)
     await apply_transition(pool, applied)  # a retry of a committed write
     with pytest.raises(VersionConflict):
-        await apply_transition(pool, _move(oid, 1, S.VALIDATING))
+        await apply_transition(pool, move(oid, 1, S.VALIDATING))
     with pytest.raises(IllegalTransition):
-        await apply_transition(pool, _move(oid, 2, S.COMPLETED))
+        await apply_transition(pool, move(oid, 2, S.COMPLETED))
     await order_store.request_cancellation(pool, oid, reason="stop", actor="test")
     with pytest.raises(OrderCancelled):
-        await apply_transition(pool, _move(oid, 2, S.CHARGING))
+        await apply_transition(pool, move(oid, 2, S.CHARGING))
 
     after = _outcomes(reader, {"VALIDATING", "COMPLETED", "CHARGING"})
     delta = after - before

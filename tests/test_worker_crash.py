@@ -33,13 +33,7 @@ async def test_worker_killed_mid_fan_out_pushes_every_device_exactly_once(
     h: Harness, tmp_path: Path
 ) -> None:
     queue = f"crash-{uuid.uuid4().hex[:8]}"
-    env = {
-        "TEMPORAL_ADDRESS": h.settings.temporal_address,
-        "DATABASE_URL": h.settings.database_url,
-        "SANDBOX_URL": h.settings.sandbox_url,
-        "TASK_QUEUE": queue,
-        "PAYLOAD_ENCRYPTION_KEY": h.settings.payload_encryption_key or "",
-    }
+    env = h.process_env(queue)
     user, devices = await h.devices(DEVICES)
     # slow enough that the fan-out is surely mid-way when the worker dies
     await h.sandbox.set_fault("push", FaultSpec(latency_ms=250))

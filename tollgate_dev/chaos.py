@@ -27,11 +27,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict
@@ -41,8 +41,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from tollgate.codec import ensure_key_file
 from tollgate.errors import InputError
+from tollgate.gate import AuditRow
 from tollgate.messages import store as message_store
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.messages.states import MESSAGE_EDGES, MessageStatus
 from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
@@ -56,6 +57,7 @@ from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
 from tollgate.temporal import connect
+from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import FaultSpec, SandboxAdmin
 from tollgate_dev.stack import (
     LocalPostgres,
@@ -78,6 +80,9 @@ PROVIDER_TIMEOUT = 1.0
 #: Seconds between reconciler runs during the load.
 RECONCILE_EVERY = 3.0
 TASK_QUEUE = "chaos"
+
+#: The status of either lifecycle: the invariants both keep are checked by one method.
+Status = TypeVar("Status", OrderStatus, MessageStatus)
 
 
 @dataclass(frozen=True)
@@ -206,11 +211,10 @@ class _Driver:
 
     async def message(self, n: int, recipient: str, devices: list[str]) -> None:
         roll = self.rng.random()
-        message = build_message(
+        message = message_to(
+            recipient,
             message_id=f"chaos-{self.run_id}-m{n}",
             sender_id="chaos-sender",
-            recipient_id=recipient,
-            recipient_email=f"{recipient}@example.com",
             body=f"chaos message {n}",
             deadline=timedelta(seconds=4),
             read_window=timedelta(seconds=3),
@@ -314,32 +318,63 @@ async def _settle(client: Client, workflow_ids: list[str], within: float) -> lis
     return pending
 
 
+@dataclass
+class _Lifecycles:
+    """What orders and messages are checked for alike, gathered one entity at a time:
+    how many rest in each status, whether its row agrees with its workflow's result, and
+    whether every move in its audit is an edge of its graph. (That every one ended is
+    gathered here too, in ``settled``.)"""
+
+    client: Client
+    settled: list[str]
+    agree: list[str] = field(default_factory=list)
+    edges: list[str] = field(default_factory=list)
+    #: Per kind (``order``, ``message``), how many rows rest in each status.
+    statuses: dict[str, Counter[str]] = field(
+        default_factory=lambda: {"order": Counter(), "message": Counter()}
+    )
+
+    async def check(
+        self,
+        kind: str,
+        entity_id: str,
+        status: Status,
+        workflow_id: str,
+        audit: Sequence[AuditRow[Status]],
+        graph: Collection[tuple[Status, Status]],
+    ) -> None:
+        self.statuses[kind][status.value] += 1
+        result = await _result(self.client, workflow_id)
+        if result is not None and result != status.value:
+            self.agree.append(f"{kind} {entity_id}: workflow {result}, row {status}")
+        for a in audit:
+            if a.from_status is not None and (a.from_status, a.to_status) not in graph:
+                self.edges.append(f"{kind} {entity_id}: {a.from_status} -> {a.to_status}")
+
+
 async def _checks(
     client: Client, pool: asyncpg.Pool, sandbox: SandboxAdmin, driver: _Driver, unsettled: list[str]
 ) -> tuple[list[Check], Counter[str], Counter[str]]:
-    order_statuses: Counter[str] = Counter()
-    message_statuses: Counter[str] = Counter()
-    settled: list[str] = [f"{w}: still running" for w in unsettled]
-    agree: list[str] = []
+    lifecycles = _Lifecycles(client, settled=[f"{w}: still running" for w in unsettled])
+    settled = lifecycles.settled
     one_charge: list[str] = []
     refunded: list[str] = []
     released: list[str] = []
     undone: list[str] = []
     one_email: list[str] = []
     no_double_push: list[str] = []
-    edges: list[str] = []
 
     for order_id in driver.order_ids:
         row = await order_store.get_order(pool, order_id)
         if row is None:
             settled.append(f"order {order_id}: no row")
             continue
-        order_statuses[row.status.value] += 1
         if not row.status.terminal:
             settled.append(f"order {order_id}: row is {row.status}")
-        result = await _result(client, order_workflow_id(order_id))
-        if result is not None and result != row.status.value:
-            agree.append(f"order {order_id}: workflow {result}, row {row.status}")
+        moves = await order_store.list_transitions(pool, order_id)
+        await lifecycles.check(
+            "order", order_id, row.status, order_workflow_id(order_id), moves, ORDER_EDGES
+        )
         ledger = await sandbox.ledger(order_id)
         if len(ledger.charges) > 1:
             one_charge.append(f"order {order_id}: {len(ledger.charges)} charges")
@@ -353,20 +388,16 @@ async def _checks(
                 undone.append(f"order {order_id} (COMPLETED): its charge was refunded")
             if ledger.releases or any(r.status == "released" for r in ledger.reservations):
                 undone.append(f"order {order_id} (COMPLETED): its reservation was released")
-        for a in await order_store.list_transitions(pool, order_id):
-            if a.from_status is not None and (a.from_status, a.to_status) not in ORDER_EDGES:
-                edges.append(f"order {order_id}: {a.from_status} -> {a.to_status}")
 
     for message_id in driver.message_ids:
         msg = await message_store.get_message(pool, message_id)
         if msg is None:
             settled.append(f"message {message_id}: no row")
             continue
-        message_statuses[msg.status.value] += 1
-        result = await _result(client, message_workflow_id(message_id))
-        if result is not None and result != msg.status.value:
-            agree.append(f"message {message_id}: workflow {result}, row {msg.status}")
         audit = await message_store.list_transitions(pool, message_id)
+        await lifecycles.check(
+            "message", message_id, msg.status, message_workflow_id(message_id), audit, MESSAGE_EDGES
+        )
         ledger = await sandbox.ledger(message_id=message_id)
         fell_back = any(a.to_status is MessageStatus.FALLBACK_EMAIL for a in audit)
         emailed = any(a.to_status is MessageStatus.EMAILED for a in audit)
@@ -382,9 +413,6 @@ async def _checks(
                 no_double_push.append(
                     f"message {message_id}: device token {token} pushed {n} times"
                 )
-        for m in audit:
-            if m.from_status is not None and (m.from_status, m.to_status) not in MESSAGE_EDGES:
-                edges.append(f"message {message_id}: {m.from_status} -> {m.to_status}")
 
     n_orders, n_messages = len(driver.order_ids), len(driver.message_ids)
     checks = [
@@ -396,7 +424,7 @@ async def _checks(
         Check(
             name="Postgres status == workflow result",
             checked=n_orders + n_messages,
-            violations=agree,
+            violations=lifecycles.agree,
         ),
         Check(name="at most one charge per order", checked=n_orders, violations=one_charge),
         Check(
@@ -423,10 +451,10 @@ async def _checks(
         Check(
             name="every audited transition is an edge",
             checked=n_orders + n_messages,
-            violations=edges,
+            violations=lifecycles.edges,
         ),
     ]
-    return checks, order_statuses, message_statuses
+    return checks, lifecycles.statuses["order"], lifecycles.statuses["message"]
 
 
 async def _result(client: Client, workflow_id: str) -> str | None:
@@ -483,16 +511,7 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
                 recipients = []
                 for r in range(5):
                     user = f"chaos-{driver.run_id}-user{r}"
-                    ids = []
-                    for d in range(2):
-                        device = await driver.messages.register_device(
-                            device_id=f"{user}-d{d}",
-                            user_id=user,
-                            push_token=f"tok-{user}-{d}",
-                            platform="ios",
-                        )
-                        ids.append(device.id)
-                    recipients.append((user, ids))
+                    recipients.append((user, await register_phones(driver.messages, user, 2)))
 
                 total = config.orders + config.messages
                 kinds = ["order"] * config.orders + ["message"] * config.messages

@@ -12,7 +12,6 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
@@ -20,7 +19,6 @@ from rich.table import Table
 
 from tollgate import postgres
 from tollgate.messages.service import MessageService
-from tollgate.models import RetrySettings
 from tollgate.names import ORDER_STATUS_QUERY
 from tollgate.orders.models import OrderInput, OrderProgress, OrderResult
 from tollgate.orders.service import OrderService, build_order
@@ -29,16 +27,9 @@ from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
 from tollgate.temporal import connect
-from tollgate_dev.demo_messages import MESSAGE_SCENARIOS, run_message_scenario
+from tollgate_dev.demo_messages import DEMO_RETRY, MESSAGE_SCENARIOS, run_message_scenario
 from tollgate_dev.sandbox import FaultSpec, Ledger, SandboxAdmin
 from tollgate_dev.stack import LocalStack, StackError
-
-#: Short backoffs so the flaky-gateway scenario recovers in seconds, not minutes.
-DEMO_RETRY = RetrySettings(
-    activity_timeout=timedelta(seconds=10),
-    initial_interval=timedelta(milliseconds=300),
-    maximum_interval=timedelta(seconds=2),
-)
 
 
 class LedgerCounts(BaseModel):
@@ -156,42 +147,18 @@ def _counts(
     )
 
 
+#: The order scenarios, a row each: what is ordered, how the order must end and what the
+#: ledger must then hold (charged, captured, refunded, reserved, released), and the
+#: faults or actions that make it end so. A table, so that rows compare at a glance.
+# fmt: off
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario(
-        "happy path", "alice", [("WIDGET", 2)], 1998, OrderStatus.COMPLETED, _counts(1, 1, 0, 1, 0)
-    ),
-    Scenario(
-        "declined card",
-        "mallory",
-        [("WIDGET", 1)],
-        999,
-        OrderStatus.FAILED,
-        _counts(0, 0, 0, 0, 0),
-        prepare=_decline_mallory,
-    ),
-    Scenario(
-        "out of stock", "bob", [("SOLDOUT", 1)], 4999, OrderStatus.FAILED, _counts(1, 0, 1, 0, 0)
-    ),
-    Scenario(
-        "cancel while reserving (slow)",
-        "carol",
-        [("GADGET", 1)],
-        2500,
-        OrderStatus.CANCELLED,
-        _counts(1, 0, 1, 1, 1),
-        prepare=_slow_inventory,
-        drive=_cancel_while_reserving,
-    ),
-    Scenario(
-        "gateway fails 3x, recovers",
-        "dave",
-        [("GIZMO", 3)],
-        7497,
-        OrderStatus.COMPLETED,
-        _counts(1, 1, 0, 1, 0),
-        prepare=_flaky_gateway,
-    ),
+    Scenario("happy path",                    "alice",   [("WIDGET", 2)],  1998, OrderStatus.COMPLETED, _counts(1, 1, 0, 1, 0)),
+    Scenario("declined card",                 "mallory", [("WIDGET", 1)],   999, OrderStatus.FAILED,    _counts(0, 0, 0, 0, 0), prepare=_decline_mallory),
+    Scenario("out of stock",                  "bob",     [("SOLDOUT", 1)], 4999, OrderStatus.FAILED,    _counts(1, 0, 1, 0, 0)),
+    Scenario("cancel while reserving (slow)", "carol",   [("GADGET", 1)],  2500, OrderStatus.CANCELLED, _counts(1, 0, 1, 1, 1), prepare=_slow_inventory, drive=_cancel_while_reserving),
+    Scenario("gateway fails 3x, recovers",    "dave",    [("GIZMO", 3)],   7497, OrderStatus.COMPLETED, _counts(1, 1, 0, 1, 0), prepare=_flaky_gateway),
 )
+# fmt: on
 
 
 async def run_scenario(ctx: DemoContext, scenario: Scenario, run_id: str) -> DemoOutcome:

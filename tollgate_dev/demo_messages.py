@@ -16,12 +16,15 @@ from datetime import timedelta
 from pydantic import BaseModel, ConfigDict
 
 from tollgate.messages.models import MessageProgress
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.messages.states import MessageStatus
 from tollgate.models import RetrySettings
 from tollgate.names import MESSAGE_STATUS_QUERY
+from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import FaultSpec, Ledger, SandboxAdmin
 
+#: Short backoffs for every demo scenario, orders and messages alike: the flaky gateway
+#: and the push outage recover in seconds, not minutes.
 DEMO_RETRY = RetrySettings(
     activity_timeout=timedelta(seconds=10),
     initial_interval=timedelta(milliseconds=300),
@@ -160,17 +163,11 @@ async def run_message_scenario(
 ) -> tuple[str, MessageStatus, MessageEffects, str]:
     """Run one scenario; returns (message id, final status, effects, detail)."""
     user = f"demo-{run_id}-{n}"
-    ids = []
-    for k in range(scenario.devices):
-        device = await service.register_device(
-            device_id=f"{user}-phone{k}", user_id=user, push_token=f"tok-{user}-{k}", platform="ios"
-        )
-        ids.append(device.id)
-    message = build_message(
+    ids = await register_phones(service, user, scenario.devices)
+    message = message_to(
+        user,
         message_id=f"demo-{run_id}-msg{n}",
         sender_id="sam",
-        recipient_id=user,
-        recipient_email=f"{user}@example.com",
         body=f"Demo: {scenario.name}",
         deadline=scenario.deadline,
         read_window=scenario.read_window,

@@ -1,10 +1,12 @@
-"""Shared machinery for the local stack: ports, the child-process base class, errors.
+"""Shared machinery for the local stack: ports, the child-process base classes, errors.
 
 Every server of the local stack is a plain child process that logs to a file. The base
 class here owns what they have in common: starting in a fresh session (so a Ctrl-C in
 the terminal reaches only the parent, which then stops the children in order), stopping
-with a polite signal and falling back to SIGKILL, killing on demand, and quoting the end
-of the log when something fails to come up.
+with a polite signal and falling back to SIGKILL, killing on demand, polling until the
+server serves, and quoting the end of the log when something fails to come up. This
+project's own servers (the sandbox, the codec server) are ``python -m`` modules with a
+health check: :class:`PythonServer` is what they share.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -29,6 +33,11 @@ logger = logging.getLogger("tollgate_dev.stack")
 
 #: Every server of the local stack binds to the loopback interface only.
 LOCALHOST = "127.0.0.1"
+
+#: The repository root (where ``worker.py`` lives and ``tollgate`` is importable from).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+T = TypeVar("T")
 
 # prctl(2) option: signal to deliver to this process when its parent thread exits.
 _PR_SET_PDEATHSIG = 1
@@ -40,6 +49,11 @@ class StackError(RuntimeError):
     The message is meant for a human at a terminal: it says what failed and, where a
     log exists, quotes its last lines.
     """
+
+
+class NotReady(Exception):
+    """What a readiness probe raises while its server does not serve yet: the message
+    says why, and is quoted if the server never does (see ``ManagedProcess._poll``)."""
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -68,6 +82,22 @@ def free_port(host: str = LOCALHOST) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def _python_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """Our environment plus ``extra``, with unbuffered Python output.
+
+    A child's stdout is a file, so Python would block-buffer it: log lines (including the
+    worker's readiness line) would only appear in 8 KiB chunks, or never if it is killed.
+    """
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _temp_log(name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"tollgate-{name}-")) / f"{name}.log"
 
 
 def _parent_death_hook(sig: signal.Signals) -> Callable[[], None] | None:
@@ -302,31 +332,61 @@ class ManagedProcess:
         """
         return list(argv)
 
+    async def _started(self, ready: Awaitable[T]) -> T:
+        """Await ``ready``, the check that the process just spawned serves; if it fails
+        or is cancelled, kill the process rather than leave it half started."""
+        try:
+            return await ready
+        except BaseException:
+            await self._abort_start()
+            raise
+
+    async def _poll(
+        self,
+        probe: Callable[[], Awaitable[T]],
+        *,
+        deadline: float,
+        interval: float,
+        failing: str,
+    ) -> T:
+        """Call ``probe`` every ``interval`` seconds until it returns, while this process
+        is alive; what it returns is returned.
+
+        ``probe`` raises :class:`NotReady` while the server does not serve yet. Past
+        ``deadline`` (event-loop time) the start fails with ``failing``, the time it was
+        given, and the last reason the probe gave.
+        """
+        loop = asyncio.get_running_loop()
+        last = "no answer"
+        while True:
+            self._check_alive()
+            try:
+                return await probe()
+            except NotReady as exc:
+                last = str(exc)
+            if loop.time() > deadline:
+                raise self._failure(f"{failing} within {self.start_timeout:.0f} s (last: {last})")
+            await asyncio.sleep(interval)
+
     async def _wait_healthy(self, health_url: str) -> None:
         """Wait until ``health_url`` answers 200 while this process is still alive."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.start_timeout
-        last_error: str = "no answer"
+        deadline = asyncio.get_running_loop().time() + self.start_timeout
         async with httpx.AsyncClient(timeout=2.0) as http:
-            while True:
-                self._check_alive()
+
+            async def healthy() -> None:
                 try:
                     response = await http.get(health_url)
                 except httpx.HTTPError as exc:
-                    last_error = repr(exc)
-                else:
-                    if response.status_code == 200:
-                        # Still ours? Another server on the port would answer too while
-                        # ours dies of "address already in use".
-                        self._check_alive()
-                        return
-                    last_error = f"HTTP {response.status_code}"
-                if loop.time() > deadline:
-                    raise self._failure(
-                        f"{health_url} did not answer 200 within {self.start_timeout:.0f} s "
-                        f"(last: {last_error})"
-                    )
-                await asyncio.sleep(0.1)
+                    raise NotReady(repr(exc)) from exc
+                if response.status_code != 200:
+                    raise NotReady(f"HTTP {response.status_code}")
+                # Still ours? Another server on the port would answer too while ours
+                # dies of "address already in use".
+                self._check_alive()
+
+            await self._poll(
+                healthy, deadline=deadline, interval=0.1, failing=f"{health_url} did not answer 200"
+            )
 
     def _failure(self, what: str) -> StackError:
         """A :class:`StackError` saying ``what`` went wrong, quoting the log."""
@@ -348,3 +408,55 @@ class ManagedProcess:
         if proc is not None and proc.returncode is None:
             self.kill()
             await proc.wait()
+
+
+class PythonServer(ManagedProcess):
+    """One of this project's servers, ``python -m <module>`` on ``127.0.0.1:port``, run
+    in ``cwd`` with ``env`` added to the environment. Ready once ``GET /health``
+    answers 200.
+
+    A subclass names its :attr:`module`; it may add options after ``--host`` and
+    ``--port`` (:meth:`_options`) and shape the child's environment (:meth:`_environment`).
+    """
+
+    stop_timeout = 10.0
+    #: What ``python -m`` runs.
+    module: str
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        cwd: Path = PROJECT_ROOT,
+        env: Mapping[str, str] | None = None,
+        log_file: Path | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.port = port
+        self.cwd = cwd
+        self.env = dict(env or {})
+        super().__init__(log_file or _temp_log(self.name), start_timeout=start_timeout)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server."""
+        return f"http://{LOCALHOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        """The command line that starts the server."""
+        argv = [sys.executable, "-m", self.module, "--host", LOCALHOST, "--port", str(self.port)]
+        return argv + self._options()
+
+    def _options(self) -> list[str]:
+        """Options of this server after ``--host`` and ``--port``."""
+        return []
+
+    def _environment(self) -> dict[str, str]:
+        """The child's environment: ours plus ``env``, with unbuffered Python output."""
+        return _python_env(self.env)
+
+    async def start(self) -> None:
+        """Start the server and wait for its health check."""
+        await self._spawn(self.command(), env=self._environment(), cwd=self.cwd)
+        await self._started(self._wait_healthy(f"{self.url}/health"))
+        logger.info("%s ready on %s (pid %s)", self.name, self.url, self.pid)

@@ -8,18 +8,16 @@ credential from the stack's token file (see :func:`ensure_codec_token`).
 from __future__ import annotations
 
 import secrets
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tollgate.codec import ensure_key_file
 from tollgate.ops.codec_server import check_token
 from tollgate_dev.stack._files import ensure_secret_file
-from tollgate_dev.stack._process import LOCALHOST, ManagedProcess, StackError, logger
-from tollgate_dev.stack.services import PROJECT_ROOT, _python_env, _temp_log
+from tollgate_dev.stack._process import PROJECT_ROOT, PythonServer, StackError, _python_env
 
 
-class CodecServerProcess(ManagedProcess):
+class CodecServerProcess(PythonServer):
     """The codec server on ``127.0.0.1:port`` for ``namespace``, with the key in
     ``key_file`` and the credential in ``token_file``.
 
@@ -32,7 +30,7 @@ class CodecServerProcess(ManagedProcess):
     """
 
     name = "codec"
-    stop_timeout = 10.0
+    module = "tollgate.ops.codec_server"
 
     def __init__(
         self,
@@ -47,34 +45,23 @@ class CodecServerProcess(ManagedProcess):
         log_file: Path | None = None,
         start_timeout: float = 30.0,
     ) -> None:
-        self.port = port
         self.key_file = key_file.absolute()
         self.token_file = token_file.absolute()
         self.ui_origins = list(ui_origins)
         self.namespace = namespace
-        self.cwd = cwd
-        self.env = dict(env or {})
-        super().__init__(log_file or _temp_log(self.name), start_timeout=start_timeout)
-
-    @property
-    def url(self) -> str:
-        """Base URL of the codec server; requests to it need ``Authorization: Bearer``."""
-        return f"http://{LOCALHOST}:{self.port}"
+        super().__init__(port, cwd=cwd, env=env, log_file=log_file, start_timeout=start_timeout)
 
     def ui_endpoint(self, token: str) -> str:
         """The capability URL for a Web UI: requests below it carry ``token`` in the path."""
         return f"{self.url}/ui/{token}"
 
-    def command(self) -> list[str]:
-        """The command line that starts the codec server."""
-        argv = [sys.executable, "-m", "tollgate.ops.codec_server", "--host", LOCALHOST]
-        argv += ["--port", str(self.port), "--namespace", self.namespace]
+    def _options(self) -> list[str]:
+        options = ["--namespace", self.namespace]
         for origin in self.ui_origins:
-            argv += ["--ui-origin", origin]
-        return argv
+            options += ["--ui-origin", origin]
+        return options
 
-    async def start(self) -> None:
-        """Start the codec server and wait for its health check."""
+    def _environment(self) -> dict[str, str]:
         env = _python_env(
             {
                 **self.env,
@@ -85,13 +72,7 @@ class CodecServerProcess(ManagedProcess):
         if "CODEC_AUTH_TOKEN" not in self.env:
             # One inherited from the shell would win over the file the UI was given.
             env.pop("CODEC_AUTH_TOKEN", None)
-        await self._spawn(self.command(), env=env, cwd=self.cwd)
-        try:
-            await self._wait_healthy(f"{self.url}/health")
-        except BaseException:
-            await self._abort_start()
-            raise
-        logger.info("codec server ready on %s (pid %s)", self.url, self.pid)
+        return env
 
 
 def ensure_stack_key(path: Path) -> None:

@@ -39,6 +39,7 @@ from tollgate.settings import (
 from tollgate_dev.stack._files import private_directory, tighten_file
 from tollgate_dev.stack._process import (
     LOCALHOST,
+    PROJECT_ROOT,
     ManagedProcess,
     StackError,
     free_port,
@@ -48,7 +49,7 @@ from tollgate_dev.stack._process import (
 from tollgate_dev.stack._supervisor import RestartBackoff, Supervisor
 from tollgate_dev.stack.codec import CodecServerProcess, ensure_codec_token, ensure_stack_key
 from tollgate_dev.stack.postgres import LocalPostgres
-from tollgate_dev.stack.services import PROJECT_ROOT, SandboxProcess, WorkerProcess
+from tollgate_dev.stack.services import SandboxProcess, WorkerProcess
 from tollgate_dev.stack.temporal import TemporalDevServer
 
 

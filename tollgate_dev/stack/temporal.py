@@ -28,7 +28,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from tollgate.names import SEARCH_ATTRIBUTES
-from tollgate_dev.stack._process import LOCALHOST, ManagedProcess, StackError, logger
+from tollgate_dev.stack._process import LOCALHOST, ManagedProcess, NotReady, StackError, logger
 
 #: Search attribute type names (as ``--search-attribute`` takes them) -> API enum.
 _INDEXED_VALUE_TYPES: dict[str, IndexedValueType.ValueType] = {
@@ -183,44 +183,39 @@ class TemporalDevServer(ManagedProcess):
             env=_server_env(),
             cwd=self.db_filename.parent if self.db_filename is not None else None,
         )
-        try:
-            deadline = asyncio.get_running_loop().time() + self.start_timeout
-            client = await self._wait_until_serving(deadline)
-            await self._ensure_search_attributes(client, deadline)
-            if self.ui_port is not None:
-                await self._wait_for_ui(deadline)
-        except BaseException:
-            await self._abort_start()
-            raise
+        await self._started(self._ready())
         logger.info("temporal ready on %s (pid %s)", self.address, self.pid)
 
     async def connect(self) -> Client:
         """A client for this server's namespace."""
         return await Client.connect(self.address, namespace=self.namespace)
 
-    async def _wait_until_serving(self, deadline: float) -> Client:
-        loop = asyncio.get_running_loop()
-        last_error: BaseException | None = None
-        while True:
-            self._check_alive()
-            try:
-                client = await asyncio.wait_for(self.connect(), 5)
-                await client.workflow_service.describe_namespace(
-                    DescribeNamespaceRequest(namespace=self.namespace),
-                    timeout=timedelta(seconds=5),
-                )
-            except (RuntimeError, RPCError, TimeoutError) as exc:
-                # Client.connect raises RuntimeError("Failed client connect: ...") while
-                # the port is closed; RPCError while the namespace is not loaded yet.
-                last_error = exc
-            else:
-                return client
-            if loop.time() > deadline:
-                raise self._failure(
-                    f"did not serve namespace {self.namespace!r} on {self.address} within "
-                    f"{self.start_timeout:.0f} s (last error: {last_error!r})"
-                )
-            await asyncio.sleep(0.1)
+    async def _ready(self) -> None:
+        """Until the namespace answers, its search attributes exist and the UI listens."""
+        deadline = asyncio.get_running_loop().time() + self.start_timeout
+        client = await self._poll(
+            self._serving,
+            deadline=deadline,
+            interval=0.1,
+            failing=f"did not serve namespace {self.namespace!r} on {self.address}",
+        )
+        await self._ensure_search_attributes(client, deadline)
+        if self.ui_port is not None:
+            await self._wait_for_ui(deadline)
+
+    async def _serving(self) -> Client:
+        """A client of the namespace, once it answers."""
+        try:
+            client = await asyncio.wait_for(self.connect(), 5)
+            await client.workflow_service.describe_namespace(
+                DescribeNamespaceRequest(namespace=self.namespace),
+                timeout=timedelta(seconds=5),
+            )
+        except (RuntimeError, RPCError, TimeoutError) as exc:
+            # Client.connect raises RuntimeError("Failed client connect: ...") while
+            # the port is closed; RPCError while the namespace is not loaded yet.
+            raise NotReady(repr(exc)) from exc
+        return client
 
     async def _ensure_search_attributes(self, client: Client, deadline: float) -> None:
         """Register missing search attributes; fail if one exists with another type."""
