@@ -87,6 +87,8 @@ async def test_quick_bench_reports_every_figure(
             "worker_seconds_per_run",
             "server_seconds_per_run",
         }
+        assert scenario["breakdown"]["samples"] == QUICK.one_at_a_time, name
+        assert scenario["breakdown"]["total_ms"] > 0, name
     assert [data["scenarios"][k]["activities"] for k in sorted(SCENARIOS)] == [3, 7, 8, 7, 8]
     assert set(data["gate"]) >= {
         "guarded_transitions_per_s",

@@ -60,12 +60,12 @@ class BenchPlan(_Frozen):
 FULL = BenchPlan(
     mode="full",
     levels=(1, 5, 10, 20, 40),
-    one_at_a_time=200,
-    runs_per_slot=8,
-    level_minimum=60,
-    warm_up=20,
+    one_at_a_time=100,
+    runs_per_slot=5,
+    level_minimum=40,
+    warm_up=10,
     gate_writers=8,
-    gate_orders=1000,
+    gate_orders=500,
     gate_rounds=2,
 )
 QUICK = BenchPlan(
@@ -109,6 +109,25 @@ class Cpu(_Frozen):
     server_seconds_per_run: float
 
 
+class Breakdown(_Frozen):
+    """Where the time of a run one at a time goes, read from workflow histories (the
+    mean over ``samples`` runs): from the workflow's start to its end (for a message:
+    to the completion of the activity that records DELIVERED)."""
+
+    samples: int
+    total_ms: float
+    #: Inside activities: each one's started -> completed.
+    in_activities_ms: float
+    #: Activities waiting to be picked up: scheduled -> started.
+    activity_queue_ms: float
+    #: Workflow tasks, queued and run: scheduled -> completed.
+    workflow_tasks_ms: float
+    #: The rest: waiting for a signal (a message's confirmation), timers, server time
+    #: between one task's end and the next one's start. Negative when tasks overlapped
+    #: (a signal's workflow task runs while an activity does).
+    other_ms: float
+
+
 class Scenario(_Frozen):
     """One kind of lifecycle at every level."""
 
@@ -119,6 +138,7 @@ class Scenario(_Frozen):
     #: Keyed by in-flight level, as a string ("1", "5", ...).
     levels: dict[str, Level]
     cpu: Cpu
+    breakdown: Breakdown
 
 
 class Gate(_Frozen):

@@ -162,6 +162,23 @@ def print_report(report: BenchReport, console: Console) -> None:
             f"{c.server_seconds_per_run * 1000:.1f}",
         )
     console.print(cpu)
+    where = Table(
+        title="where the time goes, one at a time (workflow histories, mean of the last runs)"
+    )
+    for column in ("scenario", "total ms", "in activities", "activity queue", "workflow tasks"):
+        where.add_column(column, justify="left" if column == "scenario" else "right")
+    where.add_column("other (signal wait; < 0: overlap)", justify="right")
+    for scenario in report.scenarios.values():
+        b = scenario.breakdown
+        where.add_row(
+            scenario.title,
+            f"{b.total_ms:.0f}",
+            f"{b.in_activities_ms:.0f}",
+            f"{b.activity_queue_ms:.0f}",
+            f"{b.workflow_tasks_ms:.0f}",
+            f"{b.other_ms:.0f}",
+        )
+    console.print(where)
     if s.workers_in_bench_process:
         console.print("(the workers ran inside the bench process: worker CPU includes the load)")
     g = report.gate

@@ -27,6 +27,7 @@ from temporalio.client import Client, WorkflowHandle
 from tollgate import postgres
 from tollgate.messages.service import MessageService, build_message
 from tollgate.models import RetrySettings
+from tollgate.names import message_workflow_id, order_workflow_id
 from tollgate.orders.service import OrderService, build_order
 from tollgate_dev.bench.baseline import (
     MESSAGE_ACTIVITIES,
@@ -36,6 +37,7 @@ from tollgate_dev.bench.baseline import (
     BaselineWorkflow,
 )
 from tollgate_dev.bench.baseline_worker import BaselineWorkerProcess, baseline_worker
+from tollgate_dev.bench.breakdown import breakdown
 from tollgate_dev.bench.devices import DevicePlayer
 from tollgate_dev.bench.gatebench import measure_gate
 from tollgate_dev.bench.loop import closed_loop
@@ -47,6 +49,7 @@ from tollgate_dev.bench.models import (
     ORDERS,
     BenchPlan,
     BenchReport,
+    Breakdown,
     Cpu,
     Level,
     Scenario,
@@ -69,6 +72,8 @@ MESSAGE_DEADLINE = timedelta(seconds=30)
 READ_WINDOW = timedelta(milliseconds=250)
 #: A message whose delivery has not settled by then counts as an error.
 SETTLE_TIMEOUT = 60.0
+#: Runs one at a time whose histories are read for the breakdown (the last ones).
+BREAKDOWN_SAMPLES = 5
 
 Progress = Callable[[str], None]
 
@@ -102,7 +107,12 @@ class _Scenario:
     worker: ProcessClock
     #: Waits for what a phase left running (message workflows in their read window).
     settle: Callable[[], Awaitable[None]]
+    #: The workflow id of the lifecycle a run's business id names.
+    workflow_id: Callable[[str], str]
+    #: Where its breakdown ends: after this many activities (None: the workflow's end).
+    end_after_activity: int | None = None
     levels: dict[str, Level] = field(default_factory=dict)
+    breakdown: Breakdown | None = None
     worker_seconds: float = 0.0
     server_seconds: float = 0.0
     ok_runs: int = 0
@@ -110,6 +120,11 @@ class _Scenario:
     def runner(self, tag: str) -> Callable[[int], Awaitable[str]]:
         """Run number ``n`` of the phase ``tag`` (ids are ``bench-<run>-<tag>-<n>``)."""
         return lambda n: self.run(tag, n)
+
+    @staticmethod
+    def business_id(run_id: str, tag: str, n: int) -> str:
+        """The id a run's lifecycle gets: order id, message id, or workflow id."""
+        return f"bench-{run_id}-{tag}-{n}"
 
     def report(self) -> Scenario:
         runs = max(self.ok_runs, 1)
@@ -125,11 +140,24 @@ class _Scenario:
                 worker_seconds_per_run=round(self.worker_seconds / runs, 5),
                 server_seconds_per_run=round(self.server_seconds / runs, 5),
             ),
+            breakdown=self.breakdown
+            or Breakdown(
+                samples=0,
+                total_ms=0,
+                in_activities_ms=0,
+                activity_queue_ms=0,
+                workflow_tasks_ms=0,
+                other_ms=0,
+            ),
         )
 
 
 async def _nothing() -> None:
     return None
+
+
+def _same(workflow_id: str) -> str:
+    return workflow_id
 
 
 @asynccontextmanager
@@ -202,7 +230,7 @@ async def run_bench(
                 scenarios = _scenarios(
                     target, baseline_client, task_queue, player, recipients, run_id, pid
                 )
-                await _measure(scenarios, plan, server, say)
+                await _measure(scenarios, plan, server, baseline_client, run_id, say)
             finally:
                 await _retire_recipients(target.messages, recipients)
     finally:
@@ -253,7 +281,7 @@ def _scenarios(
     async def order(tag: str, n: int) -> str:
         handle = await target.orders.create(
             build_order(
-                order_id=f"bench-{run_id}-{tag}-{n}",
+                order_id=_Scenario.business_id(run_id, tag, n),
                 customer_id=f"bench-customer-{n % 50}",
                 items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
                 amount_cents=100 + n % 900,
@@ -264,7 +292,7 @@ def _scenarios(
         return (await handle.result()).status.value
 
     async def message(tag: str, n: int) -> str:
-        message_id = f"bench-{run_id}-{tag}-{n}"
+        message_id = _Scenario.business_id(run_id, tag, n)
         recipient = recipients[n % len(recipients)]
         settled = player.settled(message_id)  # before the send: the push is never missed
         try:
@@ -298,7 +326,7 @@ def _scenarios(
             await baseline_client.execute_workflow(
                 BaselineWorkflow.run,
                 BaselineInput(activities=activities),
-                id=f"bench-{run_id}-{tag}-{n}",
+                id=_Scenario.business_id(run_id, tag, n),
                 task_queue=task_queue,
             )
             return "COMPLETED"
@@ -316,6 +344,7 @@ def _scenarios(
             order,
             tollgate_worker,
             _nothing,
+            order_workflow_id,
         ),
         _Scenario(
             BASELINE_ORDER,
@@ -325,6 +354,7 @@ def _scenarios(
             baseline(ORDER_ACTIVITIES),
             bare_worker,
             _nothing,
+            _same,
         ),
         _Scenario(
             BASELINE_PROVIDERS,
@@ -334,6 +364,7 @@ def _scenarios(
             baseline(PROVIDER_CALL_ACTIVITIES),
             bare_worker,
             _nothing,
+            _same,
         ),
         _Scenario(
             MESSAGES,
@@ -343,6 +374,9 @@ def _scenarios(
             message,
             tollgate_worker,
             messages_ended,
+            message_workflow_id,
+            # the 7th activity records DELIVERED; then the message rests
+            end_after_activity=MESSAGE_ACTIVITIES,
         ),
         _Scenario(
             BASELINE_MESSAGE,
@@ -352,14 +386,21 @@ def _scenarios(
             baseline(MESSAGE_ACTIVITIES),
             bare_worker,
             _nothing,
+            _same,
         ),
     ]
 
 
 async def _measure(
-    scenarios: list[_Scenario], plan: BenchPlan, server: ProcessClock, say: Progress
+    scenarios: list[_Scenario],
+    plan: BenchPlan,
+    server: ProcessClock,
+    client: Client,
+    run_id: str,
+    say: Progress,
 ) -> None:
-    """Warm up, then every level of every scenario, recording levels and CPU."""
+    """Warm up, then every level of every scenario, recording levels and CPU; after
+    the runs one at a time, read the breakdown from the last ones' histories."""
     if plan.warm_up:
         say(f"warming up: {plan.warm_up} of each")
         for s in scenarios:
@@ -384,6 +425,11 @@ async def _measure(
             s.server_seconds += server.seconds() - server_before
             s.ok_runs += level.ok
             s.levels[str(in_flight)] = level
+            if in_flight == 1:
+                last = range(max(0, level.runs - BREAKDOWN_SAMPLES), level.runs)
+                tag = f"{s.key}-c1"
+                ids = [s.workflow_id(s.business_id(run_id, tag, n)) for n in last]
+                s.breakdown = await breakdown(client, ids, end_after_activity=s.end_after_activity)
             say(
                 f"{s.title:<38} {in_flight:>3} in flight: {level.ok}/{level.runs} ok, "
                 f"{level.throughput_per_s:7.2f}/s, p50 {level.p50_ms:6.1f} ms, "
