@@ -7,12 +7,14 @@ stable names, and writes its JSON and chart.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from rich.console import Console
 
 from tests.conftest import Harness
 from tollgate import postgres
@@ -20,7 +22,7 @@ from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.bench.models import QUICK, BenchReport
 from tollgate_dev.bench.procs import listener_pid
-from tollgate_dev.bench.report import RATIOS, write_results
+from tollgate_dev.bench.report import RATIOS, print_report, write_results
 from tollgate_dev.bench.run import BenchTarget, run_bench
 
 pytestmark = pytest.mark.e2e
@@ -98,3 +100,8 @@ async def test_quick_bench_reports_every_figure(
     assert set(data["ratios"]) == set(RATIOS)
     assert data["server"]["server_pid_found"] and data["server"]["in_memory"]
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+
+    shown = io.StringIO()
+    print_report(report, Console(file=shown, width=200))
+    for name in RATIOS:
+        assert f"({name})" in shown.getvalue()

@@ -95,10 +95,12 @@ async def _bench(
         await pool.close()
 
 
-async def _main(plan: BenchPlan, say: Console) -> tuple[BenchReport, Path]:
+async def _main(plan: BenchPlan, say: Console, *, in_memory: bool) -> tuple[BenchReport, Path]:
     settings = Settings()
     if await _stack_is_up(settings):
         say.print(f"Using the running stack (Temporal at {settings.temporal_address}).")
+        if in_memory:
+            say.print("--temporal-in-memory is ignored: the running stack's server is used.")
         port = urlsplit(f"//{settings.temporal_address}").port or DEFAULT_TEMPORAL_PORT
         report = await _bench(
             settings,
@@ -112,7 +114,7 @@ async def _main(plan: BenchPlan, say: Console) -> tuple[BenchReport, Path]:
         )
         return report, settings.state_dir / "bench"
     say.print(f"Starting the local stack in {settings.state_dir}/ ...")
-    async with LocalStack.from_settings(settings) as stack:
+    async with LocalStack.from_settings(settings, temporal_db_file=not in_memory) as stack:
         env = {**stack.env(), **stack.payload_env()}
         stack_settings = Settings(**{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
         assert stack.worker is not None
@@ -137,12 +139,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--temporal-in-memory",
+        action="store_true",
+        help="when starting the stack, keep Temporal in memory instead of its SQLite file "
+        "(to see what the file costs; make up and make demo use the file)",
+    )
     args = parser.parse_args(argv)
-    say = Console(stderr=True, highlight=False)
+    say = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 150)
     # Piped output gets a fixed width so the tables are not squeezed to 80 columns.
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     try:
-        report, directory = asyncio.run(_main(QUICK if args.quick else FULL, say))
+        plan = QUICK if args.quick else FULL
+        report, directory = asyncio.run(_main(plan, say, in_memory=args.temporal_in_memory))
     except StackError as exc:
         say.print(f"error: {exc}", markup=False)
         sys.exit(1)

