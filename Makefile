@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up demo test chaos lint typecheck format clean
+.PHONY: install up demo test chaos bench lint typecheck format clean
 
 # Dead code: what no code, test or framework calls. Tests are read too, so a helper only
 # tests use is not dead. Frameworks call what these decorators mark and read these
@@ -41,6 +41,12 @@ test: $(STAMP)
 ## killed and providers fail; prints the invariants table, exits non-zero on a violation.
 chaos: $(STAMP)
 	$(PY) -m tollgate_dev.chaos
+
+## Tollgate's orders and messages against bare Temporal baselines and the gate with and
+## without its trigger, on the running stack or one started here; a table with the
+## target ratios, JSON and a chart in <state_dir>/bench/. `make bench BENCH_ARGS=--quick`.
+bench: $(STAMP)
+	$(PY) -m tollgate_dev.bench $(BENCH_ARGS)
 
 ## Style, types, the import contracts of pyproject.toml, and dead code.
 lint: $(STAMP)

@@ -107,3 +107,23 @@ async def test_load_beyond_the_rate_is_refused_at_ingress_not_timed_out(h: Harne
     assert summary.started + summary.refused_at_ingress == 12
     assert summary.errors == 0 and sum(summary.statuses.values()) == summary.started
     assert summary.seconds < 10
+
+
+async def test_load_orders_leave_the_finite_stock_alone_and_report_the_outcome_mix(
+    h: Harness,
+) -> None:
+    # Before this, load orders bought WIDGET, GADGET and GIZMO: after ~175 orders the
+    # stock was gone and every later order failed and compensated, unnoticed.
+    before = await h.sandbox.stock()
+    summary = await run_load(
+        "orders",
+        orders=h.service,
+        messages=h.messages,
+        count=6,
+        concurrency=3,
+        rate=None,
+        max_wait=None,
+        console=None,
+    )
+    assert await h.sandbox.stock() == before
+    assert summary.expected_status == "COMPLETED" and summary.reached_expected == 6

@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 from tests.conftest import serve_in_process
 from tollgate_dev.sandbox import (
+    UNLIMITED_SKU,
     FaultSpec,
     Ledger,
     SandboxAdmin,
@@ -561,6 +562,28 @@ async def test_concurrent_reservations_do_not_oversell(
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [201] * 8 + [422] * 2
     assert (await admin.stock())["GIZMO"] == 1
+
+
+async def test_the_load_sku_never_runs_out_until_an_admin_gives_it_a_quantity(
+    client: httpx.AsyncClient, admin: SandboxAdmin
+) -> None:
+    before = await admin.stock()
+    found = await client.get(f"/inventory/skus/{UNLIMITED_SKU}")
+    assert found.json() == {"sku": UNLIMITED_SKU, "available": None}
+    for n in range(3):
+        items = [{"sku": UNLIMITED_SKU, "quantity": 1_000_000}, {"sku": "WIDGET", "quantity": 1}]
+        assert (await reserve(client, f"k-{n}", items, order_id=f"o-{n}")).status_code == 201
+    body = {"order_id": "o-0", "reservation_idempotency_key": "k-0"}
+    assert (await post(client, RELEASES, "k-rel", body)).status_code == 201
+    # Only the finite SKU moved; the unlimited one never enters the stock table.
+    assert await admin.stock() == {**before, "WIDGET": before["WIDGET"] - 2}
+
+    await admin.set_stock(UNLIMITED_SKU, 1)
+    assert (
+        await reserve(client, "k-9", [{"sku": UNLIMITED_SKU, "quantity": 2}])
+    ).status_code == 422
+    await admin.reset()
+    assert (await client.get(f"/inventory/skus/{UNLIMITED_SKU}")).json()["available"] is None
 
 
 async def test_concurrent_same_key_charges_once(

@@ -64,12 +64,22 @@ async def load(
     if json:
         emit_json(summary.model_dump(mode="json"))
         return
-    table = Table("final status", "count", title=f"load {kind}: {summary.requested} requested")
+    table = Table(
+        "final status", "count", "share", title=f"load {kind}: {summary.requested} requested"
+    )
     for status, n in summary.statuses.items():
-        table.add_row(status, str(n))
+        table.add_row(status, str(n), f"{n / summary.requested:.0%}")
     if summary.refused_at_ingress:
-        table.add_row("refused at ingress", str(summary.refused_at_ingress))
+        n = summary.refused_at_ingress
+        table.add_row("refused at ingress", str(n), f"{n / summary.requested:.0%}")
     console.print(table)
+    # Throughput and latency mean little when lifecycles ended elsewhere: say so first.
+    missed = summary.requested - summary.reached_expected
+    style = "red" if missed else "green"
+    console.print(
+        f"[{style}]{summary.reached_expected} of {summary.requested} reached "
+        f"{summary.expected_status}[/{style}]"
+    )
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f} ms"

@@ -8,8 +8,13 @@ Two limits keep the load generator from burying the system in work it cannot tak
 
 A start that cannot get a token within ``--max-wait`` is refused at ingress (counted,
 not attempted): when the system cannot keep up, work is delayed or refused at the door
-instead of piling up into timeouts deep inside. The summary gives final statuses,
-throughput and latency percentiles.
+instead of piling up into timeouts deep inside. The summary gives the outcome mix
+(final statuses, and how many reached the end a load run expects), throughput and latency
+percentiles.
+
+Orders buy the sandbox's unlimited SKU: a finite one runs out after a few hundred
+orders, and every order after that fails and compensates, which would quietly turn a
+load run into a measurement of the unhappy path.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tollgate.messages.service import MessageService, build_message
 from tollgate.models import RetrySettings
 from tollgate.orders.service import OrderService, build_order
+from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
-_SKUS = ("WIDGET", "GADGET", "GIZMO")
+#: Where a load lifecycle should end: an order completes; a message goes to recipients
+#: with no registered device, so it falls back to email once its 1 s deadline passes.
+EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "EMAILED"}
 
 
 class TokenBucket:
@@ -86,6 +94,10 @@ class LoadSummary(BaseModel):
     refused_at_ingress: int
     errors: int
     statuses: dict[str, int]
+    #: The status a healthy run ends every lifecycle in, and how many got there: fewer
+    #: than ``started`` means the run measured something else too (failures, errors).
+    expected_status: str
+    reached_expected: int
     seconds: float
     throughput_per_second: float
     latency_p50_ms: float | None
@@ -136,7 +148,7 @@ async def run_load(
                     order = build_order(
                         order_id=f"load-{run_id}-{n}",
                         customer_id=f"load-customer-{n % 50}",
-                        items=[{"sku": _SKUS[n % len(_SKUS)], "quantity": 1}],
+                        items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
                         amount_cents=100 + n % 900,
                         retry=retry,
                     )
@@ -186,6 +198,8 @@ async def run_load(
         refused_at_ingress=refused,
         errors=errors,
         statuses=dict(sorted(statuses.items())),
+        expected_status=EXPECTED_END[kind],
+        reached_expected=statuses[EXPECTED_END[kind]],
         seconds=round(seconds, 3),
         throughput_per_second=round(finished / seconds, 2) if seconds > 0 else 0.0,
         latency_p50_ms=percentile(latencies, 50),

@@ -10,6 +10,7 @@ from tollgate_dev.sandbox.admin import SandboxAdmin, SandboxAdminError
 from tollgate_dev.sandbox.app import SandboxState, create_app
 from tollgate_dev.sandbox.models import (
     PROVIDERS,
+    UNLIMITED_SKU,
     AddressList,
     Charge,
     ChargeRequest,
@@ -43,6 +44,7 @@ from tollgate_dev.sandbox.models import (
 
 __all__ = [
     "PROVIDERS",
+    "UNLIMITED_SKU",
     "AddressList",
     "Charge",
     "ChargeRequest",

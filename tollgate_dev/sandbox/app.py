@@ -144,6 +144,9 @@ class SandboxState:
             name: ProviderState(name, config.seed) for name in PROVIDERS
         }
         self.stock: dict[str, int] = {}
+        #: SKUs sold without counting (``SandboxConfig.unlimited_skus``); setting a
+        #: quantity for one through the admin API makes it finite.
+        self.unlimited: set[str] = set()
         self.declined: set[str] = set()
         self.unregistered: set[str] = set()
         self.bounced: set[str] = set()
@@ -167,6 +170,7 @@ class SandboxState:
         for provider in self.providers.values():
             provider.reset(self.config.seed)
         self.stock = dict(self.config.initial_stock)
+        self.unlimited = set(self.config.unlimited_skus) - self.stock.keys()
         self.declined = set(self.config.declined_customers)
         self.unregistered = set(self.config.unregistered_tokens)
         self.bounced = set(self.config.bounced_addresses)
@@ -363,6 +367,8 @@ def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome
         wanted[item.sku] = wanted.get(item.sku, 0) + item.quantity
     # Check everything before touching anything: the reservation is all-or-nothing.
     for sku, quantity in wanted.items():
+        if sku in state.unlimited:
+            continue
         if sku not in state.stock:
             return _error(422, "unknown_sku", f"no such sku {sku!r}", sku=sku)
         available = state.stock[sku]
@@ -376,7 +382,8 @@ def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome
                 available=available,
             )
     for sku, quantity in wanted.items():
-        state.stock[sku] -= quantity
+        if sku not in state.unlimited:
+            state.stock[sku] -= quantity
     reservation = Reservation(
         reservation_id=_new_id("rs"),
         order_id=body.order_id,
@@ -415,6 +422,8 @@ def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
     if existing is not None:
         return Outcome(200, _release_answer(existing))
     for item in reservation.items:
+        if item.sku in state.unlimited:
+            continue  # nothing was taken from it, so nothing goes back
         # .get: an admin may have replaced the stock table since; giving back is still right.
         state.stock[item.sku] = state.stock.get(item.sku, 0) + item.quantity
     release = Release(
@@ -470,6 +479,8 @@ def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
 
 
 def _sku(state: SandboxState, sku: str) -> Outcome:
+    if sku in state.unlimited:
+        return Outcome(200, _dump(SkuResponse(sku=sku, available=None)))
     if sku not in state.stock:
         return _error(404, "unknown_sku", f"no such sku {sku!r}")
     return Outcome(200, _dump(SkuResponse(sku=sku, available=state.stock[sku])))
@@ -662,6 +673,7 @@ def _routes(state: SandboxState) -> list[Route]:
             return _send(update)
         async with inventory.lock:
             state.stock[sku] = update.quantity
+            state.unlimited.discard(sku)
         return _json(_dump(SkuResponse(sku=sku, available=update.quantity)))
 
     async def list_declined(request: Request) -> Response:

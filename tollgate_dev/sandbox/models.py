@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 #: here, its routes in ``app.py`` and, if it keeps records, a list on :class:`Ledger`.
 PROVIDERS: tuple[str, ...] = ("payments", "inventory", "push", "email")
 
+#: The SKU load runs and the benchmark order: in every sandbox's catalog, never sold out.
+UNLIMITED_SKU = "LOADTEST"
+
 Phase = Literal["before", "after"]
 #: What a push notification tells the device: a new message, or a read receipt set / undone.
 PushKind = Literal["message", "read_receipt", "read_revert"]
@@ -44,6 +47,10 @@ class SandboxConfig(BaseModel):
     initial_stock: dict[str, int] = Field(
         default_factory=lambda: {"WIDGET": 100, "GADGET": 50, "GIZMO": 25, "SOLDOUT": 0}
     )
+    #: SKUs whose stock never runs out, for load runs and the benchmark: thousands of
+    #: orders of a finite SKU would empty it, and every later order would fail and
+    #: compensate, measuring the unhappy path by accident. Kept out of the stock table.
+    unlimited_skus: set[str] = Field(default_factory=lambda: {UNLIMITED_SKU})
     declined_customers: set[str] = Field(default_factory=set)
     #: Device tokens push refuses with 410 ``unregistered`` (an uninstalled app).
     unregistered_tokens: set[str] = Field(default_factory=set)
@@ -180,7 +187,8 @@ class SkuResponse(BaseModel):
     """Answer of ``GET /inventory/skus/{sku}``."""
 
     sku: str
-    available: int
+    #: None for a SKU whose stock never runs out (``SandboxConfig.unlimited_skus``).
+    available: int | None
 
 
 class ReservationResponse(BaseModel):

@@ -1,0 +1,107 @@
+"""The benchmark's quick mode against the test session's servers: every figure is there.
+
+Timings are never asserted: on a shared 2-core machine they say nothing about the code.
+What is checked is that one run produces every figure the issue's targets read, under
+stable names, and writes its JSON and chart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from rich.console import Console
+
+from tests.conftest import Harness
+from tollgate import postgres
+from tollgate.messages.service import MessageService
+from tollgate.orders.service import OrderService
+from tollgate_dev.bench.models import QUICK, BenchReport
+from tollgate_dev.bench.procs import listener_pid
+from tollgate_dev.bench.report import RATIOS, print_report, write_results
+from tollgate_dev.bench.run import BenchTarget, run_bench
+
+pytestmark = pytest.mark.e2e
+
+SCENARIOS = {"orders", "messages", "baseline_8", "baseline_3", "baseline_7"}
+LEVEL_FIGURES = {"in_flight", "runs", "ok", "outcomes", "seconds", "throughput_per_s"}
+LEVEL_FIGURES |= {"p50_ms", "p95_ms", "p99_ms"}
+
+
+def _nulls(value: object, path: str = "") -> list[str]:
+    """Paths of every null in a JSON document."""
+    if value is None:
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nulls(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for n, v in enumerate(value) for p in _nulls(v, f"{path}[{n}]")]
+    return []
+
+
+@pytest.mark.timeout(60)
+async def test_quick_bench_reports_every_figure(
+    h: Harness, temporal_address: str, database_url: str, owner_url: str, tmp_path: Path
+) -> None:
+    # Its own pool: at 40 in flight every start holds a connection until Temporal answers.
+    pool = await postgres.create_pool(database_url, max_size=max(QUICK.levels) + 5)
+    try:
+        target = BenchTarget(
+            orders=OrderService(h.client, pool, h.task_queue, inventory=h.inventory),
+            messages=MessageService(h.client, pool, h.task_queue),
+            temporal_address=temporal_address,
+            namespace=h.settings.temporal_namespace,
+            database_url=database_url,
+            owner_url=owner_url,
+            worker_pid=os.getpid(),  # the harness's worker runs in this process
+            server_pid=listener_pid(urlsplit(f"//{temporal_address}").port or 0),
+            reused_stack=True,
+            workers_in_bench_process=True,
+        )
+        report = await run_bench(target, QUICK)
+    finally:
+        await pool.close()
+
+    data_path, chart_path = write_results(report, tmp_path / "bench")
+    data = json.loads((tmp_path / "bench" / "latest.json").read_text())
+    assert data == json.loads(data_path.read_text())
+    assert BenchReport.model_validate(data) == report
+    assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "bench" / "latest.png").stat().st_size == chart_path.stat().st_size
+
+    assert _nulls(data) == []
+    assert data["format"] == "tollgate-bench/1"
+    assert set(data["scenarios"]) == SCENARIOS
+    for name, scenario in data["scenarios"].items():
+        assert set(scenario["levels"]) == {"1", "5", "10", "20", "40"}, name
+        for level in scenario["levels"].values():
+            assert set(level) == LEVEL_FIGURES
+            # every run ended as its scenario expects: figures of failures would mislead
+            assert level["ok"] == level["runs"], (name, level["outcomes"])
+        assert set(scenario["cpu"]) == {
+            "runs",
+            "worker_seconds",
+            "server_seconds",
+            "worker_seconds_per_run",
+            "server_seconds_per_run",
+        }
+        assert scenario["breakdown"]["samples"] == QUICK.one_at_a_time, name
+        assert scenario["breakdown"]["total_ms"] > 0, name
+    assert [data["scenarios"][k]["activities"] for k in sorted(SCENARIOS)] == [3, 7, 8, 7, 8]
+    assert set(data["gate"]) >= {
+        "guarded_transitions_per_s",
+        "plain_transitions_per_s",
+        "overhead_pct",
+    }
+    assert set(data["ratios"]) == set(RATIOS)
+    assert data["server"]["server_pid_found"] and data["server"]["in_memory"]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+
+    shown = io.StringIO()
+    print_report(report, Console(file=shown, width=200))
+    for name in RATIOS:
+        assert f"({name})" in shown.getvalue()

@@ -1,0 +1,133 @@
+"""The gate's own throughput: version-checked transitions through the trigger and audit,
+against the same transaction on a plain copy of the table, in the same Postgres.
+
+Both sides run :func:`tollgate.gate.transition` itself, as the activities do, over many
+orders and their 4 forward moves (PENDING -> VALIDATING -> CHARGING -> RESERVING ->
+COMPLETED), with several writers at once. The plain side is a copy of ``orders`` (same
+columns, defaults, CHECKs, indexes and status foreign key) with no trigger, so no
+version bump and no audit row: the difference between the two is what the guard and
+the audit cost. The copy lives in its own schema, owned by the schema owner, and is
+dropped afterwards. Rounds alternate the two tables, so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import asyncpg
+
+from tollgate import gate, postgres
+from tollgate.names import order_workflow_id, transition_id
+from tollgate.orders.states import OrderStatus
+from tollgate.orders.store import ORDERS
+from tollgate_dev.bench.models import Gate
+from tollgate_dev.sandbox.models import UNLIMITED_SKU
+
+#: The forward path of an order: the 4 transitions each order makes.
+PATH = (
+    OrderStatus.VALIDATING,
+    OrderStatus.CHARGING,
+    OrderStatus.RESERVING,
+    OrderStatus.COMPLETED,
+)
+_SCHEMA = "tollgate_bench"
+_WRITER = gate.Writer("bench:gate", None, "gate benchmark")
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+async def measure_gate(
+    database_url: str, owner_url: str, *, run_id: str, writers: int, orders: int, rounds: int
+) -> Gate:
+    """Transitions per second with and without the trigger and audit."""
+    pool = await postgres.create_pool(database_url, max_size=writers)
+    owner = await asyncpg.connect(owner_url)
+    table = f"{_SCHEMA}.plain_orders_{run_id}"
+    try:
+        await _create_plain_copy(owner, table, app_role=await pool.fetchval("SELECT session_user"))
+        plain = dataclasses.replace(ORDERS, table=table)
+        guarded_seconds = plain_seconds = 0.0
+        for round_no in range(rounds):
+            ids = [f"bench-{run_id}-g{round_no}-{n}" for n in range(orders)]
+            await _insert_pending(pool, ids)
+            await owner.execute(f"INSERT INTO {table} SELECT * FROM orders WHERE id = ANY($1)", ids)
+            guarded_seconds += await _drive(pool, ORDERS, ids, writers)
+            plain_seconds += await _drive(pool, plain, ids, writers)
+    finally:
+        await owner.execute(f"DROP TABLE IF EXISTS {table}")
+        try:
+            await owner.execute(f"DROP SCHEMA IF EXISTS {_SCHEMA}")
+        except asyncpg.DependentObjectsStillExistError:
+            pass  # another bench run's copy is still in it; that run drops the schema
+        await owner.close()
+        await pool.close()
+    transitions = orders * rounds * len(PATH)
+    guarded_rate = transitions / guarded_seconds
+    plain_rate = transitions / plain_seconds
+    return Gate(
+        writers=writers,
+        orders=orders * rounds,
+        transitions=transitions,
+        guarded_seconds=round(guarded_seconds, 3),
+        plain_seconds=round(plain_seconds, 3),
+        guarded_transitions_per_s=round(guarded_rate, 1),
+        plain_transitions_per_s=round(plain_rate, 1),
+        overhead_pct=round((plain_rate / guarded_rate - 1) * 100, 1),
+    )
+
+
+async def _create_plain_copy(owner: asyncpg.Connection, table: str, *, app_role: str) -> None:
+    """``orders`` without its triggers, writable by the application role as orders is."""
+    await owner.execute(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA}")
+    await owner.execute(
+        f"CREATE TABLE {table} (LIKE orders INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+        " INCLUDING INDEXES)"
+    )
+    # LIKE copies no foreign key; the guarded table checks its status against this one.
+    await owner.execute(
+        f"ALTER TABLE {table} ADD FOREIGN KEY (status) REFERENCES order_statuses (status)"
+    )
+    await owner.execute(f"GRANT USAGE ON SCHEMA {_SCHEMA} TO {_quoted(app_role)}")
+    await owner.execute(f"GRANT SELECT, UPDATE ON {table} TO {_quoted(app_role)}")
+
+
+async def _insert_pending(pool: asyncpg.Pool, ids: Sequence[str]) -> None:
+    """PENDING orders as the service inserts them (through the insert trigger and audit)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await gate.describe_writer(conn, _WRITER)
+        await conn.execute(
+            """
+            INSERT INTO orders (id, customer_id, items, amount_cents, currency, workflow_id)
+            SELECT id, 'bench-gate', $3::jsonb, 100, 'USD', workflow_id
+              FROM unnest($1::text[], $2::text[]) AS t(id, workflow_id)
+            """,
+            list(ids),
+            [order_workflow_id(i) for i in ids],
+            [{"sku": UNLIMITED_SKU, "quantity": 1}],
+        )
+
+
+async def _drive(
+    pool: asyncpg.Pool, lifecycle: gate.Lifecycle, ids: Sequence[str], writers: int
+) -> float:
+    """Seconds for ``writers`` concurrent writers to move every order along :data:`PATH`."""
+    queue = iter(ids)  # shared: each order is taken by exactly one writer
+
+    async def writer() -> None:
+        for order_id in queue:
+            workflow_id = order_workflow_id(order_id)
+            version = 1
+            for status in PATH:
+                move = gate.Move(
+                    order_id, version, status, transition_id(workflow_id, version, status)
+                )
+                version = (await gate.transition(pool, lifecycle, move, _WRITER)).version
+
+    began = time.perf_counter()
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    return time.perf_counter() - began

@@ -1,0 +1,209 @@
+"""What a benchmark run reports, as ``latest.json`` holds it.
+
+Every figure has a stable name (a field here, or a fixed key: scenario names,
+in-flight levels as strings, ratio names), so a test or a script comparing runs can
+find it. Times are milliseconds, rates are per second, CPU is seconds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+#: Bumped when a figure is renamed or its meaning changes.
+REPORT_FORMAT: Final = "tollgate-bench/1"
+
+#: Scenario keys, in the order they run at each level and appear in the table.
+ORDERS = "orders"
+MESSAGES = "messages"
+BASELINE_ORDER = "baseline_8"
+BASELINE_PROVIDERS = "baseline_3"
+BASELINE_MESSAGE = "baseline_7"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class BenchPlan(_Frozen):
+    """How much a run does."""
+
+    mode: Literal["full", "quick"]
+    #: In-flight levels of the closed loops; 1 is "one at a time".
+    levels: tuple[int, ...]
+    #: Runs at level 1 (where p99 is read).
+    one_at_a_time: int
+    #: Runs at a higher level: ``in_flight * runs_per_slot``, within the bounds below.
+    runs_per_slot: int
+    level_minimum: int
+    #: Caps the runs of a level (quick mode): fewer runs than the level means fewer in
+    #: flight, so such figures only show that the level ran.
+    level_maximum: int | None = None
+    #: Unmeasured runs of each scenario before the first measured one.
+    warm_up: int
+    #: The gate: concurrent writers, orders per table per round, rounds (alternating
+    #: the guarded and the plain table, so drift hits both alike).
+    gate_writers: int
+    gate_orders: int
+    gate_rounds: int
+
+    def runs_at(self, in_flight: int) -> int:
+        """How many lifecycles the closed loop at ``in_flight`` runs."""
+        if in_flight == 1:
+            return self.one_at_a_time
+        runs = max(self.level_minimum, in_flight * self.runs_per_slot)
+        return runs if self.level_maximum is None else min(runs, self.level_maximum)
+
+
+FULL = BenchPlan(
+    mode="full",
+    levels=(1, 5, 10, 20, 40),
+    one_at_a_time=100,
+    runs_per_slot=5,
+    level_minimum=40,
+    warm_up=10,
+    gate_writers=8,
+    gate_orders=500,
+    gate_rounds=2,
+)
+QUICK = BenchPlan(
+    mode="quick",
+    levels=(1, 5, 10, 20, 40),
+    one_at_a_time=2,
+    runs_per_slot=1,
+    level_minimum=1,
+    level_maximum=2,
+    warm_up=0,
+    gate_writers=4,
+    gate_orders=12,
+    gate_rounds=1,
+)
+
+
+class Level(_Frozen):
+    """One closed loop: ``in_flight`` lifecycles at all times until ``runs`` were started."""
+
+    in_flight: int
+    runs: int
+    #: How many ended as the scenario expects; only they count in rates and latencies.
+    ok: int
+    #: Final statuses (``error:<type>`` for a run that raised).
+    outcomes: dict[str, int]
+    seconds: float
+    throughput_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+class Cpu(_Frozen):
+    """CPU time used by the worker serving a scenario and by the Temporal server, summed
+    over the scenario's measured phases, and per run that ended as expected."""
+
+    runs: int
+    worker_seconds: float
+    server_seconds: float
+    worker_seconds_per_run: float
+    server_seconds_per_run: float
+
+
+class Breakdown(_Frozen):
+    """Where the time of a run one at a time goes, read from workflow histories (the
+    mean over ``samples`` runs): from the workflow's start to its end (for a message:
+    to the completion of the activity that records DELIVERED)."""
+
+    samples: int
+    total_ms: float
+    #: Inside activities: each one's started -> completed.
+    in_activities_ms: float
+    #: Activities waiting to be picked up: scheduled -> started.
+    activity_queue_ms: float
+    #: Workflow tasks, queued and run: scheduled -> completed.
+    workflow_tasks_ms: float
+    #: The rest: waiting for a signal (a message's confirmation), timers, server time
+    #: between one task's end and the next one's start. Negative when tasks overlapped
+    #: (a signal's workflow task runs while an activity does).
+    other_ms: float
+
+
+class Scenario(_Frozen):
+    """One kind of lifecycle at every level."""
+
+    title: str
+    #: Regular activities one run executes.
+    activities: int
+    expected_status: str
+    #: Keyed by in-flight level, as a string ("1", "5", ...).
+    levels: dict[str, Level]
+    cpu: Cpu
+    breakdown: Breakdown
+
+
+class Gate(_Frozen):
+    """Version-checked transitions through ``tollgate.gate.transition``, with the
+    trigger and audit (``orders``) and without (a plain copy of the table)."""
+
+    writers: int
+    orders: int
+    transitions: int
+    guarded_seconds: float
+    plain_seconds: float
+    guarded_transitions_per_s: float
+    plain_transitions_per_s: float
+    #: How much longer a guarded transition takes than a plain one, in percent.
+    overhead_pct: float
+
+
+class Ratio(_Frozen):
+    """One of the issue's targets: a figure, the bound it must meet, and whether it does."""
+
+    description: str
+    value: float | None
+    target: str
+    meets: bool
+
+
+class Machine(_Frozen):
+    cores: int
+    cpu_model: str
+    memory_gb: float
+    platform: str
+    python: str
+    #: The 1-minute load average when the run started and ended: above the core count,
+    #: something else competed for the CPU and every figure is pessimistic.
+    load_at_start: float
+    load_at_end: float
+
+
+class Server(_Frozen):
+    """The Temporal server measured, as its command line shows it (secrets left out)."""
+
+    temporal_address: str
+    #: None when its process could not be found (its flags are then unknown too).
+    server_pid_found: bool
+    in_memory: bool | None
+    sqlite_pragmas: list[str]
+    dynamic_config: list[str]
+    #: A stack ``make up`` was running (True), or one the bench started (False).
+    reused_stack: bool
+    #: The workers run inside the bench's own process (the test): their CPU figures
+    #: then include the load generator's.
+    workers_in_bench_process: bool
+
+
+class BenchReport(_Frozen):
+    """Everything one run measured."""
+
+    format: Literal["tollgate-bench/1"] = REPORT_FORMAT
+    plan: BenchPlan
+    started_at: datetime
+    seconds: float
+    machine: Machine
+    server: Server
+    #: Keyed by the names above (orders, messages, baseline_8, baseline_3, baseline_7).
+    scenarios: dict[str, Scenario]
+    gate: Gate
+    #: Keyed by the names in :data:`tollgate_dev.bench.report.RATIOS`.
+    ratios: dict[str, Ratio]

@@ -1,0 +1,438 @@
+"""One benchmark run: every scenario at every level, the gate, against one server.
+
+At each in-flight level the scenarios run one after another (orders, the 8- and
+3-activity baselines, messages, the 7-activity baseline), so a lifecycle and its
+baseline are measured minutes apart at most, on the same server in the same state.
+Message workflows linger for their read window after DELIVERED; each message phase
+waits for them to end before the next phase starts, and their CPU counts as the
+messages' (it is part of a message's cost), while their waiting does not count as
+latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+
+from tollgate import postgres
+from tollgate.messages.service import MessageService, build_message
+from tollgate.models import RetrySettings
+from tollgate.names import message_workflow_id, order_workflow_id
+from tollgate.orders.service import OrderService, build_order
+from tollgate_dev.bench.baseline import (
+    MESSAGE_ACTIVITIES,
+    ORDER_ACTIVITIES,
+    PROVIDER_CALL_ACTIVITIES,
+    BaselineInput,
+    BaselineWorkflow,
+)
+from tollgate_dev.bench.baseline_worker import BaselineWorkerProcess, baseline_worker
+from tollgate_dev.bench.breakdown import breakdown
+from tollgate_dev.bench.devices import DevicePlayer
+from tollgate_dev.bench.gatebench import measure_gate
+from tollgate_dev.bench.loop import closed_loop
+from tollgate_dev.bench.models import (
+    BASELINE_MESSAGE,
+    BASELINE_ORDER,
+    BASELINE_PROVIDERS,
+    MESSAGES,
+    ORDERS,
+    BenchPlan,
+    BenchReport,
+    Breakdown,
+    Cpu,
+    Level,
+    Scenario,
+    Server,
+)
+from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
+from tollgate_dev.bench.report import ratios
+from tollgate_dev.sandbox.models import UNLIMITED_SKU
+
+#: Backoffs as a load run has them: nothing fails here, but if something did, a run
+#: should recover in seconds, not minutes.
+BENCH_RETRY = RetrySettings(
+    activity_timeout=timedelta(seconds=10),
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=2),
+)
+#: Long enough never to fall back to email while the device confirms.
+MESSAGE_DEADLINE = timedelta(seconds=30)
+#: Short, so a message workflow ends soon after DELIVERED instead of resting for days.
+READ_WINDOW = timedelta(milliseconds=250)
+#: A message whose delivery has not settled by then counts as an error.
+SETTLE_TIMEOUT = 60.0
+#: Runs one at a time whose histories are read for the breakdown (the last ones).
+BREAKDOWN_SAMPLES = 5
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """What the bench drives: Tollgate's services (a worker serves their task queue)
+    and the servers behind them."""
+
+    orders: OrderService
+    messages: MessageService
+    temporal_address: str
+    namespace: str
+    database_url: str
+    #: The schema owner's connection, to create (and drop) the gate's plain table.
+    owner_url: str
+    #: Tollgate's worker and the Temporal server, for their CPU time (None: unknown).
+    worker_pid: int | None
+    server_pid: int | None
+    reused_stack: bool
+    workers_in_bench_process: bool
+
+
+@dataclass
+class _Scenario:
+    key: str
+    title: str
+    activities: int
+    expected: str
+    run: Callable[[str, int], Awaitable[str]]
+    worker: ProcessClock
+    #: Waits for what a phase left running (message workflows in their read window).
+    settle: Callable[[], Awaitable[None]]
+    #: The workflow id of the lifecycle a run's business id names.
+    workflow_id: Callable[[str], str]
+    #: Where its breakdown ends: after this many activities (None: the workflow's end).
+    end_after_activity: int | None = None
+    levels: dict[str, Level] = field(default_factory=dict)
+    breakdown: Breakdown | None = None
+    worker_seconds: float = 0.0
+    server_seconds: float = 0.0
+    ok_runs: int = 0
+
+    def runner(self, tag: str) -> Callable[[int], Awaitable[str]]:
+        """Run number ``n`` of the phase ``tag`` (ids are ``bench-<run>-<tag>-<n>``)."""
+        return lambda n: self.run(tag, n)
+
+    @staticmethod
+    def business_id(run_id: str, tag: str, n: int) -> str:
+        """The id a run's lifecycle gets: order id, message id, or workflow id."""
+        return f"bench-{run_id}-{tag}-{n}"
+
+    def report(self) -> Scenario:
+        runs = max(self.ok_runs, 1)
+        return Scenario(
+            title=self.title,
+            activities=self.activities,
+            expected_status=self.expected,
+            levels=self.levels,
+            cpu=Cpu(
+                runs=self.ok_runs,
+                worker_seconds=round(self.worker_seconds, 3),
+                server_seconds=round(self.server_seconds, 3),
+                worker_seconds_per_run=round(self.worker_seconds / runs, 5),
+                server_seconds_per_run=round(self.server_seconds / runs, 5),
+            ),
+            breakdown=self.breakdown
+            or Breakdown(
+                samples=0,
+                total_ms=0,
+                in_activities_ms=0,
+                activity_queue_ms=0,
+                workflow_tasks_ms=0,
+                other_ms=0,
+            ),
+        )
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _same(workflow_id: str) -> str:
+    return workflow_id
+
+
+@asynccontextmanager
+async def _baseline_worker(
+    target: BenchTarget, client: Client, task_queue: str, log_file: Path | None
+) -> AsyncIterator[int | None]:
+    """Serve the baselines in this process (``log_file`` None) or in a child; yields the
+    serving process's pid."""
+    if log_file is None:
+        async with baseline_worker(client, task_queue):
+            yield os.getpid()
+        return
+    process = BaselineWorkerProcess(target.temporal_address, target.namespace, task_queue, log_file)
+    await process.start()
+    try:
+        yield process.pid
+    finally:
+        await process.stop()
+
+
+async def _register_recipients(messages: MessageService, run_id: str, count: int) -> list[str]:
+    """``count`` recipients with a phone and a tablet each."""
+    users = [f"bench-{run_id}-r{k}" for k in range(count)]
+    for user in users:
+        for device in ("phone", "tablet"):
+            await messages.register_device(
+                device_id=f"{user}-{device}",
+                user_id=user,
+                push_token=f"tok-{user}-{device}",
+                platform="ios",
+            )
+    return users
+
+
+async def _retire_recipients(messages: MessageService, users: list[str]) -> None:
+    """Deactivate the bench's devices: nothing should push to them again."""
+    for user in users:
+        for device in ("phone", "tablet"):
+            await messages.remove_device(f"{user}-{device}")
+
+
+async def run_bench(
+    target: BenchTarget,
+    plan: BenchPlan,
+    *,
+    baseline_worker_log: Path | None = None,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Measure every scenario at every level of ``plan``, then the gate.
+
+    The baseline worker runs in this process unless ``baseline_worker_log`` names the
+    log of a child process to run it in.
+    """
+    say: Progress = progress or (lambda _line: None)
+    run_id = uuid.uuid4().hex[:8]
+    started_at = datetime.now().astimezone()
+    load_at_start = load_average()
+    began = time.perf_counter()
+    # Bare: the default converter, no codec, no tracing, as a plain Temporal app has it.
+    baseline_client = await Client.connect(target.temporal_address, namespace=target.namespace)
+    task_queue = f"bench-{run_id}"
+    server = ProcessClock(target.server_pid)
+    pool = await postgres.create_pool(target.database_url, max_size=2)
+    try:
+        async with (
+            _baseline_worker(target, baseline_client, task_queue, baseline_worker_log) as pid,
+            DevicePlayer(pool, target.messages) as player,
+        ):
+            recipients = await _register_recipients(target.messages, run_id, max(plan.levels))
+            try:
+                scenarios = _scenarios(
+                    target, baseline_client, task_queue, player, recipients, run_id, pid
+                )
+                await _measure(scenarios, plan, server, baseline_client, run_id, say)
+            finally:
+                await _retire_recipients(target.messages, recipients)
+    finally:
+        await pool.close()
+    say(f"gate: {plan.gate_writers} writers, {plan.gate_orders * plan.gate_rounds} orders x 4")
+    gate = await measure_gate(
+        target.database_url,
+        target.owner_url,
+        run_id=run_id,
+        writers=plan.gate_writers,
+        orders=plan.gate_orders,
+        rounds=plan.gate_rounds,
+    )
+    in_memory, pragmas, dynamic = server_flags(target.server_pid)
+    reported = {s.key: s.report() for s in scenarios}
+    return BenchReport(
+        plan=plan,
+        started_at=started_at,
+        seconds=round(time.perf_counter() - began, 1),
+        machine=machine(load_at_start),
+        server=Server(
+            temporal_address=target.temporal_address,
+            server_pid_found=server.known,
+            in_memory=in_memory,
+            sqlite_pragmas=pragmas,
+            dynamic_config=dynamic,
+            reused_stack=target.reused_stack,
+            workers_in_bench_process=target.workers_in_bench_process,
+        ),
+        scenarios=reported,
+        gate=gate,
+        ratios=ratios(reported, gate),
+    )
+
+
+def _scenarios(
+    target: BenchTarget,
+    baseline_client: Client,
+    task_queue: str,
+    player: DevicePlayer,
+    recipients: list[str],
+    run_id: str,
+    baseline_pid: int | None,
+) -> list[_Scenario]:
+    """The five scenarios, in the order they run at each level."""
+    lingering: list[WorkflowHandle[Any, Any]] = []
+
+    async def order(tag: str, n: int) -> str:
+        handle = await target.orders.create(
+            build_order(
+                order_id=_Scenario.business_id(run_id, tag, n),
+                customer_id=f"bench-customer-{n % 50}",
+                items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
+                amount_cents=100 + n % 900,
+                currency="USD",
+                retry=BENCH_RETRY,
+            )
+        )
+        return (await handle.result()).status.value
+
+    async def message(tag: str, n: int) -> str:
+        message_id = _Scenario.business_id(run_id, tag, n)
+        recipient = recipients[n % len(recipients)]
+        settled = player.settled(message_id)  # before the send: the push is never missed
+        try:
+            lingering.append(
+                await target.messages.send(
+                    build_message(
+                        message_id=message_id,
+                        sender_id="bench-sender",
+                        recipient_id=recipient,
+                        recipient_email=f"{recipient}@example.com",
+                        body=f"bench message {n}",
+                        deadline=MESSAGE_DEADLINE,
+                        read_window=READ_WINDOW,
+                        retry=BENCH_RETRY,
+                    )
+                )
+            )
+            return await asyncio.wait_for(settled, SETTLE_TIMEOUT)
+        except BaseException:
+            player.forget(message_id)
+            raise
+
+    async def messages_ended() -> None:
+        handles = list(lingering)
+        lingering.clear()
+        results = (h.result() for h in handles)
+        await asyncio.wait_for(asyncio.gather(*results, return_exceptions=True), SETTLE_TIMEOUT)
+
+    def baseline(activities: int) -> Callable[[str, int], Awaitable[str]]:
+        async def run(tag: str, n: int) -> str:
+            await baseline_client.execute_workflow(
+                BaselineWorkflow.run,
+                BaselineInput(activities=activities),
+                id=_Scenario.business_id(run_id, tag, n),
+                task_queue=task_queue,
+            )
+            return "COMPLETED"
+
+        return run
+
+    tollgate_worker = ProcessClock(target.worker_pid)
+    bare_worker = ProcessClock(baseline_pid)
+    return [
+        _Scenario(
+            ORDERS,
+            "Tollgate order (happy path)",
+            ORDER_ACTIVITIES,
+            "COMPLETED",
+            order,
+            tollgate_worker,
+            _nothing,
+            order_workflow_id,
+        ),
+        _Scenario(
+            BASELINE_ORDER,
+            f"baseline: {ORDER_ACTIVITIES} no-op activities",
+            ORDER_ACTIVITIES,
+            "COMPLETED",
+            baseline(ORDER_ACTIVITIES),
+            bare_worker,
+            _nothing,
+            _same,
+        ),
+        _Scenario(
+            BASELINE_PROVIDERS,
+            f"baseline: {PROVIDER_CALL_ACTIVITIES} (the provider calls)",
+            PROVIDER_CALL_ACTIVITIES,
+            "COMPLETED",
+            baseline(PROVIDER_CALL_ACTIVITIES),
+            bare_worker,
+            _nothing,
+            _same,
+        ),
+        _Scenario(
+            MESSAGES,
+            "Tollgate message to 2 devices",
+            MESSAGE_ACTIVITIES,
+            "DELIVERED",
+            message,
+            tollgate_worker,
+            messages_ended,
+            message_workflow_id,
+            # the 7th activity records DELIVERED; then the message rests
+            end_after_activity=MESSAGE_ACTIVITIES,
+        ),
+        _Scenario(
+            BASELINE_MESSAGE,
+            f"baseline: {MESSAGE_ACTIVITIES} no-op activities",
+            MESSAGE_ACTIVITIES,
+            "COMPLETED",
+            baseline(MESSAGE_ACTIVITIES),
+            bare_worker,
+            _nothing,
+            _same,
+        ),
+    ]
+
+
+async def _measure(
+    scenarios: list[_Scenario],
+    plan: BenchPlan,
+    server: ProcessClock,
+    client: Client,
+    run_id: str,
+    say: Progress,
+) -> None:
+    """Warm up, then every level of every scenario, recording levels and CPU; after
+    the runs one at a time, read the breakdown from the last ones' histories."""
+    if plan.warm_up:
+        say(f"warming up: {plan.warm_up} of each")
+        for s in scenarios:
+            await closed_loop(
+                s.runner(f"{s.key}-warm"),
+                runs=plan.warm_up,
+                in_flight=min(10, plan.warm_up),
+                expected=s.expected,
+            )
+            await s.settle()
+    for in_flight in plan.levels:
+        for s in scenarios:
+            worker_before, server_before = s.worker.seconds(), server.seconds()
+            level = await closed_loop(
+                s.runner(f"{s.key}-c{in_flight}"),
+                runs=plan.runs_at(in_flight),
+                in_flight=in_flight,
+                expected=s.expected,
+            )
+            await s.settle()
+            s.worker_seconds += s.worker.seconds() - worker_before
+            s.server_seconds += server.seconds() - server_before
+            s.ok_runs += level.ok
+            s.levels[str(in_flight)] = level
+            if in_flight == 1:
+                last = range(max(0, level.runs - BREAKDOWN_SAMPLES), level.runs)
+                tag = f"{s.key}-c1"
+                ids = [s.workflow_id(s.business_id(run_id, tag, n)) for n in last]
+                s.breakdown = await breakdown(client, ids, end_after_activity=s.end_after_activity)
+            say(
+                f"{s.title:<38} {in_flight:>3} in flight: {level.ok}/{level.runs} ok, "
+                f"{level.throughput_per_s:7.2f}/s, p50 {level.p50_ms:6.1f} ms, "
+                f"p95 {level.p95_ms:6.1f} ms"
+            )
