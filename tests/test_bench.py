@@ -96,6 +96,8 @@ async def test_quick_bench_reports_every_figure(
         "guarded_transitions_per_s",
         "plain_transitions_per_s",
         "overhead_pct",
+        "guarded_server_us",
+        "plain_server_us",
     }
     assert set(data["ratios"]) == set(RATIOS)
     assert data["server"]["server_pid_found"] and data["server"]["in_memory"]

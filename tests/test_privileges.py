@@ -69,7 +69,7 @@ REFUSED = {
     "disable append-only": "ALTER TABLE order_transitions DISABLE TRIGGER order_transitions_append_only",
     "drop guard": "DROP TRIGGER orders_guard ON orders",
     "replace guard": (
-        "CREATE OR REPLACE FUNCTION lifecycle_guard() RETURNS trigger"
+        "CREATE OR REPLACE FUNCTION orders_guard() RETURNS trigger"
         " LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"
     ),
     "alter table": "ALTER TABLE orders ADD COLUMN x int",
@@ -175,8 +175,11 @@ async def test_the_app_role_holds_exactly_its_grants(app: asyncpg.Pool) -> None:
         name: await app.fetchval("SELECT has_function_privilege($1, 'EXECUTE')", name)
         for name in (
             "tollgate_setting(text)",
-            "lifecycle_guard()",
-            "lifecycle_audit()",
+            "orders_guard()",
+            "orders_audit()",
+            "messages_guard()",
+            "messages_audit()",
+            "lifecycle_install_gate(regclass, regclass, regclass, text, regclass, name, name[])",
             "audit_append_only()",
         )
     }
@@ -197,7 +200,7 @@ async def test_no_one_attaches_the_audit_function_to_a_table_of_their_own(
             async with conn.transaction():
                 await conn.execute(
                     "CREATE TRIGGER forge AFTER INSERT ON fake_orders FOR EACH ROW"
-                    " EXECUTE FUNCTION lifecycle_audit('order_transitions', 'order_id')"
+                    " EXECUTE FUNCTION orders_audit()"
                 )
         assert caught.value.sqlstate == INSUFFICIENT_PRIVILEGE, caught.value
 

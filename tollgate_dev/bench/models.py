@@ -154,6 +154,9 @@ class Gate(_Frozen):
     plain_transitions_per_s: float
     #: How much longer a guarded transition takes than a plain one, in percent.
     overhead_pct: float
+    #: Server time of one single-row transition (one connection, no client, no commit).
+    guarded_server_us: float
+    plain_server_us: float
 
 
 class Ratio(_Frozen):

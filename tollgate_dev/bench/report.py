@@ -188,7 +188,9 @@ def print_report(report: BenchReport, console: Console) -> None:
     console.print(
         f"gate: {g.transitions} transitions each way, {g.writers} writers: "
         f"{g.guarded_transitions_per_s:,.0f}/s with trigger + audit, "
-        f"{g.plain_transitions_per_s:,.0f}/s plain; overhead {g.overhead_pct:.1f}%"
+        f"{g.plain_transitions_per_s:,.0f}/s plain; overhead {g.overhead_pct:.1f}%; "
+        f"server time per transition {g.guarded_server_us:.0f} us guarded, "
+        f"{g.plain_server_us:.0f} us plain"
     )
     targets = Table(title="targets")
     for column in ("ratio", "value", "target", "met"):

@@ -49,6 +49,16 @@ DYNAMIC_CONFIG: dict[str, str] = {
     "history.timerProcessorMaxPollRPS": "1000",
 }
 
+#: SQLite pragmas for a dev server that keeps its state in a file. The default journal
+#: (rollback, synchronous=FULL) fsyncs several times per commit and made every workflow
+#: task wait on the disk: a bare 8-activity workflow ran at 7.6/s against 19.1/s with
+#: these. What they trade: with WAL and synchronous=NORMAL a commit is durable once the
+#: WAL is written, not fsynced, so a killed server process loses nothing (the OS holds
+#: the WAL) but a power cut or kernel crash may lose the last transactions before a
+#: checkpoint. That is the dev server's job description; a production cluster runs on
+#: its own database with its own durability settings.
+SQLITE_PRAGMAS: tuple[str, ...] = ("journal_mode=wal", "synchronous=normal")
+
 
 def temporal_binary() -> Path:
     """Path of the ``temporal`` CLI: next to ``sys.executable`` first, then on ``PATH``.
@@ -155,6 +165,8 @@ class TemporalDevServer(ManagedProcess):
             argv += ["--ui-codec-endpoint", self.codec_endpoint]
         if self.db_filename is not None:
             argv += ["--db-filename", str(self.db_filename)]
+            for pragma in SQLITE_PRAGMAS:
+                argv += ["--sqlite-pragma", pragma]
         if register_search_attributes:
             for attr_name, attr_type in SEARCH_ATTRIBUTES.items():
                 argv += ["--search-attribute", f"{attr_name}={attr_type}"]
