@@ -16,14 +16,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import httpx
 import uvicorn
+from temporalio.client import Client
 
 from tests.conftest import Harness
 from tollgate import access
-from tollgate.api.app import ApiDeps, create_app
+from tollgate.api.app import Api, ApiDeps, create_app
 from tollgate.api.metrics import ApiMetrics
 from tollgate.api.signatures import SIGNATURE_HEADER, sign
+from tollgate.messages.service import MessageService
+from tollgate.orders.service import OrderService
 from tollgate.settings import Settings
 from tollgate_dev.stack import free_port
 
@@ -40,6 +44,13 @@ class ServedApi:
     deps: ApiDeps
     client_id: str
     key: str
+    app: Any
+
+    @property
+    def api(self) -> Api:
+        """The handlers' object (its limits and slots)."""
+        found: Api = self.app.state.api
+        return found
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         """The Authorization header for ``key`` (default: this API's test client)."""
@@ -67,25 +78,47 @@ class ServedApi:
         )
 
 
+async def eventually(predicate: Any, *, within: float = 20.0) -> None:
+    """Wait until ``predicate()`` (sync or async) is true; fail after ``within`` s."""
+    async with asyncio.timeout(within):
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
+
+
 @asynccontextmanager
-async def serve_api(h: Harness, **overrides: Any) -> AsyncIterator[ServedApi]:
-    """The API for ``h``'s worker, with settings ``overrides``."""
+async def serve_api(
+    h: Harness,
+    *,
+    temporal: Client | None = None,
+    pool: asyncpg.Pool | None = None,
+    **overrides: Any,
+) -> AsyncIterator[ServedApi]:
+    """The API for ``h``'s worker, with settings ``overrides``; ``temporal`` and ``pool``
+    replace the harness's connections (an unreachable server, say)."""
     settings: Settings = h.settings.model_copy(
         update={"task_queue": h.task_queue, "receipt_webhook_secret": WEBHOOK_SECRET, **overrides}
     )
     metrics = ApiMetrics()
+    client = temporal or h.client
+    db = pool or h.pool
     deps = ApiDeps(
         settings=settings,
-        pool=h.pool,
-        client=h.client,
-        orders=h.service,
-        messages=h.messages,
+        pool=db,
+        client=client,
+        orders=OrderService(client, db, h.task_queue, inventory=h.inventory),
+        messages=MessageService(client, db, h.task_queue),
         webhook_secrets=[WEBHOOK_SECRET],
         metrics=metrics,
     )
     port = free_port()
+    app = create_app(deps)
     config = uvicorn.Config(
-        create_app(deps),
+        app,
         host="127.0.0.1",
         port=port,
         lifespan="off",
@@ -100,10 +133,10 @@ async def serve_api(h: Harness, **overrides: Any) -> AsyncIterator[ServedApi]:
         await asyncio.sleep(0.01)
     url = f"http://127.0.0.1:{port}"
     client_id = f"c-{uuid.uuid4().hex[:10]}"
-    key = (await access.create_key(h.pool, client_id)).key
+    key = (await access.create_key(h.pool, client_id)).key  # the real pool: it may be down
     try:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            yield ServedApi(url, http, deps, client_id, key)
+            yield ServedApi(url, http, deps, client_id, key, app)
     finally:
         server.should_exit = True
         await task

@@ -62,6 +62,7 @@ class ApiMetrics:
         self.starts_in_flight = meter.create_up_down_counter(
             "tollgate.api.starts.in_flight", description="Creates (row + workflow start) running"
         )
+        self.starts_in_flight.add(0)  # shown as 0 from the start, not only once used
         self.receipts = meter.create_counter(
             "tollgate.api.receipts", description="Device receipts, by outcome"
         )
