@@ -45,7 +45,8 @@ class ApiCaller:
         """Close the connection pool."""
         await self._http.aclose()
 
-    def _headers(self, idempotency_key: str | None = None) -> dict[str, str]:
+    def auth_headers(self, idempotency_key: str | None = None) -> dict[str, str]:
+        """The Authorization header, and an Idempotency-Key when one is given."""
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
@@ -84,7 +85,7 @@ class ApiCaller:
         """``POST /v1/orders`` with a fresh Idempotency-Key (the same on every retry)."""
         path = "/v1/orders?wait=charged" if wait_charged else "/v1/orders"
         return await self.request(
-            "POST", path, body=body, headers=self._headers(uuid.uuid4().hex), deadline=deadline
+            "POST", path, body=body, headers=self.auth_headers(uuid.uuid4().hex), deadline=deadline
         )
 
     async def send_message(self, body: dict[str, Any], *, deadline: float = 60.0) -> httpx.Response:
@@ -93,17 +94,17 @@ class ApiCaller:
             "POST",
             "/v1/messages",
             body=body,
-            headers=self._headers(uuid.uuid4().hex),
+            headers=self.auth_headers(uuid.uuid4().hex),
             deadline=deadline,
         )
 
     async def get(self, path: str) -> httpx.Response:
         """An authenticated ``GET``."""
-        return await self.request("GET", path, headers=self._headers())
+        return await self.request("GET", path, headers=self.auth_headers())
 
     async def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         """An authenticated ``POST`` without an Idempotency-Key (cancel, recall, devices)."""
-        return await self.request("POST", path, body=body, headers=self._headers())
+        return await self.request("POST", path, body=body, headers=self.auth_headers())
 
     async def receipt(self, receipt: dict[str, Any]) -> httpx.Response:
         """``POST /v1/receipts``, signed now with the webhook secret."""
