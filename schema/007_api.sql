@@ -63,6 +63,11 @@ CREATE TABLE api_receipts (
     received_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The API counts lifecycles under way to refuse creates past API_MAX_OPEN_LIFECYCLES;
+-- orders already have orders_status_idx (001) for theirs.
+CREATE INDEX messages_delivering_idx ON messages (status)
+    WHERE status IN ('INITIATED', 'STORED', 'DISPATCHED', 'FALLBACK_EMAIL');
+
 ALTER TABLE orders ADD COLUMN client_id text REFERENCES api_clients (id);
 ALTER TABLE messages ADD COLUMN client_id text REFERENCES api_clients (id);
 ALTER TABLE devices ADD COLUMN client_id text REFERENCES api_clients (id);

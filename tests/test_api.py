@@ -371,6 +371,33 @@ async def test_creates_beyond_the_in_flight_bound_get_429(h: Harness) -> None:
         assert third.status_code == 202
 
 
+async def test_creates_past_the_backlog_bound_get_429_until_lifecycles_end(h: Harness) -> None:
+    async with serve_api(h) as api:
+        # The bound counts every order under way in the database; earlier tests may have
+        # left some (their workers are gone, so the count holds still): one more is full.
+        backlog = api.api.backlog
+        already = await backlog.open("order")
+        backlog.limit = already + 1
+        await h.sandbox.set_fault("payments", FaultSpec(latency_ms=1500))
+        first = await create_order(api, order_body(), new_key())
+        assert first.status_code == 202
+        second = await create_order(api, order_body(), new_key())
+        problem = assert_problem(second, 429, "overloaded")
+        assert "API_MAX_OPEN_LIFECYCLES" in problem["detail"]
+        assert int(second.headers["retry-after"]) == 1
+        await h.service.handle(first.json()["id"]).result()
+        await h.sandbox.clear_faults()
+        await eventually(lambda: _backlog_at(api, already))
+        third = await create_order(api, order_body(), new_key())
+        assert third.status_code == 202, third.text
+        metrics = (await api.http.get("/metrics")).text
+        assert 'reason="backlog"' in metrics
+
+
+async def _backlog_at(api: ServedApi, count: int) -> bool:
+    return await api.api.backlog.open("order") == count
+
+
 async def test_a_body_over_the_limit_is_413(h: Harness) -> None:
     async with serve_api(h, api_max_body_bytes=2048) as api:
         body = order_body(customer_id="x" * 3000)

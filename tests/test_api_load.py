@@ -38,3 +38,13 @@ async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry
     # Refused requests waited Retry-After (at least 1 s) before they got in.
     assert summary.admission_p95_ms is not None and summary.admission_p95_ms >= 1000
     assert summary.answers_by_status["202"] == 6
+    assert summary.offered_rate_per_second == 50.0
+    assert summary.answers_503 == summary.other_errors == 0
+    assert 0 < summary.finished_per_second <= summary.admitted_per_second
+    assert summary.admission_p50_ms is not None and summary.admission_p99_ms is not None
+    assert summary.admission_p50_ms <= summary.admission_p95_ms <= summary.admission_p99_ms
+    # The admitted request alone is quick: the waiting was for the bucket, not the API.
+    assert summary.admitted_request_p50_ms is not None and summary.admitted_request_p95_ms
+    assert summary.admitted_request_p95_ms < summary.admission_p95_ms
+    assert summary.lifecycle_p50_ms is not None and summary.lifecycle_p95_ms is not None
+    assert summary.lifecycle_p50_ms >= summary.admission_p50_ms

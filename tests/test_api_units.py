@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tollgate import access, errors
-from tollgate.api.limits import ClientLimits, StartSlots, TokenBucket
+from tollgate.api.limits import Backlog, ClientLimits, StartSlots, TokenBucket
 from tollgate.api.models import OrderCreate
 from tollgate.api.problems import EDGE, Problem, all_kinds, kind_of, taxonomy
 from tollgate.api.signatures import (
@@ -143,6 +143,24 @@ def test_start_slots_never_wait_and_come_back() -> None:
     assert not slots.try_take()
     slots.give_back()
     assert slots.try_take()
+
+
+async def test_the_backlog_counts_at_most_every_refresh_and_adds_its_own_starts() -> None:
+    now = [0.0]
+    counted = []
+
+    async def count() -> dict[str, int]:
+        counted.append(now[0])
+        return {"order": 2}
+
+    backlog = Backlog(3, count, refresh=0.5, clock=lambda: now[0])
+    assert not await backlog.full("order") and await backlog.open("message") == 0
+    backlog.started("order")
+    assert await backlog.full("order")  # 2 counted + 1 started since
+    now[0] = 0.4
+    assert await backlog.full("order") and counted == [0.0]
+    now[0] = 0.5  # the next count has seen that start (or its end)
+    assert await backlog.open("order") == 2 and counted == [0.0, 0.5]
 
 
 # --- keys ---------------------------------------------------------------------------------

@@ -139,15 +139,3 @@ async def stored_key(conn: Executor, key_id: str) -> tuple[str, str] | None:
         key_id,
     )
     return None if record is None else (record["client_id"], record["secret_sha256"])
-
-
-async def authenticate(conn: Executor, presented: str) -> str | None:
-    """The client a presented key belongs to, or None (malformed, unknown, revoked)."""
-    parsed = parse_key(presented)
-    if parsed is None:
-        return None
-    key_id, secret = parsed
-    found = await stored_key(conn, key_id)
-    if not secret_matches(secret, found[1] if found else None) or found is None:
-        return None
-    return found[0]

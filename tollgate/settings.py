@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     api_client_burst: int = Field(default=100, ge=1)
     #: Creates (row + workflow start) one API process runs at once; more get 429.
     api_max_starts_in_flight: int = Field(default=32, ge=1)
+    #: Lifecycles of one kind still under way (orders not finished, messages not yet
+    #: delivered or emailed) past which creates of that kind get 429: the backlog the
+    #: workers have not worked off, counted in Postgres, so it bounds every API process.
+    api_max_open_lifecycles: int = Field(default=500, ge=1)
     #: Longest request body read; larger ones get 413.
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     #: Longest a create may take (Postgres and Temporal together) before it gets 503

@@ -50,7 +50,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.api import store as idem
 from tollgate.api.auth import KeyCache
-from tollgate.api.limits import ClientLimits, StartSlots
+from tollgate.api.limits import Backlog, ClientLimits, StartSlots
 from tollgate.api.metrics import PROMETHEUS_MEDIA_TYPE, ApiMetrics
 from tollgate.api.models import (
     CancelRequest,
@@ -230,6 +230,11 @@ class Api:
         self.keys = KeyCache(deps.pool, s.api_key_cache_seconds)
         self.limits = ClientLimits(s.api_client_rate, s.api_client_burst)
         self.slots = StartSlots(s.api_max_starts_in_flight)
+
+        async def count() -> dict[str, int]:
+            return {str(k): n for k, n in (await idem.open_lifecycles(deps.pool)).items()}
+
+        self.backlog = Backlog(s.api_max_open_lifecycles, count)
         self._retry_after = s.api_unavailable_retry_after_seconds
 
     # --- the rules every request goes through ---------------------------------------
@@ -379,8 +384,16 @@ class Api:
         )
 
     async def _start(self, start: Any, client: str, key: str, entry: idem.IdempotencyRecord) -> Any:
-        """Run one create under the start-slot bound and the start timeout; the key is
-        recorded in its transaction."""
+        """Run one create under the backlog bound, the start-slot bound and the start
+        timeout; the key is recorded in its transaction."""
+        if await self.backlog.full(entry.kind):
+            raise self.refuse(
+                "backlog",
+                "overloaded",
+                f"{self.backlog.limit} {entry.kind}s are under way, the most the system takes "
+                "(API_MAX_OPEN_LIFECYCLES); retry shortly",
+                retry_after=1,
+            )
         if not self.slots.try_take():
             raise self.refuse(
                 "overloaded",
@@ -391,9 +404,11 @@ class Api:
         self.metrics.starts_in_flight.add(1)
         try:
             async with asyncio.timeout(self.deps.settings.api_start_timeout_seconds):
-                return await start(
+                started = await start(
                     lambda conn: idem.record(conn, client, key, entry, must_be_new=True)
                 )
+            self.backlog.started(entry.kind)
+            return started
         except idem.IdempotencyKeyTaken:
             # A concurrent request with this key committed first: answer from its record.
             raise AlreadyExists(key) from None

@@ -1,4 +1,5 @@
-"""Backpressure at the door: a token bucket per client and a bound on starts in flight.
+"""Backpressure at the door: a token bucket per client, a bound on starts in flight, and
+a bound on lifecycles under way (the backlog the workers have yet to work off).
 
 Both refuse at once rather than queue: a request the system cannot take now is answered
 429 with a ``Retry-After`` that says when it could be, and the caller (``starter.py load
@@ -7,14 +8,15 @@ timeouts deeper inside.
 
 The limits are per API process: with N processes behind a balancer a client gets N
 times its rate. They hold no I/O and take the clock as an argument, so they are tested
-without waiting.
+without waiting (the backlog's count is a function passed in).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 class TokenBucket:
@@ -77,3 +79,45 @@ class StartSlots:
     def give_back(self) -> None:
         """Return a slot taken with :meth:`try_take`."""
         self.in_flight -= 1
+
+
+class Backlog:
+    """Lifecycles under way per kind, counted by ``count`` (a query) at most every
+    ``refresh`` seconds, plus the ones this process started since: is a kind full?
+
+    The count comes from Postgres, so the bound holds for all API processes together;
+    between refreshes a process adds its own starts, so a burst cannot overshoot it.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        count: Callable[[], Awaitable[dict[str, int]]],
+        *,
+        refresh: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self._count, self._refresh, self._clock = count, refresh, clock
+        self._counts: dict[str, int] = {}
+        self._since: dict[str, int] = {}
+        self._at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def open(self, kind: str) -> int:
+        """Lifecycles of ``kind`` under way, as far as this process knows."""
+        if self._clock() - self._at >= self._refresh:
+            async with self._lock:  # one query for a crowd of requests
+                if self._clock() - self._at >= self._refresh:
+                    self._counts = await self._count()
+                    self._since = {}
+                    self._at = self._clock()
+        return self._counts.get(kind, 0) + self._since.get(kind, 0)
+
+    async def full(self, kind: str) -> bool:
+        """Whether ``kind`` is at the limit."""
+        return await self.open(kind) >= self.limit
+
+    def started(self, kind: str) -> None:
+        """Count a start of ``kind`` until the next refresh sees it."""
+        self._since[kind] = self._since.get(kind, 0) + 1

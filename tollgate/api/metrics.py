@@ -13,7 +13,7 @@ Names as Prometheus shows them:
 * ``tollgate_api_requests_total{route, method, status}``
 * ``tollgate_api_request_duration_seconds{route, method}`` (histogram)
 * ``tollgate_api_refusals_total{reason}``: ``unauthenticated``, ``rate_limited``,
-  ``overloaded``, ``body_too_large``, ``bad_signature``, ``signature_expired``,
+  ``overloaded`` (starts in flight), ``backlog`` (lifecycles under way), ``body_too_large``, ``bad_signature``, ``signature_expired``,
   ``unavailable``
 * ``tollgate_api_starts_in_flight`` (gauge)
 * ``tollgate_api_receipts_total{outcome}``, ``unknown_device`` among them

@@ -68,7 +68,7 @@ EDGE: dict[str, Kind] = {
         Kind("body-too-large", 413, "The request body is too large"),
         Kind("unsupported-media-type", 415, "The body must be application/json"),
         Kind("rate-limited", 429, "Too many requests from this client"),
-        Kind("overloaded", 429, "Too many creates in flight"),
+        Kind("overloaded", 429, "At capacity: too many creates or lifecycles in flight"),
         Kind("unavailable", 503, "A dependency (Temporal or Postgres) is unreachable"),
         Kind("still-starting", 503, "An earlier attempt with this key is still being recorded"),
         Kind("internal-error", 500, "Internal error"),

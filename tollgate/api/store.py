@@ -113,3 +113,18 @@ async def record_receipt(
 async def device_exists(conn: Executor, device_id: str) -> bool:
     """Whether Tollgate knows the device (active or not)."""
     return bool(await conn.fetchval("SELECT true FROM devices WHERE id = $1", device_id))
+
+
+async def open_lifecycles(conn: Executor) -> dict[EntityKind, int]:
+    """Lifecycles under way: orders not finished, messages not yet delivered or emailed
+    (a delivered message may wait days for a read; it costs the workers nothing)."""
+    row = await conn.fetchrow(
+        """
+        SELECT (SELECT count(*) FROM orders
+                 WHERE status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')) AS orders,
+               (SELECT count(*) FROM messages
+                 WHERE status IN ('INITIATED', 'STORED', 'DISPATCHED', 'FALLBACK_EMAIL')) AS messages
+        """
+    )
+    assert row is not None
+    return {"order": row["orders"], "message": row["messages"]}
