@@ -501,7 +501,7 @@ async def apikey_create(*, client: str, json: JsonFlag = False) -> None:
         return
     console.print(f"API key {created.key_id} for client {created.client_id}:", markup=False)
     console.print(created.key, markup=False)
-    err_console.print("It is shown only this once; Tollgate keeps only its hash.")
+    console.print("It is shown only this once; Tollgate keeps only its hash.")
 
 
 @apikey_app.command(name="revoke")
