@@ -737,3 +737,32 @@ async def test_client_id_is_fixed_once_written_whoever_writes(
             "SELECT secret_sha256 FROM api_keys WHERE client_id = $1", api.client_id
         )
         assert stored not in api.key and len(stored) == 64
+
+
+async def test_logs_carry_no_body_key_or_signature(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    canary = f"canary{uuid.uuid4().hex[:12]}"
+    caplog.set_level("DEBUG")
+    async with serve_api(h) as api:
+        key = new_key()
+        await create_order(api, order_body(customer_id=canary), key)
+        await api.http.get(f"/v1/orders/{canary}", headers=api.auth())
+        await api.http.get("/v1/orders/x?token=" + canary, headers=api.auth())
+        await api.post_receipt(
+            {"receipt_id": canary, "message_id": canary, "device_id": canary, "kind": "read"}
+        )
+        await api.http.post("/v1/orders", content=b"{" + canary.encode(), headers=api.auth())
+    access = [r for r in caplog.records if r.name == "tollgate.api.access"]
+    assert len(access) >= 5, "every request is logged"
+    assert {r.__dict__["route"] for r in access} >= {"/v1/orders", "/v1/orders/{order_id}"}
+    secret = api.key.split("_", 2)[2]
+    # The server's loggers (the test's own HTTP client logs the URLs it calls).
+    server = [
+        r for r in caplog.records if r.name.split(".")[0] in ("tollgate", "uvicorn", "starlette")
+    ]
+    assert server
+    for record in server:
+        text = record.getMessage() + repr(record.__dict__)
+        for leak in (canary, secret, key):
+            assert leak not in text, (record.name, text)
