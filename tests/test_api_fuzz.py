@@ -9,7 +9,7 @@ API key, and receipts a valid signature over the body actually sent, so the gene
 bodies get past the door and reach the handlers.
 
 Bounded in time: ``MAX_EXAMPLES`` per operation and mode. Measured on the 2-core
-development machine: about 500 requests in 20 s (25 s with the fixtures).
+development machine: about 500 requests in 10 to 20 s, depending on what else runs.
 
 Schemathesis is synchronous (``requests``), so it runs in a thread while the API
 serves on the test's event loop.
