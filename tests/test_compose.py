@@ -56,9 +56,10 @@ PUBLISHED = {
     ("temporal", 7233),  # gRPC, for the temporal CLI on the host
     ("jaeger", 16686),  # the traces UI
     ("codec", 8081),  # called by the browser that runs the Web UI
+    ("api", 8082),  # the HTTP API
 }
 #: Services whose environment is Tollgate's own Settings.
-TOLLGATE_SERVICES = ("worker", "starter", "codec")
+TOLLGATE_SERVICES = ("worker", "starter", "codec", "api")
 #: Environment names that hold a secret (``..._FILE`` ones hold a path to one).
 SECRET_NAME = re.compile(r"PASSWORD|PWD|SECRET|TOKEN")
 #: The only reference form the file may use: the variable is required, no default.
@@ -315,6 +316,7 @@ def test_no_password_or_credential_is_written_in_the_file(raw: dict[str, Any]) -
         ("app-db", "POSTGRES_PASSWORD", "postgres"),
         ("worker", "DATABASE_OWNER_URL", "postgresql://tollgate_owner:tollgate_owner@app-db/x"),
         ("codec", "CODEC_AUTH_TOKEN", "0123456789abcdef"),
+        ("api", "RECEIPT_WEBHOOK_SECRET", "0123456789abcdef0123456789abcdef"),
     ],
 )
 def test_the_secret_check_catches_a_literal(
@@ -356,6 +358,7 @@ def test_every_password_and_the_codec_credential_come_from_env(raw: dict[str, An
         "TOLLGATE_OWNER_PASSWORD",
         "TOLLGATE_PASSWORD",
         "CODEC_AUTH_TOKEN",
+        "RECEIPT_WEBHOOK_SECRET",
     } <= _referenced_names(raw)
 
 
@@ -388,9 +391,11 @@ def test_app_environment_is_what_settings_read(compose: dict[str, Any], service:
 
 
 def test_only_the_worker_gets_the_owner_connection(compose: dict[str, Any]) -> None:
-    """The worker migrates at start-up; the CLI has no business changing the schema."""
+    """The worker migrates at start-up; the CLI and the API have no business changing
+    the schema."""
     worker = _env(compose["services"]["worker"])
     assert "DATABASE_OWNER_URL" not in _env(compose["services"]["starter"])
+    assert "DATABASE_OWNER_URL" not in _env(compose["services"]["api"])
     owner, app = urlsplit(worker["DATABASE_OWNER_URL"]), urlsplit(worker["DATABASE_URL"])
     assert owner.username != app.username
     assert owner.password != app.password
@@ -536,7 +541,7 @@ def test_payload_key_is_shared_and_the_ui_can_decrypt(compose: dict[str, Any]) -
     services = compose["services"]
     key_file = _env(services["worker"])["PAYLOAD_KEY_FILE"]
     key_dir = key_file.rsplit("/", 1)[0]
-    for name in ("worker", "starter", "codec", "keygen"):
+    for name in ("worker", "starter", "codec", "keygen", "api"):
         mounts = [v.split(":")[1] for v in services[name].get("volumes", [])]
         assert key_dir in mounts, f"{name} does not mount the payload key volume at {key_dir}"
     assert _env(services["codec"])["PAYLOAD_KEY_FILE"] == key_file
@@ -831,3 +836,26 @@ async def test_app_db_init_script_takes_any_password_literally(
     finally:
         await admin.close()
     assert not marker.exists()
+
+
+# --- the HTTP API ---------------------------------------------------------------------------
+
+
+def test_the_api_serves_where_it_is_published_with_its_webhook_secret(
+    raw: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    api = compose["services"]["api"]
+    command = api["command"]
+    port = int(command[command.index("--port") + 1])
+    assert f"127.0.0.1:{port}:{port}" in api["ports"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    env = _env(api)
+    assert urlsplit(env["API_URL"]).port == port
+    reference = REQUIRED_REFERENCE.pattern.replace(r"\{", r"\$\{")
+    written = _env(raw["services"]["api"])["RECEIPT_WEBHOOK_SECRET"]
+    assert re.fullmatch(reference, written), written
+    # The same Temporal, database and task queue as the worker whose workflows it starts.
+    worker = _env(compose["services"]["worker"])
+    for name in ("TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "TASK_QUEUE", "DATABASE_URL"):
+        assert env[name] == worker[name], name
+    assert api["depends_on"]["worker"] == {"condition": "service_started"}

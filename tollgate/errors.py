@@ -8,6 +8,7 @@ are non-retryable and end the step.
 
     TollgateError
     ├── InputError                      bad input at an edge (CLI, workflow input); nothing written
+    │   └── AlreadyExists               the id already names an entity or a lifecycle
     ├── ConfigError                     a setting is missing or malformed; the process refuses to run
     ├── LimitReached                    a per-user limit (active devices) is full      [permanent]
     ├── NotRunning                      the lifecycle already ended; a signal cannot reach it
@@ -51,6 +52,11 @@ class TollgateError(Exception):
 
 class InputError(TollgateError, ValueError):
     """Input at an edge is malformed; the message names the problem."""
+
+
+class AlreadyExists(InputError):
+    """The id already names an entity (its row) or a lifecycle (its workflow id): ids are
+    never reused. Nothing was written."""
 
 
 class ConfigError(TollgateError):

@@ -27,6 +27,9 @@ ORDER_WORKFLOW_PREFIX = "order-"
 ORDER_CANCEL_SIGNAL = "cancel"
 #: Query returning the order's live ``OrderProgress``.
 ORDER_STATUS_QUERY = "status"
+#: Update that answers (an ``OrderProgress``) once the order is charged, failing or
+#: cancelled, while the checkout goes on: the API's ``?wait=charged``.
+ORDER_CHARGED_UPDATE = "charged"
 
 ORDER_STATUS_ATTR = SearchAttributeKey.for_keyword("OrderStatus")
 CUSTOMER_ID_ATTR = SearchAttributeKey.for_keyword("CustomerId")

@@ -23,6 +23,7 @@ DEFAULT_TEMPORAL_PORT = 17233
 DEFAULT_TEMPORAL_UI_PORT = 18233
 DEFAULT_POSTGRES_PORT = 15432
 DEFAULT_SANDBOX_PORT = 18081
+DEFAULT_API_PORT = 18080
 
 #: Where the local stack keeps its data (Postgres cluster, Temporal's SQLite file, logs).
 DEFAULT_STATE_DIR = Path(".tollgate")
@@ -105,6 +106,43 @@ class Settings(BaseSettings):
     #: Largest request body the codec server reads; larger ones get 413.
     codec_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
+    # --- HTTP API (python -m tollgate.api) ---------------------------------------------
+    #: Where clients reach the API; the local stack serves it on this URL's port.
+    api_url: str = f"http://127.0.0.1:{DEFAULT_API_PORT}"
+    #: Each client's token bucket: requests per second, and the burst it may save up.
+    api_client_rate: float = Field(default=50.0, gt=0)
+    api_client_burst: int = Field(default=100, ge=1)
+    #: Creates (row + workflow start) one API process runs at once; more get 429.
+    api_max_starts_in_flight: int = Field(default=32, ge=1)
+    #: Lifecycles of one kind still under way (orders not finished, messages not yet
+    #: delivered or emailed) past which creates of that kind get 429: the backlog the
+    #: workers have not worked off, counted in Postgres, so it bounds every API process.
+    api_max_open_lifecycles: int = Field(default=500, ge=1)
+    #: Longest request body read; larger ones get 413.
+    api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    #: Longest a create may take (Postgres and Temporal together) before it gets 503
+    #: and writes nothing; also bounds ``?wait=charged`` on top of the start.
+    api_start_timeout_seconds: float = Field(default=10.0, gt=0)
+    api_wait_seconds: float = Field(default=10.0, gt=0)
+    #: Retry-After of a 503 (Temporal or Postgres unreachable).
+    api_unavailable_retry_after_seconds: int = Field(default=2, ge=1)
+    #: How long a looked-up API key is trusted; a revoked key works at most this long.
+    api_key_cache_seconds: float = Field(default=10.0, ge=0)
+    #: The secret device receipts are signed with (HMAC-SHA256). Unset: read from
+    #: ``receipt_webhook_secret_file`` (default ``<state_dir>/webhook.secret``); with
+    #: neither the API does not start.
+    receipt_webhook_secret: str | None = None
+    receipt_webhook_secret_file: Path | None = None
+    #: Comma-separated secrets that still verify (rotation), as for payload keys.
+    receipt_webhook_old_secrets: str | None = None
+    #: How far a receipt's signed timestamp may be from now (replay window).
+    receipt_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+
+    # --- worker metrics -------------------------------------------------------------------
+    #: ``host:port`` where the worker serves the Temporal SDK's metrics (schedule-to-start
+    #: latencies, slots, polls) in Prometheus text at ``/metrics``. Unset: not served.
+    worker_metrics_bind_address: str | None = None
+
     @property
     def payload_key_path(self) -> Path:
         """Where the payload key file is: ``PAYLOAD_KEY_FILE``, else in the state dir."""
@@ -115,6 +153,12 @@ class Settings(BaseSettings):
         """Where the codec-server credential is: ``CODEC_AUTH_TOKEN_FILE``, else in the
         state dir."""
         return self.codec_auth_token_file or self.state_dir / "codec.token"
+
+    @property
+    def webhook_secret_path(self) -> Path:
+        """Where the receipt webhook secret is: ``RECEIPT_WEBHOOK_SECRET_FILE``, else in
+        the state dir."""
+        return self.receipt_webhook_secret_file or self.state_dir / "webhook.secret"
 
 
 def read_secret(

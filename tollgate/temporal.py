@@ -8,7 +8,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 import temporalio.worker
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateHandle,
+    WorkflowUpdateStage,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -19,10 +26,11 @@ from temporalio.contrib.opentelemetry import TracingInterceptor, TracingWorkflow
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.codec import EncryptionCodec, load_key, load_old_keys
-from tollgate.errors import ConfigError, InputError
+from tollgate.errors import AlreadyExists, ConfigError
 from tollgate.gate import Lifecycle, get_row
 from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL
 from tollgate.postgres import Connection
@@ -87,16 +95,34 @@ class Tracing(TracingInterceptor):
         return _WorkflowTracing
 
 
-async def connect(settings: Settings, *, converter: DataConverter | None = None) -> Client:
+async def connect(
+    settings: Settings,
+    *,
+    converter: DataConverter | None = None,
+    runtime: Runtime | None = None,
+    lazy: bool = False,
+) -> Client:
     """A client for ``settings.temporal_address`` with the pydantic converter, tracing,
     and payload encryption (see :func:`data_converter`; pass ``converter`` when it was
-    built already, to fail on a missing key before anything else is touched)."""
+    built already, to fail on a missing key before anything else is touched). A
+    ``runtime`` carries the SDK's telemetry (see :func:`prometheus_runtime`). A ``lazy``
+    client connects on its first call, so a server that starts while Temporal is down
+    can still answer (and say it is not ready)."""
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=converter or data_converter(settings),
         interceptors=[Tracing()],
+        runtime=runtime,
+        lazy=lazy,
     )
+
+
+def prometheus_runtime(bind_address: str) -> Runtime:
+    """An SDK runtime that serves Temporal's own metrics (workflow and activity
+    schedule-to-start latency, task slots, polls, ...) in Prometheus text on
+    ``http://<bind_address>/metrics``. Clients and workers built on it report there."""
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))
 
 
 ProgressT = TypeVar("ProgressT")
@@ -130,7 +156,7 @@ async def start_lifecycle(
     async with pool.acquire() as conn, conn.transaction():
         existing = await get_row(conn, lifecycle, entity_id)
         if existing is not None:
-            raise InputError(f"{kind} {entity_id} already exists ({existing['status']})")
+            raise AlreadyExists(f"{kind} {entity_id} already exists ({existing['status']})")
         await insert(conn)
         try:
             return await client.start_workflow(
@@ -145,10 +171,71 @@ async def start_lifecycle(
                 static_summary=summary,
             )
         except WorkflowAlreadyStartedError:
-            raise InputError(
+            raise AlreadyExists(
                 f"{kind} {entity_id} already has a lifecycle ({workflow_id}); "
                 f"{kind} ids cannot be reused"
             ) from None
+
+
+async def start_lifecycle_with_update(
+    client: Client,
+    pool: asyncpg.Pool,
+    lifecycle: Lifecycle,
+    entity_id: str,
+    *,
+    insert: Callable[[Connection], Awaitable[object]],
+    workflow: str,
+    arg: object,
+    workflow_id: str,
+    task_queue: str,
+    result_type: type[Any],
+    search_attributes: Sequence[SearchAttributePair[str]],
+    summary: str,
+    update: str,
+    update_result_type: type[ResultT],
+) -> WorkflowUpdateHandle[ResultT]:
+    """:func:`start_lifecycle` with an update sent in the same request (update-with-start).
+
+    Both or neither, as there: the row is committed only once Temporal has started the
+    workflow and its first workflow task has accepted ``update``. Await the returned
+    handle's ``result()`` for the update's answer, outside any transaction: the
+    workflow's first activity waits for this row to be committed.
+
+    Holding the transaction until acceptance is the price of one round trip: with no
+    worker polling, the call waits, so callers bound it. If they give up (or the commit
+    fails) after Temporal started the workflow, the workflow's first activity inserts
+    the identical row, as with :func:`start_lifecycle`.
+    """
+    kind = lifecycle.kind
+    async with pool.acquire() as conn, conn.transaction():
+        existing = await get_row(conn, lifecycle, entity_id)
+        if existing is not None:
+            raise AlreadyExists(f"{kind} {entity_id} already exists ({existing['status']})")
+        await insert(conn)
+        operation: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+            workflow,
+            arg,
+            id=workflow_id,
+            task_queue=task_queue,
+            result_type=result_type,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes(search_attributes),
+            static_summary=summary,
+        )
+        try:
+            handle: WorkflowUpdateHandle[ResultT] = await client.start_update_with_start_workflow(
+                update,
+                start_workflow_operation=operation,
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                result_type=update_result_type,
+            )
+        except WorkflowAlreadyStartedError:
+            raise AlreadyExists(
+                f"{kind} {entity_id} already has a lifecycle ({workflow_id}); "
+                f"{kind} ids cannot be reused"
+            ) from None
+        return handle
 
 
 async def signal_if_running(handle: WorkflowHandle[Any, Any], signal: str, arg: object) -> bool:

@@ -33,7 +33,7 @@ from tollgate.providers.payments import PaymentGateway
 from tollgate.providers.push import PushProvider
 from tollgate.settings import Settings
 from tollgate.telemetry import configure_logging, configure_metrics, configure_tracing
-from tollgate.temporal import connect, data_converter
+from tollgate.temporal import connect, data_converter, prometheus_runtime
 from workflows.message import MessageDeliveryWorkflow
 from workflows.order import OrderWorkflow
 from workflows.read_receipts import ReadReceiptSyncWorkflow
@@ -119,7 +119,14 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     applied = await apply_migrations(settings.database_owner_url or settings.database_url)
     if applied:
         _log.info("migrations applied", extra={"migrations": applied})
-    client = await connect(settings, converter=converter)
+    # The SDK's own metrics (schedule-to-start latencies, slots, polls) in Prometheus text,
+    # when asked for: they come from the runtime the client and worker are built on.
+    runtime = (
+        prometheus_runtime(settings.worker_metrics_bind_address)
+        if settings.worker_metrics_bind_address
+        else None
+    )
+    client = await connect(settings, converter=converter, runtime=runtime)
     if settings.reconcile_every_seconds > 0:
         created = await ensure_schedule(
             client,

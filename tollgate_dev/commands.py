@@ -7,11 +7,13 @@ only where this package is installed (``starter.py`` looks for it).
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from cyclopts import Parameter
 from rich.table import Table
 
+from tollgate import access
 from tollgate.errors import InputError
 from tollgate.messages.service import MessageService
 from tollgate.ops.cli import EXIT_REFUSED, JsonFlag, app, connected, console, emit_json
@@ -19,8 +21,10 @@ from tollgate.orders.service import OrderService
 from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
+from tollgate_dev.api_client import ApiCaller
 from tollgate_dev.demo import print_outcomes, run_demo
 from tollgate_dev.load import run_load
+from tollgate_dev.load_api import run_api_load
 
 #: Upper bounds of ``load``: past them a typo would run for hours.
 MAX_LOAD_COUNT = 100_000
@@ -38,6 +42,21 @@ async def load(
     max_wait: Annotated[
         float | None, Parameter(help="Refuse a start that waits longer (s).")
     ] = None,
+    via: Annotated[
+        Literal["direct", "api"],
+        Parameter(
+            help="direct: the services; api: POST to the HTTP API (API_URL), open-loop "
+            "at --rate, honouring 429/503 Retry-After up to --max-wait."
+        ),
+    ] = "direct",
+    api_key: Annotated[
+        str | None,
+        Parameter(
+            help="With --via api: the key (default: TOLLGATE_API_KEY, else a new key "
+            "for client 'load').",
+            show_default=False,
+        ),
+    ] = None,
     json: JsonFlag = False,
 ) -> None:
     """Run many orders or messages with backpressure at ingress; print a summary."""
@@ -49,6 +68,9 @@ async def load(
         raise InputError(f"--rate must be positive and at most {MAX_LOAD_RATE:g}")
     if max_wait is not None and not 0 <= max_wait <= 3600:
         raise InputError("--max-wait must be between 0 and 3600 seconds")
+    if via == "api":
+        await _load_via_api(kind, count, concurrency, rate, max_wait, api_key, json)
+        return
     settings = Settings()
     async with connected(settings) as (client, pool), build_http_client(settings) as http:
         summary = await run_load(
@@ -88,6 +110,48 @@ async def load(
         f"{summary.seconds:.1f} s, {summary.throughput_per_second} per second; latency "
         f"p50 {ms(summary.latency_p50_ms)}, p95 {ms(summary.latency_p95_ms)}, p99 {ms(summary.latency_p99_ms)}"
     )
+
+
+async def _load_via_api(
+    kind: Literal["orders", "messages"],
+    count: int,
+    concurrency: int,
+    rate: float | None,
+    max_wait: float | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """``load --via api``: see :mod:`tollgate_dev.load_api`."""
+    if rate is None:
+        raise InputError("--via api needs --rate (arrivals are open-loop at that rate)")
+    settings = Settings()
+    async with connected(settings) as (client, pool), build_http_client(settings) as http:
+        key = api_key or os.environ.get("TOLLGATE_API_KEY")
+        if not key:
+            key = (await access.create_key(pool, "load")).key
+        api = ApiCaller(settings.api_url, key)
+        try:
+            summary = await run_api_load(
+                kind,
+                api=api,
+                orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
+                messages=MessageService(client, pool, settings.task_queue),
+                count=count,
+                rate=rate,
+                concurrency=concurrency,
+                max_wait=60.0 if max_wait is None else max_wait,
+                console=None if as_json else console,
+            )
+        finally:
+            await api.aclose()
+    if as_json:
+        emit_json(summary.model_dump(mode="json"))
+        return
+    table = Table("", "", title=f"load {kind} via the API: {count} offered at {rate:g}/s")
+    for name, value in summary.model_dump().items():
+        if name not in ("kind", "via"):
+            table.add_row(name.replace("_", " "), str(value))
+    console.print(table)
 
 
 @app.command

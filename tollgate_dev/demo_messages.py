@@ -20,6 +20,7 @@ from tollgate.messages.service import MessageService
 from tollgate.messages.states import MessageStatus
 from tollgate.models import RetrySettings
 from tollgate.names import MESSAGE_STATUS_QUERY
+from tollgate_dev.api_client import ApiCaller
 from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import FaultSpec, Ledger, SandboxAdmin
 
@@ -190,3 +191,68 @@ async def run_message_scenario(
     row = await service.row(message.message_id)
     effects = MessageEffects.of(await sandbox.ledger(message_id=message.message_id))
     return message.message_id, row.status, effects, row.failure_reason or ""
+
+
+#: The API scenario's name and expectation: the phone confirms and reads through signed
+#: receipts (the first one sent twice); the tablet gets the read receipt.
+API_MESSAGE_SCENARIO = MessageScenario(
+    "via the HTTP API, signed receipts",
+    2,
+    MessageStatus.READ,
+    MessageEffects(devices_pushed=2, duplicate_pushes=0, receipts=1, emails=0),
+    _nobody_confirms,
+    read_window=timedelta(seconds=2),
+)
+
+
+async def run_api_message_scenario(
+    api: ApiCaller, service: MessageService, sandbox: SandboxAdmin, run_id: str
+) -> tuple[str, MessageStatus, MessageEffects, str]:
+    """Register two devices, send a message and report it read, all over HTTP: devices
+    and the message with the API key, receipts signed with the webhook secret. Returns
+    (message id, final status, effects, detail) like :func:`run_message_scenario`."""
+    user = f"demo-{run_id}-api"
+    ids = []
+    for k, kind in enumerate(("phone", "tablet")):
+        reply = await api.post(
+            "/v1/devices",
+            {
+                "device_id": f"{user}-{kind}",
+                "user_id": user,
+                "push_token": f"tok-{user}-{k}",
+                "platform": "ios",
+            },
+        )
+        reply.raise_for_status()
+        ids.append(reply.json()["id"])
+    await sandbox.clear_faults()
+    sent = await api.send_message(
+        {
+            "sender_id": "sam",
+            "recipient_id": user,
+            "recipient_email": f"{user}@example.com",
+            "body": "Demo: sent over HTTP",
+            "read_window_seconds": API_MESSAGE_SCENARIO.read_window.total_seconds(),
+        }
+    )
+    sent.raise_for_status()
+    message_id: str = sent.json()["id"]
+    await _progress(service, message_id, lambda p: len(p.devices_pushed) == len(ids))
+    delivered = {
+        "receipt_id": f"{user}-r1",
+        "message_id": message_id,
+        "device_id": ids[0],
+        "kind": "delivered",
+    }
+    outcomes = [(await api.receipt(delivered)).json()["outcome"]]
+    outcomes.append((await api.receipt(delivered)).json()["outcome"])  # a provider's resend
+    await _progress(service, message_id, lambda p: p.status is MessageStatus.DELIVERED)
+    read = {**delivered, "receipt_id": f"{user}-r2", "kind": "read"}
+    outcomes.append((await api.receipt(read)).json()["outcome"])
+    await service.handle(message_id).result()
+    row = await service.row(message_id)
+    effects = MessageEffects.of(await sandbox.ledger(message_id=message_id))
+    detail = "receipts: " + ", ".join(outcomes)
+    if outcomes != ["applied", "duplicate", "applied"]:
+        detail += " (want applied, duplicate, applied)"
+    return message_id, row.status, effects, detail

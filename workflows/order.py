@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from tollgate.errors import OrderCancelled
     from tollgate.names import (
         ORDER_CANCEL_SIGNAL,
+        ORDER_CHARGED_UPDATE,
         ORDER_STATUS_ATTR,
         ORDER_STATUS_QUERY,
         ORDER_WORKFLOW,
@@ -54,6 +55,9 @@ with workflow.unsafe.imports_passed_through():
     from tollgate.orders.states import OrderStatus
 
 S = OrderStatus
+
+#: Where an order stands before its charge is known: the ``charged`` update waits them out.
+_BEFORE_CHARGED = frozenset({S.PENDING, S.VALIDATING, S.CHARGING})
 
 
 class Step(StrEnum):
@@ -247,7 +251,18 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             step=self._step,
             cancel_requested=self._stop is not None,
             compensations_done=list(self._compensations_done),
+            failure_reason=self._failure_reason,
         )
+
+    @workflow.update(name=ORDER_CHARGED_UPDATE)
+    async def charged(self) -> OrderProgress:
+        """Answer once the order is charged (RESERVING or later), failing or failed, or
+        being cancelled: what a caller waits for before it tells its customer, while the
+        checkout goes on. Every way the workflow ends passes one of these, so the
+        handler always finishes before the workflow does. It only waits and reads, so
+        histories without it replay unchanged."""
+        await workflow.wait_condition(lambda: self._status not in _BEFORE_CHARGED)
+        return self.status()
 
     # --- plumbing ------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class MessageInput(Model):
     #: Heartbeat timeout of the push fan-out: a killed worker is noticed this fast.
     push_heartbeat_timeout: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
     retry: RetrySettings = RetrySettings()
+    #: The API client that sent the message (None: the CLI); recorded with the row.
+    client_id: SafeId | None = None
     #: Set only by the workflow itself when it continues as new.
     carry_over: DeliveryCarryOver | None = None
 

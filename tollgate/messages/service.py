@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ from tollgate.names import (
     RECIPIENT_ID_ATTR,
     message_workflow_id,
 )
+from tollgate.postgres import Connection
 from tollgate.temporal import inspect_workflow, signal_if_running, start_lifecycle
 
 _DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)", re.ASCII)
@@ -116,9 +118,16 @@ class MessageService:
         return row
 
     async def register_device(
-        self, *, device_id: str, user_id: str, push_token: str, platform: str
+        self,
+        *,
+        device_id: str,
+        user_id: str,
+        push_token: str,
+        platform: str,
+        client_id: str | None = None,
     ) -> store.DeviceRow:
-        """Register a device of ``user_id`` with its push token (validated first)."""
+        """Register a device of ``user_id`` with its push token (validated first);
+        ``client_id`` is the API client registering it (None: the CLI)."""
         device = parse_input(
             DeviceRegistration,
             {
@@ -134,6 +143,7 @@ class MessageService:
             user_id=device.user_id,
             push_token=device.push_token,
             platform=device.platform,
+            client_id=client_id,
         )
 
     async def remove_device(self, device_id: str) -> store.DeviceRow:
@@ -156,19 +166,31 @@ class MessageService:
                 return row
             await asyncio.sleep(0.1)
 
-    async def send(self, message: MessageInput) -> WorkflowHandle[Any, MessageResult]:
-        """Insert the INITIATED row and start its workflow, both or neither."""
+    async def send(
+        self,
+        message: MessageInput,
+        *,
+        actor: str = "cli:send",
+        also: Callable[[Connection], Awaitable[object]] | None = None,
+    ) -> WorkflowHandle[Any, MessageResult]:
+        """Insert the INITIATED row and start its workflow, both or neither. ``actor`` is
+        who the audit names; ``also`` writes more in the same transaction, first (see
+        :meth:`tollgate.orders.service.OrderService.create`)."""
         if message.carry_over is not None:
             raise InputError("carry_over is set by the workflow itself, never by a sender")
         workflow_id = message_workflow_id(message.message_id)
+
+        async def insert(conn: Connection) -> None:
+            if also is not None:
+                await also(conn)
+            await store.insert_message(conn, message, workflow_id=workflow_id, actor=actor)
+
         return await start_lifecycle(
             self._client,
             self._pool,
             store.MESSAGES,
             message.message_id,
-            insert=lambda conn: store.insert_message(
-                conn, message, workflow_id=workflow_id, actor="cli:send"
-            ),
+            insert=insert,
             workflow=MESSAGE_WORKFLOW,
             arg=message,
             workflow_id=workflow_id,
@@ -194,15 +216,21 @@ class MessageService:
         if not await signal_if_running(self.handle(message_id), signal, payload):
             raise NotRunning(f"message {message_id} is no longer running (it is {row.status})")
 
-    async def recall(self, message_id: str, *, reason: str, requested_by: str) -> RecallOutcome:
+    async def recall(
+        self, message_id: str, *, reason: str, requested_by: str, actor: str | None = None
+    ) -> RecallOutcome:
         """Record CANCELLED in Postgres (version-checked), then signal the workflow.
 
-        The request is validated whole before the write, as for an order's cancel.
+        The request is validated whole before the write, as for an order's cancel. The
+        audit names ``actor`` (default ``cli:<requested_by>``).
         """
         request = parse_input(RecallRequest, {"reason": reason, "requested_by": requested_by})
         require_safe_id("message id", message_id)
         row = await store.recall_message(
-            self._pool, message_id, reason=request.reason, actor=f"cli:{request.requested_by}"
+            self._pool,
+            message_id,
+            reason=request.reason,
+            actor=actor or f"cli:{request.requested_by}",
         )
         if row.status is not MessageStatus.CANCELLED:
             return RecallOutcome(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tollgate import gate
 from tollgate.errors import (
+    AlreadyExists,
     DeviceNotFound,
     InputError,
     LimitReached,
@@ -51,6 +52,7 @@ MESSAGES = Lifecycle(
         "body",
         "deadline_ms",
         "workflow_id",
+        "client_id",
     ),
     stopped_error=MessageRecalled,
     not_found=MessageNotFound,
@@ -75,6 +77,8 @@ class MessageRow(_Row):
     failure_reason: str | None
     created_at: datetime
     updated_at: datetime
+    #: The API client that sent it; None for messages the CLI sent.
+    client_id: str | None = None
 
 
 class DeviceRow(_Row):
@@ -86,6 +90,8 @@ class DeviceRow(_Row):
     removed_reason: str | None
     registered_at: datetime
     removed_at: datetime | None
+    #: The API client that registered it; None for devices the CLI registered.
+    client_id: str | None = None
 
     def ref(self) -> Device:
         return Device(
@@ -131,6 +137,7 @@ async def insert_message(
             "body": message.body,
             "deadline_ms": int(message.deadline.total_seconds() * 1000),
             "workflow_id": workflow_id,
+            "client_id": message.client_id,
         },
         Writer(actor, trace_id, "message created"),
     )
@@ -148,22 +155,30 @@ async def recall_message(
 
 
 async def register_device(
-    pool: asyncpg.Pool, *, device_id: str, user_id: str, push_token: str, platform: str
+    pool: asyncpg.Pool,
+    *,
+    device_id: str,
+    user_id: str,
+    push_token: str,
+    platform: str,
+    client_id: str | None = None,
 ) -> DeviceRow:
     """Add a device; a token or id already in use is refused with a clear error."""
     try:
         record = await pool.fetchrow(
-            "INSERT INTO devices (id, user_id, push_token, platform) VALUES ($1, $2, $3, $4) RETURNING *",
+            "INSERT INTO devices (id, user_id, push_token, platform, client_id)"
+            " VALUES ($1, $2, $3, $4, $5) RETURNING *",
             device_id,
             user_id,
             push_token,
             platform,
+            client_id,
         )
     except asyncpg.UniqueViolationError as exc:
         holder = await pool.fetchval(
             "SELECT id FROM devices WHERE push_token = $1 OR id = $2 LIMIT 1", push_token, device_id
         )
-        raise InputError(
+        raise AlreadyExists(
             f"device {device_id} or its token is already registered (device {holder})"
         ) from exc
     except asyncpg.CheckViolationError as exc:

@@ -26,8 +26,9 @@ from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
-from tollgate import gate, postgres
+from tollgate import access, gate, postgres
 from tollgate.errors import ConfigError, InputError, NotFound, NotRunning, TollgateError
+from tollgate.ids import require_safe_id
 from tollgate.messages.service import MessageReport, MessageService, build_message, parse_duration
 from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
 from tollgate.orders.models import OrderResult
@@ -47,9 +48,11 @@ app = App(
 order_app = App(name="order", help="Create, cancel and inspect orders.")
 message_app = App(name="message", help="Send, recall and inspect messages; act as a device.")
 device_app = App(name="device", help="Register the devices messages are pushed to.")
+apikey_app = App(name="apikey", help="Create and revoke the keys HTTP API clients call with.")
 app.command(order_app)
 app.command(message_app)
 app.command(device_app)
+app.command(apikey_app)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -470,6 +473,74 @@ async def reconcile(
                 Text(f.repair_workflow_id or "-"),
             )
         console.print(table)
+
+
+async def _app_pool(settings: Settings) -> asyncpg.Pool:
+    """A small pool as the application role, for commands that need no Temporal."""
+    try:
+        return await postgres.create_pool(settings.database_url, max_size=2)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise Refused(
+            f"cannot reach Postgres at DATABASE_URL ({type(exc).__name__}: {exc}); "
+            "is the local stack up (make up)?"
+        ) from None
+
+
+@apikey_app.command(name="create")
+async def apikey_create(*, client: str, json: JsonFlag = False) -> None:
+    """Create an API key for CLIENT (created on its first key). The key is printed once:
+    only its hash is stored."""
+    require_safe_id("client", client)
+    pool = await _app_pool(Settings())
+    try:
+        created = await access.create_key(pool, client)
+    finally:
+        await pool.close()
+    if json:
+        emit_json({"client": created.client_id, "key_id": created.key_id, "key": created.key})
+        return
+    console.print(f"API key {created.key_id} for client {created.client_id}:", markup=False)
+    console.print(created.key, markup=False)
+    console.print("It is shown only this once; Tollgate keeps only its hash.")
+
+
+@apikey_app.command(name="revoke")
+async def apikey_revoke(key_id: str, *, json: JsonFlag = False) -> None:
+    """Revoke the key KEY_ID (the part after ``tg_``): it stops working at once here, and
+    within API_KEY_CACHE_SECONDS in a running API."""
+    pool = await _app_pool(Settings())
+    try:
+        row = await access.revoke_key(pool, key_id)
+    finally:
+        await pool.close()
+    if json:
+        emit_json(row.model_dump(mode="json"))
+    else:
+        console.print(f"API key {row.id} of client {row.client_id} revoked", markup=False)
+
+
+@apikey_app.command(name="list")
+async def apikey_list(*, client: str | None = None, json: JsonFlag = False) -> None:
+    """List API keys (ids, never secrets), of one CLIENT or all."""
+    if client is not None:
+        require_safe_id("client", client)
+    pool = await _app_pool(Settings())
+    try:
+        rows = await access.list_keys(pool, client)
+    finally:
+        await pool.close()
+    if json:
+        emit_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table("key id", "client", "created", "revoked")
+    for r in rows:
+        table.add_row(
+            r.id,
+            Text(r.client_id),
+            r.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            r.revoked_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if r.revoked_at else "-",
+        )
+    console.print(table)
 
 
 @app.command(name="search-token")

@@ -42,6 +42,9 @@ class OrderInput(Model):
     amount_cents: int = Field(gt=0, le=AMOUNT_CEILING)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     retry: RetrySettings = RetrySettings()
+    #: The API client that created the order (None: the CLI). Whoever inserts the row,
+    #: the service or the workflow's first activity, records it; it never changes.
+    client_id: SafeId | None = None
 
     @field_validator("items")
     @classmethod
@@ -92,6 +95,8 @@ class OrderProgress(Model):
     step: str
     cancel_requested: bool
     compensations_done: list[str]
+    #: Why the order is failing or failed, once it is.
+    failure_reason: str | None = None
 
 
 class CancelOrderRequest(StopRequest):

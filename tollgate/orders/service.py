@@ -8,13 +8,14 @@ its workflow started; a cancellation is recorded before the workflow is told.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateHandle
 from temporalio.common import (
     SearchAttributePair,
 )
@@ -27,6 +28,7 @@ from tollgate.models import parse_input
 from tollgate.names import (
     CUSTOMER_ID_ATTR,
     ORDER_CANCEL_SIGNAL,
+    ORDER_CHARGED_UPDATE,
     ORDER_STATUS_ATTR,
     ORDER_STATUS_QUERY,
     ORDER_WORKFLOW,
@@ -42,8 +44,17 @@ from tollgate.orders.models import (
     order_problems,
 )
 from tollgate.orders.states import OrderStatus
+from tollgate.postgres import Connection
 from tollgate.providers.inventory import Inventory
-from tollgate.temporal import inspect_workflow, signal_if_running, start_lifecycle
+from tollgate.temporal import (
+    inspect_workflow,
+    signal_if_running,
+    start_lifecycle,
+    start_lifecycle_with_update,
+)
+
+#: More writes for the transaction that inserts an entity's row (an API idempotency key).
+AlsoWrite = Callable[[Connection], Awaitable[object]]
 
 #: ``SKU:QTY`` with ASCII digits only (``str.isdigit`` accepts '²', which int() refuses).
 _ITEM = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([0-9]{1,6})", re.ASCII)
@@ -128,9 +139,12 @@ class OrderService:
             raise OrderNotFound(order_id)
         return row
 
-    async def create(self, order: OrderInput) -> WorkflowHandle[Any, OrderResult]:
+    async def create(
+        self, order: OrderInput, *, actor: str = "cli:create", also: AlsoWrite | None = None
+    ) -> WorkflowHandle[Any, OrderResult]:
         """Check the order, then insert the PENDING row and start its workflow, both or
-        neither (see :func:`tollgate.temporal.start_lifecycle`)."""
+        neither (see :func:`tollgate.temporal.start_lifecycle`). ``actor`` is who the
+        audit names; ``also`` writes more in the same transaction, before the row."""
         await self.check(order)
         workflow_id = order_workflow_id(order.order_id)
         return await start_lifecycle(
@@ -138,24 +152,74 @@ class OrderService:
             self._pool,
             store.ORDERS,
             order.order_id,
-            insert=lambda conn: store.insert_order(
-                conn, order, workflow_id=workflow_id, actor="cli:create"
-            ),
+            insert=self._insert(order, workflow_id, actor, also),
             workflow=ORDER_WORKFLOW,
             arg=order,
             workflow_id=workflow_id,
             task_queue=self._task_queue,
             result_type=OrderResult,
-            search_attributes=[
-                SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
-                SearchAttributePair(
-                    CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)
-                ),
-            ],
-            summary=(
-                f"Order {order.order_id}: {len(order.items)} item(s), "
-                f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
-            ),
+            search_attributes=self._search_attributes(order),
+            summary=self._summary(order),
+        )
+
+    async def create_until_charged(
+        self, order: OrderInput, *, actor: str, also: AlsoWrite | None = None
+    ) -> WorkflowUpdateHandle[OrderProgress]:
+        """:meth:`create`, with the ``charged`` update sent in the start request
+        (update-with-start). Returns once the workflow accepted the update; its
+        ``result()`` answers when the order is charged, has failed or is being
+        cancelled, while the checkout goes on."""
+        await self.check(order)
+        workflow_id = order_workflow_id(order.order_id)
+        return await start_lifecycle_with_update(
+            self._client,
+            self._pool,
+            store.ORDERS,
+            order.order_id,
+            insert=self._insert(order, workflow_id, actor, also),
+            workflow=ORDER_WORKFLOW,
+            arg=order,
+            workflow_id=workflow_id,
+            task_queue=self._task_queue,
+            result_type=OrderResult,
+            search_attributes=self._search_attributes(order),
+            summary=self._summary(order),
+            update=ORDER_CHARGED_UPDATE,
+            update_result_type=OrderProgress,
+        )
+
+    async def until_charged(self, order_id: str) -> OrderProgress:
+        """The ``charged`` update's answer for a running order (see
+        :meth:`create_until_charged`)."""
+        progress: OrderProgress = await self.handle(order_id).execute_update(
+            ORDER_CHARGED_UPDATE, result_type=OrderProgress
+        )
+        return progress
+
+    @staticmethod
+    def _insert(
+        order: OrderInput, workflow_id: str, actor: str, also: AlsoWrite | None
+    ) -> AlsoWrite:
+        async def insert(conn: Connection) -> None:
+            # ``also`` first: a concurrent request that holds the same API key waits on
+            # it here and fails, instead of racing for the row and the workflow id.
+            if also is not None:
+                await also(conn)
+            await store.insert_order(conn, order, workflow_id=workflow_id, actor=actor)
+
+        return insert
+
+    def _search_attributes(self, order: OrderInput) -> list[SearchAttributePair[str]]:
+        return [
+            SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
+            SearchAttributePair(CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)),
+        ]
+
+    @staticmethod
+    def _summary(order: OrderInput) -> str:
+        return (
+            f"Order {order.order_id}: {len(order.items)} item(s), "
+            f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
         )
 
     async def check(self, order: OrderInput) -> None:
@@ -175,16 +239,22 @@ class OrderService:
         if problems:
             raise InputError(f"order {order.order_id} refused: {'; '.join(problems)}")
 
-    async def cancel(self, order_id: str, *, reason: str, requested_by: str) -> CancelOutcome:
+    async def cancel(
+        self, order_id: str, *, reason: str, requested_by: str, actor: str | None = None
+    ) -> CancelOutcome:
         """Record CANCELLING in Postgres (version-checked), then signal the workflow.
 
         The whole request is validated first: a reason the signal could not carry must
-        not leave a row CANCELLING that its workflow never hears of.
+        not leave a row CANCELLING that its workflow never hears of. The audit names
+        ``actor`` (default ``cli:<requested_by>``).
         """
         request = parse_input(CancelOrderRequest, {"reason": reason, "requested_by": requested_by})
         require_safe_id("order id", order_id)
         state = await store.request_cancellation(
-            self._pool, order_id, reason=request.reason, actor=f"cli:{request.requested_by}"
+            self._pool,
+            order_id,
+            reason=request.reason,
+            actor=actor or f"cli:{request.requested_by}",
         )
         if state.status.terminal:
             return CancelOutcome(

@@ -30,7 +30,7 @@ ORDERS = Lifecycle(
     # recorded already (CANCELLING, CANCELLED), or over (COMPLETED, FAILED)
     stop_refused=frozenset({OrderStatus.CANCELLING, *ORDER_TERMINAL}),
     stop_columns=lambda reason: {"cancel_reason": reason},
-    identity=("customer_id", "items", "amount_cents", "currency", "workflow_id"),
+    identity=("customer_id", "items", "amount_cents", "currency", "workflow_id", "client_id"),
     stopped_error=OrderCancelled,
     not_found=OrderNotFound,
 )
@@ -54,6 +54,8 @@ class OrderRow(BaseModel):
     cancel_reason: str | None
     created_at: datetime
     updated_at: datetime
+    #: The API client that owns the order; None for orders the CLI created.
+    client_id: str | None = None
 
 
 def _row(record: asyncpg.Record | None) -> OrderRow | None:
@@ -84,6 +86,7 @@ async def insert_order(
             "amount_cents": order.amount_cents,
             "currency": order.currency,
             "workflow_id": workflow_id,
+            "client_id": order.client_id,
         },
         Writer(actor, trace_id, "order created"),
     )

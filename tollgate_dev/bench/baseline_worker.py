@@ -20,7 +20,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from tollgate_dev.bench.baseline import BaselineWorkflow, noop
-from tollgate_dev.stack.services import PROJECT_ROOT, WorkerProcess
+from tollgate_dev.stack._process import PROJECT_ROOT
+from tollgate_dev.stack.services import WorkerProcess
 
 #: Printed once the worker polls; what :class:`BaselineWorkerProcess` waits for.
 READY_LINE = "baseline worker ready"

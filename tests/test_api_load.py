@@ -1,0 +1,50 @@
+"""``load --via api``: open-loop arrivals through the HTTP API, refusals waited out."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api_support import serve_api
+from tests.conftest import Harness
+from tollgate_dev.api_client import ApiCaller
+from tollgate_dev.load_api import run_api_load
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry_after(
+    h: Harness,
+) -> None:
+    async with serve_api(h, api_client_rate=3.0, api_client_burst=2) as api:
+        caller = ApiCaller(api.url, api.key)
+        try:
+            summary = await run_api_load(
+                "orders",
+                api=caller,
+                orders=h.service,
+                messages=h.messages,
+                count=6,
+                rate=50.0,
+                concurrency=10,
+                max_wait=30.0,
+            )
+        finally:
+            await caller.aclose()
+    assert summary.admitted == 6 and summary.gave_up == 0, summary
+    assert summary.refused_429 >= 3, summary
+    assert summary.refusals_by_type.get("rate-limited") == summary.refused_429
+    assert summary.server_errors_5xx == 0
+    assert summary.statuses == {"COMPLETED": 6}, summary
+    # Refused requests waited Retry-After (at least 1 s) before they got in.
+    assert summary.admission_p95_ms is not None and summary.admission_p95_ms >= 1000
+    assert summary.answers_by_status["202"] == 6
+    assert summary.offered_rate_per_second == 50.0
+    assert summary.answers_503 == summary.other_errors == 0
+    assert 0 < summary.finished_per_second <= summary.admitted_per_second
+    assert summary.admission_p50_ms is not None and summary.admission_p99_ms is not None
+    assert summary.admission_p50_ms <= summary.admission_p95_ms <= summary.admission_p99_ms
+    # The admitted request alone is quick: the waiting was for the bucket, not the API.
+    assert summary.admitted_request_p50_ms is not None and summary.admitted_request_p95_ms
+    assert summary.admitted_request_p95_ms < summary.admission_p95_ms
+    assert summary.lifecycle_p50_ms is not None and summary.lifecycle_p95_ms is not None
+    assert summary.lifecycle_p50_ms >= summary.admission_p50_ms

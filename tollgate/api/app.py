@@ -1,0 +1,1096 @@
+"""The HTTP API as a Starlette application: routes, their handlers, and the rules every
+request goes through.
+
+Per request, in this order, before anything is written: the credential (an API key, or
+for receipts the webhook signature), the client's token bucket, the headers, the body
+(size, media type, JSON, validation). Then the write, through the same services the CLI
+uses. Every refusal is a problem document (:mod:`tollgate.api.problems`).
+
+A create (``POST /v1/orders``, ``POST /v1/messages``) needs an ``Idempotency-Key``. The
+entity's id is derived from the client and the key, and the key is recorded in the
+transaction that inserts the row and starts the workflow, so a retry finds either all
+three or none. The same key with the same body answers with the entity as it stands
+now; with another body, 409. When Temporal or Postgres cannot be reached, or the start
+takes longer than ``API_START_TIMEOUT_SECONDS``, the transaction rolls back and the
+answer is 503 with a ``Retry-After``.
+
+A client sees only what it created: another client's order, message or device, and
+everything the CLI created, is 404, the same answer as for an id that does not exist.
+
+Access logs carry the route template, status, duration and client, never a body, a
+query, a key or a signature. Unexpected errors are logged by type and stack only: an
+exception's message may quote personal data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from tollgate.api import store as idem
+from tollgate.api.auth import KeyCache
+from tollgate.api.limits import Backlog, ClientLimits, StartSlots
+from tollgate.api.metrics import PROMETHEUS_MEDIA_TYPE, ApiMetrics
+from tollgate.api.models import (
+    CancelRequest,
+    CancelView,
+    DeliveryView,
+    DeviceCreate,
+    DeviceView,
+    Health,
+    MessageCreate,
+    MessageView,
+    OrderCreate,
+    OrderView,
+    RecallRequest,
+    RecallView,
+    Receipt,
+    ReceiptOutcome,
+    Transition,
+    WorkflowView,
+)
+from tollgate.api.problems import EDGE, Problem
+from tollgate.api.signatures import SIGNATURE_HEADER, SignatureError, SignatureExpired, verify
+from tollgate.api.spec import Answer, Operation, Param, openapi_document, problem
+from tollgate.errors import (
+    AlreadyExists,
+    DeviceNotFound,
+    IllegalTransition,
+    InputError,
+    MessageNotFound,
+    NotRunning,
+    OrderNotFound,
+    TollgateError,
+)
+from tollgate.gate import AuditRow
+from tollgate.ids import is_safe_id
+from tollgate.messages import store as message_store
+from tollgate.messages.models import MessageInput
+from tollgate.messages.service import MessageService
+from tollgate.models import parse_input
+from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput
+from tollgate.orders.service import OrderService
+from tollgate.orders.states import OrderStatus
+from tollgate.settings import Settings
+
+API_VERSION = "1.0.0"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Printable ASCII without spaces, as the column's CHECK says (schema/007_api.sql).
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+_BEFORE_CHARGED = frozenset({OrderStatus.PENDING, OrderStatus.VALIDATING, OrderStatus.CHARGING})
+
+_log = logging.getLogger("tollgate.api")
+_access = logging.getLogger("tollgate.api.access")
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+@dataclass
+class ApiDeps:
+    """What the API runs on: settings, connections, the services, the webhook secrets."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    client: Client
+    orders: OrderService
+    messages: MessageService
+    #: The current webhook secret first, then old ones still accepted.
+    webhook_secrets: list[str]
+    metrics: ApiMetrics
+
+
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        model.model_dump_json(), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+_UNAVAILABLE_RPC = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.UNKNOWN,
+    }
+)
+_UNAVAILABLE_DB = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.OperatorInterventionError,
+)
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Which dependency ``exc`` says is unreachable (``temporal``/``postgres``), if any."""
+    if isinstance(exc, RPCError) and exc.status in _UNAVAILABLE_RPC:
+        return "temporal"
+    if isinstance(exc, WorkflowUpdateRPCTimeoutOrCancelledError):
+        return "temporal"
+    if isinstance(exc, RuntimeError) and "client connect" in str(exc).lower():
+        return "temporal"  # a lazy client that cannot connect
+    if isinstance(exc, _UNAVAILABLE_DB):
+        return "postgres"
+    if isinstance(exc, TimeoutError):
+        return "temporal or postgres"
+    return None
+
+
+def _transitions(rows: list[AuditRow[Any]]) -> list[Transition]:
+    return [
+        Transition(
+            from_status=r.from_status,
+            to_status=r.to_status,
+            from_version=r.from_version,
+            to_version=r.to_version,
+            actor=r.actor,
+            reason=r.reason,
+            at=r.at,
+        )
+        for r in rows
+    ]
+
+
+def _order_view(row: order_store.OrderRow, **extra: Any) -> OrderView:
+    return OrderView(
+        id=row.id,
+        status=row.status,
+        version=row.version,
+        customer_id=row.customer_id,
+        items=row.items,
+        amount_cents=row.amount_cents,
+        currency=row.currency,
+        failure_reason=row.failure_reason,
+        cancel_reason=row.cancel_reason,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        **extra,
+    )
+
+
+def _message_view(row: message_store.MessageRow, **extra: Any) -> MessageView:
+    return MessageView(
+        id=row.id,
+        status=row.status,
+        version=row.version,
+        sender_id=row.sender_id,
+        recipient_id=row.recipient_id,
+        deadline_ms=row.deadline_ms,
+        failure_reason=row.failure_reason,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        **extra,
+    )
+
+
+def _device_view(row: message_store.DeviceRow) -> DeviceView:
+    return DeviceView(
+        id=row.id,
+        user_id=row.user_id,
+        platform=row.platform,
+        active=row.active,
+        registered_at=row.registered_at,
+        removed_at=row.removed_at,
+    )
+
+
+class Api:
+    """The handlers, over :class:`ApiDeps`."""
+
+    def __init__(self, deps: ApiDeps) -> None:
+        self.deps = deps
+        s = deps.settings
+        self.metrics = deps.metrics
+        self.keys = KeyCache(deps.pool, s.api_key_cache_seconds)
+        self.limits = ClientLimits(s.api_client_rate, s.api_client_burst)
+        self.slots = StartSlots(s.api_max_starts_in_flight)
+
+        async def count() -> dict[str, int]:
+            return {str(k): n for k, n in (await idem.open_lifecycles(deps.pool)).items()}
+
+        self.backlog = Backlog(s.api_max_open_lifecycles, count)
+        self._retry_after = s.api_unavailable_retry_after_seconds
+
+    # --- the rules every request goes through ---------------------------------------
+
+    def refuse(
+        self, reason: str, slug: str, detail: str, *, retry_after: int | None = None
+    ) -> Problem:
+        """A refusal at the door, counted by reason."""
+        self.metrics.refusals.add(1, {"reason": reason})
+        found = Problem.edge(slug, detail, retry_after=retry_after)
+        if slug == "unauthenticated":
+            found.headers["WWW-Authenticate"] = 'Bearer realm="tollgate"'
+        return found
+
+    async def client(self, request: Request, *, bucket: bool = True) -> str:
+        """The calling client, after its key and its token bucket."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        client = None
+        if scheme.lower() == "bearer" and token.strip():
+            client = await self.keys.client_for(token.strip())
+        if client is None:
+            raise self.refuse(
+                "unauthenticated",
+                "unauthenticated",
+                "send 'Authorization: Bearer <key>' with a key from "
+                "'starter.py apikey create --client NAME'",
+            )
+        request.state.client = client
+        if bucket:
+            wait = self.limits.retry_after(client)
+            if wait is not None:
+                raise self.refuse(
+                    "rate_limited",
+                    "rate-limited",
+                    f"client {client} is over {self.limits.rate:g} requests per second "
+                    f"(burst {self.limits.burst}); retry in {wait} s",
+                    retry_after=wait,
+                )
+        return client
+
+    async def body(self, request: Request) -> bytes:
+        """The body, or 413 as soon as it is known to exceed the limit."""
+        limit = self.deps.settings.api_max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise Problem.edge("malformed-request", "Content-Length is not a number")
+            if int(declared) > limit:
+                raise self.refuse(
+                    "body_too_large", "body-too-large", f"the body is over {limit} bytes"
+                )
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise self.refuse(
+                    "body_too_large", "body-too-large", f"the body is over {limit} bytes"
+                )
+        return bytes(data)
+
+    def parse(self, request: Request, raw: bytes, model: type[ModelT]) -> ModelT:
+        """A JSON body validated into ``model``: 415, 400 or 422 when it is not one."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise Problem.edge("unsupported-media-type", "send the body as application/json")
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise Problem.edge("malformed-request", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise InputError("the body must be a JSON object")
+        return parse_input(model, data)
+
+    def idempotency_key(self, request: Request) -> str:
+        """The request's Idempotency-Key, checked (400 without one)."""
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None:
+            raise Problem.edge(
+                "idempotency-key-required",
+                f"send an {IDEMPOTENCY_HEADER} header (1-255 printable ASCII characters, no "
+                "spaces), the same on every retry of this request",
+            )
+        if not key.isascii() or not 1 <= len(key) <= 255 or any(not "!" <= c <= "~" for c in key):
+            raise Problem.edge(
+                "malformed-request",
+                f"{IDEMPOTENCY_HEADER} must be 1-255 printable ASCII characters without spaces",
+            )
+        return key
+
+    def owned(self, row_client: str | None, client: str, missing: TollgateError) -> None:
+        """404 unless the row belongs to ``client`` (the same answer as no row at all)."""
+        if row_client != client:
+            raise missing
+
+    def unavailable(self, detail: str) -> Problem:
+        """503 with the settings' Retry-After."""
+        return self.refuse("unavailable", "unavailable", detail, retry_after=self._retry_after)
+
+    # --- orders ---------------------------------------------------------------------------
+
+    async def create_order(self, request: Request) -> Response:
+        """``POST /v1/orders`` (``?wait=charged`` to wait for the charge's outcome)."""
+        client = await self.client(request)
+        key = self.idempotency_key(request)
+        wait = request.query_params.get("wait")
+        if wait not in (None, "charged"):
+            raise InputError("wait: the only value is 'charged'")
+        body = self.parse(request, await self.body(request), OrderCreate)
+        order_id = idem.entity_id_for("order", client, key)
+        order = parse_input(
+            OrderInput,
+            {**body.model_dump(), "order_id": order_id, "client_id": client},
+        )
+        entry = idem.IdempotencyRecord("order", idem.request_hash(body), order_id)
+        found = await idem.find(self.deps.pool, client, key)
+        if found is None:
+            try:
+                updated = await self._start(
+                    lambda also: (
+                        self.deps.orders.create_until_charged(
+                            order, actor=f"api:{client}", also=also
+                        )
+                        if wait
+                        else self.deps.orders.create(order, actor=f"api:{client}", also=also)
+                    ),
+                    client,
+                    key,
+                    entry,
+                )
+            except AlreadyExists:
+                found = await self._recover_order(order, client, key, entry)
+            else:
+                if wait:
+                    await self._until_charged(updated.result())
+                row = await self.deps.orders.row(order_id)
+                return _json(_order_view(row), 202, {"Location": f"/v1/orders/{order_id}"})
+        self._same_request(found, entry, key)
+        if wait:
+            row = await self.deps.orders.row(order_id)
+            if row.status in _BEFORE_CHARGED:
+                await self._until_charged(self.deps.orders.until_charged(order_id))
+        row = await self.deps.orders.row(order_id)
+        return _json(
+            _order_view(row),
+            202,
+            {"Location": f"/v1/orders/{order_id}", "Idempotent-Replayed": "true"},
+        )
+
+    async def _start(self, start: Any, client: str, key: str, entry: idem.IdempotencyRecord) -> Any:
+        """Run one create under the backlog bound, the start-slot bound and the start
+        timeout; the key is recorded in its transaction."""
+        if await self.backlog.full(entry.kind):
+            raise self.refuse(
+                "backlog",
+                "overloaded",
+                f"{self.backlog.limit} {entry.kind}s are under way, the most the system takes "
+                "(API_MAX_OPEN_LIFECYCLES); retry shortly",
+                retry_after=1,
+            )
+        if not self.slots.try_take():
+            raise self.refuse(
+                "overloaded",
+                "overloaded",
+                f"{self.slots.limit} creates are in flight; retry shortly",
+                retry_after=1,
+            )
+        self.metrics.starts_in_flight.add(1)
+        try:
+            async with asyncio.timeout(self.deps.settings.api_start_timeout_seconds):
+                started = await start(
+                    lambda conn: idem.record(conn, client, key, entry, must_be_new=True)
+                )
+            self.backlog.started(entry.kind)
+            return started
+        except idem.IdempotencyKeyTaken:
+            # A concurrent request with this key committed first: answer from its record.
+            raise AlreadyExists(key) from None
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            raise self.unavailable(
+                "the create did not finish in time (Temporal or Postgres slow or down); "
+                "nothing was recorded: retry with the same Idempotency-Key"
+            ) from None
+        finally:
+            self.slots.give_back()
+            self.metrics.starts_in_flight.add(-1)
+
+    async def _recover_order(
+        self, order: OrderInput, client: str, key: str, entry: idem.IdempotencyRecord
+    ) -> idem.IdempotencyRecord:
+        """The create found its id taken: by a concurrent request with the same key, or
+        by an earlier attempt whose workflow started but whose commit was lost (its
+        first activity then inserts the row). Answer from what is there."""
+        found = await idem.find(self.deps.pool, client, key)
+        if found is not None:
+            return found
+        row = await order_store.get_order(self.deps.pool, order.order_id)
+        if row is None:
+            raise Problem.edge(
+                "still-starting",
+                "an earlier request with this Idempotency-Key started the order and it is not "
+                "recorded yet; retry shortly with the same key",
+                retry_after=self._retry_after,
+            )
+        same = (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
+            client,
+            order.customer_id,
+            order.items,
+            order.amount_cents,
+            order.currency,
+        )
+        if not same:
+            raise Problem.edge(
+                "idempotency-key-conflict",
+                f"{IDEMPOTENCY_HEADER} {key!r} already created order {row.id} from another request",
+            )
+        async with self.deps.pool.acquire() as conn:
+            await idem.record(conn, client, key, entry, must_be_new=False)
+        return entry
+
+    async def _until_charged(self, waiting: Any) -> None:
+        """Wait for the ``charged`` answer up to API_WAIT_SECONDS; the row says the rest."""
+        try:
+            async with asyncio.timeout(self.deps.settings.api_wait_seconds):
+                await waiting
+        except (TimeoutError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            pass  # still charging, or the workflow is gone: the row is the answer
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+
+    def _same_request(
+        self, found: idem.IdempotencyRecord, entry: idem.IdempotencyRecord, key: str
+    ) -> None:
+        if found.kind != entry.kind or found.request_sha256 != entry.request_sha256:
+            raise Problem.edge(
+                "idempotency-key-conflict",
+                f"{IDEMPOTENCY_HEADER} {key!r} was used for {found.kind} {found.entity_id} with "
+                "a different request body; use a new key for a new request",
+            )
+
+    async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
+        order_id = request.path_params["order_id"]
+        if not is_safe_id(order_id):
+            raise OrderNotFound(order_id)
+        row = await order_store.get_order(self.deps.pool, order_id)
+        self.owned(row.client_id if row else None, client, OrderNotFound(order_id))
+        assert row is not None
+        return row
+
+    async def get_order(self, request: Request) -> Response:
+        """``GET /v1/orders/{order_id}``."""
+        client = await self.client(request)
+        row = await self._my_order(request, client)
+        report = await self.deps.orders.report(row.id)
+        progress = report.workflow_progress
+        return _json(
+            _order_view(
+                report.order,
+                transitions=_transitions(list(report.transitions)),
+                workflow=WorkflowView(
+                    id=report.workflow_id,
+                    status=report.workflow_status,
+                    step=progress.step if progress else None,
+                ),
+            )
+        )
+
+    async def cancel_order(self, request: Request) -> Response:
+        """``POST /v1/orders/{order_id}/cancel``."""
+        client = await self.client(request)
+        body = self.parse(request, await self.body(request), CancelRequest)
+        row = await self._my_order(request, client)
+        outcome = await self.deps.orders.cancel(
+            row.id, reason=body.reason, requested_by=client, actor=f"api:{client}"
+        )
+        if not outcome.recorded:
+            raise IllegalTransition(row.id, outcome.message)
+        return _json(
+            CancelView(
+                order_id=row.id,
+                status=outcome.status,
+                version=outcome.version,
+                signalled=outcome.signalled,
+            ),
+            202,
+            {"Location": f"/v1/orders/{row.id}"},
+        )
+
+    # --- messages -------------------------------------------------------------------------
+
+    async def create_message(self, request: Request) -> Response:
+        """``POST /v1/messages``."""
+        client = await self.client(request)
+        key = self.idempotency_key(request)
+        body = self.parse(request, await self.body(request), MessageCreate)
+        message_id = idem.entity_id_for("message", client, key)
+        message = parse_input(
+            MessageInput,
+            {
+                "message_id": message_id,
+                "sender_id": body.sender_id,
+                "recipient_id": body.recipient_id,
+                "recipient_email": body.recipient_email,
+                "body": body.body,
+                "deadline": timedelta(seconds=body.deadline_seconds),
+                "read_window": timedelta(seconds=body.read_window_seconds),
+                "client_id": client,
+            },
+        )
+        entry = idem.IdempotencyRecord("message", idem.request_hash(body), message_id)
+        found = await idem.find(self.deps.pool, client, key)
+        headers = {"Location": f"/v1/messages/{message_id}"}
+        if found is None:
+            try:
+                await self._start(
+                    lambda also: self.deps.messages.send(message, actor=f"api:{client}", also=also),
+                    client,
+                    key,
+                    entry,
+                )
+            except AlreadyExists:
+                found = await self._recover_message(message, client, key, entry)
+            else:
+                row = await self.deps.messages.row(message_id)
+                return _json(_message_view(row), 202, headers)
+        self._same_request(found, entry, key)
+        row = await self.deps.messages.row(message_id)
+        return _json(_message_view(row), 202, {**headers, "Idempotent-Replayed": "true"})
+
+    async def _recover_message(
+        self, message: MessageInput, client: str, key: str, entry: idem.IdempotencyRecord
+    ) -> idem.IdempotencyRecord:
+        """As :meth:`_recover_order`, for a message."""
+        found = await idem.find(self.deps.pool, client, key)
+        if found is not None:
+            return found
+        row = await message_store.get_message(self.deps.pool, message.message_id)
+        if row is None:
+            raise Problem.edge(
+                "still-starting",
+                "an earlier request with this Idempotency-Key started the message and it is "
+                "not recorded yet; retry shortly with the same key",
+                retry_after=self._retry_after,
+            )
+        same = (
+            row.client_id,
+            row.sender_id,
+            row.recipient_id,
+            row.recipient_email,
+            row.body,
+            row.deadline_ms,
+        ) == (
+            client,
+            message.sender_id,
+            message.recipient_id,
+            message.recipient_email,
+            message.body,
+            int(message.deadline.total_seconds() * 1000),
+        )
+        if not same:
+            raise Problem.edge(
+                "idempotency-key-conflict",
+                f"{IDEMPOTENCY_HEADER} {key!r} already created message {row.id} from another "
+                "request",
+            )
+        async with self.deps.pool.acquire() as conn:
+            await idem.record(conn, client, key, entry, must_be_new=False)
+        return entry
+
+    async def _my_message(self, request: Request, client: str) -> message_store.MessageRow:
+        message_id = request.path_params["message_id"]
+        if not is_safe_id(message_id):
+            raise MessageNotFound(message_id)
+        row = await message_store.get_message(self.deps.pool, message_id)
+        self.owned(row.client_id if row else None, client, MessageNotFound(message_id))
+        assert row is not None
+        return row
+
+    async def get_message(self, request: Request) -> Response:
+        """``GET /v1/messages/{message_id}``."""
+        client = await self.client(request)
+        row = await self._my_message(request, client)
+        report = await self.deps.messages.report(row.id)
+        progress = report.workflow_progress
+        return _json(
+            _message_view(
+                report.message,
+                deliveries=[
+                    DeliveryView(
+                        device_id=d.device_id,
+                        pushed_at=d.pushed_at,
+                        delivered_at=d.delivered_at,
+                        read_at=d.read_at,
+                        receipt_at=d.receipt_at,
+                    )
+                    for d in report.deliveries
+                ],
+                transitions=_transitions(list(report.transitions)),
+                workflow=WorkflowView(
+                    id=report.workflow_id,
+                    status=report.workflow_status,
+                    step=progress.step if progress else None,
+                ),
+            )
+        )
+
+    async def recall_message(self, request: Request) -> Response:
+        """``POST /v1/messages/{message_id}/recall``."""
+        client = await self.client(request)
+        body = self.parse(request, await self.body(request), RecallRequest)
+        row = await self._my_message(request, client)
+        outcome = await self.deps.messages.recall(
+            row.id, reason=body.reason, requested_by=client, actor=f"api:{client}"
+        )
+        if not outcome.recalled:
+            raise IllegalTransition(row.id, outcome.message)
+        return _json(
+            RecallView(message_id=row.id, status=outcome.status, signalled=outcome.signalled),
+            202,
+            {"Location": f"/v1/messages/{row.id}"},
+        )
+
+    # --- devices --------------------------------------------------------------------------
+
+    async def create_device(self, request: Request) -> Response:
+        """``POST /v1/devices``: 201, or 200 when this client registered the very same
+        device before (a retry)."""
+        client = await self.client(request)
+        body = self.parse(request, await self.body(request), DeviceCreate)
+        device_id = body.device_id or f"dev-{uuid.uuid4().hex[:16]}"
+        headers = {"Location": f"/v1/devices/{device_id}"}
+        taken = AlreadyExists(f"device id {device_id} or its push token is already registered")
+        try:
+            existing = await message_store.get_device(self.deps.pool, device_id)
+        except DeviceNotFound:
+            existing = None
+        if existing is not None:
+            same = (existing.client_id, existing.user_id, existing.push_token, existing.platform)
+            if same == (client, body.user_id, body.push_token, body.platform) and existing.active:
+                return _json(_device_view(existing), 200, headers)
+            raise taken
+        try:
+            row = await self.deps.messages.register_device(
+                device_id=device_id,
+                user_id=body.user_id,
+                push_token=body.push_token,
+                platform=body.platform,
+                client_id=client,
+            )
+        except AlreadyExists:
+            raise taken from None  # without naming the device that holds the token
+        return _json(_device_view(row), 201, headers)
+
+    async def _my_device(self, request: Request, client: str) -> message_store.DeviceRow:
+        device_id = request.path_params["device_id"]
+        if not is_safe_id(device_id):
+            raise DeviceNotFound(device_id)
+        row = await message_store.get_device(self.deps.pool, device_id)
+        self.owned(row.client_id, client, DeviceNotFound(device_id))
+        return row
+
+    async def get_device(self, request: Request) -> Response:
+        """``GET /v1/devices/{device_id}``."""
+        client = await self.client(request)
+        return _json(_device_view(await self._my_device(request, client)))
+
+    async def delete_device(self, request: Request) -> Response:
+        """``DELETE /v1/devices/{device_id}``: stop pushing to it (again is harmless)."""
+        client = await self.client(request)
+        row = await self._my_device(request, client)
+        return _json(_device_view(await self.deps.messages.remove_device(row.id)))
+
+    # --- receipts -------------------------------------------------------------------------
+
+    async def receipt(self, request: Request) -> Response:
+        """``POST /v1/receipts``: a signed delivery or read receipt, applied once."""
+        raw = await self.body(request)
+        try:
+            verify(
+                request.headers.get(SIGNATURE_HEADER),
+                raw,
+                self.deps.webhook_secrets,
+                now=time.time(),
+                tolerance=self.deps.settings.receipt_tolerance_seconds,
+            )
+        except SignatureExpired as exc:
+            raise self.refuse("signature_expired", "signature-expired", str(exc)) from None
+        except SignatureError as exc:
+            raise self.refuse("bad_signature", "invalid-signature", str(exc)) from None
+        request.state.client = "webhook"
+        wait = self.limits.retry_after("webhook:receipts")
+        if wait is not None:
+            raise self.refuse(
+                "rate_limited",
+                "rate-limited",
+                f"too many receipts; retry in {wait} s",
+                retry_after=wait,
+            )
+        receipt = self.parse(request, raw, Receipt)
+        outcome = await self._apply(receipt)
+        self.metrics.receipts.add(1, {"outcome": outcome})
+        return _json(ReceiptOutcome(receipt_id=receipt.receipt_id, outcome=outcome))
+
+    async def _apply(self, receipt: Receipt) -> Any:
+        pool = self.deps.pool
+        if await idem.receipt_seen(pool, receipt.receipt_id):
+            return "duplicate"
+        outcome: idem.ReceiptStatus
+        if not await idem.device_exists(pool, receipt.device_id):
+            outcome = "unknown_device"
+        elif await message_store.get_message(pool, receipt.message_id) is None:
+            outcome = "unknown_message"
+        else:
+            # Told first, recorded second: if Temporal cannot be reached nothing is
+            # recorded and the sender's retry applies it. A retry racing this one may
+            # signal twice; the workflow applies a device's receipt once.
+            try:
+                await self.deps.messages.device_says(
+                    receipt.message_id, receipt.device_id, receipt.kind
+                )
+                outcome = "applied"
+            except NotRunning:
+                outcome = "not_running"
+        recorded = await idem.record_receipt(
+            pool,
+            receipt_id=receipt.receipt_id,
+            message_id=receipt.message_id,
+            device_id=receipt.device_id,
+            kind=receipt.kind,
+            outcome=outcome,
+        )
+        return outcome if recorded else "duplicate"
+
+    # --- health, metrics, the document -----------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``: the process answers."""
+        return _json(Health(status="ok"))
+
+    async def readyz(self, request: Request) -> Response:
+        """``GET /readyz``: Temporal and Postgres both answer."""
+        checks: dict[str, str] = {}
+
+        async def check(name: str, probe: Any) -> None:
+            try:
+                async with asyncio.timeout(2):
+                    await probe
+                checks[name] = "ok"
+            except Exception as exc:  # any failure means not ready; the type says which
+                checks[name] = f"unavailable ({type(exc).__name__})"
+
+        await asyncio.gather(
+            check("postgres", self.deps.pool.fetchval("SELECT 1")),
+            check("temporal", self.deps.client.service_client.check_health()),
+        )
+        ready = all(v == "ok" for v in checks.values())
+        health = Health(status="ok" if ready else "unavailable", checks=checks)
+        return _json(health, 200 if ready else 503, None if ready else {"Retry-After": "5"})
+
+    async def prometheus(self, request: Request) -> Response:
+        """``GET /metrics``."""
+        return Response(self.metrics.exposition(), media_type=PROMETHEUS_MEDIA_TYPE)
+
+
+def _id_param(name: str, what: str) -> Param:
+    return Param(
+        name,
+        "path",
+        {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        f"The {what}'s id",
+    )
+
+
+def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operation]:
+    """Every route of the API, with what it takes and answers."""
+    idempotency = Param(
+        IDEMPOTENCY_HEADER,
+        "header",
+        {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+        "The same on every retry of this request; a new one for a new request",
+    )
+    created = ("Location",)
+    ops = [
+        Operation(
+            "POST",
+            "/v1/orders",
+            "createOrder",
+            "Create an order and start its checkout",
+            api.create_order,
+            params=(
+                idempotency,
+                Param(
+                    "wait",
+                    "query",
+                    {"type": "string", "enum": ["charged"]},
+                    "charged: answer once the order is charged, failing or cancelled "
+                    "(at most API_WAIT_SECONDS); the checkout goes on",
+                    required=False,
+                ),
+            ),
+            body=OrderCreate,
+            answers=(
+                Answer(
+                    202,
+                    "Accepted; the order as it stands (a replay too)",
+                    OrderView,
+                    headers=created,
+                ),
+                problem(409, "The Idempotency-Key was used with another body"),
+                problem(
+                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
+                ),
+            ),
+            tags=("orders",),
+        ),
+        Operation(
+            "GET",
+            "/v1/orders/{order_id}",
+            "getOrder",
+            "An order: row, version, audited transitions, workflow status",
+            api.get_order,
+            params=(_id_param("order_id", "order"),),
+            answers=(Answer(200, "The order", OrderView),),
+            tags=("orders",),
+        ),
+        Operation(
+            "POST",
+            "/v1/orders/{order_id}/cancel",
+            "cancelOrder",
+            "Cancel an order: recorded in Postgres first, then the workflow is told",
+            api.cancel_order,
+            params=(_id_param("order_id", "order"),),
+            body=CancelRequest,
+            answers=(
+                Answer(202, "Cancellation recorded; compensating", CancelView, headers=created),
+                problem(409, "The order has finished"),
+            ),
+            tags=("orders",),
+        ),
+        Operation(
+            "POST",
+            "/v1/messages",
+            "sendMessage",
+            "Send a message to every device of the recipient, email as the fallback",
+            api.create_message,
+            params=(idempotency,),
+            body=MessageCreate,
+            answers=(
+                Answer(
+                    202,
+                    "Accepted; the message as it stands (a replay too)",
+                    MessageView,
+                    headers=created,
+                ),
+                problem(409, "The Idempotency-Key was used with another body"),
+                problem(
+                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
+                ),
+            ),
+            tags=("messages",),
+        ),
+        Operation(
+            "GET",
+            "/v1/messages/{message_id}",
+            "getMessage",
+            "A message: status, per-device facts, audited transitions, workflow",
+            api.get_message,
+            params=(_id_param("message_id", "message"),),
+            answers=(Answer(200, "The message", MessageView),),
+            tags=("messages",),
+        ),
+        Operation(
+            "POST",
+            "/v1/messages/{message_id}/recall",
+            "recallMessage",
+            "Recall a message: recorded in Postgres first, then the workflow is told",
+            api.recall_message,
+            params=(_id_param("message_id", "message"),),
+            body=RecallRequest,
+            answers=(
+                Answer(202, "Recalled", RecallView, headers=created),
+                problem(409, "The message was read or has ended"),
+            ),
+            tags=("messages",),
+        ),
+        Operation(
+            "POST",
+            "/v1/devices",
+            "registerDevice",
+            "Register a device and its push token",
+            api.create_device,
+            body=DeviceCreate,
+            answers=(
+                Answer(
+                    200, "Registered before, identically (a retry)", DeviceView, headers=created
+                ),
+                Answer(201, "Registered", DeviceView, headers=created),
+                problem(409, "The device id or push token is taken, or the user has 10 devices"),
+            ),
+            tags=("devices",),
+        ),
+        Operation(
+            "GET",
+            "/v1/devices/{device_id}",
+            "getDevice",
+            "A device (never its push token)",
+            api.get_device,
+            params=(_id_param("device_id", "device"),),
+            answers=(Answer(200, "The device", DeviceView),),
+            tags=("devices",),
+        ),
+        Operation(
+            "DELETE",
+            "/v1/devices/{device_id}",
+            "removeDevice",
+            "Stop pushing to a device (it keeps its history)",
+            api.delete_device,
+            params=(_id_param("device_id", "device"),),
+            answers=(Answer(200, "Removed", DeviceView),),
+            tags=("devices",),
+        ),
+        Operation(
+            "POST",
+            "/v1/receipts",
+            "postReceipt",
+            "A device's delivery or read receipt, signed with the webhook secret",
+            api.receipt,
+            auth="signature",
+            body=Receipt,
+            answers=(
+                Answer(200, "Applied, or recognised as a duplicate, or ignored", ReceiptOutcome),
+                problem(429, "Too many receipts", retry_after=True),
+            ),
+            tags=("receipts",),
+        ),
+        Operation(
+            "GET",
+            "/healthz",
+            "healthz",
+            "The process answers",
+            api.healthz,
+            auth="none",
+            answers=(Answer(200, "Alive", Health),),
+        ),
+        Operation(
+            "GET",
+            "/readyz",
+            "readyz",
+            "Temporal and Postgres are reachable",
+            api.readyz,
+            auth="none",
+            answers=(
+                Answer(200, "Ready", Health),
+                Answer(503, "Not ready", Health, headers=("Retry-After",)),
+            ),
+        ),
+        Operation(
+            "GET",
+            "/metrics",
+            "metrics",
+            "Prometheus metrics",
+            api.prometheus,
+            auth="none",
+            answers=(Answer(200, "Prometheus text", media_type="text/plain"),),
+        ),
+    ]
+
+    async def openapi(request: Request) -> Response:
+        assert document is not None
+        return Response(json.dumps(document), media_type="application/json")
+
+    ops.append(
+        Operation(
+            "GET",
+            "/v1/openapi.json",
+            "openapi",
+            "This document",
+            openapi,
+            auth="none",
+            answers=(Answer(200, "The OpenAPI 3.1 document"),),
+        )
+    )
+    return ops
+
+
+def _wrap(api: Api, op: Operation) -> Any:
+    """The handler with the rules around it: problems, metrics, access log."""
+    metrics = api.metrics
+
+    async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await op.handler(request)
+        except Problem as found:
+            response = found.response()
+        except TollgateError as exc:
+            response = Problem.of(exc).response()
+        except Exception as exc:
+            down = unreachable(exc)
+            if down is not None:
+                response = api.unavailable(
+                    f"{down} cannot be reached; nothing was recorded, retry later"
+                ).response()
+            else:
+                # Type and stack only: the message may quote personal data.
+                _log.error(
+                    "unexpected error",
+                    extra={
+                        "route": op.path,
+                        "error": type(exc).__name__,
+                        "stack": "".join(traceback.format_tb(exc.__traceback__)),
+                    },
+                )
+                response = Problem.edge(
+                    "internal-error", "an unexpected error; it was logged"
+                ).response()
+        seconds = time.perf_counter() - started
+        metrics.requests.add(
+            1, {"route": op.path, "method": op.method, "status": response.status_code}
+        )
+        metrics.duration.record(seconds, {"route": op.path, "method": op.method})
+        _access.info(
+            "request",
+            extra={
+                "method": op.method,
+                "route": op.path,
+                "status": response.status_code,
+                "ms": round(seconds * 1000, 1),
+                "client": getattr(request.state, "client", None),
+            },
+        )
+        return response
+
+    return endpoint
+
+
+def create_app(deps: ApiDeps) -> Starlette:
+    """The API over ``deps``."""
+    api = Api(deps)
+    document: dict[str, Any] = {}
+    ops = operations(api, document)
+    document.update(openapi_document(ops, title="Tollgate API", version=API_VERSION))
+    routes = [Route(op.path, _wrap(api, op), methods=[op.method]) for op in ops]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        slug = "method-not-allowed" if exc.status_code == 405 else "route-not-found"
+        found = Problem(EDGE[slug], f"{request.method} {request.url.path}: {EDGE[slug].title}")
+        if exc.headers:
+            found.headers.update(exc.headers)
+        deps.metrics.requests.add(
+            1, {"route": "unmatched", "method": request.method, "status": exc.status_code}
+        )
+        return found.response()
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.state.api = api
+    app.state.document = document
+    return app
