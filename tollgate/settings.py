@@ -46,9 +46,17 @@ class Settings(BaseSettings):
     #: Per-request timeout for provider calls; an activity's own timeout bounds retries.
     provider_timeout_seconds: float = Field(default=5.0, gt=0)
 
-    #: Worker slot limits: how many activities / workflow tasks one worker runs at once.
+    #: Worker throughput. Slots: how many activities, local activities (the gate's
+    #: writes) and workflow tasks one worker runs at once. Cache: how many workflows it
+    #: keeps in memory, so the next task of one in flight replays nothing. Pollers: how
+    #: many long polls it keeps open per kind of task. The SDK's defaults, which `make
+    #: bench` found no reason to change on 2 cores (README, Speed).
     max_concurrent_activities: int = Field(default=100, ge=1)
+    max_concurrent_local_activities: int = Field(default=100, ge=1)
     max_concurrent_workflow_tasks: int = Field(default=100, ge=1)
+    max_cached_workflows: int = Field(default=1000, ge=0)
+    workflow_task_pollers: int = Field(default=5, ge=2)
+    activity_task_pollers: int = Field(default=5, ge=1)
 
     #: OTLP/HTTP endpoint for traces (e.g. http://127.0.0.1:4318). Unset: no export.
     otel_exporter_otlp_endpoint: str | None = None

@@ -108,7 +108,11 @@ def build_worker(
             ReconcileActivities(client, pool, task_queue or settings.task_queue).reconcile,
         ],
         max_concurrent_activities=settings.max_concurrent_activities,
+        max_concurrent_local_activities=settings.max_concurrent_local_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_cached_workflows=settings.max_cached_workflows,
+        max_concurrent_workflow_task_polls=settings.workflow_task_pollers,
+        max_concurrent_activity_task_polls=settings.activity_task_pollers,
         max_task_queue_activities_per_second=settings.task_queue_activities_per_second,
     )
 

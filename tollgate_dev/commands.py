@@ -38,9 +38,13 @@ async def load(
     *,
     count: Annotated[int, Parameter(help="How many lifecycles to run.")] = 100,
     concurrency: Annotated[int, Parameter(help="At most this many in flight at once.")] = 10,
-    rate: Annotated[float | None, Parameter(help="Start at most this many per second.")] = None,
+    rate: Annotated[
+        float | None,
+        Parameter(help="Lifecycles arrive at this many per second (open loop); default: all at once."),
+    ] = None,
     max_wait: Annotated[
-        float | None, Parameter(help="Refuse a start that waits longer (s).")
+        float | None,
+        Parameter(help="Refuse an arrival that waits longer than this for a place in flight (s)."),
     ] = None,
     via: Annotated[
         Literal["direct", "api"],
@@ -109,6 +113,7 @@ async def load(
     console.print(
         f"{summary.seconds:.1f} s, {summary.throughput_per_second} per second; latency "
         f"p50 {ms(summary.latency_p50_ms)}, p95 {ms(summary.latency_p95_ms)}, p99 {ms(summary.latency_p99_ms)}"
+        f"; waited at the door p95 {ms(summary.admission_wait_p95_ms)}"
     )
 
 

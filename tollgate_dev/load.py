@@ -1,16 +1,18 @@
 """``starter.py load``: drive many lifecycles, with backpressure at ingress.
 
-Two limits keep the load generator from burying the system in work it cannot take:
+Arrivals and admission are apart, as with real traffic:
 
-* a token bucket (``--rate`` per second, bursts up to ``--concurrency``) paces starts;
-* a bound on in-flight lifecycles (``--concurrency``) stops starting new ones while the
-  oldest are unfinished.
+* with ``--rate``, lifecycles *arrive* at that many per second whatever happens to the
+  ones before them (open loop: a slow system does not slow the offered load down);
+  without it, all arrive at once (a closed loop over ``--concurrency``);
+* an arrival is *admitted* once fewer than ``--concurrency`` lifecycles are in flight;
+* an arrival that waits longer than ``--max-wait`` for admission is refused at ingress
+  (counted, never started): past saturation, work is refused at the door instead of
+  queueing into timeouts deep inside, and what is admitted keeps its latency.
 
-A start that cannot get a token within ``--max-wait`` is refused at ingress (counted,
-not attempted): when the system cannot keep up, work is delayed or refused at the door
-instead of piling up into timeouts deep inside. The summary gives the outcome mix
-(final statuses, and how many reached the end a load run expects), throughput and latency
-percentiles.
+The summary gives the outcome mix (final statuses, and how many reached the end a load
+run expects), throughput, the latency of admitted lifecycles from their start, and how
+long arrivals waited at the door.
 
 Orders buy the sandbox's unlimited SKU: a finite one runs out after a few hundred
 orders, and every order after that fails and compensates, which would quietly turn a
@@ -24,7 +26,6 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Literal
 
@@ -40,47 +41,6 @@ from tollgate_dev.sandbox.models import UNLIMITED_SKU
 #: Where a load lifecycle should end: an order completes; a message goes to recipients
 #: with no registered device, so it falls back to email once its 1 s deadline passes.
 EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "EMAILED"}
-
-
-class TokenBucket:
-    """Tokens refill at ``rate`` per second up to ``capacity``; ``take`` waits for one.
-
-    The clock and sleep are injectable so the pacing logic is testable without waiting.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        capacity: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        if rate <= 0 or capacity < 1:
-            raise ValueError("rate must be positive and capacity at least 1")
-        self.rate, self.capacity = rate, capacity
-        self._clock, self._sleep = clock, sleep
-        self._tokens = float(capacity)
-        self._updated = clock()
-        self._lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-
-    async def take(self, max_wait: float | None = None) -> bool:
-        """Take a token, waiting if needed; False if it would take longer than ``max_wait``."""
-        async with self._lock:
-            self._refill()
-            if self._tokens < 1:
-                wait = (1 - self._tokens) / self.rate
-                if max_wait is not None and wait > max_wait:
-                    return False
-                await self._sleep(wait)
-                self._refill()
-            self._tokens -= 1
-            return True
 
 
 class LoadSummary(BaseModel):
@@ -103,6 +63,8 @@ class LoadSummary(BaseModel):
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_p99_ms: float | None
+    #: How long admitted arrivals waited for a place in flight (95th percentile).
+    admission_wait_p95_ms: float | None
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -127,50 +89,66 @@ async def run_load(
 ) -> LoadSummary:
     """Start ``count`` lifecycles under the two limits and wait for every one to end."""
     run_id = uuid.uuid4().hex[:8]
-    bucket = TokenBucket(rate, concurrency) if rate else None
     in_flight = asyncio.Semaphore(concurrency)
     retry = RetrySettings(
         initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=2)
     )
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
+    waits: list[float] = []
     refused = errors = 0
+
+    async def admitted() -> bool:
+        """A place in flight, or False once the arrival waited ``max_wait`` for one."""
+        if max_wait is None or not in_flight.locked():
+            await in_flight.acquire()
+            return True
+        try:
+            await asyncio.wait_for(in_flight.acquire(), timeout=max_wait)
+        except TimeoutError:
+            return False
+        return True
 
     async def one(n: int) -> None:
         nonlocal refused, errors
-        async with in_flight:
-            if bucket is not None and not await bucket.take(max_wait):
-                refused += 1
-                return
-            started = time.monotonic()
-            try:
-                if kind == "orders":
-                    order = build_order(
-                        order_id=f"load-{run_id}-{n}",
-                        customer_id=f"load-customer-{n % 50}",
-                        items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
-                        amount_cents=100 + n % 900,
-                        retry=retry,
-                    )
-                    status = (await (await orders.create(order)).result()).status.value
-                else:
-                    message = build_message(
-                        message_id=f"load-{run_id}-{n}",
-                        sender_id="load",
-                        recipient_id=f"load-recipient-{n % 50}",
-                        recipient_email=f"load-recipient-{n % 50}@example.com",
-                        body=f"load message {n}",
-                        deadline=timedelta(seconds=1),
-                        read_window=timedelta(seconds=1),
-                        retry=retry,
-                    )
-                    status = (await (await messages.send(message)).result()).status.value
-            except Exception as exc:  # a failed start or lifecycle is counted, not fatal
-                errors += 1
-                statuses[f"error:{type(exc).__name__}"] += 1
-                return
-            latencies.append((time.monotonic() - started) * 1000)
-            statuses[status] += 1
+        if rate is not None:
+            await asyncio.sleep(max(0.0, began + n / rate - time.monotonic()))
+        arrived = time.monotonic()
+        if not await admitted():
+            refused += 1
+            return
+        started = time.monotonic()
+        waits.append((started - arrived) * 1000)
+        try:
+            if kind == "orders":
+                order = build_order(
+                    order_id=f"load-{run_id}-{n}",
+                    customer_id=f"load-customer-{n % 50}",
+                    items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
+                    amount_cents=100 + n % 900,
+                    retry=retry,
+                )
+                status = (await (await orders.create(order)).result()).status.value
+            else:
+                message = build_message(
+                    message_id=f"load-{run_id}-{n}",
+                    sender_id="load",
+                    recipient_id=f"load-recipient-{n % 50}",
+                    recipient_email=f"load-recipient-{n % 50}@example.com",
+                    body=f"load message {n}",
+                    deadline=timedelta(seconds=1),
+                    read_window=timedelta(seconds=1),
+                    retry=retry,
+                )
+                status = (await (await messages.send(message)).result()).status.value
+        except Exception as exc:  # a failed start or lifecycle is counted, not fatal
+            errors += 1
+            statuses[f"error:{type(exc).__name__}"] += 1
+            return
+        finally:
+            in_flight.release()
+        latencies.append((time.monotonic() - started) * 1000)
+        statuses[status] += 1
 
     began = time.monotonic()
     with Progress(
@@ -205,4 +183,5 @@ async def run_load(
         latency_p50_ms=percentile(latencies, 50),
         latency_p95_ms=percentile(latencies, 95),
         latency_p99_ms=percentile(latencies, 99),
+        admission_wait_p95_ms=percentile(waits, 95),
     )

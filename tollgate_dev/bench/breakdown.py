@@ -28,6 +28,10 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
+def _is_local_activity(event: HistoryEvent) -> bool:
+    return event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+
+
 def _one(events: Sequence[HistoryEvent], end_after_activity: int | None) -> tuple[float, ...]:
     """(total, in activities, activity queue, workflow tasks) in ms, up to the end."""
     start = _at(events[0])
@@ -52,6 +56,13 @@ def _one(events: Sequence[HistoryEvent], end_after_activity: int | None) -> tupl
             if done == end_after_activity:
                 end = _at(event)
                 break
+        elif kind == _E.EVENT_TYPE_MARKER_RECORDED and _is_local_activity(event):
+            # A local activity ran inside the workflow task this marker closes: its
+            # time is in "workflow tasks".
+            done += 1
+            if done == end_after_activity:
+                end = _at(event)
+                break
         elif kind == _E.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
             task_scheduled = _at(event)
         elif kind == _E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and task_scheduled is not None:
@@ -66,8 +77,9 @@ async def breakdown(
 ) -> Breakdown:
     """The mean breakdown of these (finished) workflows' first runs.
 
-    ``end_after_activity``: stop at the completion of that many activities (a message
-    is delivered there, and then rests for its read window); None: the whole run.
+    ``end_after_activity``: stop at the completion of that many activities, regular or
+    local (a message is delivered there, and then rests for its read window); None:
+    the whole run.
     """
     sums = [0.0, 0.0, 0.0, 0.0]
     for workflow_id in workflow_ids:

@@ -134,6 +134,8 @@ class Scenario(_Frozen):
     title: str
     #: Regular activities one run executes.
     activities: int
+    #: Local activities one run executes (the gate's reads and writes).
+    local_activities: int = 0
     expected_status: str
     #: Keyed by in-flight level, as a string ("1", "5", ...).
     levels: dict[str, Level]

@@ -31,7 +31,9 @@ from tollgate.names import message_workflow_id, order_workflow_id
 from tollgate.orders.service import OrderService, build_order
 from tollgate_dev.bench.baseline import (
     MESSAGE_ACTIVITIES,
+    MESSAGE_STEPS,
     ORDER_ACTIVITIES,
+    ORDER_STEPS,
     PROVIDER_CALL_ACTIVITIES,
     BaselineInput,
     BaselineWorkflow,
@@ -101,7 +103,8 @@ class BenchTarget:
 class _Scenario:
     key: str
     title: str
-    activities: int
+    #: (regular, local) activities per run.
+    steps: tuple[int, int]
     expected: str
     run: Callable[[str, int], Awaitable[str]]
     worker: ProcessClock
@@ -109,7 +112,8 @@ class _Scenario:
     settle: Callable[[], Awaitable[None]]
     #: The workflow id of the lifecycle a run's business id names.
     workflow_id: Callable[[str], str]
-    #: Where its breakdown ends: after this many activities (None: the workflow's end).
+    #: Where its breakdown ends: after this many activities, regular and local (None:
+    #: the workflow's end).
     end_after_activity: int | None = None
     levels: dict[str, Level] = field(default_factory=dict)
     breakdown: Breakdown | None = None
@@ -130,7 +134,8 @@ class _Scenario:
         runs = max(self.ok_runs, 1)
         return Scenario(
             title=self.title,
-            activities=self.activities,
+            activities=self.steps[0],
+            local_activities=self.steps[1],
             expected_status=self.expected,
             levels=self.levels,
             cpu=Cpu(
@@ -340,7 +345,7 @@ def _scenarios(
         _Scenario(
             ORDERS,
             "Tollgate order (happy path)",
-            ORDER_ACTIVITIES,
+            ORDER_STEPS,
             "COMPLETED",
             order,
             tollgate_worker,
@@ -350,7 +355,7 @@ def _scenarios(
         _Scenario(
             BASELINE_ORDER,
             f"baseline: {ORDER_ACTIVITIES} no-op activities",
-            ORDER_ACTIVITIES,
+            (ORDER_ACTIVITIES, 0),
             "COMPLETED",
             baseline(ORDER_ACTIVITIES),
             bare_worker,
@@ -360,7 +365,7 @@ def _scenarios(
         _Scenario(
             BASELINE_PROVIDERS,
             f"baseline: {PROVIDER_CALL_ACTIVITIES} (the provider calls)",
-            PROVIDER_CALL_ACTIVITIES,
+            (PROVIDER_CALL_ACTIVITIES, 0),
             "COMPLETED",
             baseline(PROVIDER_CALL_ACTIVITIES),
             bare_worker,
@@ -370,19 +375,19 @@ def _scenarios(
         _Scenario(
             MESSAGES,
             "Tollgate message to 2 devices",
-            MESSAGE_ACTIVITIES,
+            MESSAGE_STEPS,
             "DELIVERED",
             message,
             tollgate_worker,
             messages_ended,
             message_workflow_id,
-            # the 7th activity records DELIVERED; then the message rests
-            end_after_activity=MESSAGE_ACTIVITIES,
+            # the last step records DELIVERED; then the message rests
+            end_after_activity=sum(MESSAGE_STEPS),
         ),
         _Scenario(
             BASELINE_MESSAGE,
             f"baseline: {MESSAGE_ACTIVITIES} no-op activities",
-            MESSAGE_ACTIVITIES,
+            (MESSAGE_ACTIVITIES, 0),
             "COMPLETED",
             baseline(MESSAGE_ACTIVITIES),
             bare_worker,
