@@ -40,7 +40,9 @@ async def load(
     concurrency: Annotated[int, Parameter(help="At most this many in flight at once.")] = 10,
     rate: Annotated[
         float | None,
-        Parameter(help="Lifecycles arrive at this many per second (open loop); default: all at once."),
+        Parameter(
+            help="Lifecycles arrive at this many per second (open loop); default: all at once."
+        ),
     ] = None,
     max_wait: Annotated[
         float | None,
