@@ -168,13 +168,18 @@ def print_report(report: BenchReport, console: Console) -> None:
     where = Table(
         title=f"where the time goes, one at a time (workflow histories, mean of the last {samples})"
     )
-    for column in ("scenario", "total ms", "in activities", "activity queue", "workflow tasks"):
+    for column in ("scenario", "activities", "total ms", "in activities", "activity queue"):
         where.add_column(column, justify="left" if column == "scenario" else "right")
+    where.add_column("workflow tasks (and local activities)", justify="right")
     where.add_column("other (signal wait; < 0: overlap)", justify="right")
     for scenario in report.scenarios.values():
         b = scenario.breakdown
+        steps = str(scenario.activities)
+        if scenario.local_activities:
+            steps += f" + {scenario.local_activities} local"
         where.add_row(
             scenario.title,
+            steps,
             f"{b.total_ms:.0f}",
             f"{b.in_activities_ms:.0f}",
             f"{b.activity_queue_ms:.0f}",
