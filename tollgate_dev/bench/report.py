@@ -122,7 +122,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"{report.seconds:.0f} s\n{m.cores} cores, {m.cpu_model}, {m.memory_gb:g} GB, "
         f"{m.platform}, Python {m.python}; load average (1 min) {m.load_at_start:.1f} at the "
         f"start, {m.load_at_end:.1f} at the end (other work on the machine skews figures)"
-        "\nTemporal dev server at {s.temporal_address}, "
+        f"\nTemporal dev server at {s.temporal_address}, "
         f"store {store}, dynamic config: {', '.join(s.dynamic_config) or 'none'}"
         f"{'' if s.server_pid_found else ' (its process was not found: no server CPU)'}"
     )
