@@ -34,9 +34,12 @@ up: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tollgate_dev.demo
 
-## The test suite against a real Temporal dev server, real Postgres and the HTTP sandbox.
+## The test suite against a real Temporal dev server, real Postgres and the HTTP sandbox,
+## in parallel: each of TEST_WORKERS processes (default: one per core, at most 4) starts
+## its own. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses=4
 
 ## The long chaos run: 70 lifecycles for 60 s while workers, Temporal and Postgres are
 ## killed and providers fail; prints the invariants table, exits non-zero on a violation.

@@ -78,18 +78,6 @@ class ServedApi:
         )
 
 
-async def eventually(predicate: Any, *, within: float = 20.0) -> None:
-    """Wait until ``predicate()`` (sync or async) is true; fail after ``within`` s."""
-    async with asyncio.timeout(within):
-        while True:
-            result = predicate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.02)
-
-
 @asynccontextmanager
 async def serve_api(
     h: Harness,

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api_support import eventually
+from tests.waiting import eventually
 from tollgate import access, postgres
 from tollgate_dev.stack import LocalStack, free_port
 

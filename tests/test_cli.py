@@ -14,6 +14,7 @@ import pytest
 from temporalio.service import RPCError, RPCStatusCode
 
 from tests.conftest import PROJECT_ROOT, Harness
+from tests.waiting import order_status
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageProgress
 from tollgate.messages.states import MessageStatus
@@ -170,10 +171,7 @@ async def test_a_cancel_with_a_bad_reason_writes_nothing_and_the_order_goes_on(
     await h.sandbox.set_fault("payments", FaultSpec(latency_ms=1500, latency_phase="after"))
     order = h.order()
     handle = await h.service.create(order)
-    for _ in range(100):
-        if (await h.service.row(order.order_id)).status == OrderStatus.CHARGING:
-            break
-        await asyncio.sleep(0.05)
+    await order_status(h.service, order.order_id, OrderStatus.CHARGING)
     for reason in ("x" * 600, "line one\nline two", "bell \x07"):
         run = await _starter(h, "order", "cancel", order.order_id, "--reason", reason)
         assert run.code == 2, run
@@ -340,11 +338,7 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
         order_id,
     )
     assert run.code == 0, run
-    for _ in range(100):
-        row = await order_store.get_order(h.pool, order_id)
-        if row is not None and row.status == OrderStatus.CHARGING:
-            break
-        await asyncio.sleep(0.05)
+    await order_status(h.service, order_id, OrderStatus.CHARGING)
     cancel = await _starter(
         h, "order", "cancel", order_id, "--reason", "wrong size", "--wait", "--json"
     )

@@ -19,6 +19,7 @@ import pytest
 from temporalio.client import WorkflowHandle
 
 from tests.conftest import Harness
+from tests.waiting import eventually
 from tollgate.messages import store as message_store
 from tollgate.messages.models import DeviceSignal, MessageProgress
 from tollgate.messages.service import MessageService
@@ -41,12 +42,12 @@ async def _audit(h: Harness, message_id: str) -> list[tuple[MessageStatus | None
 
 async def _wait_for(h: Harness, message_id: str, predicate: Any, what: str) -> MessageProgress:
     handle = h.messages.handle(message_id)
-    for _ in range(400):
-        progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
-        if predicate(progress):
-            return progress
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"{message_id}: never {what}; last {progress}")
+
+    async def progress() -> MessageProgress | None:
+        now = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        return now if predicate(now) else None
+
+    return await eventually(progress, what=f"{message_id} {what}")
 
 
 async def _wait_pushed(h: Harness, message_id: str, devices: list[str]) -> None:

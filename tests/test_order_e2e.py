@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from activities.orders import OrderStoreActivities
 from tests.conftest import Harness
+from tests.waiting import eventually, order_status, order_step
 from tollgate.errors import InputError
 from tollgate.models import TransitionResult
 from tollgate.names import (
@@ -69,16 +70,6 @@ async def _maybe_record(handle: WorkflowHandle[Any, Any], name: str) -> None:
         (HISTORIES / f"order_{name}.json").write_text(history.to_json())
 
 
-async def _wait_for_step(h: Harness, order_id: str, step: str) -> None:
-    handle = h.service.handle(order_id)
-    for _ in range(200):
-        progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
-        if progress.step == step:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"{order_id} never reached step {step}")
-
-
 async def _started_with_late_answers(
     h: Harness, provider: str, latency_ms: int, step: str
 ) -> tuple[OrderInput, WorkflowHandle[Any, Any]]:
@@ -87,7 +78,7 @@ async def _started_with_late_answers(
     await h.sandbox.set_fault(provider, FaultSpec(latency_ms=latency_ms, latency_phase="after"))
     order = h.order()
     handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, step)
+    await order_step(h.service, order.order_id, step)
     return order, handle
 
 
@@ -213,12 +204,9 @@ async def test_retries_exhausted_compensate_and_fail(h: Harness) -> None:
     """Inventory down for good: reserving gives up, and the refund waits for recovery."""
     order = h.order()
     handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, "charging")
+    await order_step(h.service, order.order_id, "charging")
     await h.sandbox.set_fault("inventory", FaultSpec(fail_rate=1.0, fail_status=500))
-    for _ in range(200):
-        if (await h.service.row(order.order_id)).status == S.COMPENSATING:
-            break
-        await asyncio.sleep(0.05)
+    await order_status(h.service, order.order_id, S.COMPENSATING)
     # The release cannot reach inventory either; the order must wait, not give up on it.
     await asyncio.sleep(0.5)
     assert (await h.service.row(order.order_id)).status == S.COMPENSATING
@@ -269,12 +257,12 @@ async def test_cancellation_racing_each_step_leaves_nothing_charged_or_reserved(
     order = h.order()
     if step == "reserving":
         handle = await h.service.create(order)
-        await _wait_for_step(h, order.order_id, "charging")
+        await order_step(h.service, order.order_id, "charging")
         await h.sandbox.set_fault(provider, FaultSpec(latency_ms=1000))
     else:
         await h.sandbox.set_fault(provider, FaultSpec(latency_ms=1000))
         handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, step)
+    await order_step(h.service, order.order_id, step)
     await h.service.cancel(order.order_id, reason=f"cancel during {step}", requested_by="tester")
     result = await handle.result()
     await asyncio.sleep(1.2)  # let the slowed request land (and be refused) at the provider
@@ -425,7 +413,7 @@ async def test_status_query_reports_live_progress(h: Harness) -> None:
     await h.sandbox.set_fault("payments", FaultSpec(latency_ms=600))
     order = h.order()
     handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, "charging")
+    await order_step(h.service, order.order_id, "charging")
     progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
     assert progress.status == S.CHARGING and progress.version == 3 and not progress.cancel_requested
     report = await h.service.report(order.order_id)
@@ -445,21 +433,17 @@ async def test_a_refund_answered_4xx_is_retried_until_done_and_raises_an_alert(
     retry = h.order().retry.model_copy(update={"compensation_alert_attempts": 3})
     order = h.order(items=[{"sku": "SOLDOUT", "quantity": 1}], retry=retry)
     handle = await h.service.create(order)
-    for _ in range(200):
-        if (await h.service.row(order.order_id)).status == S.RESERVING:
-            break
-        await asyncio.sleep(0.01)
+    await order_status(h.service, order.order_id, S.RESERVING, every=0.01)
     # every payments call now answers 400: the refund the order is about to need
     await h.sandbox.set_fault("payments", FaultSpec(fail_rate=1.0, fail_status=400))
 
     async def alert() -> str | None:
         return (await handle.describe()).typed_search_attributes.get(ALERT_ATTR)
 
-    for _ in range(300):
-        if await alert() == COMPENSATION_STUCK:
-            break
-        await asyncio.sleep(0.05)
-    assert await alert() == COMPENSATION_STUCK
+    async def raised() -> bool:
+        return await alert() == COMPENSATION_STUCK
+
+    await eventually(raised, within=60, what="the stuck-compensation alert raised")
     assert (await h.service.row(order.order_id)).status == S.COMPENSATING
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
 

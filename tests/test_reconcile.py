@@ -9,15 +9,22 @@ from typing import Any
 
 import asyncpg
 import pytest
-from temporalio.client import Client, DescribeWorkflowInput, Interceptor, OutboundInterceptor
+from temporalio.client import (
+    Client,
+    DescribeWorkflowInput,
+    Interceptor,
+    OutboundInterceptor,
+    ScheduleActionResult,
+)
 from temporalio.service import RPCError
 
 from tests.conftest import FAST_RETRY, Harness
+from tests.waiting import eventually, order_step
 from tollgate.messages.states import MessageStatus
-from tollgate.names import ORDER_STATUS_QUERY, order_workflow_id, recovery_workflow_id
+from tollgate.names import order_workflow_id, recovery_workflow_id
 from tollgate.ops.reconcile import ReconcileInput, ReconcileReport, reconcile
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderProgress, RecoveryInput
+from tollgate.orders.models import RecoveryInput
 from tollgate.orders.states import OrderStatus
 from tollgate_dev.sandbox import FaultSpec
 from workflows.recovery import OrderRecoveryWorkflow
@@ -27,15 +34,6 @@ M = MessageStatus
 NOW = ReconcileInput(repair=True, grace=timedelta(0), lookback=timedelta(minutes=10))
 
 
-async def _wait_for_step(h: Harness, order_id: str, step: str) -> None:
-    handle = h.service.handle(order_id)
-    for _ in range(200):
-        if (await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)).step == step:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"{order_id} never reached {step}")
-
-
 async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: bool = False) -> str:
     """Start an order, let its provider call land, and terminate it mid-flight."""
     slow = FaultSpec(latency_ms=1500, latency_phase="after")
@@ -43,12 +41,12 @@ async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: b
     if provider == "inventory":
         # validation asks inventory too: slow it only once the order is past that
         handle = await h.service.create(order)
-        await _wait_for_step(h, order.order_id, "charging")
+        await order_step(h.service, order.order_id, "charging")
         await h.sandbox.set_fault(provider, slow)
     else:
         await h.sandbox.set_fault(provider, slow)
         handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, step)
+    await order_step(h.service, order.order_id, step)
     await asyncio.sleep(0.3)  # the provider has acted; its answer is still on the way
     if cancel_first:
         await order_store.request_cancellation(
@@ -138,11 +136,11 @@ async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -
             h.client, task_queue=h.task_queue, every=timedelta(hours=1)
         )
         await schedule.trigger()
-        for _ in range(200):
-            recent = (await schedule.describe()).info.recent_actions
-            if recent:
-                break
-            await asyncio.sleep(0.05)
+
+        async def recent_actions() -> list[ScheduleActionResult]:
+            return (await schedule.describe()).info.recent_actions
+
+        recent = await eventually(recent_actions, what="the schedule's run recorded")
         run = recent[0].action
         report = await h.client.get_workflow_handle(
             run.workflow_id, run_id=run.first_execution_run_id, result_type=ReconcileReport
@@ -186,7 +184,7 @@ async def test_an_order_that_completes_while_the_reconciler_looks_is_not_refunde
     await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=800, latency_phase="after"))
     order = h.order()
     handle = await h.service.create(order)
-    await _wait_for_step(h, order.order_id, "reserving")
+    await order_step(h.service, order.order_id, "reserving")
     assert (await h.service.row(order.order_id)).status == S.RESERVING
 
     async def let_it_complete() -> None:
@@ -270,10 +268,11 @@ async def test_a_message_at_rest_whose_workflow_was_terminated_is_reported(h: Ha
     msg = h.message(user, read_window=timedelta(minutes=5))
     handle = await h.messages.send(msg)
     await h.messages.device_says(msg.message_id, devices[0], "delivered")
-    for _ in range(200):
-        if (await h.messages.row(msg.message_id)).status == M.DELIVERED:
-            break
-        await asyncio.sleep(0.025)
+
+    async def delivered() -> bool:
+        return (await h.messages.row(msg.message_id)).status == M.DELIVERED
+
+    await eventually(delivered, what="delivered")
     await handle.terminate("operator pressed Terminate")
     report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
     (mine,) = [f for f in report.findings if f.entity_id == msg.message_id]

@@ -19,6 +19,7 @@ from activities.messages import MessageStoreActivities
 from activities.push import PushActivities
 from tests import specs
 from tests.specs import RETRY, Block, Fail, StandIns, devices_of
+from tests.waiting import eventually
 from tollgate.errors import EmailBounced, ProviderUnavailable
 from tollgate.messages.models import DeviceSignal, MessageInput, MessageResult, RecallRequest
 from tollgate.messages.states import MessageStatus
@@ -100,12 +101,12 @@ async def send_and_signal_during_push(
 async def run_after(handle: WorkflowHandle[Any, Any], first_run: str | None) -> str:
     """The id of the run that continued ``first_run``. Polled: waiting on the first run's
     result would let the server's clock skip, past the new run's deadline."""
-    for _ in range(500):
+
+    async def next_run() -> str | None:
         run_id = (await handle.describe()).run_id
-        if run_id != first_run:
-            return run_id
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"run {first_run} did not continue as new")
+        return run_id if run_id != first_run else None
+
+    return await eventually(next_run, what=f"run {first_run} continued as new")
 
 
 def pushes(acts: StandIns, kind: str) -> list[list[str]]:
