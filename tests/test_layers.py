@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType, ModuleType
+from typing import TypeVar
 
 import grimp
 
@@ -108,3 +111,28 @@ def test_workflows_import_activities_and_models_only_through_the_passthrough() -
                 elif top in ("activities", "tollgate") and id(node) not in passed_through:
                     offenders.append(f"{where} (not through imports_passed_through)")
     assert offenders == []
+
+
+def _stateless(value: object) -> bool:
+    """Code, types, or a value no run can change: what modules shared between runs may hold."""
+    if isinstance(value, (ModuleType, type, TypeVar, MappingProxyType)) or callable(value):
+        return True
+    try:
+        hash(value)  # str, numbers, tuples, frozensets, enums, frozen models
+    except TypeError:
+        return False
+    return not isinstance(value, (list, dict, set, bytearray))
+
+
+def test_workflow_modules_hold_no_state_a_run_could_leave_for_the_next() -> None:
+    """The worker shares workflow modules between runs (``reimport_workflow_modules``
+    off): a module-level list or dict one run appended to would reach the next run and
+    break determinism on replay. So every module-level value must be immutable."""
+    offenders = [
+        f"{name}.{attr} = {value!r}"
+        for name in [f"workflows.{p.stem}" for p in sorted((ROOT / "workflows").glob("*.py"))]
+        for attr, value in vars(importlib.import_module(name)).items()
+        if not attr.startswith("__") and not _stateless(value)
+    ]
+    assert offenders == []
+    assert not _stateless([]) and not _stateless({}), "the check can fail"

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_cached_workflows: int = Field(default=1000, ge=0)
     workflow_task_pollers: int = Field(default=5, ge=2)
     activity_task_pollers: int = Field(default=5, ge=1)
+    #: The sandbox imports workflow modules once and shares them between runs (its
+    #: restrictions on clocks, I/O and randomness still apply in every run). True: a
+    #: fresh import per workflow run, the SDK's default, which also catches a module that
+    #: does something non-deterministic at import time, for about 10 ms of worker CPU per
+    #: lifecycle (README, Speed). tests/test_layers.py keeps the shared modules stateless.
+    reimport_workflow_modules: bool = False
 
     #: OTLP/HTTP endpoint for traces (e.g. http://127.0.0.1:4318). Unset: no export.
     otel_exporter_otlp_endpoint: str | None = None

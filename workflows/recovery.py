@@ -24,7 +24,8 @@ keeps the status and bumps the version):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -55,14 +56,16 @@ ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
 
 #: Where the claim moves the row from each non-terminal state.
-_CLAIM: dict[OrderStatus, OrderStatus] = {
-    S.PENDING: S.FAILED,
-    S.VALIDATING: S.FAILED,
-    S.CHARGING: S.COMPENSATING,
-    S.RESERVING: S.COMPENSATING,
-    S.COMPENSATING: S.COMPENSATING,
-    S.CANCELLING: S.CANCELLING,
-}
+_CLAIM: Mapping[OrderStatus, OrderStatus] = MappingProxyType(
+    {
+        S.PENDING: S.FAILED,
+        S.VALIDATING: S.FAILED,
+        S.CHARGING: S.COMPENSATING,
+        S.RESERVING: S.COMPENSATING,
+        S.COMPENSATING: S.COMPENSATING,
+        S.CANCELLING: S.CANCELLING,
+    }
+)
 
 #: Reads and claims before giving up on a row that keeps moving under us.
 _ATTEMPTS = 5
