@@ -37,7 +37,7 @@ from tollgate_dev.demo_messages import (
     run_message_scenario,
 )
 from tollgate_dev.sandbox import FaultSpec, Ledger, SandboxAdmin
-from tollgate_dev.stack import LocalStack, StackError
+from tollgate_dev.stack import LocalStack, StackError, stack_is_up
 
 
 class LedgerCounts(BaseModel):
@@ -353,20 +353,9 @@ def print_outcomes(outcomes: list[DemoOutcome], settings: Settings, console: Con
     )
 
 
-async def _stack_is_up(settings: Settings) -> bool:
-    """Whether something already serves the sandbox and Temporal (``make up`` running)."""
-    try:
-        async with SandboxAdmin(settings.sandbox_url, timeout=1.0) as sandbox:
-            await sandbox.health()
-        await asyncio.wait_for(connect(settings), timeout=3.0)
-    except Exception:
-        return False
-    return True
-
-
 async def _main(console: Console) -> bool:
     settings = Settings()
-    if await _stack_is_up(settings):
+    if await stack_is_up(settings):
         console.print(f"Using the running stack (Temporal at {settings.temporal_address}).")
         outcomes = await run_demo(settings)
         print_outcomes(outcomes, settings, console)

@@ -29,19 +29,7 @@ from tollgate_dev.bench.models import FULL, QUICK, BenchPlan, BenchReport
 from tollgate_dev.bench.procs import listener_pid, recorded_pid
 from tollgate_dev.bench.report import print_report, write_results
 from tollgate_dev.bench.run import BenchTarget, run_bench
-from tollgate_dev.sandbox import SandboxAdmin
-from tollgate_dev.stack import LocalPostgres, LocalStack, StackError
-
-
-async def _stack_is_up(settings: Settings) -> bool:
-    """Whether something already serves the sandbox and Temporal (``make up`` running)."""
-    try:
-        async with SandboxAdmin(settings.sandbox_url, timeout=1.0) as sandbox:
-            await sandbox.health()
-        await asyncio.wait_for(connect(settings), timeout=3.0)
-    except Exception:
-        return False
-    return True
+from tollgate_dev.stack import LocalPostgres, LocalStack, StackError, stack_is_up
 
 
 def _running_owner_url(settings: Settings) -> str:
@@ -97,7 +85,7 @@ async def _bench(
 
 async def _main(plan: BenchPlan, say: Console, *, in_memory: bool) -> tuple[BenchReport, Path]:
     settings = Settings()
-    if await _stack_is_up(settings):
+    if await stack_is_up(settings):
         say.print(f"Using the running stack (Temporal at {settings.temporal_address}).")
         if in_memory:
             say.print("--temporal-in-memory is ignored: the running stack's server is used.")
