@@ -255,7 +255,8 @@ async def test_a_row_temporal_does_not_know_is_reported_and_repaired_only_on_req
     assert mine.repair_workflow_id is None, "NOT_FOUND is reported, never repaired by default"
     assert (await h.service.row(order.order_id)).status == S.PENDING
 
-    asked = NOW.model_copy(update={"repair_missing": True})
+    # --repair-missing alone: the operator asked for exactly this repair
+    asked = NOW.model_copy(update={"repair": False, "repair_missing": True})
     report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=asked)
     (mine,) = [f for f in report.findings if f.entity_id == order.order_id]
     assert mine.repair_workflow_id == recovery_workflow_id(order.order_id)

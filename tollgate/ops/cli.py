@@ -432,8 +432,8 @@ async def reconcile(
         bool,
         Parameter(
             negative=(),
-            help="Also recover orders whose workflow Temporal does not know (only if you are "
-            "sure this is the right namespace and cluster).",
+            help="Recover orders whose workflow Temporal does not know, with or without "
+            "--repair (only if you are sure this is the right namespace and cluster).",
         ),
     ] = False,
     grace: Annotated[str, Parameter(help="Ignore rows changed more recently than this.")] = "30s",

@@ -97,7 +97,7 @@ class ReconcileInput(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     repair: bool = True
-    #: Also recover orders whose workflow Temporal does not know. Off by default: a
+    #: Recover orders whose workflow Temporal does not know (``repair`` or not). Off: a
     #: NOT_FOUND also answers a client pointed at the wrong namespace or cluster, or a
     #: history past its retention, and recovery refunds.
     repair_missing: bool = False
@@ -252,7 +252,7 @@ async def reconcile(
             if found is not None:
                 findings.append(found)
 
-    if options.repair:
+    if options.repair or options.repair_missing:
         findings = [await _repair(client, f, task_queue, options) for f in findings]
     await _record(pool, run_id, findings)
     return ReconcileReport(
@@ -266,7 +266,7 @@ async def reconcile(
 async def _repair(
     client: Client, finding: Finding, task_queue: str, options: ReconcileInput
 ) -> Finding:
-    repairable = finding.finding == "orphaned" or (
+    repairable = (finding.finding == "orphaned" and options.repair) or (
         finding.finding == "missing" and options.repair_missing
     )
     if finding.entity_kind != "order" or not repairable:
