@@ -63,7 +63,7 @@ from tollgate_dev.stack import (
     temporal_binary,
 )
 from tollgate_dev.stack.__main__ import _summary
-from tollgate_dev.stack.codec import ensure_codec_token
+from tollgate_dev.stack.codec import CodecServerProcess, ensure_codec_token
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(32, 64))
@@ -881,3 +881,31 @@ async def test_a_history_written_under_a_rotated_key_still_replays(h: Harness) -
     replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter(forgotten))
     failed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert failed.replay_failure is not None, "without the old key the history is unreadable"
+
+
+async def test_the_codec_server_decodes_with_a_rotated_out_key(tmp_path: Path) -> None:
+    """After a rotation, the Web UI still shows histories written with the old key:
+    the codec server process reads ``PAYLOAD_OLD_KEYS`` as the worker does."""
+    (before,) = await EncryptionCodec(KEY).encode([_payload('"CANARY"')])
+    key_file = tmp_path / "new.key"
+    key_file.write_text(encode_key(OTHER_KEY) + "\n")
+    key_file.chmod(0o600)
+    token_file = tmp_path / "codec.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    server = CodecServerProcess(
+        free_port(),
+        key_file=key_file,
+        token_file=token_file,
+        ui_origins=[UI_ORIGIN],
+        env={"PAYLOAD_OLD_KEYS": encode_key(KEY)},
+        log_file=tmp_path / "codec.log",
+    )
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            decoded = await http.post("/decode", json={"payloads": [_wire(before)]}, headers=AUTH)
+    finally:
+        await server.stop()
+    assert decoded.status_code == 200, decoded.text
+    assert [_unwire(item) for item in decoded.json()["payloads"]] == [_payload('"CANARY"')]

@@ -177,6 +177,16 @@ def load_old_keys(settings: Settings) -> list[bytes]:
     ]
 
 
+def codec_from_settings(settings: Settings) -> EncryptionCodec | None:
+    """The codec the settings describe: their key encrypts, it and every old key
+    decrypt; ``None`` without a key. The worker, the CLI and the codec server all build
+    theirs here, so a rotation reaches the Web UI too. ``ValueError`` names a bad key."""
+    key = load_key(settings)
+    if key is None:
+        return None
+    return EncryptionCodec(key, old_keys=load_old_keys(settings))
+
+
 def ensure_key_file(path: Path) -> bytes:
     """The key in ``path``; a random one is written there first if the file is missing.
 

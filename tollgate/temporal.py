@@ -29,7 +29,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import RPCError, RPCStatusCode
 
-from tollgate.codec import EncryptionCodec, load_key, load_old_keys
+from tollgate.codec import codec_from_settings
 from tollgate.errors import AlreadyExists, ConfigError
 from tollgate.gate import Lifecycle, get_row
 from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL
@@ -47,11 +47,10 @@ def data_converter(settings: Settings) -> DataConverter:
     an (encrypted) payload too: an error text can quote customer data.
     """
     try:
-        key = load_key(settings)
-        old_keys = load_old_keys(settings)
+        codec = codec_from_settings(settings)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if key is None:
+    if codec is None:
         if settings.payload_encryption == "off":
             return pydantic_data_converter
         raise ConfigError(
@@ -61,7 +60,7 @@ def data_converter(settings: Settings) -> DataConverter:
         )
     return dataclasses.replace(
         pydantic_data_converter,
-        payload_codec=EncryptionCodec(key, old_keys=old_keys),
+        payload_codec=codec,
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
 

@@ -50,7 +50,7 @@ from starlette.routing import Route
 from temporalio.api.common.v1 import Payloads
 from temporalio.converter import PayloadCodec
 
-from tollgate.codec import EncryptionCodec, PayloadDecryptionError, load_key
+from tollgate.codec import PayloadDecryptionError, codec_from_settings
 from tollgate.settings import Settings, read_secret
 
 #: Headers the Web UI sends with its codec requests.
@@ -278,14 +278,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     try:
-        key = load_key(settings)
+        codec = codec_from_settings(settings)
         token = load_codec_token(settings)
         origins = [
             o for url in args.ui_origin or [settings.temporal_ui_url] for o in ui_origins_for(url)
         ]
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    if key is None:
+    if codec is None:
         raise SystemExit(
             "error: no payload key: set PAYLOAD_ENCRYPTION_KEY, or PAYLOAD_KEY_FILE to an "
             f"existing key file (looked for {settings.payload_key_path})"
@@ -298,7 +298,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             "server does not run without one"
         )
     namespace = args.namespace or settings.temporal_namespace
-    codec = EncryptionCodec(key)
     print(
         f"codec server: key id {codec.key_id}, namespace {namespace}, "
         f"UI origins {', '.join(origins)}",
