@@ -174,7 +174,7 @@ def settings(database_url: str, temporal_address: str, sandbox_url: str) -> Sett
 @pytest.fixture(scope="session")
 async def client(settings: Settings) -> Client:
     # A real tracer provider, as the worker process installs, so trace ids reach the audit.
-    configure_tracing(settings)
+    configure_tracing(settings, "tests")
     return await connect(settings)
 
 

@@ -1,9 +1,13 @@
 """OpenTelemetry tracing and structured JSON logs.
 
-Traces: Temporal's ``TracingInterceptor`` opens a span for every workflow and activity;
-they are exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (Jaeger and
-the OTel collector both accept it). Logs: one JSON object per line carrying the trace
-id of the active span, so a log line and its trace are one search apart.
+Traces: one per lifecycle (:mod:`tollgate.tracing`). Temporal's ``OpenTelemetryPlugin``
+(:mod:`tollgate.temporal`) opens spans for the workflow and each activity, the asyncpg
+instrumentation one per SQL statement, the httpx one per provider call (built in
+:func:`tollgate.providers.client.build_http_client`). They are exported over OTLP/HTTP
+to ``Settings.otlp_endpoint``: ``OTEL_EXPORTER_OTLP_ENDPOINT``, else the receiver of a
+local stack running from the state directory (Jaeger and the OTel collector accept the
+same protocol). Logs: one JSON object per line carrying the trace id of the active span
+and the entity the line is about, so a log line and its trace are one search apart.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from temporalio.contrib.opentelemetry import ReplaySafeTracerProvider, create_tracer_provider
 
+from tollgate.names import entity_of
 from tollgate.settings import Settings
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and is ours.
@@ -43,9 +49,47 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
+        _add_entity(entry, record)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def _add_entity(entry: dict[str, Any], record: logging.LogRecord) -> None:
+    """The entity a line is about, from the workflow the SDK's loggers name.
+
+    Temporal's workflow and activity loggers put the workflow's info on each record; the
+    entity id is read from its workflow id (``order-<id>``), so every line of a
+    lifecycle, the SDK's own included, carries it. A line with no current span (the
+    SDK's warning about a failed attempt is logged after the attempt's span ended)
+    takes the trace id the worker last saw for that workflow.
+    """
+    info = getattr(record, "temporal_activity", None) or getattr(record, "temporal_workflow", None)
+    workflow_id = info.get("workflow_id") if isinstance(info, dict) else None
+    if not isinstance(workflow_id, str):
+        return
+    entry.setdefault("workflow_id", workflow_id)
+    entity = entity_of(workflow_id)
+    if entity is not None:
+        kind, entity_id = entity
+        entry.setdefault("entity", kind)
+        entry.setdefault("entity_id", entity_id)
+    if "trace_id" not in entry and workflow_id in _LAST_TRACE:
+        entry["trace_id"] = _LAST_TRACE[workflow_id]
+
+
+#: The trace id each workflow's activities last ran in, for log lines written outside
+#: any span (bounded: oldest entries go first).
+_LAST_TRACE: dict[str, str] = {}
+_LAST_TRACE_MAX = 10_000
+
+
+def remember_trace(workflow_id: str, trace_id: str) -> None:
+    """Note the trace a workflow's activity runs in (see :func:`_add_entity`)."""
+    _LAST_TRACE.pop(workflow_id, None)
+    _LAST_TRACE[workflow_id] = trace_id
+    while len(_LAST_TRACE) > _LAST_TRACE_MAX:
+        del _LAST_TRACE[next(iter(_LAST_TRACE))]
 
 
 def configure_logging(settings: Settings) -> None:
@@ -73,15 +117,40 @@ def configure_metrics(settings: Settings) -> MeterProvider:
     return provider
 
 
-def configure_tracing(settings: Settings) -> TracerProvider:
-    """Install the global tracer provider; export spans if an OTLP endpoint is set."""
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": settings.otel_service_name})
+def configure_tracing(
+    settings: Settings, component: str, *, export_timeout: float | None = None
+) -> ReplaySafeTracerProvider:
+    """Install the global tracer provider of a Tollgate process named ``component``
+    (``worker``, ``cli``, ``api``: the spans' ``service.name`` is
+    ``<OTEL_SERVICE_NAME>-<component>``), export to ``settings.otlp_endpoint`` if there
+    is one, and trace every asyncpg statement.
+
+    The provider is Temporal's replay-safe one: inside a workflow its span ids come from
+    the workflow's deterministic random source and nothing is exported while history
+    replays, so a workflow's spans keep their ids however often a worker replays it.
+    ``export_timeout`` bounds how long an export may take (a CLI exits after one).
+
+    OpenTelemetry keeps the first global provider of a process; a second call returns
+    that one (tests configure once per session).
+    """
+    existing = trace.get_tracer_provider()
+    if isinstance(existing, ReplaySafeTracerProvider):
+        return existing
+    provider = create_tracer_provider(
+        resource=Resource.create({"service.name": f"{settings.otel_service_name}-{component}"})
     )
-    if settings.otel_exporter_otlp_endpoint:
+    endpoint = settings.otlp_endpoint
+    if endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        exporter = OTLPSpanExporter(
+            endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=export_timeout
+        )
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    # Statements only (the default): their parameters (customer ids, addresses, bodies)
+    # stay out of the spans.
+    instrumentor = AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
     return provider
