@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import asyncpg
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from asyncpg.pool import PoolConnectionProxy
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 #: One connection, taken from the pool or made directly.
 Connection = asyncpg.Connection | PoolConnectionProxy
