@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     #: ``otlp_endpoint``), else nowhere.
     otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "tollgate"
+    #: Port of the local stack's OTLP receiver (``make up``). Unset: a free port. Not
+    #: used when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set: the stack then sends there.
+    traces_receiver_port: int | None = Field(default=None, ge=1, le=65535)
     log_level: str = "INFO"
 
     state_dir: Path = DEFAULT_STATE_DIR

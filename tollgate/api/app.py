@@ -35,7 +35,6 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import asyncpg
-from opentelemetry.instrumentation.starlette import StarletteInstrumentor
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -95,6 +94,7 @@ from tollgate.orders.models import OrderInput
 from tollgate.orders.service import OrderService
 from tollgate.orders.states import OrderStatus
 from tollgate.settings import Settings
+from tollgate.telemetry import instrument_app
 
 API_VERSION = "1.0.0"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -1096,5 +1096,5 @@ def create_app(deps: ApiDeps) -> Starlette:
     app.state.document = document
     # A server span per request, named by its route template: the root of the trace of
     # every order or message it creates. No header, body or key is recorded.
-    StarletteInstrumentor.instrument_app(app)
+    instrument_app(app)
     return app

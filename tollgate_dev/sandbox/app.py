@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from opentelemetry.instrumentation.starlette import StarletteInstrumentor
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,6 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tollgate.telemetry import instrument_app
 from tollgate_dev.sandbox.models import (
     PROVIDERS,
     AddressList,
@@ -809,5 +809,5 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
     )
     app.state.sandbox = state
     # A server span per request, the child of the caller's (the traceparent it sends).
-    StarletteInstrumentor.instrument_app(app)
+    instrument_app(app)
     return app

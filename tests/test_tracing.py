@@ -1,0 +1,232 @@
+"""One trace per lifecycle, as an OTLP receiver sees it.
+
+The spans of the real CLI process, the in-process worker and the in-process sandbox go
+over OTLP/HTTP to an in-process receiver (``tests/tracing_support.py``), which keeps
+them as the local stack's receiver does. The trace is then read back as a user would:
+``starter.py order trace``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, Harness
+from tests.tracing_support import Receiver
+from tollgate.messages import store as message_store
+from tollgate.messages.states import MessageStatus
+from tollgate.ops.cli import console
+from tollgate.orders import store as order_store
+from tollgate.orders.states import OrderStatus
+from tollgate.tracing import parse_traceparent
+from tollgate_dev.commands import order_trace
+from tollgate_dev.sandbox import FaultSpec
+from tollgate_dev.traces import SpanRecord
+
+
+async def _starter(h: Harness, *args: str, **env: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "starter.py",
+        *args,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **h.process_env(), "COLUMNS": "220", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=90)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _trace_of(row_trace_parent: str | None) -> str:
+    parent = parse_traceparent(row_trace_parent)
+    assert parent is not None, "the row records where its trace begins"
+    return format(parent.trace_id, "032x")
+
+
+def _chain(span: SpanRecord, spans: Sequence[SpanRecord]) -> list[str]:
+    """Names from ``span`` up to its root."""
+    by_id = {s.span_id: s for s in spans}
+    names = [span.name]
+    while span.parent_span_id is not None:
+        parent = by_id.get(span.parent_span_id)
+        assert parent is not None, f"{span.name}'s parent was not received"
+        span = parent
+        names.append(span.name)
+    return names
+
+
+def _named(spans: Sequence[SpanRecord], name: str) -> list[SpanRecord]:
+    return sorted((s for s in spans if s.name == name), key=lambda s: s.start_ns)
+
+
+def _under(spans: Sequence[SpanRecord], parent: SpanRecord) -> list[SpanRecord]:
+    return [s for s in spans if s.parent_span_id == parent.span_id]
+
+
+async def test_an_order_from_the_cli_is_one_trace_from_command_to_sql_and_provider(
+    h: Harness, otlp: Receiver
+) -> None:
+    """The command is the root; under it the workflow, each activity, and under each
+    activity its SQL statements and provider calls. The charge failed once: two
+    attempts. Audit rows and the provider's ledger point at the same trace."""
+    order_id = f"tr-{uuid.uuid4().hex[:10]}"
+    await h.sandbox.set_fault("payments", FaultSpec(fail_next=1))
+    with otlp.capturing():
+        code, out, err = await _starter(
+            h,
+            *("order", "create", "--customer", "alice", "--item", "WIDGET:1"),
+            *("--amount", "12.50", "--order-id", order_id, "--wait", "--json"),
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+        )
+        assert code == 0, err
+        assert json.loads(out)["result"]["status"] == "COMPLETED"
+        await otlp.flush()
+
+    row = await order_store.get_order(h.pool, order_id)
+    assert row is not None
+    trace_id = _trace_of(row.trace_parent)
+    spans = otlp.spans(trace_id)
+
+    # one trace for the whole order: nothing about it anywhere else
+    assert otlp.store.traces_with("temporalWorkflowID", f"order-{order_id}") == [trace_id]
+    assert otlp.store.traces_with("tollgate.order_id", order_id) == [trace_id]
+    audit = await order_store.list_transitions(h.pool, order_id)
+    assert len(audit) == 5 and {a.trace_id for a in audit} == {trace_id}
+
+    # the command is the root
+    roots = [s for s in spans if s.parent_span_id is None]
+    assert [(r.name, r.service) for r in roots] == [("starter.py order create", "tollgate-cli")]
+    run = _named(spans, "RunWorkflow:OrderWorkflow")
+    assert len(run) == 1 and run[0].end_ns - run[0].start_ns > 1_000_000, "a real duration"
+    assert _chain(run[0], spans) == [
+        "RunWorkflow:OrderWorkflow",
+        "StartWorkflow:OrderWorkflow",
+        "order.create",
+        "starter.py order create",
+    ]
+
+    # each activity under the workflow; SQL under the store activities
+    for activity in ("begin_order", "validate_order", "transition_order", "reserve_inventory"):
+        attempts = _named(spans, f"RunActivity:{activity}")
+        assert attempts, activity
+        assert _chain(attempts[0], spans)[2] == "RunWorkflow:OrderWorkflow"
+    transition = _named(spans, "RunActivity:transition_order")[0]
+    sql = [s for s in _under(spans, transition) if "db.statement" in s.attributes]
+    assert sql and "UPDATE orders" in str(sql[0].attributes["db.statement"])
+
+    # the charge: two attempts, each with its provider call; the first failed
+    charges = _named(spans, "RunActivity:charge_payment")
+    assert [c.attributes["tollgate.attempt"] for c in charges] == [1, 2]
+    assert [c.status for c in charges] == ["error", "unset"]
+    assert charges[0].parent_span_id == charges[1].parent_span_id  # one StartActivity
+    calls = [_under(spans, c) for c in charges]
+    assert [[s.attributes.get("http.status_code") for s in c] for c in calls] == [[503], [201]]
+    served = [s for s in spans if s.parent_span_id == calls[1][0].span_id]
+    assert served and served[0].kind == "server", "the sandbox's span, under the call"
+
+    # the provider recorded the traceparent of the call that charged
+    ledger = await h.sandbox.ledger(order_id)
+    charged = parse_traceparent(ledger.charges[0].traceparent)
+    assert charged is not None
+    assert (format(charged.trace_id, "032x"), format(charged.span_id, "016x")) == (
+        trace_id,
+        calls[1][0].span_id,
+    )
+
+    # and the user's view of it
+    code, out, err = await _starter(h, "order", "trace", order_id, STATE_DIR=str(otlp.state_dir))
+    assert code == 0, err
+    assert "starter.py order create" in out and "workflow OrderWorkflow" in out
+    assert "activity charge_payment (2 attempts)" in out
+    assert "attempt 1" in out and "attempt 2" in out
+    assert "POST /payments/charges -> 503" in out and "POST /payments/charges -> 201" in out
+    assert "SQL UPDATE orders" in out
+
+
+async def test_order_trace_prints_a_completed_orders_waterfall(
+    h: Harness, otlp: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order = h.order()
+    with otlp.capturing():
+        await (await h.service.create(order)).result()
+        await otlp.flush()
+    monkeypatch.setenv("STATE_DIR", str(otlp.state_dir))
+    monkeypatch.setenv("DATABASE_URL", h.settings.database_url)
+    monkeypatch.setattr(console, "width", 200)  # one line per span
+    with console.capture() as captured:
+        await order_trace(order.order_id)
+    out = captured.get()
+    lines = out.splitlines()
+    assert f"order {order.order_id}" in lines[0] and "spans" in lines[0]
+    assert "order.create" in out and "workflow OrderWorkflow" in out
+    for step in ("begin_order", "validate_order", "charge_payment", "reserve_inventory"):
+        assert f"activity {step}" in out
+    assert "attempts" not in out and "error" not in out
+
+
+async def test_a_cancel_joins_the_orders_trace_and_its_audit_row_carries_it(
+    h: Harness, otlp: Receiver
+) -> None:
+    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=1500))
+    order = h.order(items=[{"sku": "WIDGET", "quantity": 1}])
+    with otlp.capturing():
+        handle = await h.service.create(order)
+        for _ in range(100):
+            if (await h.service.row(order.order_id)).status == OrderStatus.RESERVING:
+                break
+            await asyncio.sleep(0.05)
+        await h.service.cancel(order.order_id, reason="changed my mind", requested_by="tests")
+        result = await handle.result()
+        await otlp.flush()
+
+    assert result.status == OrderStatus.CANCELLED
+    row = await h.service.row(order.order_id)
+    trace_id = _trace_of(row.trace_parent)
+    audit = await order_store.list_transitions(h.pool, order.order_id)
+    assert {a.trace_id for a in audit} == {trace_id}
+    spans = otlp.spans(trace_id)
+    cancel = _named(spans, "order.cancel")
+    assert len(cancel) == 1 and cancel[0].parent_span_id == _named(spans, "order.create")[0].span_id
+    handled = _named(spans, "HandleSignal:cancel")
+    assert len(handled) == 1
+    assert _chain(handled[0], spans)[1] == "RunWorkflow:OrderWorkflow"
+    assert any(link.span_id for link in handled[0].links), "it links to the sender"
+    assert _named(spans, "RunActivity:refund_payment"), "the compensation is in the trace"
+
+
+async def test_a_messages_read_receipt_saga_sits_in_the_messages_trace(
+    h: Harness, otlp: Receiver
+) -> None:
+    user, (a, _) = await h.devices(2)
+    msg = h.message(user)
+    with otlp.capturing():
+        handle = await h.messages.send(msg)
+        for _ in range(100):
+            if len(await message_store.deliveries(h.pool, msg.message_id)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await h.messages.device_says(msg.message_id, a, "read")
+        result = await handle.result()
+        await otlp.flush()
+
+    assert result.status == MessageStatus.READ
+    row = await h.messages.row(msg.message_id)
+    trace_id = _trace_of(row.trace_parent)
+    spans = otlp.spans(trace_id)
+    audit = await message_store.list_transitions(h.pool, msg.message_id)
+    assert {t.trace_id for t in audit} == {trace_id}
+    child = _named(spans, "RunWorkflow:ReadReceiptSyncWorkflow")
+    assert len(child) == 1
+    assert "RunWorkflow:MessageDeliveryWorkflow" in _chain(child[0], spans)
+    assert _named(spans, "message.read"), "the device's receipt joined the trace"
+    assert not _named(spans, "HandleSignal:read"), "device signals get no workflow span"
+    pushes = [s for s in spans if s.name.startswith("RunActivity:push")]
+    assert len(pushes) >= 2, "the message's push and the receipts' push"
