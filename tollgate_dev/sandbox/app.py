@@ -808,6 +808,8 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
         max_body_size=_MAX_BODY_BYTES,
     )
     app.state.sandbox = state
-    # A server span per request, the child of the caller's (the traceparent it sends).
-    instrument_app(app)
+    # A server span per provider request, the child of the caller's (the traceparent it
+    # sends). The admin API is scripting, and its paths name customers, addresses and
+    # tokens: no spans for it, nor for health checks.
+    instrument_app(app, untraced="/admin/,/health$")
     return app
