@@ -69,11 +69,6 @@ class SpanRecord(BaseModel):
     events: list[SpanEvent] = Field(default_factory=list)
     links: list[SpanLink] = Field(default_factory=list)
 
-    @property
-    def duration_ns(self) -> int:
-        """How long it took (never negative)."""
-        return max(0, self.end_ns - self.start_ns)
-
 
 def _is_trace_id(value: str) -> bool:
     return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
