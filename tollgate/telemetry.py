@@ -96,10 +96,28 @@ def remember_trace(workflow_id: str, trace_id: str) -> None:
         del _LAST_TRACE[next(iter(_LAST_TRACE))]
 
 
+#: What the SDK logs (at DEBUG) when an activity task arrives: before any interceptor has
+#: read the task's trace header, so outside the activity's span and trace.
+ACTIVITY_STARTING = "Starting activity"
+
+
+def _logged_in_its_span(record: logging.LogRecord) -> bool:
+    """False for the SDK's own "Starting activity" line, which no span covers yet: the
+    activity interceptor (:mod:`tollgate.temporal`) logs the same line again inside the
+    activity's span, where it carries the trace id like every other line."""
+    return not (
+        record.name == "temporalio.activity"
+        and isinstance(record.msg, str)
+        and record.msg.startswith(ACTIVITY_STARTING)
+        and not trace.get_current_span().get_span_context().is_valid
+    )
+
+
 def configure_logging(settings: Settings) -> None:
     """Send every log record to stderr as JSON."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_logged_in_its_span)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

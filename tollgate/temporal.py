@@ -47,7 +47,7 @@ from tollgate.gate import Lifecycle, get_row
 from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL, entity_of
 from tollgate.postgres import Connection
 from tollgate.settings import Settings
-from tollgate.telemetry import remember_trace
+from tollgate.telemetry import ACTIVITY_STARTING, remember_trace
 from tollgate.tracing import current_trace_id
 
 
@@ -150,6 +150,8 @@ class _ActivityFacts(temporalio.worker.ActivityInboundInterceptor):
         trace_id = current_trace_id()
         if info.workflow_id and trace_id:
             remember_trace(info.workflow_id, trace_id)
+        # The SDK said this before the span began, with no trace id; the log keeps this one.
+        activity.logger.debug(ACTIVITY_STARTING)
         return await super().execute_activity(input)
 
 
