@@ -202,7 +202,7 @@ async def test_a_cancel_joins_the_orders_trace_and_its_audit_row_carries_it(
     assert _named(spans, "RunActivity:refund_payment"), "the compensation is in the trace"
 
 
-async def test_a_messages_read_receipt_saga_sits_in_the_messages_trace(
+async def test_a_messages_confirm_and_read_and_its_receipt_saga_sit_in_the_messages_trace(
     h: Harness, otlp: Receiver
 ) -> None:
     user, (a, _) = await h.devices(2)
@@ -211,6 +211,11 @@ async def test_a_messages_read_receipt_saga_sits_in_the_messages_trace(
         handle = await h.messages.send(msg)
         for _ in range(100):
             if len(await message_store.deliveries(h.pool, msg.message_id)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await h.messages.device_says(msg.message_id, a, "delivered")
+        for _ in range(100):
+            if (await h.messages.row(msg.message_id)).status == MessageStatus.DELIVERED:
                 break
             await asyncio.sleep(0.05)
         await h.messages.device_says(msg.message_id, a, "read")
@@ -222,11 +227,72 @@ async def test_a_messages_read_receipt_saga_sits_in_the_messages_trace(
     trace_id = _trace_of(row.trace_parent)
     spans = otlp.spans(trace_id)
     audit = await message_store.list_transitions(h.pool, msg.message_id)
-    assert {t.trace_id for t in audit} == {trace_id}
+    assert MessageStatus.DELIVERED in {t.to_status for t in audit}
+    assert {t.trace_id for t in audit} == {trace_id}, "the confirm's and read's rows too"
     child = _named(spans, "RunWorkflow:ReadReceiptSyncWorkflow")
     assert len(child) == 1
     assert "RunWorkflow:MessageDeliveryWorkflow" in _chain(child[0], spans)
-    assert _named(spans, "message.read"), "the device's receipt joined the trace"
+    sent = _named(spans, "message.send")
+    for receipt in ("message.delivered", "message.read"):
+        joined = _named(spans, receipt)
+        assert len(joined) == 1, f"the device's {receipt} joined the trace"
+        assert joined[0].parent_span_id == sent[0].span_id
+        signal = _under(spans, joined[0])
+        assert [s.name for s in signal] == [f"SignalWorkflow:{receipt.split('.')[1]}"]
     assert not _named(spans, "HandleSignal:read"), "device signals get no workflow span"
     pushes = [s for s in spans if s.name.startswith("RunActivity:push")]
     assert len(pushes) >= 2, "the message's push and the receipts' push"
+
+
+async def test_a_recall_from_the_cli_joins_the_messages_trace_and_links_to_the_command(
+    h: Harness, otlp: Receiver
+) -> None:
+    """The recall runs in the message's trace (its span, its audit row, the workflow's
+    handling of the signal, what the workflow does next); the command that asked for it
+    is the root of a trace of its own, and the two are linked."""
+    user, _ = await h.devices(2)
+    await h.sandbox.set_fault("push", FaultSpec(latency_ms=1500))
+    msg = h.message(user)
+    with otlp.capturing():
+        handle = await h.messages.send(msg)
+        for _ in range(100):
+            if (await h.messages.row(msg.message_id)).status == MessageStatus.DISPATCHED:
+                break
+            await asyncio.sleep(0.05)
+        code, out, err = await _starter(
+            h,
+            *("message", "recall", msg.message_id, "--reason", "wrong chat", "--json"),
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+        )
+        assert code == 0, err
+        assert json.loads(out)["signalled"] is True
+        result = await handle.result()
+        await otlp.flush()
+
+    assert result.status == MessageStatus.CANCELLED
+    row = await h.messages.row(msg.message_id)
+    trace_id = _trace_of(row.trace_parent)
+    audit = await message_store.list_transitions(h.pool, msg.message_id)
+    assert audit[-1].to_status == MessageStatus.CANCELLED
+    assert {t.trace_id for t in audit} == {trace_id}
+    spans = otlp.spans(trace_id)
+    recall = _named(spans, "message.recall")
+    assert len(recall) == 1
+    assert recall[0].parent_span_id == _named(spans, "message.send")[0].span_id
+    handled = _named(spans, "HandleSignal:recall")
+    assert len(handled) == 1
+    assert _chain(handled[0], spans)[1] == "RunWorkflow:MessageDeliveryWorkflow"
+    under = _under(spans, recall[0])
+    assert any("UPDATE messages" in str(s.attributes.get("db.statement")) for s in under)
+    sent = [s for s in under if s.name.startswith("SignalWorkflow")]
+    assert [s.name for s in sent] == ["SignalWorkflow:recall"]
+    assert [link.span_id for link in handled[0].links] == [sent[0].span_id]
+
+    # the command: a trace of its own, which the recall's span links to
+    [command_link] = recall[0].links
+    assert command_link.trace_id != trace_id
+    command = otlp.spans(command_link.trace_id)
+    roots = [s for s in command if s.parent_span_id is None]
+    assert [(r.name, r.span_id) for r in roots] == [
+        ("starter.py message recall", command_link.span_id)
+    ]
