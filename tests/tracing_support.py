@@ -14,30 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
 from tollgate_dev.traces import SpanRecord, TraceStore
-
-
-class _Switched(SpanProcessor):
-    """Hands finished spans to ``inner`` only while ``on``."""
-
-    def __init__(self, inner: SpanProcessor) -> None:
-        self.inner = inner
-        self.on = False
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.on:
-            self.inner.on_end(span)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+from tollgate_dev.traces.switch import SwitchedExport, switched_export
 
 
 @dataclass
@@ -47,7 +25,7 @@ class Receiver:
     url: str
     store: TraceStore
     state_dir: Path
-    switch: _Switched
+    switch: SwitchedExport
     bodies: list[bytes] = field(default_factory=list)
 
     @contextmanager
@@ -70,8 +48,4 @@ class Receiver:
 
 def install(url: str, store: TraceStore, state_dir: Path) -> Receiver:
     """Add an exporter to the receiver at ``url`` to the global provider (switched off)."""
-    exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", timeout=10)
-    switch = _Switched(BatchSpanProcessor(exporter, schedule_delay_millis=200))
-    provider = trace.get_tracer_provider()
-    provider.add_span_processor(switch)  # type: ignore[attr-defined]
-    return Receiver(url, store, state_dir, switch)
+    return Receiver(url, store, state_dir, switched_export(url, schedule_delay_millis=200))
