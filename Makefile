@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up demo test chaos bench lint typecheck format clean
+.PHONY: install up demo test chaos bench bench-tracing lint typecheck format clean
 
 # Dead code: what no code, test or framework calls. Tests are read too, so a helper only
 # tests use is not dead. Frameworks call what these decorators mark and read these
@@ -52,6 +52,11 @@ chaos: $(STAMP)
 ## target ratios, JSON and a chart in <state_dir>/bench/. `make bench BENCH_ARGS=--quick`.
 bench: $(STAMP)
 	$(PY) -m tollgate_dev.bench $(BENCH_ARGS)
+
+## Spans per order, and the order p50 with span export on and off, interleaved in one run
+## (on the running stack or one started here). `make bench-tracing BENCH_ARGS="--rounds 3"`.
+bench-tracing: $(STAMP)
+	$(PY) -m tollgate_dev.bench.tracing $(BENCH_ARGS)
 
 ## Style, types, the import contracts of pyproject.toml, and dead code.
 lint: $(STAMP)
