@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, Harness
 from tests.tracing_support import Receiver
+from tests.waiting import eventually, order_status
 from tollgate.messages import store as message_store
 from tollgate.messages.states import MessageStatus
 from tollgate.ops.cli import console
@@ -65,6 +66,14 @@ def _chain(span: SpanRecord, spans: Sequence[SpanRecord]) -> list[str]:
 
 def _named(spans: Sequence[SpanRecord], name: str) -> list[SpanRecord]:
     return sorted((s for s in spans if s.name == name), key=lambda s: s.start_ns)
+
+
+async def _message_is(h: Harness, message_id: str, status: MessageStatus) -> bool:
+    return (await h.messages.row(message_id)).status == status
+
+
+async def _has_deliveries(h: Harness, message_id: str, count: int) -> bool:
+    return len(await message_store.deliveries(h.pool, message_id)) == count
 
 
 def _under(spans: Sequence[SpanRecord], parent: SpanRecord) -> list[SpanRecord]:
@@ -179,10 +188,7 @@ async def test_a_cancel_joins_the_orders_trace_and_its_audit_row_carries_it(
     order = h.order(items=[{"sku": "WIDGET", "quantity": 1}])
     with otlp.capturing():
         handle = await h.service.create(order)
-        for _ in range(100):
-            if (await h.service.row(order.order_id)).status == OrderStatus.RESERVING:
-                break
-            await asyncio.sleep(0.05)
+        await order_status(h.service, order.order_id, OrderStatus.RESERVING)
         await h.service.cancel(order.order_id, reason="changed my mind", requested_by="tests")
         result = await handle.result()
         await otlp.flush()
@@ -209,15 +215,13 @@ async def test_a_messages_confirm_and_read_and_its_receipt_saga_sit_in_the_messa
     msg = h.message(user)
     with otlp.capturing():
         handle = await h.messages.send(msg)
-        for _ in range(100):
-            if len(await message_store.deliveries(h.pool, msg.message_id)) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: _has_deliveries(h, msg.message_id, 2), what="pushed to both devices"
+        )
         await h.messages.device_says(msg.message_id, a, "delivered")
-        for _ in range(100):
-            if (await h.messages.row(msg.message_id)).status == MessageStatus.DELIVERED:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: _message_is(h, msg.message_id, MessageStatus.DELIVERED), what="delivered"
+        )
         await h.messages.device_says(msg.message_id, a, "read")
         result = await handle.result()
         await otlp.flush()
@@ -255,10 +259,9 @@ async def test_a_recall_from_the_cli_joins_the_messages_trace_and_links_to_the_c
     msg = h.message(user)
     with otlp.capturing():
         handle = await h.messages.send(msg)
-        for _ in range(100):
-            if (await h.messages.row(msg.message_id)).status == MessageStatus.DISPATCHED:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: _message_is(h, msg.message_id, MessageStatus.DISPATCHED), what="dispatched"
+        )
         code, out, err = await _starter(
             h,
             *("message", "recall", msg.message_id, "--reason", "wrong chat", "--json"),
