@@ -47,7 +47,7 @@ from tollgate.settings import Settings
 from tollgate.telemetry import configure_tracing
 from tollgate.temporal import connect
 from tollgate.tracing import parse_traceparent
-from tollgate_dev.bench.procs import load_average
+from tollgate_dev.bench.procs import ProcessClock, load_average
 from tollgate_dev.bench.run import BENCH_RETRY
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 from tollgate_dev.stack import (
@@ -61,6 +61,9 @@ from tollgate_dev.stack import (
 from tollgate_dev.stack.traces import TraceReceiverProcess
 from tollgate_dev.traces import SpanRecord, TraceStore
 from tollgate_dev.traces.switch import switched_export
+
+#: The SDK's default delay between two exports of a batch span processor.
+EXPORT_INTERVAL_S = 5.0
 
 Mode = Literal["on", "off"]
 MODES: tuple[Mode, Mode] = ("on", "off")
@@ -91,6 +94,10 @@ class TracingReport(BaseModel):
     round_ratio_median: float
     per_round: list[RoundResult]
     #: Spans of one order's trace, over the orders exported: median, least, most.
+    #: CPU (user + system) of each mode's worker per measured order, idle polling
+    #: while the other mode's batches ran included (the same for both).
+    worker_cpu_ms_on: float
+    worker_cpu_ms_off: float
     spans_median: float
     spans_min: int
     spans_max: int
@@ -210,6 +217,8 @@ async def measure(
 
                 for mode in MODES:
                     await batch(lanes[mode], "warmup", warmup, keep=False)
+                clocks = {mode: ProcessClock(workers[mode].pid) for mode in MODES}
+                cpu_before = {mode: clocks[mode].seconds() for mode in MODES}
                 per_round: list[RoundResult] = []
                 for r in range(rounds):
                     order = MODES if r % 2 == 0 else (MODES[1], MODES[0])
@@ -227,6 +236,12 @@ async def measure(
                         f"round {r + 1}/{rounds}: p50 on {p50['on']:.1f} ms, "
                         f"off {p50['off']:.1f} ms ({order[0]} first)"
                     )
+                # The last spans leave in the exporting worker's next batch, 5 s on.
+                await asyncio.sleep(EXPORT_INTERVAL_S + 1)
+                cpu_ms = {
+                    mode: (clocks[mode].seconds() - cpu_before[mode]) * 1000 / (rounds * per_batch)
+                    for mode in MODES
+                }
             # Stopping a worker flushes its spans; then this process's.
             await asyncio.gather(*(w.stop() for w in workers.values()))
             await asyncio.to_thread(switch.force_flush, 10_000)
@@ -255,6 +270,8 @@ async def measure(
         if per_round
         else 0.0,
         per_round=per_round,
+        worker_cpu_ms_on=round(cpu_ms["on"], 2),
+        worker_cpu_ms_off=round(cpu_ms["off"], 2),
         spans_median=statistics.median(counts) if counts else 0,
         spans_min=min(counts, default=0),
         spans_max=max(counts, default=0),
@@ -367,6 +384,13 @@ def print_report(report: TracingReport, out: Console) -> None:
         f"after {report.warmup_per_mode} warm-up orders per mode); median of the rounds' "
         f"own ratios {report.round_ratio_median:.3f}; {report.not_completed} not completed; "
         f"{report.cores} cores, load {report.load_at_start} -> {report.load_at_end}"
+    )
+    cpu_ratio = (
+        report.worker_cpu_ms_on / report.worker_cpu_ms_off if report.worker_cpu_ms_off else 0
+    )
+    out.print(
+        f"Worker CPU per order: on {report.worker_cpu_ms_on:.2f} ms, off "
+        f"{report.worker_cpu_ms_off:.2f} ms (on / off {cpu_ratio:.3f})"
     )
     sandbox = "" if report.sandbox_spans_counted else " (the sandbox's server spans not counted)"
     kinds = ", ".join(f"{k} {v}" for k, v in report.spans_by_kind.items())
