@@ -5,16 +5,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install up demo test chaos bench lint typecheck format clean
+.PHONY: install up demo test chaos bench bench-tracing lint typecheck format clean
 
 # Dead code: what no code, test or framework calls. Tests are read too, so a helper only
 # tests use is not dead. Frameworks call what these decorators mark and read these
 # names: model fields read by serialization, __aexit__'s arguments, uvicorn's exit flag,
-# pytest's module marks, Temporal's interceptor hook, a Protocol's __call__, the
-# interpreter's sys.pycache_prefix.
+# pytest's module marks, Temporal's interceptor hook and a plugin's interceptors, a
+# Protocol's __call__, the interpreter's sys.pycache_prefix, a span event's time (read
+# by the waterfall's JSON).
 VULTURE_PATHS := tollgate tollgate_dev workflows activities tests worker.py starter.py
 VULTURE_FRAMEWORK_DECORATORS := @*app.command,@*_app.command,@field_validator,@model_validator,@activity.defn,@workflow.*,@pytest.fixture,@rule,@invariant,@initialize,@precondition
-VULTURE_NAMES := __call__,pycache_prefix,model_config,checked_at,updated_at,registered_at,removed_at,compensations_done,exc_type,tb,should_exit,pytestmark,intercept_client
+VULTURE_NAMES := __call__,pycache_prefix,model_config,checked_at,updated_at,registered_at,removed_at,compensations_done,exc_type,tb,should_exit,pytestmark,intercept_client,interceptors,time_ns
 
 # The virtualenv is (re)built when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -51,6 +52,11 @@ chaos: $(STAMP)
 ## target ratios, JSON and a chart in <state_dir>/bench/. `make bench BENCH_ARGS=--quick`.
 bench: $(STAMP)
 	$(PY) -m tollgate_dev.bench $(BENCH_ARGS)
+
+## Spans per order, and the order p50 with span export on and off, interleaved in one run
+## (on the running stack or one started here). `make bench-tracing BENCH_ARGS="--rounds 3"`.
+bench-tracing: $(STAMP)
+	$(PY) -m tollgate_dev.bench.tracing $(BENCH_ARGS)
 
 ## Style, types, the import contracts of pyproject.toml, and dead code.
 lint: $(STAMP)

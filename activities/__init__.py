@@ -13,7 +13,6 @@ from enum import StrEnum
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import asyncpg
-from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -23,6 +22,7 @@ from tollgate.gate import Lifecycle, Writer
 from tollgate.models import TransitionRequest, TransitionResult
 from tollgate.names import transition_id
 from tollgate.postgres import Connection
+from tollgate.tracing import current_trace_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -91,12 +91,6 @@ def defn(name: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitab
         return activity.defn(name=name)(classified(fn))
 
     return decorate
-
-
-def current_trace_id() -> str | None:
-    """Hex id of the active OpenTelemetry trace, for the audit table and logs."""
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
 def current_workflow_id() -> str:

@@ -29,6 +29,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from temporalio.client import Client
 
+from tests.tracing_support import Receiver, install
 from tollgate import gate, postgres
 from tollgate.codec import encode_key, new_key
 from tollgate.messages.models import MessageInput
@@ -47,6 +48,7 @@ from tollgate.worker import build_worker
 from tollgate_dev.recipients import message_to, register_phones
 from tollgate_dev.sandbox import SandboxAdmin, create_app
 from tollgate_dev.stack import LocalPostgres, TemporalDevServer, free_port
+from tollgate_dev.traces import TraceStore, create_receiver_app
 
 #: Backoffs for tests: fast enough that a few retries take well under a second.
 FAST_RETRY = RetrySettings(
@@ -174,7 +176,7 @@ def settings(database_url: str, temporal_address: str, sandbox_url: str) -> Sett
 @pytest.fixture(scope="session")
 async def client(settings: Settings) -> Client:
     # A real tracer provider, as the worker process installs, so trace ids reach the audit.
-    configure_tracing(settings)
+    configure_tracing(settings, "tests")
     return await connect(settings)
 
 
@@ -196,6 +198,19 @@ async def sandbox(sandbox_url: str) -> AsyncIterator[SandboxAdmin]:
             yield admin
         finally:
             await admin.clear_faults()
+
+
+@pytest.fixture(scope="session")
+async def otlp(client: Client, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Receiver]:
+    """An OTLP/HTTP receiver in this process, keeping traces as the stack's does (in
+    ``<state_dir>/traces``); the session's spans reach it only while a test captures."""
+    state_dir = tmp_path_factory.mktemp("state")
+    store = TraceStore(state_dir / "traces")
+    bodies: list[bytes] = []
+    async with serve_in_process(create_receiver_app(store, on_export=bodies.append)) as url:
+        receiver = install(url, store, state_dir)
+        receiver.bodies = bodies
+        yield receiver
 
 
 @dataclass

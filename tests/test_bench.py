@@ -20,6 +20,7 @@ from tests.conftest import Harness
 from tollgate import postgres
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
+from tollgate_dev.bench import tracing
 from tollgate_dev.bench.models import QUICK, BenchReport
 from tollgate_dev.bench.procs import listener_pid
 from tollgate_dev.bench.report import RATIOS, print_report, write_results
@@ -108,3 +109,25 @@ async def test_quick_bench_reports_every_figure(
     print_report(report, Console(file=shown, width=200))
     for name in RATIOS:
         assert f"({name})" in shown.getvalue()
+
+
+@pytest.mark.timeout(150)
+async def test_tracing_bench_counts_an_orders_spans_and_times_both_modes(
+    h: Harness, owner_url: str, tmp_path: Path
+) -> None:
+    """``make bench-tracing`` in miniature: both workers serve, batches alternate which
+    mode goes first, and every exported order is one trace of the same shape."""
+    report = await tracing.measure(
+        h.settings, owner_url=owner_url, work_dir=tmp_path, rounds=2, per_batch=2, warmup=0
+    )
+    assert report.not_completed == 0
+    assert [r.first for r in report.per_round] == ["on", "off"]
+    assert report.p50_on_ms > 0 and report.p50_off_ms > 0 and report.ratio > 0
+    assert report.worker_cpu_ms_on > 0 and report.worker_cpu_ms_off > 0
+    # The command's span, the workflow, two spans per activity, its SQL and HTTP calls.
+    assert report.spans_min == report.spans_max >= 30
+    assert report.spans_by_kind["temporal"] == 16
+    assert report.spans_by_kind["sql"] >= 10 and report.spans_by_kind["http client"] == 4
+    text = io.StringIO()
+    tracing.print_report(report, Console(file=text, width=120))
+    assert "Spans per order: median" in text.getvalue()

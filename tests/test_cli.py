@@ -320,9 +320,10 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
 async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     from tollgate_dev.sandbox import FaultSpec
 
-    # The charge is captured but its answer lost twice: with the CLI's default backoff
-    # (1 s, then 2 s) the order stays CHARGING for ~3 s, longer than the CLI's start-up.
-    await h.sandbox.set_fault("payments", FaultSpec(fail_next=2, fail_phase="after"))
+    # The charge is captured but its answer lost three times: with the CLI's default
+    # backoff (1 s, 2 s, 4 s) the order stays CHARGING for ~7 s, well past the start-up
+    # of two CLI processes on a busy machine.
+    await h.sandbox.set_fault("payments", FaultSpec(fail_next=3, fail_phase="after"))
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
     run = await _starter(
         h,

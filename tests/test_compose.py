@@ -415,6 +415,24 @@ def test_addresses_point_at_services_that_exist(compose: dict[str, Any]) -> None
     assert otel and otel.group(1) in services
 
 
+def test_every_traced_process_sends_its_spans_to_jaeger(compose: dict[str, Any]) -> None:
+    """Under compose, traces go to Jaeger (OTLP/HTTP on 4318), not to the local stack's
+    receiver: the CLI, the API, the worker and the sandbox all export there, so one
+    lifecycle is one trace in Jaeger's UI."""
+    services = compose["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert _env(jaeger).get("COLLECTOR_OTLP_ENABLED") == "true"
+    for name in ("starter", "api", "worker", "sandbox"):
+        env = _env(services[name])
+        assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://jaeger:4318", name
+        assert env.get("OTEL_SERVICE_NAME") == "tollgate", name
+        assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_SDK_DISABLED" not in env, name
+    # Settings reads the same variable, so the Tollgate processes export there.
+    worker = Settings(**{k.lower(): v for k, v in _env(services["worker"]).items()})  # type: ignore[arg-type]
+    assert worker.otlp_endpoint == "http://jaeger:4318"
+
+
 # --- Temporal ---------------------------------------------------------------------------
 
 

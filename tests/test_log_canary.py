@@ -11,9 +11,12 @@ canaries appear in no line of the log and in no free-text column.
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import Harness
 from tollgate.messages.service import MessageService
@@ -29,6 +32,14 @@ FREE_TEXT = {
     "devices": ("removed_reason",),
     "reconciliation_findings": ("detail",),
 }
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def test_canaries_in_personal_fields_reach_no_log_line_and_no_free_text_column(
@@ -89,6 +100,12 @@ async def test_canaries_in_personal_fields_reach_no_log_line_and_no_free_text_co
     text = log.read_text()
     assert "order transition" in text, "the worker did log, at DEBUG"
     assert "Completing activity as failed" in text, "the failure paths logged too"
+    # Every line about a lifecycle says which entity and which trace, the SDK's too.
+    about = [e for e in map(_json_or_none, text.splitlines()) if e and "workflow_id" in e]
+    assert any(e["message"].startswith("Completing activity as failed") for e in about)
+    for entry in about:
+        assert entry.get("entity_id") and entry.get("entity") in ("order", "message"), entry
+        assert re.fullmatch(r"[0-9a-f]{32}", entry.get("trace_id", "")), entry
     for field, value in canary.items():
         assert value not in text, f"the {field} canary is in the worker's log"
         for table, columns in FREE_TEXT.items():

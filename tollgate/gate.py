@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from tollgate.errors import IllegalTransition, NotFound, VersionConflict
 from tollgate.ids import NOTE_MAX, one_line
 from tollgate.postgres import Connection, Executor
+from tollgate.tracing import current_trace_id, current_traceparent
 
 #: SQLSTATE raised by the transition trigger for an edge not in the graph.
 ILLEGAL_TRANSITION_SQLSTATE = "TG001"
@@ -76,7 +77,8 @@ class Lifecycle:
 
 @dataclass(frozen=True)
 class Writer:
-    """Who writes and why, as the audit records it."""
+    """Who writes and why, as the audit records it. Without a ``trace_id``, the audit
+    records the trace the write runs in (:func:`tollgate.tracing.current_trace_id`)."""
 
     actor: str
     trace_id: str | None = None
@@ -142,7 +144,7 @@ def _described(writer: Writer) -> tuple[str, str, str]:
     error can be long or odd."""
     return (
         one_line(writer.actor, limit=ACTOR_MAX),
-        writer.trace_id or "",
+        writer.trace_id or current_trace_id() or "",
         one_line(writer.reason, limit=NOTE_MAX) if writer.reason else "",
     )
 
@@ -298,8 +300,11 @@ async def insert_or_match(
     """Insert an entity's first row, or recognise an identical one already there.
 
     Whichever of the service and the workflow's first activity comes second finds the
-    row; if it differs in an identity column, someone else's entity holds the id.
+    row; if it differs in an identity column, someone else's entity holds the id. The
+    row records the span that inserts it (``trace_parent``): the lifecycle's trace
+    begins there, and later operations on the entity join it (:mod:`tollgate.tracing`).
     """
+    values = {**values, "trace_parent": current_traceparent()}
     names = list(values)
     placeholders = ", ".join(f"${n}" for n in range(4, len(names) + 4))
     # One round trip for a new entity, as in transition(): the writer's description is

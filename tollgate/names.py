@@ -101,3 +101,13 @@ def transition_id(owner: str, from_version: int, to_status: str) -> str:
     """The id of one transition, ``<owner>:v<from version>:<target>``: a retried write that
     finds it on the row knows its earlier attempt committed."""
     return f"{owner}:v{from_version}:{to_status}"
+
+
+def entity_of(workflow_id: str) -> tuple[str, str] | None:
+    """``("order", id)`` or ``("message", id)`` for a workflow of that lifecycle (its own,
+    its recovery, its read-receipt syncs); None for any other workflow id."""
+    for kind, prefix in (("order", ORDER_WORKFLOW_PREFIX), ("message", MESSAGE_WORKFLOW_PREFIX)):
+        if workflow_id.startswith(prefix):
+            entity_id = workflow_id[len(prefix) :].split(":", 1)[0]
+            return (kind, entity_id) if entity_id else None
+    return None

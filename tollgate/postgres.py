@@ -6,6 +6,7 @@ import json
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 #: One connection, taken from the pool or made directly.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -21,6 +22,12 @@ async def create_pool(dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
 
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init)
+    async def _reset(conn: asyncpg.Connection) -> None:
+        # What the pool runs on every release (unlock, close cursors, RESET ALL) is
+        # housekeeping, not a statement of the caller's: no span for it.
+        with suppress_instrumentation():
+            await conn.reset()
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init, reset=_reset)
     assert pool is not None
     return pool

@@ -25,6 +25,9 @@ DEFAULT_POSTGRES_PORT = 15432
 DEFAULT_SANDBOX_PORT = 18081
 DEFAULT_API_PORT = 18080
 
+#: What the local stack's trace receiver URL looks like (``<prefix><port>``).
+LOCAL_OTLP_PREFIX = "http://127.0.0.1:"
+
 #: Where the local stack keeps its data (Postgres cluster, Temporal's SQLite file, logs).
 DEFAULT_STATE_DIR = Path(".tollgate")
 
@@ -64,9 +67,14 @@ class Settings(BaseSettings):
     #: lifecycle (README, Speed). tests/test_layers.py keeps the shared modules stateless.
     reimport_workflow_modules: bool = False
 
-    #: OTLP/HTTP endpoint for traces (e.g. http://127.0.0.1:4318). Unset: no export.
+    #: OTLP/HTTP endpoint for traces and metrics (e.g. http://127.0.0.1:4318). Unset:
+    #: traces go to the local stack's receiver when one runs from ``state_dir`` (see
+    #: ``otlp_endpoint``), else nowhere.
     otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "tollgate"
+    #: Port of the local stack's OTLP receiver (``make up``). Unset: a free port. Not
+    #: used when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set: the stack then sends there.
+    traces_receiver_port: int | None = Field(default=None, ge=1, le=65535)
     log_level: str = "INFO"
 
     state_dir: Path = DEFAULT_STATE_DIR
@@ -156,6 +164,30 @@ class Settings(BaseSettings):
     #: ``host:port`` where the worker serves the Temporal SDK's metrics (schedule-to-start
     #: latencies, slots, polls) in Prometheus text at ``/metrics``. Unset: not served.
     worker_metrics_bind_address: str | None = None
+
+    @property
+    def traces_dir(self) -> Path:
+        """Where the local stack's OTLP receiver keeps recent traces."""
+        return self.state_dir / "traces"
+
+    @property
+    def otlp_endpoint(self) -> str | None:
+        """Where spans are exported: ``OTEL_EXPORTER_OTLP_ENDPOINT``; else the receiver of
+        the local stack running from ``state_dir``, which writes its URL to
+        ``<traces_dir>/endpoint`` while it runs (so the CLI in another terminal sends
+        its command spans there with no configuration); else None, no export."""
+        if self.otel_exporter_otlp_endpoint:
+            return self.otel_exporter_otlp_endpoint
+        try:
+            url = (self.traces_dir / "endpoint").read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        # Only ever a loopback address: a file is no reason to send spans elsewhere.
+        return (
+            url
+            if url.startswith(LOCAL_OTLP_PREFIX) and url[len(LOCAL_OTLP_PREFIX) :].isdigit()
+            else None
+        )
 
     @property
     def payload_key_path(self) -> Path:

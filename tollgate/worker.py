@@ -210,7 +210,7 @@ def main() -> None:
     """Entry point of ``python worker.py``."""
     settings = Settings()
     configure_logging(settings)
-    provider = configure_tracing(settings)
+    provider = configure_tracing(settings, "worker")
     meters = configure_metrics(settings)
 
     async def _main() -> None:

@@ -1,4 +1,5 @@
-"""The development commands of ``starter.py``: ``load`` and ``demo``.
+"""The development commands of ``starter.py``: ``load``, ``demo``, and ``order trace`` /
+``message trace`` (which read the local stack's trace files).
 
 They drive the sandbox and many lifecycles, which a production deployment has no use
 for, so they live with the rest of the development infrastructure and join the CLI
@@ -10,14 +11,28 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
+import asyncpg
 from cyclopts import Parameter
 from rich.table import Table
 
-from tollgate import access
+from tollgate import access, gate, postgres
 from tollgate.errors import InputError
+from tollgate.ids import require_safe_id
 from tollgate.messages.service import MessageService
-from tollgate.ops.cli import EXIT_REFUSED, JsonFlag, app, connected, console, emit_json
+from tollgate.messages.store import MESSAGES
+from tollgate.ops.cli import (
+    EXIT_REFUSED,
+    JsonFlag,
+    Refused,
+    app,
+    connected,
+    console,
+    emit_json,
+    message_app,
+    order_app,
+)
 from tollgate.orders.service import OrderService
+from tollgate.orders.store import ORDERS
 from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
@@ -25,6 +40,7 @@ from tollgate_dev.api_client import ApiCaller
 from tollgate_dev.demo import print_outcomes, run_demo
 from tollgate_dev.load import run_load
 from tollgate_dev.load_api import run_api_load
+from tollgate_dev.traces import TraceStore, waterfall
 
 #: Upper bounds of ``load``: past them a typo would run for hours.
 MAX_LOAD_COUNT = 100_000
@@ -172,3 +188,81 @@ async def demo(*, json: JsonFlag = False) -> None:
         print_outcomes(outcomes, settings, console)
     if not all(o.ok for o in outcomes):
         raise SystemExit(EXIT_REFUSED)
+
+
+async def _lifecycle_traces(
+    settings: Settings, lifecycle: gate.Lifecycle, entity_id: str
+) -> list[str]:
+    """The trace ids an entity's audit rows and row name, first seen first: one, for a
+    lifecycle created since traces were kept with the row."""
+    try:
+        pool = await postgres.create_pool(settings.database_url, max_size=1)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise Refused(
+            f"cannot reach Postgres at DATABASE_URL ({type(exc).__name__}: {exc}); "
+            "is the local stack up (make up)?"
+        ) from None
+    try:
+        row = await gate.get_row(pool, lifecycle, entity_id)
+        if row is None:
+            raise lifecycle.not_found(entity_id)
+        audited = await pool.fetch(
+            f"SELECT trace_id FROM {lifecycle.audit_table} WHERE {lifecycle.audit_key} = $1"
+            " AND trace_id IS NOT NULL ORDER BY id",
+            entity_id,
+        )
+    finally:
+        await pool.close()
+    ids: list[str] = []
+    parent = row["trace_parent"]
+    for trace_id in [parent.split("-")[1] if parent else None, *(r["trace_id"] for r in audited)]:
+        if trace_id and trace_id not in ids:
+            ids.append(trace_id)
+    return ids
+
+
+async def _print_trace(lifecycle: gate.Lifecycle, entity_id: str, as_json: bool) -> None:
+    require_safe_id(f"{lifecycle.kind} id", entity_id)
+    settings = Settings()
+    trace_ids = await _lifecycle_traces(settings, lifecycle, entity_id)
+    store = TraceStore(settings.traces_dir)
+    traces = {trace_id: store.load(trace_id) for trace_id in trace_ids}
+    if as_json:
+        emit_json(
+            {
+                f"{lifecycle.kind}_id": entity_id,
+                "traces": {
+                    t: [s.model_dump(mode="json") for s in spans] for t, spans in traces.items()
+                },
+            }
+        )
+        return
+    if not trace_ids:
+        raise Refused(f"{lifecycle.kind} {entity_id} has no trace id in its audit rows")
+    shown = 0
+    for trace_id, spans in traces.items():
+        if not spans:
+            console.print(
+                f"trace {trace_id}: no spans kept in {settings.traces_dir} (was the local "
+                "stack's receiver running? it keeps the most recent traces only)",
+                markup=False,
+            )
+            continue
+        console.print(waterfall(spans, title=f"{lifecycle.kind} {entity_id}"))
+        shown += 1
+    if not shown:
+        raise SystemExit(EXIT_REFUSED)
+
+
+@order_app.command(name="trace")
+async def order_trace(order_id: str, *, json: JsonFlag = False) -> None:
+    """Print the order's trace as a waterfall: every span from the command that created it
+    to each SQL statement and provider call, with durations, status and retried attempts
+    (from the local stack's trace receiver)."""
+    await _print_trace(ORDERS, order_id, json)
+
+
+@message_app.command(name="trace")
+async def message_trace(message_id: str, *, json: JsonFlag = False) -> None:
+    """Print the message's trace as a waterfall (see ``order trace``)."""
+    await _print_trace(MESSAGES, message_id, json)

@@ -94,6 +94,7 @@ from tollgate.orders.models import OrderInput
 from tollgate.orders.service import OrderService
 from tollgate.orders.states import OrderStatus
 from tollgate.settings import Settings
+from tollgate.telemetry import instrument_app
 
 API_VERSION = "1.0.0"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -1093,4 +1094,7 @@ def create_app(deps: ApiDeps) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.api = api
     app.state.document = document
+    # A server span per request, named by its route template: the root of the trace of
+    # every order or message it creates. No header, body or key is recorded.
+    instrument_app(app)
     return app

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     configure_logging(settings)
-    provider = configure_tracing(settings)
+    provider = configure_tracing(settings, "api")
     try:
         asyncio.run(serve(settings, args.host, args.port))
     except ConfigError as exc:

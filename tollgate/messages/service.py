@@ -46,6 +46,7 @@ from tollgate.names import (
 )
 from tollgate.postgres import Connection
 from tollgate.temporal import inspect_workflow, signal_if_running, start_lifecycle
+from tollgate.tracing import joined, tracer
 
 _DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)", re.ASCII)
 #: No knob of Tollgate takes a longer duration; anything past it is a typo.
@@ -178,6 +179,17 @@ class MessageService:
         :meth:`tollgate.orders.service.OrderService.create`)."""
         if message.carry_over is not None:
             raise InputError("carry_over is set by the workflow itself, never by a sender")
+        with tracer.start_as_current_span(
+            "message.send", attributes={"tollgate.message_id": message.message_id}
+        ):
+            return await self._send(message, actor, also)
+
+    async def _send(
+        self,
+        message: MessageInput,
+        actor: str,
+        also: Callable[[Connection], Awaitable[object]] | None,
+    ) -> WorkflowHandle[Any, MessageResult]:
         workflow_id = message_workflow_id(message.message_id)
 
         async def insert(conn: Connection) -> None:
@@ -208,12 +220,19 @@ class MessageService:
     async def device_says(
         self, message_id: str, device_id: str, what: Literal["delivered", "read"]
     ) -> None:
-        """Deliver a device's confirmation or read acknowledgement to the workflow."""
+        """Deliver a device's confirmation or read acknowledgement to the workflow, in the
+        message's trace."""
         payload = parse_input(DeviceSignal, {"device_id": device_id})
         require_safe_id("message id", message_id)
         row = await self.row(message_id)
         signal = MESSAGE_DELIVERED_SIGNAL if what == "delivered" else MESSAGE_READ_SIGNAL
-        if not await signal_if_running(self.handle(message_id), signal, payload):
+        with joined(
+            f"message.{what}",
+            row.trace_parent,
+            attributes={"tollgate.message_id": message_id, "tollgate.device_id": device_id},
+        ):
+            running = await signal_if_running(self.handle(message_id), signal, payload)
+        if not running:
             raise NotRunning(f"message {message_id} is no longer running (it is {row.status})")
 
     async def recall(
@@ -226,6 +245,15 @@ class MessageService:
         """
         request = parse_input(RecallRequest, {"reason": reason, "requested_by": requested_by})
         require_safe_id("message id", message_id)
+        existing = await self.row(message_id)
+        with joined(
+            "message.recall", existing.trace_parent, attributes={"tollgate.message_id": message_id}
+        ):
+            return await self._recall(message_id, request, actor)
+
+    async def _recall(
+        self, message_id: str, request: RecallRequest, actor: str | None
+    ) -> RecallOutcome:
         row = await store.recall_message(
             self._pool,
             message_id,

@@ -79,6 +79,8 @@ class MessageRow(_Row):
     updated_at: datetime
     #: The API client that sent it; None for messages the CLI sent.
     client_id: str | None = None
+    #: W3C traceparent of the span that created the message: its lifecycle's trace.
+    trace_parent: str | None = None
 
 
 class DeviceRow(_Row):

@@ -37,7 +37,9 @@ from tollgate.orders.states import OrderStatus
 from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
+from tollgate.telemetry import configure_tracing
 from tollgate.temporal import connect, data_converter
+from tollgate.tracing import tracer
 
 EXIT_REFUSED = 1
 EXIT_BAD_INPUT = 2
@@ -566,13 +568,45 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _command_of(args: Sequence[str]) -> str:
+    """The command path in ``args`` (``order create``), never an argument's value."""
+    words: list[str] = []
+    node = app
+    for token in args:
+        try:
+            node = node[token]
+        except (KeyError, ValueError):
+            break
+        words.append(token)
+    return " ".join(words)
+
+
+def _run(args: Sequence[str]) -> None:
+    """Parse and run one command inside its span: the root of the trace of whatever it
+    starts (an order's, a message's), exported where ``Settings.otlp_endpoint`` says."""
+    provider = configure_tracing(Settings(), "cli", export_timeout=_EXPORT_SECONDS)
+    command = _command_of(args)
+    try:
+        with tracer.start_as_current_span(
+            f"starter.py {command}".strip(), attributes={"tollgate.command": command}
+        ):
+            result = app(args, exit_on_error=False, print_error=False)
+            if asyncio.iscoroutine(result):
+                asyncio.run(result)
+    finally:
+        # A command is short: send its spans before the process ends.
+        provider.force_flush(int(_EXPORT_SECONDS * 1000))
+
+
+#: How long the CLI may spend sending its spans (the receiver is local, or absent).
+_EXPORT_SECONDS = 2.0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run one command, turning every expected failure into one line."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        result = app(args, exit_on_error=False, print_error=False)
-        if asyncio.iscoroutine(result):
-            asyncio.run(result)
+        _run(args)
     except CycloptsError as exc:
         _fail(" ".join(str(exc).split()), EXIT_BAD_INPUT)
     except (InputError, ConfigError) as exc:

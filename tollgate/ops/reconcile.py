@@ -56,6 +56,7 @@ from tollgate.names import (
 )
 from tollgate.orders.models import OrderResult, RecoveryInput
 from tollgate.orders.states import OrderStatus
+from tollgate.tracing import joined
 
 RECONCILE_SCHEDULE_ID = "tollgate-reconciler"
 
@@ -253,7 +254,7 @@ async def reconcile(
                 findings.append(found)
 
     if options.repair or options.repair_missing:
-        findings = [await _repair(client, f, task_queue, options) for f in findings]
+        findings = [await _repair(client, pool, f, task_queue, options) for f in findings]
     await _record(pool, run_id, findings)
     return ReconcileReport(
         run_id=run_id,
@@ -264,7 +265,11 @@ async def reconcile(
 
 
 async def _repair(
-    client: Client, finding: Finding, task_queue: str, options: ReconcileInput
+    client: Client,
+    pool: asyncpg.Pool,
+    finding: Finding,
+    task_queue: str,
+    options: ReconcileInput,
 ) -> Finding:
     repairable = (finding.finding == "orphaned" and options.repair) or (
         finding.finding == "missing" and options.repair_missing
@@ -272,6 +277,18 @@ async def _repair(
     if finding.entity_kind != "order" or not repairable:
         return finding
     workflow_id = recovery_workflow_id(finding.entity_id)
+    # The recovery is part of the order's lifecycle: its trace, and its audit rows.
+    trace_parent = await pool.fetchval(
+        "SELECT trace_parent FROM orders WHERE id = $1", finding.entity_id
+    )
+    with joined("order.recover", trace_parent, attributes={"tollgate.order_id": finding.entity_id}):
+        await _start_recovery(client, finding, workflow_id, task_queue)
+    return finding.model_copy(update={"repair_workflow_id": workflow_id})
+
+
+async def _start_recovery(
+    client: Client, finding: Finding, workflow_id: str, task_queue: str
+) -> None:
     await client.start_workflow(
         ORDER_RECOVERY_WORKFLOW,
         RecoveryInput(
@@ -285,7 +302,6 @@ async def _repair(
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
     )
-    return finding.model_copy(update={"repair_workflow_id": workflow_id})
 
 
 async def _record(pool: asyncpg.Pool, run_id: str, findings: list[Finding]) -> None:

@@ -52,6 +52,7 @@ from tollgate.temporal import (
     start_lifecycle,
     start_lifecycle_with_update,
 )
+from tollgate.tracing import joined, tracer
 
 #: More writes for the transaction that inserts an entity's row (an API idempotency key).
 AlsoWrite = Callable[[Connection], Awaitable[object]]
@@ -144,7 +145,18 @@ class OrderService:
     ) -> WorkflowHandle[Any, OrderResult]:
         """Check the order, then insert the PENDING row and start its workflow, both or
         neither (see :func:`tollgate.temporal.start_lifecycle`). ``actor`` is who the
-        audit names; ``also`` writes more in the same transaction, before the row."""
+        audit names; ``also`` writes more in the same transaction, before the row.
+
+        The span ``order.create`` (a child of the caller's, if any) is where the order's
+        trace begins: the row records it, and the workflow descends from it."""
+        with tracer.start_as_current_span(
+            "order.create", attributes={"tollgate.order_id": order.order_id}
+        ):
+            return await self._create(order, actor, also)
+
+    async def _create(
+        self, order: OrderInput, actor: str, also: AlsoWrite | None
+    ) -> WorkflowHandle[Any, OrderResult]:
         await self.check(order)
         workflow_id = order_workflow_id(order.order_id)
         return await start_lifecycle(
@@ -169,6 +181,14 @@ class OrderService:
         (update-with-start). Returns once the workflow accepted the update; its
         ``result()`` answers when the order is charged, has failed or is being
         cancelled, while the checkout goes on."""
+        with tracer.start_as_current_span(
+            "order.create", attributes={"tollgate.order_id": order.order_id}
+        ):
+            return await self._create_until_charged(order, actor, also)
+
+    async def _create_until_charged(
+        self, order: OrderInput, actor: str, also: AlsoWrite | None
+    ) -> WorkflowUpdateHandle[OrderProgress]:
         await self.check(order)
         workflow_id = order_workflow_id(order.order_id)
         return await start_lifecycle_with_update(
@@ -246,10 +266,20 @@ class OrderService:
 
         The whole request is validated first: a reason the signal could not carry must
         not leave a row CANCELLING that its workflow never hears of. The audit names
-        ``actor`` (default ``cli:<requested_by>``).
+        ``actor`` (default ``cli:<requested_by>``). It runs in the order's trace, under
+        the span that created the order, with a link to the caller's span.
         """
         request = parse_input(CancelOrderRequest, {"reason": reason, "requested_by": requested_by})
         require_safe_id("order id", order_id)
+        existing = await self.row(order_id)
+        with joined(
+            "order.cancel", existing.trace_parent, attributes={"tollgate.order_id": order_id}
+        ):
+            return await self._cancel(order_id, request, actor)
+
+    async def _cancel(
+        self, order_id: str, request: CancelOrderRequest, actor: str | None
+    ) -> CancelOutcome:
         state = await store.request_cancellation(
             self._pool,
             order_id,

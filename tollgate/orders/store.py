@@ -56,6 +56,8 @@ class OrderRow(BaseModel):
     updated_at: datetime
     #: The API client that owns the order; None for orders the CLI created.
     client_id: str | None = None
+    #: W3C traceparent of the span that created the order: its lifecycle's trace.
+    trace_parent: str | None = None
 
 
 def _row(record: asyncpg.Record | None) -> OrderRow | None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, NamedTuple, TypeVar
 
 import httpx
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tollgate.errors import (
@@ -80,13 +81,21 @@ class ProviderAnswer(BaseModel):
 
 
 def build_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The worker's shared HTTP client for every provider (connection pooling, timeouts)."""
-    return httpx.AsyncClient(
+    """The worker's shared HTTP client for every provider (connection pooling, timeouts).
+
+    Every request is a span (OpenTelemetry's httpx instrumentation) and carries the W3C
+    ``traceparent`` of the activity that sends it, so a provider's record of a call
+    leads back to the lifecycle's trace. Paths carry no personal data (a SKU at most):
+    what a provider is told goes in the body, which no span records.
+    """
+    client = httpx.AsyncClient(
         base_url=settings.sandbox_url,
         timeout=httpx.Timeout(settings.provider_timeout_seconds),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         headers={"User-Agent": "tollgate-worker"},
     )
+    HTTPXClientInstrumentor.instrument_client(client)
+    return client
 
 
 class _Request(NamedTuple):

@@ -23,25 +23,13 @@ from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
-from tollgate.settings import DEFAULT_POSTGRES_PORT, DEFAULT_TEMPORAL_PORT, Settings
+from tollgate.settings import DEFAULT_TEMPORAL_PORT, Settings
 from tollgate.temporal import connect
 from tollgate_dev.bench.models import FULL, QUICK, BenchPlan, BenchReport
 from tollgate_dev.bench.procs import listener_pid, recorded_pid
 from tollgate_dev.bench.report import print_report, write_results
 from tollgate_dev.bench.run import BenchTarget, run_bench
-from tollgate_dev.stack import LocalPostgres, LocalStack, StackError, stack_is_up
-
-
-def _running_owner_url(settings: Settings) -> str:
-    """The schema owner's URL of a running stack: DATABASE_OWNER_URL, else the one
-    ``make up``'s own Postgres has (its password is in the state directory)."""
-    if settings.database_owner_url:
-        return settings.database_owner_url
-    data_dir = settings.state_dir / "pgdata"
-    if LocalPostgres(data_dir, 0).owner_password_file.is_file():
-        port = urlsplit(settings.database_url).port or DEFAULT_POSTGRES_PORT
-        return LocalPostgres(data_dir, port).owner_url
-    return settings.database_url  # creating the gate's plain table may then be refused
+from tollgate_dev.stack import LocalStack, StackError, running_owner_url, stack_is_up
 
 
 async def _bench(
@@ -93,7 +81,7 @@ async def _main(plan: BenchPlan, say: Console, *, in_memory: bool) -> tuple[Benc
         report = await _bench(
             settings,
             plan,
-            owner_url=_running_owner_url(settings),
+            owner_url=running_owner_url(settings),
             worker_pid=recorded_pid(settings.state_dir, "worker"),
             server_pid=recorded_pid(settings.state_dir, "temporal") or listener_pid(port),
             reused=True,

@@ -11,6 +11,10 @@ import os
 from collections.abc import Sequence
 
 import uvicorn
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from tollgate_dev.sandbox.app import create_app
 from tollgate_dev.sandbox.models import SandboxConfig
@@ -50,12 +54,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _configure_tracing() -> TracerProvider | None:
+    """Export the sandbox's server spans where Tollgate's go (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    which the local stack and docker-compose set); None when it is unset."""
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    name = os.environ.get("OTEL_SERVICE_NAME") or "tollgate"
+    provider = TracerProvider(resource=Resource.create({"service.name": f"{name}-sandbox"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the sandbox under uvicorn until interrupted."""
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else _env_seed()
     config = SandboxConfig(seed=seed, card_limit_cents=args.card_limit_cents)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    provider = _configure_tracing()
+    try:
+        uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if provider is not None:
+            provider.shutdown()
 
 
 if __name__ == "__main__":

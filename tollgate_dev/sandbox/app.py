@@ -28,6 +28,7 @@ import json
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tollgate.telemetry import instrument_app
 from tollgate_dev.sandbox.models import (
     PROVIDERS,
     AddressList,
@@ -74,6 +76,8 @@ __all__ = ["SandboxState", "create_app"]
 Body = TypeVar("Body", bound=BaseModel)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: W3C trace context of the caller; recorded with every ledger entry a request makes.
+TRACEPARENT_HEADER = "traceparent"
 #: Set on a response that is a replay of a stored answer; handy when reading traces.
 REPLAY_HEADER = "Idempotent-Replayed"
 _MAX_KEY_LENGTH = 255
@@ -81,6 +85,10 @@ _MAX_KEY_LENGTH = 255
 _MAX_BODY_BYTES = 1 << 20
 #: nginx's "client closed request": never seen by anyone, but clearer than a 500 in logs.
 _CLIENT_CLOSED = 499
+
+#: The ``traceparent`` of the request a handler is serving. Handlers never await, so
+#: within one the value cannot change under them.
+_caller: ContextVar[str | None] = ContextVar("sandbox_caller_traceparent", default=None)
 
 
 # --------------------------------------------------------------------------- state
@@ -219,6 +227,7 @@ class SandboxState:
                 idempotency_key=key,
                 voided_by=by,
                 created_at=_now(),
+                traceparent=_caller.get(),
             )
 
     def is_voided(self, provider: str, kind: str, key: str) -> bool:
@@ -306,6 +315,7 @@ def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
         status="captured",
         idempotency_key=key,
         created_at=_now(),
+        traceparent=_caller.get(),
     )
     state.charges[key] = charge
     return Outcome(201, _dump(ChargeResponse.model_validate(charge, from_attributes=True)))
@@ -352,6 +362,7 @@ def _refund(state: SandboxState, body: RefundRequest, key: str) -> Outcome:
         idempotency_key=key,
         charge_idempotency_key=charge_key,
         created_at=_now(),
+        traceparent=_caller.get(),
     )
     charge.status = "refunded"
     state.refunds[charge.charge_id] = refund
@@ -391,6 +402,7 @@ def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome
         status="reserved",
         idempotency_key=key,
         created_at=_now(),
+        traceparent=_caller.get(),
     )
     state.reservations[key] = reservation
     answer = ReservationResponse.model_validate(reservation, from_attributes=True)
@@ -434,6 +446,7 @@ def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
         idempotency_key=key,
         reservation_idempotency_key=reservation_key,
         created_at=_now(),
+        traceparent=_caller.get(),
     )
     reservation.status = "released"
     state.releases[reservation.reservation_id] = release
@@ -457,6 +470,7 @@ def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
         payload=body.payload,
         idempotency_key=key,
         created_at=_now(),
+        traceparent=_caller.get(),
     )
     state.pushes[key] = push
     return Outcome(201, _dump(PushResponse.model_validate(push, from_attributes=True)))
@@ -473,6 +487,7 @@ def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
         message_id=body.message_id,
         idempotency_key=key,
         created_at=_now(),
+        traceparent=_caller.get(),
     )
     state.emails[key] = email
     return Outcome(201, _dump(EmailResponse.model_validate(email, from_attributes=True)))
@@ -575,7 +590,11 @@ async def _idempotent(
                 {REPLAY_HEADER: "true"},
                 media_type="application/json",
             )
-        outcome = handler(state, parsed, key)
+        token = _caller.set(request.headers.get(TRACEPARENT_HEADER))
+        try:
+            outcome = handler(state, parsed, key)
+        finally:
+            _caller.reset(token)
         content = _render(outcome.body)
         # Every answer a handler gives is final (2xx, 402, 409 voided, 422...): storing
         # them all is what makes a retried decline get the same decline.
@@ -789,4 +808,8 @@ def create_app(config: SandboxConfig | None = None) -> Starlette:
         max_body_size=_MAX_BODY_BYTES,
     )
     app.state.sandbox = state
+    # A server span per provider request, the child of the caller's (the traceparent it
+    # sends). The admin API is scripting, and its paths name customers, addresses and
+    # tokens: no spans for it, nor for health checks.
+    instrument_app(app, untraced="/admin/,/health$")
     return app

@@ -254,7 +254,16 @@ class ErrorResponse(BaseModel):
 # --------------------------------------------------------------------------- ledger
 
 
-class Charge(BaseModel):
+class _Entry(BaseModel):
+    """Base of a ledger entry: what the provider did, and on whose trace."""
+
+    #: W3C ``traceparent`` header of the request that made the entry (None without
+    #: one): the span of the caller's attempt, so the entry can be followed back to the
+    #: lifecycle's trace.
+    traceparent: str | None = None
+
+
+class Charge(_Entry):
     """A captured card charge. ``status`` becomes ``refunded`` when a refund lands."""
 
     charge_id: str
@@ -267,7 +276,7 @@ class Charge(BaseModel):
     created_at: datetime
 
 
-class Refund(BaseModel):
+class Refund(_Entry):
     """A refund of a whole charge."""
 
     refund_id: str
@@ -284,7 +293,7 @@ class Refund(BaseModel):
     created_at: datetime
 
 
-class Reservation(BaseModel):
+class Reservation(_Entry):
     """Stock held for an order. ``status`` becomes ``released`` when it is given back."""
 
     reservation_id: str
@@ -295,7 +304,7 @@ class Reservation(BaseModel):
     created_at: datetime
 
 
-class Release(BaseModel):
+class Release(_Entry):
     """Stock given back from a reservation."""
 
     release_id: str
@@ -310,7 +319,7 @@ class Release(BaseModel):
     created_at: datetime
 
 
-class Void(BaseModel):
+class Void(_Entry):
     """Tombstone: an undo arrived before the thing it undoes, so that key is now refused.
 
     This is what makes "compensate, then the slow original lands" safe: the late request
@@ -329,7 +338,7 @@ class Void(BaseModel):
     created_at: datetime
 
 
-class Push(BaseModel):
+class Push(_Entry):
     """A push notification handed to the (fake) APNs / FCM."""
 
     push_id: str
@@ -341,7 +350,7 @@ class Push(BaseModel):
     created_at: datetime
 
 
-class Email(BaseModel):
+class Email(_Entry):
     """An email handed to the (fake) mail provider."""
 
     email_id: str

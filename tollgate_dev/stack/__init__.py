@@ -18,7 +18,7 @@ from tollgate_dev.stack._process import ManagedProcess, StackError, free_port, p
 from tollgate_dev.stack._supervisor import ProcessExit, RestartBackoff, Supervisor
 from tollgate_dev.stack.local import LocalStack
 from tollgate_dev.stack.postgres import LocalPostgres, postgres_bin_dir
-from tollgate_dev.stack.running import stack_is_up
+from tollgate_dev.stack.running import running_owner_url, stack_is_up
 from tollgate_dev.stack.services import SandboxProcess, WorkerProcess
 from tollgate_dev.stack.temporal import TemporalDevServer, temporal_binary
 
@@ -36,6 +36,7 @@ __all__ = [
     "free_port",
     "port_is_free",
     "postgres_bin_dir",
+    "running_owner_url",
     "stack_is_up",
     "temporal_binary",
 ]

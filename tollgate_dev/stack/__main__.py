@@ -60,6 +60,14 @@ def _summary(stack: LocalStack) -> Table:
     database = stack.database_url
     table.add_row("Postgres", database if stack.postgres else f"{database} (external)")
     table.add_row("Provider sandbox", stack.sandbox_url)
+    if stack.traces is not None:
+        table.add_row(
+            "Traces",
+            f"{stack.traces.url} (OTLP/HTTP; kept in {_relative(stack.traces.directory)}; "
+            "starter.py order trace ID)",
+        )
+    elif stack.otlp_endpoint:
+        table.add_row("Traces", f"{stack.otlp_endpoint} (OTEL_EXPORTER_OTLP_ENDPOINT)")
     table.add_row("Worker", _worker_status(stack))
     if stack.worker_metrics_port is not None:
         table.add_row(

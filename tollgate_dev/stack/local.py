@@ -12,6 +12,7 @@ also when starting failed half-way. State lives under one directory::
     <state_dir>/payload.key             the payload encryption key (0600), created on first start
     <state_dir>/codec.token             the codec server's credential (0600), likewise
     <state_dir>/webhook.secret          the secret device receipts are signed with (0600), likewise
+    <state_dir>/traces/                 recent traces the receiver kept, and its URL while it runs
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from tollgate_dev.stack.codec import CodecServerProcess, ensure_codec_token, ens
 from tollgate_dev.stack.postgres import LocalPostgres
 from tollgate_dev.stack.services import SandboxProcess, WorkerProcess
 from tollgate_dev.stack.temporal import TemporalDevServer
+from tollgate_dev.stack.traces import TraceReceiverProcess
 
 
 class LocalStack:
@@ -92,6 +94,8 @@ class LocalStack:
         api_port: int | None = None,
         webhook_secret_file: Path | None = None,
         worker_metrics_port: int | None = None,
+        traces_port: int | None = None,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.log_dir = self.state_dir / "logs"
@@ -138,15 +142,32 @@ class LocalStack:
                 env={"CODEC_AUTH_TOKEN": codec_token} if codec_token is not None else None,
                 log_file=self.log_dir / "codec.log",
             )
+        #: Receives the spans of every process (none when ``otlp_endpoint`` names a
+        #: collector of the user's, such as Jaeger: then they go there).
+        self.traces: TraceReceiverProcess | None = None
+        if otlp_endpoint is None:
+            self.traces = TraceReceiverProcess(
+                traces_port if traces_port is not None else free_port(),
+                directory=self.state_dir / "traces",
+                cwd=project_root,
+                log_file=self.log_dir / "traces.log",
+            )
+        #: Where this stack's processes send their spans.
+        self.otlp_endpoint = otlp_endpoint or (self.traces.url if self.traces else None)
         self.sandbox = SandboxProcess(
-            sandbox_port, cwd=project_root, log_file=self.log_dir / "sandbox.log"
+            sandbox_port,
+            cwd=project_root,
+            log_file=self.log_dir / "sandbox.log",
+            env=self.otlp_env(),
         )
         self.worker: WorkerProcess | None = None
         if with_worker:
             # start() adds the addresses: the owner's URL carries a password that is
             # generated into a file on first use, and constructing touches no files.
             self.worker = WorkerProcess(
-                self.payload_env(), project_root, log_file=self.log_dir / "worker.log"
+                {**self.payload_env(), **self.otlp_env()},
+                project_root,
+                log_file=self.log_dir / "worker.log",
             )
         #: Where the worker serves the Temporal SDK's metrics (``/metrics``), if anywhere.
         self.worker_metrics_port = worker_metrics_port
@@ -169,7 +190,7 @@ class LocalStack:
             self.api = ApiProcess(
                 api_port,
                 secret_file=self.webhook_secret_file,
-                env=self.payload_env(),
+                env={**self.payload_env(), **self.otlp_env()},
                 cwd=project_root,
                 log_file=self.log_dir / "api.log",
             )
@@ -237,6 +258,8 @@ class LocalStack:
             api_port=api_port,
             webhook_secret_file=settings.receipt_webhook_secret_file,
             worker_metrics_port=metrics_port,
+            traces_port=settings.traces_receiver_port,
+            otlp_endpoint=settings.otel_exporter_otlp_endpoint,
         )
 
     # -- addresses ---------------------------------------------------------------------
@@ -296,6 +319,10 @@ class LocalStack:
         """
         return {"PAYLOAD_KEY_FILE": str(self.payload_key_file)}
 
+    def otlp_env(self) -> dict[str, str]:
+        """``OTEL_EXPORTER_OTLP_ENDPOINT`` for a child of this stack (empty: none)."""
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint} if self.otlp_endpoint else {}
+
     def codec_token(self) -> str:
         """The codec server's credential: the one given, else the token file's, which is
         created (random, 0600) if it is missing."""
@@ -310,6 +337,8 @@ class LocalStack:
     def components(self) -> list[ManagedProcess]:
         """The processes of this stack, in start order."""
         parts: list[ManagedProcess] = []
+        if self.traces is not None:
+            parts.append(self.traces)  # first: every other process sends it spans
         if self.postgres is not None:
             parts.append(self.postgres)
         if self.codec is not None:
@@ -419,6 +448,8 @@ class LocalStack:
         if self.temporal.ui_port is not None:
             wanted.append((self.temporal.ui_port, "Temporal Web UI", move("TEMPORAL_UI_URL")))
         wanted.append((self.sandbox.port, "provider sandbox", move("SANDBOX_URL")))
+        if self.traces is not None:
+            wanted.append((self.traces.port, "trace receiver", move("TRACES_RECEIVER_PORT")))
         if self.api is not None:
             wanted.append((self.api.port, "HTTP API", move("API_URL")))
         if self.worker_metrics_port is not None:
