@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.canaries import canaries, run_lifecycles, script_failures
 from tests.conftest import Harness
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
@@ -45,58 +45,21 @@ def _json_or_none(line: str) -> dict[str, Any] | None:
 async def test_canaries_in_personal_fields_reach_no_log_line_and_no_free_text_column(
     h: Harness, tmp_path: Path
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
-    canary = {
-        "customer": f"CANARYcust{tag}",
-        "sender": f"CANARYsndr{tag}",
-        "recipient": f"CANARYrcpt{tag}",
-        "email": f"canarymail{tag}@example.com",
-        "body": f"CANARY body {tag}",
-        "token": f"CANARYtoken{tag}",
-    }
-    queue = f"canary-{tag}"
+    canary = canaries()
+    queue = f"canary-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     worker = WorkerProcess(
         h.process_env(queue, RECONCILE_EVERY_SECONDS="0", LOG_LEVEL="DEBUG"), log_file=log
     )
     orders = OrderService(h.client, h.pool, queue, inventory=h.inventory)
     messages = MessageService(h.client, h.pool, queue)
-    await h.sandbox.decline_customer(canary["customer"] + "d")
-    await h.sandbox.bounce_address(canary["email"])
-    await h.sandbox.unregister_token(canary["token"] + "-gone")
+    await script_failures(h, canary)
     await worker.start()
     try:
-        happy = h.order(customer_id=canary["customer"])
-        declined = h.order(customer_id=canary["customer"] + "d")
-        for order in (happy, declined):
-            await (await orders.create(order)).result()
-
-        await messages.register_device(
-            device_id=f"cd-{tag}-0",
-            user_id=canary["recipient"],
-            push_token=canary["token"],
-            platform="ios",
-        )
-        await messages.register_device(
-            device_id=f"cd-{tag}-1",
-            user_id=canary["recipient"],
-            push_token=canary["token"] + "-gone",
-            platform="android",
-        )
-        message = h.message(
-            canary["recipient"],
-            sender_id=canary["sender"],
-            recipient_email=canary["email"],
-            body=canary["body"],
-            deadline=timedelta(milliseconds=500),
-            read_window=timedelta(milliseconds=500),
-        )
-        handle = await messages.send(message)
-        result = await handle.result()
+        await run_lifecycles(h, canary, orders, messages)
     finally:
         await worker.stop()
 
-    assert result.failure_reason is not None and "EmailBounced" in result.failure_reason
     text = log.read_text()
     assert "order transition" in text, "the worker did log, at DEBUG"
     assert "Completing activity as failed" in text, "the failure paths logged too"

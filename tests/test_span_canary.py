@@ -10,9 +10,7 @@ appear in none of the bytes it received, and in none of the traces it kept.
 
 from __future__ import annotations
 
-import uuid
-from datetime import timedelta
-
+from tests.canaries import canaries, run_lifecycles, script_failures
 from tests.conftest import Harness
 from tests.tracing_support import Receiver
 
@@ -20,51 +18,13 @@ from tests.tracing_support import Receiver
 async def test_canaries_in_personal_fields_reach_no_exported_span(
     h: Harness, otlp: Receiver
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
-    canary = {
-        "customer": f"CANARYcust{tag}",
-        "sender": f"CANARYsndr{tag}",
-        "recipient": f"CANARYrcpt{tag}",
-        "email": f"canarymail{tag}@example.com",
-        "body": f"CANARY body {tag}",
-        "token": f"CANARYtoken{tag}",
-    }
+    canary = canaries()
     first_body = len(otlp.bodies)
     with otlp.capturing():
-        # scripted through the sandbox's admin API, whose paths carry them
-        await h.sandbox.decline_customer(canary["customer"] + "d")
-        await h.sandbox.bounce_address(canary["email"])
-        await h.sandbox.unregister_token(canary["token"] + "-gone")
-        happy = h.order(customer_id=canary["customer"])
-        declined = h.order(customer_id=canary["customer"] + "d")
-        for order in (happy, declined):
-            await (await h.service.create(order)).result()
-        await h.service.cancel(happy.order_id, reason="too late", requested_by="tests")
-
-        await h.messages.register_device(
-            device_id=f"sd-{tag}-0",
-            user_id=canary["recipient"],
-            push_token=canary["token"],
-            platform="ios",
-        )
-        await h.messages.register_device(
-            device_id=f"sd-{tag}-1",
-            user_id=canary["recipient"],
-            push_token=canary["token"] + "-gone",
-            platform="android",
-        )
-        message = h.message(
-            canary["recipient"],
-            sender_id=canary["sender"],
-            recipient_email=canary["email"],
-            body=canary["body"],
-            deadline=timedelta(milliseconds=500),
-            read_window=timedelta(milliseconds=500),
-        )
-        result = await (await h.messages.send(message)).result()
+        await script_failures(h, canary)
+        await run_lifecycles(h, canary, h.service, h.messages)
         await otlp.flush()
 
-    assert result.failure_reason is not None and "EmailBounced" in result.failure_reason
     received = otlp.bodies[first_body:]
     assert received, "spans were exported"
     kept = "".join(
