@@ -135,7 +135,11 @@ async def serve_in_process(app: ASGIApp, *, startup_timeout: float = 10.0) -> As
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        # A client that keeps a connection across tests must not send on one the server
+        # is closing at that moment (uvicorn closes idle ones after 5 s by default).
+        uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False, timeout_keep_alive=600
+        )
     )
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -293,6 +293,7 @@ SIGNALS = int(os.environ.get("TOLLGATE_BOGUS_SIGNALS", "10000"))
 FLOOD_CONCURRENCY = int(os.environ.get("TOLLGATE_FLOOD_CONCURRENCY", "32"))
 
 
+@pytest.mark.timeout(360)  # about 65 s alone on 2 cores; far more on a loaded machine
 async def test_ten_thousand_bogus_signals_leave_the_workflow_healthy_and_its_result_small(
     h: Harness, tmp_path: Path
 ) -> None:
