@@ -320,10 +320,11 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
 async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     from tollgate_dev.sandbox import FaultSpec
 
-    # The charge is captured but its answer lost three times: with the CLI's default
-    # backoff (1 s, 2 s, 4 s) the order stays CHARGING for ~7 s, well past the start-up
-    # of two CLI processes on a busy machine.
-    await h.sandbox.set_fault("payments", FaultSpec(fail_next=3, fail_phase="after"))
+    # The charge is captured but its answer lost five times: with the CLI's default
+    # backoff (1, 2, 4, 8, 16 s) the order stays CHARGING for ~31 s, past the start-up of
+    # two CLI processes even on a machine loaded 6-fold (7 s was not enough at a load
+    # average of 12 on 2 cores). The cancel ends the wait as soon as it lands.
+    await h.sandbox.set_fault("payments", FaultSpec(fail_next=5, fail_phase="after"))
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
     run = await _starter(
         h,
