@@ -15,6 +15,12 @@ pytestmark = pytest.mark.e2e
 async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry_after(
     h: Harness,
 ) -> None:
+    # The catalogue's finite SKUs are sold out: a load run buys only the unlimited one,
+    # so it measures checkout, never compensation after the stock ran out.
+    stock = await h.sandbox.stock()
+    finite = {sku: n for sku, n in stock.items() if sku in ("WIDGET", "GADGET", "GIZMO")}
+    for sku in finite:
+        await h.sandbox.set_stock(sku, 0)
     async with serve_api(h, api_client_rate=3.0, api_client_burst=2) as api:
         caller = ApiCaller(api.url, api.key)
         try:
@@ -30,6 +36,8 @@ async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry
             )
         finally:
             await caller.aclose()
+            for sku, quantity in finite.items():
+                await h.sandbox.set_stock(sku, quantity)
     assert summary.admitted == 6 and summary.gave_up == 0, summary
     assert summary.refused_429 >= 3, summary
     assert summary.refusals_by_type.get("rate-limited") == summary.refused_429

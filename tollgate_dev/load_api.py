@@ -28,8 +28,7 @@ from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.api_client import ApiCaller, ApiGaveUp
 from tollgate_dev.load import percentile
-
-_SKUS = ("WIDGET", "GADGET", "GIZMO")
+from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 
 class ApiLoadSummary(BaseModel):
@@ -99,7 +98,7 @@ async def run_api_load(
                     response = await api.create_order(
                         {
                             "customer_id": f"load-customer-{n % 50}",
-                            "items": [{"sku": _SKUS[n % len(_SKUS)], "quantity": 1}],
+                            "items": [{"sku": UNLIMITED_SKU, "quantity": 1}],
                             "amount_cents": 100 + n % 900,
                         },
                         deadline=max_wait,
