@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
-from typing import Self
 
 import asyncpg
 
 from tollgate.messages.service import MessageService
 from tollgate.messages.states import MessageStatus
+from tollgate_dev._context import StartStop
 
 POLL_SECONDS = 0.005
 
@@ -48,7 +47,7 @@ SELECT m.id, m.status,
 """
 
 
-class DevicePlayer:
+class DevicePlayer(StartStop):
     """Confirms delivery of watched messages; use as ``async with``."""
 
     def __init__(self, pool: asyncpg.Pool, messages: MessageService) -> None:
@@ -60,16 +59,12 @@ class DevicePlayer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Start watching (``async with`` does)."""
         self._task = asyncio.create_task(self._watch())
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
+        """Stop watching, let the delivery signals in flight finish, cancel the waiters."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
