@@ -188,8 +188,11 @@ class LocalStack(StartStop):
         if api_port is not None:
             self.api = ApiProcess(
                 api_port,
-                secret_file=self.webhook_secret_file,
-                env={**self.payload_env(), **self.otlp_env()},
+                env={
+                    **self.payload_env(),
+                    **self.otlp_env(),
+                    "RECEIPT_WEBHOOK_SECRET_FILE": str(self.webhook_secret_file),
+                },
                 cwd=project_root,
                 log_file=self.log_dir / "api.log",
             )
