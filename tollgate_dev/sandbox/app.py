@@ -43,7 +43,6 @@ from starlette.routing import Route
 from tollgate.telemetry import instrument_app
 from tollgate_dev.sandbox.models import (
     PROVIDERS,
-    AddressList,
     Charge,
     ChargeRequest,
     ChargeResponse,
@@ -67,7 +66,6 @@ from tollgate_dev.sandbox.models import (
     SandboxConfig,
     SkuResponse,
     StockUpdate,
-    TokenList,
     Void,
 )
 
@@ -625,6 +623,33 @@ def _provider_post(
 # --------------------------------------------------------------------------- routes
 
 
+def _name_set_routes(path: str, key: str, names: Callable[[], set[str]]) -> list[Route]:
+    """The admin routes of a set of names (declined customers, unregistered tokens,
+    bounced addresses): ``GET path`` lists them, ``PUT`` / ``DELETE path/{name}`` adds /
+    removes one. Each answers ``{key: [the names, sorted]}``, which the admin client
+    reads as ``TokenList`` / ``AddressList``.
+
+    ``names`` is read on each request: a reset replaces the set.
+    """
+
+    async def listing(request: Request) -> Response:
+        return _json({key: sorted(names())})
+
+    async def add(request: Request) -> Response:
+        names().add(request.path_params["name"])
+        return await listing(request)
+
+    async def remove(request: Request) -> Response:
+        names().discard(request.path_params["name"])
+        return await listing(request)
+
+    return [
+        Route(path, listing, methods=["GET"]),
+        Route(f"{path}/{{name}}", add, methods=["PUT"]),
+        Route(f"{path}/{{name}}", remove, methods=["DELETE"]),
+    ]
+
+
 def _routes(state: SandboxState) -> list[Route]:
     inventory = state.providers["inventory"]
 
@@ -695,39 +720,6 @@ def _routes(state: SandboxState) -> list[Route]:
             state.unlimited.discard(sku)
         return _json(_dump(SkuResponse(sku=sku, available=update.quantity)))
 
-    async def list_declined(request: Request) -> Response:
-        return _json({"declined": sorted(state.declined)})
-
-    async def decline(request: Request) -> Response:
-        state.declined.add(request.path_params["customer_id"])
-        return await list_declined(request)
-
-    async def allow(request: Request) -> Response:
-        state.declined.discard(request.path_params["customer_id"])
-        return await list_declined(request)
-
-    async def list_unregistered(request: Request) -> Response:
-        return _json(_dump(TokenList(unregistered=sorted(state.unregistered))))
-
-    async def unregister(request: Request) -> Response:
-        state.unregistered.add(request.path_params["token"])
-        return await list_unregistered(request)
-
-    async def register(request: Request) -> Response:
-        state.unregistered.discard(request.path_params["token"])
-        return await list_unregistered(request)
-
-    async def list_bounced(request: Request) -> Response:
-        return _json(_dump(AddressList(bounced=sorted(state.bounced))))
-
-    async def bounce(request: Request) -> Response:
-        state.bounced.add(request.path_params["address"])
-        return await list_bounced(request)
-
-    async def unbounce(request: Request) -> Response:
-        state.bounced.discard(request.path_params["address"])
-        return await list_bounced(request)
-
     async def ledger(request: Request) -> Response:
         order_id = request.query_params.get("order_id")
         message_id = request.query_params.get("message_id")
@@ -771,15 +763,9 @@ def _routes(state: SandboxState) -> list[Route]:
         Route("/admin/requests", request_counts, methods=["GET"]),
         Route("/admin/stock", get_stock, methods=["GET"]),
         Route("/admin/stock/{sku}", put_stock, methods=["PUT"]),
-        Route("/admin/payments/declined", list_declined, methods=["GET"]),
-        Route("/admin/payments/declined/{customer_id}", decline, methods=["PUT"]),
-        Route("/admin/payments/declined/{customer_id}", allow, methods=["DELETE"]),
-        Route("/admin/push/unregistered", list_unregistered, methods=["GET"]),
-        Route("/admin/push/unregistered/{token}", unregister, methods=["PUT"]),
-        Route("/admin/push/unregistered/{token}", register, methods=["DELETE"]),
-        Route("/admin/email/bounced", list_bounced, methods=["GET"]),
-        Route("/admin/email/bounced/{address}", bounce, methods=["PUT"]),
-        Route("/admin/email/bounced/{address}", unbounce, methods=["DELETE"]),
+        *_name_set_routes("/admin/payments/declined", "declined", lambda: state.declined),
+        *_name_set_routes("/admin/push/unregistered", "unregistered", lambda: state.unregistered),
+        *_name_set_routes("/admin/email/bounced", "bounced", lambda: state.bounced),
         Route("/admin/ledger", ledger, methods=["GET"]),
         Route("/admin/reset", reset, methods=["POST"]),
     ]
