@@ -19,23 +19,12 @@ import logging
 import asyncpg
 
 from tollgate.messages.service import MessageService
-from tollgate.messages.states import MessageStatus
+from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
 from tollgate_dev._context import StartStop
 
 POLL_SECONDS = 0.005
 
 _log = logging.getLogger(__name__)
-
-#: Where a message rests once delivery is settled, one way or the other.
-_SETTLED = frozenset(
-    {
-        MessageStatus.DELIVERED,
-        MessageStatus.READ,
-        MessageStatus.EMAILED,
-        MessageStatus.FAILED,
-        MessageStatus.CANCELLED,
-    }
-)
 
 _WATCH = """
 SELECT m.id, m.status,
@@ -105,7 +94,7 @@ class DevicePlayer(StartStop):
                 continue
             for row in rows:
                 message_id, status = row["id"], MessageStatus(row["status"])
-                if status in _SETTLED:
+                if status in DELIVERY_SETTLED:
                     waiter = self._waiting.pop(message_id)
                     self._confirmed.discard(message_id)
                     if not waiter.done():
