@@ -267,6 +267,20 @@ def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
+def _created(response: type[BaseModel], entry: BaseModel) -> Outcome:
+    """201 with the new ledger ``entry`` as the provider's ``response`` shows it."""
+    return Outcome(201, _dump(response.model_validate(entry, from_attributes=True)))
+
+
+def _order_mismatch(kind: str, key: str, owner: str, order_id: str) -> Outcome:
+    """409: the ``kind`` made with ``key`` belongs to order ``owner``, not ``order_id``."""
+    return _error(
+        409,
+        "order_mismatch",
+        f"{kind} key {key!r} belongs to order {owner!r}, not {order_id!r}",
+    )
+
+
 def _invalid(exc: ValidationError) -> Outcome:
     """400 whose message names every offending field, e.g. ``items.0.quantity: ...``."""
     problems: list[str] = []
@@ -316,7 +330,7 @@ def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
         traceparent=_caller.get(),
     )
     state.charges[key] = charge
-    return Outcome(201, _dump(ChargeResponse.model_validate(charge, from_attributes=True)))
+    return _created(ChargeResponse, charge)
 
 
 def _refund_answer(refund: Refund) -> dict[str, Any]:
@@ -341,12 +355,7 @@ def _refund(state: SandboxState, body: RefundRequest, key: str) -> Outcome:
         return Outcome(200, _dump(voided))
     if charge.order_id != body.order_id:
         # Refunding another order's money is a caller bug, never something to do quietly.
-        return _error(
-            409,
-            "order_mismatch",
-            f"charge key {charge_key!r} belongs to order {charge.order_id!r}, "
-            f"not {body.order_id!r}",
-        )
+        return _order_mismatch("charge", charge_key, charge.order_id, body.order_id)
     existing = state.refunds.get(charge.charge_id)
     if existing is not None:
         return Outcome(200, _refund_answer(existing))
@@ -403,8 +412,7 @@ def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome
         traceparent=_caller.get(),
     )
     state.reservations[key] = reservation
-    answer = ReservationResponse.model_validate(reservation, from_attributes=True)
-    return Outcome(201, _dump(answer))
+    return _created(ReservationResponse, reservation)
 
 
 def _release_answer(release: Release) -> dict[str, Any]:
@@ -422,12 +430,7 @@ def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
         voided = ReleaseResponse(status="voided", release_id=None, reservation_id=None)
         return Outcome(200, _dump(voided))
     if reservation.order_id != body.order_id:
-        return _error(
-            409,
-            "order_mismatch",
-            f"reservation key {reservation_key!r} belongs to order "
-            f"{reservation.order_id!r}, not {body.order_id!r}",
-        )
+        return _order_mismatch("reservation", reservation_key, reservation.order_id, body.order_id)
     existing = state.releases.get(reservation.reservation_id)
     if existing is not None:
         return Outcome(200, _release_answer(existing))
@@ -471,7 +474,7 @@ def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
         traceparent=_caller.get(),
     )
     state.pushes[key] = push
-    return Outcome(201, _dump(PushResponse.model_validate(push, from_attributes=True)))
+    return _created(PushResponse, push)
 
 
 def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
@@ -488,7 +491,7 @@ def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
         traceparent=_caller.get(),
     )
     state.emails[key] = email
-    return Outcome(201, _dump(EmailResponse.model_validate(email, from_attributes=True)))
+    return _created(EmailResponse, email)
 
 
 def _sku(state: SandboxState, sku: str) -> Outcome:
