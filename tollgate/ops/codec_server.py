@@ -32,7 +32,6 @@ unless told otherwise.
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
 import string
@@ -51,6 +50,7 @@ from temporalio.api.common.v1 import Payloads
 from temporalio.converter import PayloadCodec
 
 from tollgate.codec import PayloadDecryptionError, codec_from_settings
+from tollgate.ops.serving import server_parser
 from tollgate.settings import Settings, read_secret
 
 #: Headers the Web UI sends with its codec requests.
@@ -260,12 +260,10 @@ def ui_origins_for(ui_url: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the codec server under uvicorn until interrupted."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tollgate.ops.codec_server",
-        description="Temporal codec server: encrypt/decrypt Tollgate payloads for the Web UI.",
+    parser = server_parser(
+        "python -m tollgate.ops.codec_server",
+        "Temporal codec server: encrypt/decrypt Tollgate payloads for the Web UI.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    parser.add_argument("--port", type=int, required=True, help="port to bind")
     parser.add_argument(
         "--ui-origin",
         action="append",

@@ -15,28 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
-from typing import Self
 
 import asyncpg
 
 from tollgate.messages.service import MessageService
-from tollgate.messages.states import MessageStatus
+from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
+from tollgate_dev._context import StartStop
 
 POLL_SECONDS = 0.005
 
 _log = logging.getLogger(__name__)
-
-#: Where a message rests once delivery is settled, one way or the other.
-_SETTLED = frozenset(
-    {
-        MessageStatus.DELIVERED,
-        MessageStatus.READ,
-        MessageStatus.EMAILED,
-        MessageStatus.FAILED,
-        MessageStatus.CANCELLED,
-    }
-)
 
 _WATCH = """
 SELECT m.id, m.status,
@@ -48,7 +36,7 @@ SELECT m.id, m.status,
 """
 
 
-class DevicePlayer:
+class DevicePlayer(StartStop):
     """Confirms delivery of watched messages; use as ``async with``."""
 
     def __init__(self, pool: asyncpg.Pool, messages: MessageService) -> None:
@@ -60,16 +48,12 @@ class DevicePlayer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Start watching (``async with`` does)."""
         self._task = asyncio.create_task(self._watch())
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
+        """Stop watching, let the delivery signals in flight finish, cancel the waiters."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -110,7 +94,7 @@ class DevicePlayer:
                 continue
             for row in rows:
                 message_id, status = row["id"], MessageStatus(row["status"])
-                if status in _SETTLED:
+                if status in DELIVERY_SETTLED:
                     waiter = self._waiting.pop(message_id)
                     self._confirmed.discard(message_id)
                     if not waiter.done():

@@ -3,7 +3,8 @@ and email provider, with fault injection.
 
 ``create_app`` builds the Starlette app, ``python -m tollgate_dev.sandbox`` serves it, and
 ``SandboxAdmin`` scripts it (faults, stock, declines, unregistered tokens, bounces) and
-reads its ledger.
+reads its ledger. The request, response and ledger models every provider speaks are in
+:mod:`tollgate_dev.sandbox.models`; this package exports what scripting a sandbox needs.
 """
 
 from tollgate_dev.sandbox.admin import SandboxAdmin, SandboxAdminError
@@ -11,71 +12,21 @@ from tollgate_dev.sandbox.app import SandboxState, create_app
 from tollgate_dev.sandbox.models import (
     PROVIDERS,
     UNLIMITED_SKU,
-    AddressList,
-    Charge,
-    ChargeRequest,
-    ChargeResponse,
-    Email,
-    EmailRequest,
-    EmailResponse,
     ErrorResponse,
     FaultSpec,
     Ledger,
-    Push,
-    PushKind,
-    PushRequest,
-    PushResponse,
-    Refund,
-    RefundRequest,
-    RefundResponse,
-    Release,
-    ReleaseRequest,
-    ReleaseResponse,
-    Reservation,
-    ReservationItem,
-    ReservationRequest,
-    ReservationResponse,
     SandboxConfig,
-    SkuResponse,
-    StockUpdate,
-    TokenList,
-    Void,
 )
 
 __all__ = [
     "PROVIDERS",
     "UNLIMITED_SKU",
-    "AddressList",
-    "Charge",
-    "ChargeRequest",
-    "ChargeResponse",
-    "Email",
-    "EmailRequest",
-    "EmailResponse",
     "ErrorResponse",
     "FaultSpec",
     "Ledger",
-    "Push",
-    "PushKind",
-    "PushRequest",
-    "PushResponse",
-    "Refund",
-    "RefundRequest",
-    "RefundResponse",
-    "Release",
-    "ReleaseRequest",
-    "ReleaseResponse",
-    "Reservation",
-    "ReservationItem",
-    "ReservationRequest",
-    "ReservationResponse",
     "SandboxAdmin",
     "SandboxAdminError",
     "SandboxConfig",
     "SandboxState",
-    "SkuResponse",
-    "StockUpdate",
-    "TokenList",
-    "Void",
     "create_app",
 ]

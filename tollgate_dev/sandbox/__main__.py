@@ -16,6 +16,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from tollgate.ops.serving import server_parser
 from tollgate_dev.sandbox.app import create_app
 from tollgate_dev.sandbox.models import SandboxConfig
 
@@ -36,12 +37,11 @@ def _env_seed() -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options of the sandbox server."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tollgate_dev.sandbox",
-        description="Fake payment, inventory, push and email providers with fault injection.",
+    parser = server_parser(
+        "python -m tollgate_dev.sandbox",
+        "Fake payment, inventory, push and email providers with fault injection.",
+        port=DEFAULT_PORT,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
     parser.add_argument(
         "--seed", type=int, default=None, help="fault RNG seed (default: $SANDBOX_SEED or 0)"
     )

@@ -12,13 +12,13 @@ Tests and the demo use it against a running sandbox::
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 from pydantic import TypeAdapter
 
+from tollgate_dev._context import StartStop
 from tollgate_dev.sandbox.models import AddressList, FaultSpec, Ledger, StockUpdate, TokenList
 
 __all__ = ["SandboxAdmin", "SandboxAdminError"]
@@ -42,7 +42,7 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-class SandboxAdmin:
+class SandboxAdmin(StartStop):
     """Admin client over ``httpx.AsyncClient``; every call raises :class:`SandboxAdminError`
     on a non-2xx answer.
 
@@ -60,18 +60,7 @@ class SandboxAdmin:
         self.base_url = base_url
         self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
+    async def stop(self) -> None:
         """Close the underlying HTTP client."""
         await self._client.aclose()
 

@@ -43,7 +43,6 @@ from starlette.routing import Route
 from tollgate.telemetry import instrument_app
 from tollgate_dev.sandbox.models import (
     PROVIDERS,
-    AddressList,
     Charge,
     ChargeRequest,
     ChargeResponse,
@@ -67,7 +66,6 @@ from tollgate_dev.sandbox.models import (
     SandboxConfig,
     SkuResponse,
     StockUpdate,
-    TokenList,
     Void,
 )
 
@@ -269,6 +267,20 @@ def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
+def _created(response: type[BaseModel], entry: BaseModel) -> Outcome:
+    """201 with the new ledger ``entry`` as the provider's ``response`` shows it."""
+    return Outcome(201, _dump(response.model_validate(entry, from_attributes=True)))
+
+
+def _order_mismatch(kind: str, key: str, owner: str, order_id: str) -> Outcome:
+    """409: the ``kind`` made with ``key`` belongs to order ``owner``, not ``order_id``."""
+    return _error(
+        409,
+        "order_mismatch",
+        f"{kind} key {key!r} belongs to order {owner!r}, not {order_id!r}",
+    )
+
+
 def _invalid(exc: ValidationError) -> Outcome:
     """400 whose message names every offending field, e.g. ``items.0.quantity: ...``."""
     problems: list[str] = []
@@ -318,7 +330,7 @@ def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
         traceparent=_caller.get(),
     )
     state.charges[key] = charge
-    return Outcome(201, _dump(ChargeResponse.model_validate(charge, from_attributes=True)))
+    return _created(ChargeResponse, charge)
 
 
 def _refund_answer(refund: Refund) -> dict[str, Any]:
@@ -343,12 +355,7 @@ def _refund(state: SandboxState, body: RefundRequest, key: str) -> Outcome:
         return Outcome(200, _dump(voided))
     if charge.order_id != body.order_id:
         # Refunding another order's money is a caller bug, never something to do quietly.
-        return _error(
-            409,
-            "order_mismatch",
-            f"charge key {charge_key!r} belongs to order {charge.order_id!r}, "
-            f"not {body.order_id!r}",
-        )
+        return _order_mismatch("charge", charge_key, charge.order_id, body.order_id)
     existing = state.refunds.get(charge.charge_id)
     if existing is not None:
         return Outcome(200, _refund_answer(existing))
@@ -405,8 +412,7 @@ def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome
         traceparent=_caller.get(),
     )
     state.reservations[key] = reservation
-    answer = ReservationResponse.model_validate(reservation, from_attributes=True)
-    return Outcome(201, _dump(answer))
+    return _created(ReservationResponse, reservation)
 
 
 def _release_answer(release: Release) -> dict[str, Any]:
@@ -424,12 +430,7 @@ def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
         voided = ReleaseResponse(status="voided", release_id=None, reservation_id=None)
         return Outcome(200, _dump(voided))
     if reservation.order_id != body.order_id:
-        return _error(
-            409,
-            "order_mismatch",
-            f"reservation key {reservation_key!r} belongs to order "
-            f"{reservation.order_id!r}, not {body.order_id!r}",
-        )
+        return _order_mismatch("reservation", reservation_key, reservation.order_id, body.order_id)
     existing = state.releases.get(reservation.reservation_id)
     if existing is not None:
         return Outcome(200, _release_answer(existing))
@@ -473,7 +474,7 @@ def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
         traceparent=_caller.get(),
     )
     state.pushes[key] = push
-    return Outcome(201, _dump(PushResponse.model_validate(push, from_attributes=True)))
+    return _created(PushResponse, push)
 
 
 def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
@@ -490,7 +491,7 @@ def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
         traceparent=_caller.get(),
     )
     state.emails[key] = email
-    return Outcome(201, _dump(EmailResponse.model_validate(email, from_attributes=True)))
+    return _created(EmailResponse, email)
 
 
 def _sku(state: SandboxState, sku: str) -> Outcome:
@@ -625,6 +626,33 @@ def _provider_post(
 # --------------------------------------------------------------------------- routes
 
 
+def _name_set_routes(path: str, key: str, names: Callable[[], set[str]]) -> list[Route]:
+    """The admin routes of a set of names (declined customers, unregistered tokens,
+    bounced addresses): ``GET path`` lists them, ``PUT`` / ``DELETE path/{name}`` adds /
+    removes one. Each answers ``{key: [the names, sorted]}``, which the admin client
+    reads as ``TokenList`` / ``AddressList``.
+
+    ``names`` is read on each request: a reset replaces the set.
+    """
+
+    async def listing(request: Request) -> Response:
+        return _json({key: sorted(names())})
+
+    async def add(request: Request) -> Response:
+        names().add(request.path_params["name"])
+        return await listing(request)
+
+    async def remove(request: Request) -> Response:
+        names().discard(request.path_params["name"])
+        return await listing(request)
+
+    return [
+        Route(path, listing, methods=["GET"]),
+        Route(f"{path}/{{name}}", add, methods=["PUT"]),
+        Route(f"{path}/{{name}}", remove, methods=["DELETE"]),
+    ]
+
+
 def _routes(state: SandboxState) -> list[Route]:
     inventory = state.providers["inventory"]
 
@@ -695,39 +723,6 @@ def _routes(state: SandboxState) -> list[Route]:
             state.unlimited.discard(sku)
         return _json(_dump(SkuResponse(sku=sku, available=update.quantity)))
 
-    async def list_declined(request: Request) -> Response:
-        return _json({"declined": sorted(state.declined)})
-
-    async def decline(request: Request) -> Response:
-        state.declined.add(request.path_params["customer_id"])
-        return await list_declined(request)
-
-    async def allow(request: Request) -> Response:
-        state.declined.discard(request.path_params["customer_id"])
-        return await list_declined(request)
-
-    async def list_unregistered(request: Request) -> Response:
-        return _json(_dump(TokenList(unregistered=sorted(state.unregistered))))
-
-    async def unregister(request: Request) -> Response:
-        state.unregistered.add(request.path_params["token"])
-        return await list_unregistered(request)
-
-    async def register(request: Request) -> Response:
-        state.unregistered.discard(request.path_params["token"])
-        return await list_unregistered(request)
-
-    async def list_bounced(request: Request) -> Response:
-        return _json(_dump(AddressList(bounced=sorted(state.bounced))))
-
-    async def bounce(request: Request) -> Response:
-        state.bounced.add(request.path_params["address"])
-        return await list_bounced(request)
-
-    async def unbounce(request: Request) -> Response:
-        state.bounced.discard(request.path_params["address"])
-        return await list_bounced(request)
-
     async def ledger(request: Request) -> Response:
         order_id = request.query_params.get("order_id")
         message_id = request.query_params.get("message_id")
@@ -771,15 +766,9 @@ def _routes(state: SandboxState) -> list[Route]:
         Route("/admin/requests", request_counts, methods=["GET"]),
         Route("/admin/stock", get_stock, methods=["GET"]),
         Route("/admin/stock/{sku}", put_stock, methods=["PUT"]),
-        Route("/admin/payments/declined", list_declined, methods=["GET"]),
-        Route("/admin/payments/declined/{customer_id}", decline, methods=["PUT"]),
-        Route("/admin/payments/declined/{customer_id}", allow, methods=["DELETE"]),
-        Route("/admin/push/unregistered", list_unregistered, methods=["GET"]),
-        Route("/admin/push/unregistered/{token}", unregister, methods=["PUT"]),
-        Route("/admin/push/unregistered/{token}", register, methods=["DELETE"]),
-        Route("/admin/email/bounced", list_bounced, methods=["GET"]),
-        Route("/admin/email/bounced/{address}", bounce, methods=["PUT"]),
-        Route("/admin/email/bounced/{address}", unbounce, methods=["DELETE"]),
+        *_name_set_routes("/admin/payments/declined", "declined", lambda: state.declined),
+        *_name_set_routes("/admin/push/unregistered", "unregistered", lambda: state.unregistered),
+        *_name_set_routes("/admin/email/bounced", "bounced", lambda: state.bounced),
         Route("/admin/ledger", ledger, methods=["GET"]),
         Route("/admin/reset", reset, methods=["POST"]),
     ]

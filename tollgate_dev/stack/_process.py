@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 import httpx
 
@@ -408,6 +408,16 @@ class ManagedProcess:
         if proc is not None and proc.returncode is None:
             self.kill()
             await proc.wait()
+
+
+class ServerOptions(TypedDict, total=False):
+    """What every :class:`PythonServer` takes besides its port: a subclass that adds
+    options of its own passes these through as ``**options: Unpack[ServerOptions]``."""
+
+    cwd: Path
+    env: Mapping[str, str] | None
+    log_file: Path | None
+    start_timeout: float
 
 
 class PythonServer(ManagedProcess):

@@ -8,38 +8,21 @@ created on the first start like the codec credential (see :func:`ensure_webhook_
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
 from pathlib import Path
 
 from tollgate.api.signatures import check_secret
 from tollgate_dev.stack._files import ensure_secret_file
-from tollgate_dev.stack._process import PROJECT_ROOT, PythonServer, StackError
+from tollgate_dev.stack._process import PythonServer, StackError
 
 
 class ApiProcess(PythonServer):
     """The API on ``127.0.0.1:port``, with ``env`` (the stack's addresses, its payload
-    key) added to the environment and ``RECEIPT_WEBHOOK_SECRET_FILE`` set to
-    ``secret_file``. Ready once ``GET /healthz`` answers 200."""
+    key file and ``RECEIPT_WEBHOOK_SECRET_FILE``) added to the environment. Ready once
+    ``GET /healthz`` answers 200."""
 
     name = "api"
     module = "tollgate.api"
     health_path = "/healthz"
-
-    def __init__(
-        self,
-        port: int,
-        *,
-        secret_file: Path,
-        cwd: Path = PROJECT_ROOT,
-        env: Mapping[str, str] | None = None,
-        log_file: Path | None = None,
-        start_timeout: float = 30.0,
-    ) -> None:
-        self.secret_file = secret_file.absolute()
-        super().__init__(port, cwd=cwd, env=env, log_file=log_file, start_timeout=start_timeout)
-
-    def _environment(self) -> dict[str, str]:
-        return {**super()._environment(), "RECEIPT_WEBHOOK_SECRET_FILE": str(self.secret_file)}
 
 
 def ensure_webhook_secret(path: Path) -> str:

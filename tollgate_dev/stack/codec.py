@@ -8,13 +8,14 @@ credential from the stack's token file (see :func:`ensure_codec_token`).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Unpack
 
 from tollgate.codec import ensure_key_file
 from tollgate.ops.codec_server import check_token
 from tollgate_dev.stack._files import ensure_secret_file
-from tollgate_dev.stack._process import PROJECT_ROOT, PythonServer, StackError, _python_env
+from tollgate_dev.stack._process import PythonServer, ServerOptions, StackError, _python_env
 
 
 class CodecServerProcess(PythonServer):
@@ -40,16 +41,13 @@ class CodecServerProcess(PythonServer):
         token_file: Path,
         ui_origins: Sequence[str],
         namespace: str = "default",
-        cwd: Path = PROJECT_ROOT,
-        env: Mapping[str, str] | None = None,
-        log_file: Path | None = None,
-        start_timeout: float = 30.0,
+        **options: Unpack[ServerOptions],
     ) -> None:
         self.key_file = key_file.absolute()
         self.token_file = token_file.absolute()
         self.ui_origins = list(ui_origins)
         self.namespace = namespace
-        super().__init__(port, cwd=cwd, env=env, log_file=log_file, start_timeout=start_timeout)
+        super().__init__(port, **options)
 
     def ui_endpoint(self, token: str) -> str:
         """The capability URL for a Web UI: requests below it carry ``token`` in the path."""

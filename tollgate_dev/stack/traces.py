@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Unpack
 
 from tollgate.settings import LOCAL_OTLP_PREFIX
-from tollgate_dev.stack._process import PROJECT_ROOT, PythonServer
+from tollgate_dev.stack._process import PythonServer, ServerOptions
 
 
 class TraceReceiverProcess(PythonServer):
@@ -27,12 +28,10 @@ class TraceReceiverProcess(PythonServer):
         port: int,
         *,
         directory: Path,
-        cwd: Path = PROJECT_ROOT,
-        log_file: Path | None = None,
-        start_timeout: float = 30.0,
+        **options: Unpack[ServerOptions],
     ) -> None:
         self.directory = directory.absolute()
-        super().__init__(port, cwd=cwd, log_file=log_file, start_timeout=start_timeout)
+        super().__init__(port, **options)
 
     @property
     def endpoint_file(self) -> Path:

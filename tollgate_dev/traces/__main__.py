@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
 
+from tollgate.ops.serving import server_parser
 from tollgate_dev.traces.receiver import create_receiver_app
 from tollgate_dev.traces.store import DEFAULT_KEEP, TraceStore
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the receiver under uvicorn until interrupted."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tollgate_dev.traces",
-        description="Receive OTLP/HTTP spans and keep the recent traces as files.",
+    parser = server_parser(
+        "python -m tollgate_dev.traces",
+        "Receive OTLP/HTTP spans and keep the recent traces as files.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    parser.add_argument("--port", type=int, required=True, help="port to bind")
     parser.add_argument("--dir", type=Path, required=True, help="where traces are kept")
     parser.add_argument(
         "--keep", type=int, default=DEFAULT_KEEP, help="how many recent traces to keep"
