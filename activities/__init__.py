@@ -157,6 +157,13 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
 
     rows: Rows[E, SnapshotT]
 
+    async def _insert(self, entity: E, workflow_id: str, me: Writer) -> _Standing:
+        """Insert the entity's first row, naming its workflow, or match the one there."""
+        async with self._pool.acquire() as conn:
+            return await self.rows.insert(
+                conn, entity, workflow_id=workflow_id, actor=me.actor, trace_id=me.trace_id
+            )
+
     async def _record(self, entity: E) -> SnapshotT:
         """Ensure the entity's first row exists, written by (and naming) this workflow, and
         say where it stands.
@@ -164,15 +171,7 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
         The service usually inserted it already, in the transaction that started the
         workflow; this is the lifecycle's own first step in case that commit was lost.
         """
-        me = writer()
-        async with self._pool.acquire() as conn:
-            row = await self.rows.insert(
-                conn,
-                entity,
-                workflow_id=current_workflow_id(),
-                actor=me.actor,
-                trace_id=me.trace_id,
-            )
+        row = await self._insert(entity, current_workflow_id(), writer())
         return self.rows.snapshot(status=row.status, version=row.version)
 
     async def _begin(self, entity: E, entity_id: str, first: StrEnum) -> SnapshotT:
@@ -186,10 +185,7 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
         lifecycle, snapshot = self.rows.lifecycle, self.rows.snapshot
         me = writer()
         workflow_id = current_workflow_id()
-        async with self._pool.acquire() as conn:
-            row = await self.rows.insert(
-                conn, entity, workflow_id=workflow_id, actor=me.actor, trace_id=me.trace_id
-            )
+        row = await self._insert(entity, workflow_id, me)
         if row.status != lifecycle.initial or row.version != 1:
             return snapshot(status=row.status, version=row.version)
         moved = await gate.transition(
