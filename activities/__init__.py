@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
@@ -21,7 +22,9 @@ from tollgate.errors import TollgateError
 from tollgate.gate import Lifecycle, Writer
 from tollgate.models import TransitionRequest, TransitionResult
 from tollgate.names import transition_id
+from tollgate.orders.models import CompensationResult
 from tollgate.postgres import Connection
+from tollgate.providers.client import UndoAnswer
 from tollgate.tracing import current_trace_id
 
 P = ParamSpec("P")
@@ -61,6 +64,17 @@ class ProviderActivities(Generic[ProviderT]):
 
     def __init__(self, provider: ProviderT) -> None:
         self._provider = provider
+
+
+def compensation_result(answer: UndoAnswer) -> CompensationResult:
+    """What an undo did, as the workflow records it: the provider's ``done`` status with
+    its reference, or ``voided`` when the step it undoes never landed."""
+    if answer.status == "voided":
+        return CompensationResult(outcome="voided")
+    # Validated: ``done`` is the provider's word, and must be an outcome workflows know.
+    return CompensationResult.model_validate(
+        {"outcome": answer.done, "reference": answer.reference}
+    )
 
 
 def to_application_error(exc: TollgateError) -> ApplicationError:
@@ -123,82 +137,86 @@ class _Standing(Protocol):
 SnapshotT = TypeVar("SnapshotT")
 
 
-async def record_row(
-    pool: asyncpg.Pool,
-    insert: Insert[E, _Standing],
-    entity: E,
-    snapshot: Callable[..., SnapshotT],
-) -> SnapshotT:
-    """Ensure the entity's first row exists, written by (and naming) this workflow, and
-    say where it stands (``snapshot(status=..., version=...)``).
+@dataclass(frozen=True)
+class Rows(Generic[E, SnapshotT]):
+    """One lifecycle's rows as its activities see them: the gate's description of the
+    table, the store's insert-or-match of a first row, and the snapshot activities return."""
 
-    The service usually inserted it already, in the transaction that started the
-    workflow; this is the lifecycle's own first step in case that commit was lost.
+    lifecycle: Lifecycle
+    insert: Insert[E, _Standing]
+    #: Built as ``snapshot(status=..., version=...)``.
+    snapshot: Callable[..., SnapshotT]
+
+
+class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
+    """Base of the store activities of one lifecycle: its first row and its moves.
+
+    A subclass names its :class:`Rows`; its activities (named for their lifecycle, as
+    recorded histories know them) call the helpers here.
     """
-    me = writer()
-    async with pool.acquire() as conn:
-        row = await insert(
-            conn, entity, workflow_id=current_workflow_id(), actor=me.actor, trace_id=me.trace_id
+
+    rows: Rows[E, SnapshotT]
+
+    async def _insert(self, entity: E, workflow_id: str, me: Writer) -> _Standing:
+        """Insert the entity's first row, naming its workflow, or match the one there."""
+        async with self._pool.acquire() as conn:
+            return await self.rows.insert(
+                conn, entity, workflow_id=workflow_id, actor=me.actor, trace_id=me.trace_id
+            )
+
+    async def _record(self, entity: E) -> SnapshotT:
+        """Ensure the entity's first row exists, written by (and naming) this workflow, and
+        say where it stands.
+
+        The service usually inserted it already, in the transaction that started the
+        workflow; this is the lifecycle's own first step in case that commit was lost.
+        """
+        row = await self._insert(entity, current_workflow_id(), writer())
+        return self.rows.snapshot(status=row.status, version=row.version)
+
+    async def _begin(self, entity: E, entity_id: str, first: StrEnum) -> SnapshotT:
+        """Record the entity's first row (unless the service did) and take its first step,
+        ``first``, as the workflow's own move would (same transition id and actor); say
+        where the row stands then.
+
+        A row found past its initial version (a retry, after this very move committed) or
+        stopped (cancelled before its workflow ran) is reported as it is.
+        """
+        lifecycle, snapshot = self.rows.lifecycle, self.rows.snapshot
+        me = writer()
+        workflow_id = current_workflow_id()
+        row = await self._insert(entity, workflow_id, me)
+        if row.status != lifecycle.initial or row.version != 1:
+            return snapshot(status=row.status, version=row.version)
+        moved = await gate.transition(
+            self._pool,
+            lifecycle,
+            gate.Move(entity_id, 1, first.value, transition_id(workflow_id, 1, first.value)),
+            Writer(f"workflow:{workflow_id}", me.trace_id),
         )
-    return snapshot(status=row.status, version=row.version)
+        return snapshot(status=first, version=moved.version)
 
-
-async def begin_row(
-    pool: asyncpg.Pool,
-    lifecycle: Lifecycle,
-    insert: Insert[E, _Standing],
-    entity: E,
-    entity_id: str,
-    first: StrEnum,
-    snapshot: Callable[..., SnapshotT],
-) -> SnapshotT:
-    """Record the entity's first row (unless the service did) and take its first step,
-    ``first``, as the workflow's own move would (same transition id and actor); say where
-    the row stands then.
-
-    A row found past its initial version (a retry, after this very move committed) or
-    stopped (cancelled before its workflow ran) is reported as it is.
-    """
-    me = writer()
-    workflow_id = current_workflow_id()
-    async with pool.acquire() as conn:
-        row = await insert(
-            conn, entity, workflow_id=workflow_id, actor=me.actor, trace_id=me.trace_id
+    async def _move(self, entity_id: str, req: TransitionRequest[Any]) -> TransitionResult:
+        """One version-checked transition through the gate, logged with the entity's id."""
+        lifecycle = self.rows.lifecycle
+        to_status = (
+            req.to_status.value if isinstance(req.to_status, StrEnum) else str(req.to_status)
         )
-    if row.status != lifecycle.initial or row.version != 1:
-        return snapshot(status=row.status, version=row.version)
-    moved = await gate.transition(
-        pool,
-        lifecycle,
-        gate.Move(entity_id, 1, first.value, transition_id(workflow_id, 1, first.value)),
-        Writer(f"workflow:{workflow_id}", me.trace_id),
-    )
-    return snapshot(status=first, version=moved.version)
-
-
-async def move_row(
-    pool: asyncpg.Pool,
-    lifecycle: Lifecycle,
-    entity_id: str,
-    req: TransitionRequest[Any],
-) -> TransitionResult:
-    """One version-checked transition through the gate, logged with the entity's id."""
-    to_status = req.to_status.value if isinstance(req.to_status, StrEnum) else str(req.to_status)
-    moved = await gate.transition(
-        pool,
-        lifecycle,
-        gate.Move(
-            entity_id, req.expected_version, to_status, req.transition_id, req.failure_reason
-        ),
-        writer(req.actor, req.reason),
-    )
-    activity.logger.info(
-        f"{lifecycle.kind} transition",
-        extra={
-            f"{lifecycle.kind}_id": entity_id,
-            "to_status": to_status,
-            "version": moved.version,
-            "already_applied": moved.already_applied,
-        },
-    )
-    return TransitionResult(version=moved.version, already_applied=moved.already_applied)
+        moved = await gate.transition(
+            self._pool,
+            lifecycle,
+            gate.Move(
+                entity_id, req.expected_version, to_status, req.transition_id, req.failure_reason
+            ),
+            writer(req.actor, req.reason),
+        )
+        activity.logger.info(
+            f"{lifecycle.kind} transition",
+            extra={
+                f"{lifecycle.kind}_id": entity_id,
+                "to_status": to_status,
+                "version": moved.version,
+                "already_applied": moved.already_applied,
+            },
+        )
+        return TransitionResult(version=moved.version, already_applied=moved.already_applied)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import ProviderActivities, defn
+from activities import ProviderActivities, compensation_result, defn
 from tollgate.orders.models import (
     CompensationResult,
     OrderInput,
@@ -44,6 +44,4 @@ class InventoryActivities(ProviderActivities[Inventory]):
             reservation_idempotency_key=req.reservation_idempotency_key,
             idempotency_key=req.idempotency_key,
         )
-        if answer.status == "voided":
-            return CompensationResult(outcome="voided")
-        return CompensationResult(outcome="released", reference=answer.release_id)
+        return compensation_result(answer)

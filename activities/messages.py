@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import StoreActivities, begin_row, current_actor, defn, move_row, record_row
+from activities import LifecycleStoreActivities, Rows, current_actor, defn
 from tollgate.messages import store
 from tollgate.messages.models import (
     ClearReadInput,
@@ -19,31 +19,25 @@ from tollgate.messages.store import MESSAGES
 from tollgate.models import TransitionResult
 
 
-class MessageStoreActivities(StoreActivities):
+class MessageStoreActivities(LifecycleStoreActivities[MessageInput, MessageSnapshot]):
     """Activities that read and write ``messages``, ``devices`` and ``message_deliveries``."""
+
+    rows = Rows(MESSAGES, store.insert_message, MessageSnapshot)
 
     @defn("begin_message")
     async def begin_message(self, message: MessageInput) -> MessageSnapshot:
         """Ensure the INITIATED row exists and move it to STORED: a delivery's first step."""
-        return await begin_row(
-            self._pool,
-            MESSAGES,
-            store.insert_message,
-            message,
-            message.message_id,
-            MessageStatus.STORED,
-            MessageSnapshot,
-        )
+        return await self._begin(message, message.message_id, MessageStatus.STORED)
 
     @defn("record_message")
     async def record_message(self, message: MessageInput) -> MessageSnapshot:
         """Ensure the INITIATED row exists (the service usually inserted it already)."""
-        return await record_row(self._pool, store.insert_message, message, MessageSnapshot)
+        return await self._record(message)
 
     @defn("transition_message")
     async def transition_message(self, req: MessageTransitionInput) -> TransitionResult:
         """Apply one version-checked transition to a message row."""
-        return await move_row(self._pool, MESSAGES, req.message_id, req)
+        return await self._move(req.message_id, req)
 
     @defn("recall_message")
     async def recall_message(self, req: RecallMessageInput) -> MessageSnapshot:

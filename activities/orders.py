@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import StoreActivities, begin_row, defn, move_row, record_row, writer
+from activities import LifecycleStoreActivities, Rows, defn, writer
 from tollgate.errors import OrderNotFound
 from tollgate.models import TransitionResult
 from tollgate.orders import store
@@ -18,8 +18,10 @@ from tollgate.orders.states import OrderStatus
 from tollgate.orders.store import ORDERS
 
 
-class OrderStoreActivities(StoreActivities):
+class OrderStoreActivities(LifecycleStoreActivities[OrderInput, OrderSnapshot]):
     """Activities that read and write the ``orders`` table through the gate."""
+
+    rows = Rows(ORDERS, store.insert_order, OrderSnapshot)
 
     @defn("read_order")
     async def read_order(self, req: ReadOrderInput) -> OrderSnapshot:
@@ -32,20 +34,12 @@ class OrderStoreActivities(StoreActivities):
     @defn("begin_order")
     async def begin_order(self, order: OrderInput) -> OrderSnapshot:
         """Ensure the PENDING row exists and move it to VALIDATING: a checkout's first step."""
-        return await begin_row(
-            self._pool,
-            ORDERS,
-            store.insert_order,
-            order,
-            order.order_id,
-            OrderStatus.VALIDATING,
-            OrderSnapshot,
-        )
+        return await self._begin(order, order.order_id, OrderStatus.VALIDATING)
 
     @defn("record_order")
     async def record_order(self, order: OrderInput) -> OrderSnapshot:
         """Ensure the PENDING row exists (the service usually inserted it already)."""
-        return await record_row(self._pool, store.insert_order, order, OrderSnapshot)
+        return await self._record(order)
 
     @defn("begin_order_cancellation")
     async def begin_cancellation(self, req: BeginCancelInput) -> BeginCancelResult:
@@ -65,4 +59,4 @@ class OrderStoreActivities(StoreActivities):
     @defn("transition_order")
     async def transition_order(self, req: TransitionInput) -> TransitionResult:
         """Apply one version-checked transition; see :func:`tollgate.gate.transition`."""
-        return await move_row(self._pool, ORDERS, req.order_id, req)
+        return await self._move(req.order_id, req)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import ProviderActivities, defn
+from activities import ProviderActivities, compensation_result, defn
 from tollgate.orders.models import ChargeInput, ChargeResult, CompensationResult, RefundInput
 from tollgate.providers.payments import PaymentGateway
 
@@ -32,6 +32,4 @@ class PaymentActivities(ProviderActivities[PaymentGateway]):
             reason=req.reason,
             idempotency_key=req.idempotency_key,
         )
-        if answer.status == "voided":
-            return CompensationResult(outcome="voided")
-        return CompensationResult(outcome="refunded", reference=answer.refund_id)
+        return compensation_result(answer)

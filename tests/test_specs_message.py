@@ -83,15 +83,23 @@ async def send(acts: StandIns, m: MessageInput) -> WorkflowHandle[Any, MessageRe
     )
 
 
+async def send_and_hold_the_push(
+    acts: StandIns, m: MessageInput
+) -> tuple[WorkflowHandle[Any, MessageResult], Block]:
+    """Send, and hold the push in flight until the test releases the block returned."""
+    pushing = Block()
+    acts[PushActivities.push].then(pushing)
+    handle = await send(acts, m)
+    await pushing.reached()
+    return handle, pushing
+
+
 async def send_and_signal_during_push(
     acts: StandIns, m: MessageInput, *signals: tuple[str, str]
 ) -> WorkflowHandle[Any, MessageResult]:
     """Send, and deliver the device ``signals`` (name, device id) while the push is in
     flight: they are all in before the workflow looks, so its trail is always the same."""
-    pushing = Block()
-    acts[PushActivities.push].then(pushing)
-    handle = await send(acts, m)
-    await pushing.reached()
+    handle, pushing = await send_and_hold_the_push(acts, m)
     for name, device_id in signals:
         await handle.signal(name, DeviceSignal(device_id=device_id))
     pushing.release()
@@ -109,6 +117,20 @@ async def run_after(handle: WorkflowHandle[Any, Any], first_run: str | None) -> 
     return await eventually(next_run, what=f"run {first_run} continued as new")
 
 
+async def delivered_to_the_phone_and_read_on_the_tablet(
+    acts: StandIns, m: MessageInput
+) -> MessageResult:
+    """Where ``m`` ended after the phone confirmed it and the tablet read it, both while
+    the push was in flight."""
+    handle = await send_and_signal_during_push(
+        acts,
+        m,
+        (MESSAGE_DELIVERED_SIGNAL, PHONE.device_id),
+        (MESSAGE_READ_SIGNAL, TABLET.device_id),
+    )
+    return await handle.result()
+
+
 def pushes(acts: StandIns, kind: str) -> list[list[str]]:
     """The devices of each push attempt of one kind."""
     return [
@@ -120,13 +142,7 @@ async def test_a_message_delivered_in_time_and_read_on_one_device_syncs_receipts
     acts: StandIns,
 ) -> None:
     m = message()
-    handle = await send_and_signal_during_push(
-        acts,
-        m,
-        (MESSAGE_DELIVERED_SIGNAL, PHONE.device_id),
-        (MESSAGE_READ_SIGNAL, TABLET.device_id),
-    )
-    result = await handle.result()
+    result = await delivered_to_the_phone_and_read_on_the_tablet(acts, m)
 
     assert acts.trail() == [
         *DISPATCH,
@@ -185,10 +201,7 @@ async def test_a_bounced_fallback_email_fails_the_message(acts: StandIns) -> Non
 async def test_a_recall_while_pushing_ends_the_message_cancelled_and_sends_no_email(
     acts: StandIns,
 ) -> None:
-    pushing = Block()
-    acts[PushActivities.push].then(pushing)
-    handle = await send(acts, message())
-    await pushing.reached()
+    handle, _ = await send_and_hold_the_push(acts, message())
 
     await handle.signal(
         MESSAGE_RECALL_SIGNAL, RecallRequest(reason="wrong chat", requested_by="sam")
@@ -208,13 +221,7 @@ async def test_a_read_whose_receipts_cannot_be_pushed_is_reverted_on_every_side(
     mark is cleared, and the reader's device is told to show the message unread."""
     acts[PushActivities.push].when(lambda push: push.kind == "read_receipt", *PUSH_DOWN)
     m = message()
-    handle = await send_and_signal_during_push(
-        acts,
-        m,
-        (MESSAGE_DELIVERED_SIGNAL, PHONE.device_id),
-        (MESSAGE_READ_SIGNAL, TABLET.device_id),
-    )
-    result = await handle.result()
+    result = await delivered_to_the_phone_and_read_on_the_tablet(acts, m)
 
     assert acts.trail() == [
         *DISPATCH,
@@ -250,10 +257,7 @@ async def test_a_flood_of_bogus_signals_continues_as_new_carrying_the_delivery_a
 ) -> None:
     """Past its share of signals a run hands over to a new one, which still hears the
     real devices, and neither pushes again nor forgets what the first one knew."""
-    pushing = Block()
-    acts[PushActivities.push].then(pushing)
-    handle = await send(acts, message())
-    await pushing.reached()
+    handle, pushing = await send_and_hold_the_push(acts, message())
     first_run = handle.result_run_id
 
     bogus = DeviceSignal(device_id="intruder")

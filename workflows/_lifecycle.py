@@ -19,11 +19,11 @@ Everything here is deterministic: no I/O, no clocks, no randomness outside ``wor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 from temporalio import workflow
 from temporalio.common import MetricCounter, RetryPolicy, SearchAttributeKey
@@ -45,6 +45,10 @@ T = TypeVar("T")
 ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
 StatusT = TypeVar("StatusT", bound=StrEnum)
+
+#: An activity method as a workflow names it (``PaymentActivities.charge``): unbound,
+#: one input model, one result.
+ActivityMethod: TypeAlias = Callable[[Any, ArgT], Awaitable[ResultT]]
 
 
 #: What a failed activity or child surfaces as in workflow code. A local activity's
@@ -95,15 +99,26 @@ async def run_to_completion(work: Coroutine[Any, Any, T], on_cancel: Callable[[]
             on_cancel()
 
 
-def step_retry(settings: RetrySettings) -> RetryPolicy:
-    """Retries for a forward step: bounded, so a dead provider ends in compensation."""
+def retry_policy(
+    settings: RetrySettings,
+    *,
+    maximum_attempts: int,
+    non_retryable: Sequence[str] | None = PERMANENT_ERROR_TYPES,
+) -> RetryPolicy:
+    """The lifecycle's backoff from ``settings``, with the attempts and non-retryable
+    error types of one kind of call (0 attempts: until it succeeds)."""
     return RetryPolicy(
         initial_interval=settings.initial_interval,
         backoff_coefficient=settings.backoff_coefficient,
         maximum_interval=settings.maximum_interval,
-        maximum_attempts=settings.maximum_attempts,
-        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
+        maximum_attempts=maximum_attempts,
+        non_retryable_error_types=None if non_retryable is None else list(non_retryable),
     )
+
+
+def step_retry(settings: RetrySettings) -> RetryPolicy:
+    """Retries for a forward step: bounded, so a dead provider ends in compensation."""
+    return retry_policy(settings, maximum_attempts=settings.maximum_attempts)
 
 
 def until_done_retry(settings: RetrySettings) -> RetryPolicy:
@@ -111,17 +126,11 @@ def until_done_retry(settings: RetrySettings) -> RetryPolicy:
 
     An outage delays the lifecycle; it never leaves money charged or a row half-moved.
     """
-    return RetryPolicy(
-        initial_interval=settings.initial_interval,
-        backoff_coefficient=settings.backoff_coefficient,
-        maximum_interval=settings.maximum_interval,
-        maximum_attempts=0,
-        non_retryable_error_types=list(PERMANENT_ERROR_TYPES),
-    )
+    return retry_policy(settings, maximum_attempts=0)
 
 
 async def until_undone(
-    method: Callable[[Any, ArgT], Awaitable[ResultT]],
+    method: ActivityMethod[ArgT, ResultT],
     arg: ArgT,
     *,
     settings: RetrySettings,
@@ -138,12 +147,8 @@ async def until_undone(
     when the compensation finally goes through.
     """
     alert_after = settings.compensation_alert_attempts
-    policy = RetryPolicy(
-        initial_interval=settings.initial_interval,
-        backoff_coefficient=settings.backoff_coefficient,
-        maximum_interval=settings.maximum_interval,
-        maximum_attempts=alert_after,
-    )
+    # Every error is retried: a permanent one too, by the loop below, after a timer.
+    policy = retry_policy(settings, maximum_attempts=alert_after, non_retryable=None)
     delay = settings.initial_interval
     failed = 0
     alerted = False
@@ -185,7 +190,7 @@ def _stuck_counter() -> MetricCounter:
 
 
 async def run_activity(
-    method: Callable[[Any, ArgT], Awaitable[ResultT]],
+    method: ActivityMethod[ArgT, ResultT],
     arg: ArgT,
     *,
     start_to_close: timedelta,
@@ -213,7 +218,7 @@ class Undo:
 
     #: What it is called in results and alerts: ``refund``, ``release``.
     name: str
-    method: Callable[[Any, Any], Awaitable[Any]]
+    method: ActivityMethod[Any, Any]
     arg: Any
 
 
@@ -284,11 +289,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         return self._local_store
 
     async def store(
-        self,
-        method: Callable[[Any, ArgT], Awaitable[ResultT]],
-        arg: ArgT,
-        *,
-        retry: RetryPolicy | None = None,
+        self, method: ActivityMethod[ArgT, ResultT], arg: ArgT, *, retry: RetryPolicy | None = None
     ) -> ResultT:
         """A store activity: one short Postgres statement or two, retried until done.
 
@@ -384,11 +385,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         raise NotImplementedError
 
     async def activity(
-        self,
-        method: Callable[[Any, ArgT], Awaitable[ResultT]],
-        arg: ArgT,
-        *,
-        retry: RetryPolicy | None = None,
+        self, method: ActivityMethod[ArgT, ResultT], arg: ArgT, *, retry: RetryPolicy | None = None
     ) -> ResultT:
         """One activity call with this lifecycle's timeout; a forward step's retries unless
         ``retry`` says otherwise."""

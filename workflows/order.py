@@ -154,9 +154,8 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         if problems:
             raise StepFailed("invalid order: " + "; ".join(problems))
 
-        await self.move(S.CHARGING)
-        self._step = Step.CHARGING
-        self._undo.append(refund_undo(o.order_id, self._id, f"order {o.order_id} did not complete"))
+        refund = refund_undo(o.order_id, self._id, f"order {o.order_id} did not complete")
+        await self._begin_step(S.CHARGING, Step.CHARGING, refund)
         charge = await self.activity(
             PaymentActivities.charge,
             ChargeInput(
@@ -169,9 +168,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         )
         self._charge_id = charge.charge_id
 
-        await self.move(S.RESERVING)
-        self._step = Step.RESERVING
-        self._undo.append(release_undo(o.order_id, self._id))
+        await self._begin_step(S.RESERVING, Step.RESERVING, release_undo(o.order_id, self._id))
         reservation = await self.activity(
             InventoryActivities.reserve,
             ReserveInput(
@@ -182,6 +179,13 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
         await self.move(S.COMPLETED)
         self._step = Step.DONE
+
+    async def _begin_step(self, status: OrderStatus, step: Step, undo: Undo) -> None:
+        """Move the row to ``status`` and register the step's undo before the step runs,
+        so that a step whose outcome is never known is undone too."""
+        await self.move(status)
+        self._step = step
+        self._undo.append(undo)
 
     async def _finish(self) -> OrderResult:
         """Fail (compensating first) or cancel, or just report a completed checkout."""

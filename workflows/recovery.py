@@ -24,14 +24,20 @@ keeps the status and bumps the version):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from workflows._lifecycle import error_type, run_activity, run_undo, until_done_retry
+from workflows._lifecycle import (
+    ActivityMethod,
+    error_type,
+    run_activity,
+    run_undo,
+    until_done_retry,
+)
 from workflows.order import refund_undo, release_undo
 
 with workflow.unsafe.imports_passed_through():
@@ -140,9 +146,7 @@ class OrderRecoveryWorkflow:
         )
         return OrderSnapshot(status=to, version=moved.version)
 
-    async def _activity(
-        self, method: Callable[[Any, ArgT], Awaitable[ResultT]], arg: ArgT
-    ) -> ResultT:
+    async def _activity(self, method: ActivityMethod[ArgT, ResultT], arg: ArgT) -> ResultT:
         return await run_activity(
             method, arg, start_to_close=self._inp.retry.activity_timeout, retry=self._retry
         )

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, NamedTuple, TypeVar
+from typing import Annotated, Any, ClassVar, NamedTuple, Self, TypeVar
 
 import httpx
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tollgate.errors import (
     EmailBounced,
@@ -78,6 +78,32 @@ class ProviderAnswer(BaseModel):
     """
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class UndoAnswer(ProviderAnswer):
+    """Base of what an undo (a refund, a release) must answer: ``voided`` when there was
+    nothing to undo, else its ``done`` status with the id of what it did.
+
+    A subclass narrows ``status`` to its two values, declares the id field its provider
+    names, and says which status and field those are (``done``, ``id_field``).
+    """
+
+    done: ClassVar[str]
+    id_field: ClassVar[str]
+
+    status: str
+
+    @property
+    def reference(self) -> str | None:
+        """The id of what the undo did; None when it was voided."""
+        reference: str | None = getattr(self, self.id_field)
+        return reference
+
+    @model_validator(mode="after")
+    def _done_has_id(self) -> Self:
+        if self.status == self.done and self.reference is None:
+            raise ValueError(f"a {self.done} answer needs a {self.id_field}")
+        return self
 
 
 def build_http_client(settings: Settings) -> httpx.AsyncClient:

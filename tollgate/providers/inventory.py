@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal, Self
-
-from pydantic import model_validator
+from typing import Any, Literal
 
 from tollgate.errors import UnknownSku
-from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer
+from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer, UndoAnswer
 
 
 class ReservationAnswer(ProviderAnswer):
@@ -17,17 +15,14 @@ class ReservationAnswer(ProviderAnswer):
     reservation_id: NonEmptyStr
 
 
-class ReleaseAnswer(ProviderAnswer):
+class ReleaseAnswer(UndoAnswer):
     """What a release must answer: ``released`` with the release's id, or ``voided``."""
+
+    done = "released"
+    id_field = "release_id"
 
     status: Literal["released", "voided"]
     release_id: NonEmptyStr | None = None
-
-    @model_validator(mode="after")
-    def _released_has_id(self) -> Self:
-        if self.status == "released" and self.release_id is None:
-            raise ValueError("a released answer needs a release_id")
-        return self
 
 
 class Inventory(Provider):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Literal
 
-from pydantic import model_validator
-
-from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer
+from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer, UndoAnswer
 
 
 class ChargeAnswer(ProviderAnswer):
@@ -15,17 +13,14 @@ class ChargeAnswer(ProviderAnswer):
     charge_id: NonEmptyStr
 
 
-class RefundAnswer(ProviderAnswer):
+class RefundAnswer(UndoAnswer):
     """What a refund must answer: ``refunded`` with the refund's id, or ``voided``."""
+
+    done = "refunded"
+    id_field = "refund_id"
 
     status: Literal["refunded", "voided"]
     refund_id: NonEmptyStr | None = None
-
-    @model_validator(mode="after")
-    def _refunded_has_id(self) -> Self:
-        if self.status == "refunded" and self.refund_id is None:
-            raise ValueError("a refunded answer needs a refund_id")
-        return self
 
 
 class PaymentGateway(Provider):
