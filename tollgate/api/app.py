@@ -30,9 +30,10 @@ import logging
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
@@ -87,11 +88,11 @@ from tollgate.gate import AuditRow
 from tollgate.ids import is_safe_id
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageInput
-from tollgate.messages.service import MessageService
+from tollgate.messages.service import MessageReport, MessageService
 from tollgate.models import parse_input
 from tollgate.orders import store as order_store
 from tollgate.orders.models import OrderInput
-from tollgate.orders.service import OrderService
+from tollgate.orders.service import OrderReport, OrderService
 from tollgate.orders.states import OrderStatus
 from tollgate.settings import Settings
 from tollgate.telemetry import instrument_app
@@ -106,6 +107,18 @@ _log = logging.getLogger("tollgate.api")
 _access = logging.getLogger("tollgate.api.access")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class _ClientRow(Protocol):
+    """A row a client owns: ``None`` for what the CLI created."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def client_id(self) -> str | None: ...
+
+
+RowT = TypeVar("RowT", bound=_ClientRow)
 
 
 @dataclass
@@ -176,6 +189,15 @@ def _transitions(rows: list[AuditRow[Any]]) -> list[Transition]:
         )
         for r in rows
     ]
+
+
+def _workflow_view(report: OrderReport | MessageReport) -> WorkflowView:
+    progress = report.workflow_progress
+    return WorkflowView(
+        id=report.workflow_id,
+        status=report.workflow_status,
+        step=progress.step if progress else None,
+    )
 
 
 def _order_view(row: order_store.OrderRow, **extra: Any) -> OrderView:
@@ -425,31 +447,47 @@ class Api:
     async def _recover_order(
         self, order: OrderInput, client: str, key: str, entry: idem.IdempotencyRecord
     ) -> idem.IdempotencyRecord:
+        """As :meth:`_recover`, for an order."""
+
+        def same(row: order_store.OrderRow) -> bool:
+            return (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
+                client,
+                order.customer_id,
+                order.items,
+                order.amount_cents,
+                order.currency,
+            )
+
+        return await self._recover(client, key, entry, order_store.get_order, same)
+
+    async def _recover(
+        self,
+        client: str,
+        key: str,
+        entry: idem.IdempotencyRecord,
+        get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]],
+        same: Callable[[RowT], bool],
+    ) -> idem.IdempotencyRecord:
         """The create found its id taken: by a concurrent request with the same key, or
         by an earlier attempt whose workflow started but whose commit was lost (its
-        first activity then inserts the row). Answer from what is there."""
+        first activity then inserts the row). Answer from what is there: the row, if
+        ``same`` says this request created it."""
         found = await idem.find(self.deps.pool, client, key)
         if found is not None:
             return found
-        row = await order_store.get_order(self.deps.pool, order.order_id)
+        row = await get(self.deps.pool, entry.entity_id)
         if row is None:
             raise Problem.edge(
                 "still-starting",
-                "an earlier request with this Idempotency-Key started the order and it is not "
-                "recorded yet; retry shortly with the same key",
+                f"an earlier request with this Idempotency-Key started the {entry.kind} and it "
+                "is not recorded yet; retry shortly with the same key",
                 retry_after=self._retry_after,
             )
-        same = (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
-            client,
-            order.customer_id,
-            order.items,
-            order.amount_cents,
-            order.currency,
-        )
-        if not same:
+        if not same(row):
             raise Problem.edge(
                 "idempotency-key-conflict",
-                f"{IDEMPOTENCY_HEADER} {key!r} already created order {row.id} from another request",
+                f"{IDEMPOTENCY_HEADER} {key!r} already created {entry.kind} {row.id} from "
+                "another request",
             )
         async with self.deps.pool.acquire() as conn:
             await idem.record(conn, client, key, entry, must_be_new=False)
@@ -476,30 +514,37 @@ class Api:
                 "a different request body; use a new key for a new request",
             )
 
-    async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
-        order_id = request.path_params["order_id"]
-        if not is_safe_id(order_id):
-            raise OrderNotFound(order_id)
-        row = await order_store.get_order(self.deps.pool, order_id)
-        self.owned(row.client_id if row else None, client, OrderNotFound(order_id))
+    async def _mine(
+        self,
+        request: Request,
+        client: str,
+        id_param: str,
+        not_found: Callable[[str], TollgateError],
+        get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]],
+    ) -> RowT:
+        """The row the path's ``id_param`` names, if ``client`` created it: otherwise 404,
+        the same answer as no row at all."""
+        entity_id = request.path_params[id_param]
+        if not is_safe_id(entity_id):
+            raise not_found(entity_id)
+        row = await get(self.deps.pool, entity_id)
+        self.owned(row.client_id if row else None, client, not_found(entity_id))
         assert row is not None
         return row
+
+    async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
+        return await self._mine(request, client, "order_id", OrderNotFound, order_store.get_order)
 
     async def get_order(self, request: Request) -> Response:
         """``GET /v1/orders/{order_id}``."""
         client = await self.client(request)
         row = await self._my_order(request, client)
         report = await self.deps.orders.report(row.id)
-        progress = report.workflow_progress
         return _json(
             _order_view(
                 report.order,
                 transitions=_transitions(list(report.transitions)),
-                workflow=WorkflowView(
-                    id=report.workflow_id,
-                    status=report.workflow_status,
-                    step=progress.step if progress else None,
-                ),
+                workflow=_workflow_view(report),
             )
         )
 
@@ -568,58 +613,37 @@ class Api:
     async def _recover_message(
         self, message: MessageInput, client: str, key: str, entry: idem.IdempotencyRecord
     ) -> idem.IdempotencyRecord:
-        """As :meth:`_recover_order`, for a message."""
-        found = await idem.find(self.deps.pool, client, key)
-        if found is not None:
-            return found
-        row = await message_store.get_message(self.deps.pool, message.message_id)
-        if row is None:
-            raise Problem.edge(
-                "still-starting",
-                "an earlier request with this Idempotency-Key started the message and it is "
-                "not recorded yet; retry shortly with the same key",
-                retry_after=self._retry_after,
+        """As :meth:`_recover`, for a message."""
+
+        def same(row: message_store.MessageRow) -> bool:
+            return (
+                row.client_id,
+                row.sender_id,
+                row.recipient_id,
+                row.recipient_email,
+                row.body,
+                row.deadline_ms,
+            ) == (
+                client,
+                message.sender_id,
+                message.recipient_id,
+                message.recipient_email,
+                message.body,
+                int(message.deadline.total_seconds() * 1000),
             )
-        same = (
-            row.client_id,
-            row.sender_id,
-            row.recipient_id,
-            row.recipient_email,
-            row.body,
-            row.deadline_ms,
-        ) == (
-            client,
-            message.sender_id,
-            message.recipient_id,
-            message.recipient_email,
-            message.body,
-            int(message.deadline.total_seconds() * 1000),
-        )
-        if not same:
-            raise Problem.edge(
-                "idempotency-key-conflict",
-                f"{IDEMPOTENCY_HEADER} {key!r} already created message {row.id} from another "
-                "request",
-            )
-        async with self.deps.pool.acquire() as conn:
-            await idem.record(conn, client, key, entry, must_be_new=False)
-        return entry
+
+        return await self._recover(client, key, entry, message_store.get_message, same)
 
     async def _my_message(self, request: Request, client: str) -> message_store.MessageRow:
-        message_id = request.path_params["message_id"]
-        if not is_safe_id(message_id):
-            raise MessageNotFound(message_id)
-        row = await message_store.get_message(self.deps.pool, message_id)
-        self.owned(row.client_id if row else None, client, MessageNotFound(message_id))
-        assert row is not None
-        return row
+        return await self._mine(
+            request, client, "message_id", MessageNotFound, message_store.get_message
+        )
 
     async def get_message(self, request: Request) -> Response:
         """``GET /v1/messages/{message_id}``."""
         client = await self.client(request)
         row = await self._my_message(request, client)
         report = await self.deps.messages.report(row.id)
-        progress = report.workflow_progress
         return _json(
             _message_view(
                 report.message,
@@ -634,11 +658,7 @@ class Api:
                     for d in report.deliveries
                 ],
                 transitions=_transitions(list(report.transitions)),
-                workflow=WorkflowView(
-                    id=report.workflow_id,
-                    status=report.workflow_status,
-                    step=progress.step if progress else None,
-                ),
+                workflow=_workflow_view(report),
             )
         )
 
@@ -690,12 +710,10 @@ class Api:
         return _json(_device_view(row), 201, headers)
 
     async def _my_device(self, request: Request, client: str) -> message_store.DeviceRow:
-        device_id = request.path_params["device_id"]
-        if not is_safe_id(device_id):
-            raise DeviceNotFound(device_id)
-        row = await message_store.get_device(self.deps.pool, device_id)
-        self.owned(row.client_id, client, DeviceNotFound(device_id))
-        return row
+        # get_device raises DeviceNotFound itself; _mine's None check never fires for it.
+        return await self._mine(
+            request, client, "device_id", DeviceNotFound, message_store.get_device
+        )
 
     async def get_device(self, request: Request) -> Response:
         """``GET /v1/devices/{device_id}``."""
