@@ -600,15 +600,20 @@ async def _signals(h: Harness, message_id: str) -> int:
     )
 
 
+def _receipt(message_id: str, device_id: str) -> dict[str, str]:
+    """A delivery receipt with a fresh id."""
+    return {
+        "receipt_id": f"r-{uuid.uuid4().hex}",
+        "message_id": message_id,
+        "device_id": device_id,
+        "kind": "delivered",
+    }
+
+
 async def test_a_receipt_is_applied_once_however_often_it_is_sent(h: Harness) -> None:
     async with serve_api(h) as api:
         message_id, devices = await _delivering(h, api)
-        receipt = {
-            "receipt_id": f"r-{uuid.uuid4().hex}",
-            "message_id": message_id,
-            "device_id": devices[0],
-            "kind": "delivered",
-        }
+        receipt = _receipt(message_id, devices[0])
         first = await api.post_receipt(receipt)
         assert first.status_code == 200, first.text
         assert first.json()["outcome"] == "applied"
@@ -628,14 +633,7 @@ async def test_a_receipt_for_an_unknown_device_is_counted_and_ignored(h: Harness
     async with serve_api(h) as api:
         message_id, _ = await _delivering(h, api)
         signals = await _signals(h, message_id)
-        reply = await api.post_receipt(
-            {
-                "receipt_id": f"r-{uuid.uuid4().hex}",
-                "message_id": message_id,
-                "device_id": "no-such-device",
-                "kind": "delivered",
-            }
-        )
+        reply = await api.post_receipt(_receipt(message_id, "no-such-device"))
         assert reply.status_code == 200 and reply.json()["outcome"] == "unknown_device"
         assert await _signals(h, message_id) == signals
         metrics = (await api.http.get("/metrics")).text
@@ -652,12 +650,7 @@ async def test_receipts_with_a_bad_signature_or_an_expired_timestamp_are_refused
 ) -> None:
     async with serve_api(h, receipt_tolerance_seconds=300) as api:
         message_id, devices = await _delivering(h, api)
-        receipt = {
-            "receipt_id": f"r-{uuid.uuid4().hex}",
-            "message_id": message_id,
-            "device_id": devices[0],
-            "kind": "delivered",
-        }
+        receipt = _receipt(message_id, devices[0])
         forged = await api.post_receipt(receipt, secret="x" * 40)
         assert_problem(forged, 401, "invalid-signature")
         # Timestamps are whole seconds and the server reads its clock later: a margin of

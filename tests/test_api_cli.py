@@ -3,36 +3,22 @@ listed without secrets, revoked for good; bad input exits 2 writing nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
-import sys
 import uuid
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, Harness
+from tests.conftest import Harness
+from tests.test_cli import run_starter
 from tollgate import access
 
 pytestmark = pytest.mark.e2e
 
 
 async def _apikey(h: Harness, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "DATABASE_URL": h.settings.database_url}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "starter.py",
-        "apikey",
-        *args,
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    run = await run_starter(h, "apikey", *args)
+    return run.code, run.out, run.err
 
 
 async def test_a_key_is_printed_once_stored_as_a_hash_listed_without_it_and_revoked(

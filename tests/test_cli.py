@@ -30,8 +30,9 @@ class Run:
     err: str
 
 
-async def _starter(h: Harness, *args: str, env: dict[str, str] | None = None) -> Run:
-    """Run the CLI without blocking the event loop the in-process worker lives on."""
+async def run_starter(h: Harness, *args: str, env: dict[str, str] | None = None) -> Run:
+    """Run the CLI without blocking the event loop the in-process worker lives on, in the
+    environment that joins it to the harness (plus ``env``)."""
     full_env = {**os.environ, **h.process_env(), **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -114,7 +115,7 @@ async def test_bad_input_gets_one_line_exit_2_and_writes_nothing(
     h: Harness, args: list[str], needle: str
 ) -> None:
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
-    run = await _starter(h, *args, *(["--order-id", order_id] if "create" in args else []))
+    run = await run_starter(h, *args, *(["--order-id", order_id] if "create" in args else []))
     assert run.code == 2, run
     _one_clear_line(run, needle)
     assert await order_store.get_order(h.pool, order_id) is None
@@ -125,7 +126,7 @@ async def test_bad_input_gets_one_line_exit_2_and_writes_nothing(
 
 async def test_an_order_id_holding_the_derived_id_separator_is_refused(h: Harness) -> None:
     """Order 'x:recovery' would have become workflow 'order-x:recovery', the recovery id of x."""
-    run = await _starter(h, *_create(), "--order-id", "x:recovery")
+    run = await run_starter(h, *_create(), "--order-id", "x:recovery")
     assert run.code == 2, run
     _one_clear_line(run, "order_id: not a valid id")
     assert await order_store.get_order(h.pool, "x:recovery") is None
@@ -156,7 +157,7 @@ async def test_more_bad_input_gets_one_line_exit_2(
     h: Harness, args: list[str], env: dict[str, str], needle: str
 ) -> None:
     counts = await _row_counts(h)
-    run = await _starter(h, *args, env=env)
+    run = await run_starter(h, *args, env=env)
     assert run.code == 2, run
     _one_clear_line(run, needle)
     assert await _row_counts(h) == counts
@@ -173,7 +174,7 @@ async def test_a_cancel_with_a_bad_reason_writes_nothing_and_the_order_goes_on(
     handle = await h.service.create(order)
     await order_status(h.service, order.order_id, OrderStatus.CHARGING)
     for reason in ("x" * 600, "line one\nline two", "bell \x07"):
-        run = await _starter(h, "order", "cancel", order.order_id, "--reason", reason)
+        run = await run_starter(h, "order", "cancel", order.order_id, "--reason", reason)
         assert run.code == 2, run
         _one_clear_line(run, "reason")
         row = await h.service.row(order.order_id)
@@ -189,7 +190,7 @@ async def test_a_recall_with_a_bad_reason_writes_nothing(h: Harness) -> None:
     user, _devices = await h.devices(1)
     msg = h.message(user)
     await h.messages.send(msg)
-    run = await _starter(h, "message", "recall", msg.message_id, "--reason", "y" * 501)
+    run = await run_starter(h, "message", "recall", msg.message_id, "--reason", "y" * 501)
     assert run.code == 2, run
     _one_clear_line(run, "reason")
     audit = await message_store.list_transitions(h.pool, msg.message_id)
@@ -203,7 +204,7 @@ async def test_user_text_is_printed_as_text_not_as_terminal_markup(h: Harness) -
     outcome = await h.service.cancel(order.order_id, reason=reason, requested_by="test")
     assert outcome.recorded, outcome
     await handle.result()
-    status = await _starter(h, "order", "status", order.order_id)
+    status = await run_starter(h, "order", "status", order.order_id)
     assert status.code == 0, status
     assert "Traceback" not in status.err
     assert f"cancel reason: {reason}" in status.out, status.out
@@ -213,7 +214,7 @@ async def test_send_wait_returns_on_delivery_not_after_the_read_window(h: Harnes
     user = f"cli-u-{uuid.uuid4().hex[:8]}"
     message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
     # no devices: the 1 s deadline falls back to email; the read window is the default 7 d
-    run = await _starter(
+    run = await run_starter(
         h,
         *("message", "send", "--sender", "sam", "--recipient", user, "--body", "hi"),
         *("--deadline", "1s", "--message-id", message_id, "--wait", "--json"),
@@ -224,7 +225,7 @@ async def test_send_wait_returns_on_delivery_not_after_the_read_window(h: Harnes
     assert (await h.messages.handle(message_id).describe()).status.name == "RUNNING"
 
     other = f"cli-m-{uuid.uuid4().hex[:10]}"
-    waited = await _starter(
+    waited = await run_starter(
         h,
         *("message", "send", "--sender", "sam", "--recipient", user, "--body", "hi"),
         *("--deadline", "1s", "--message-id", other, "--wait", "--until", "READ"),
@@ -239,7 +240,7 @@ async def test_a_user_past_the_device_limit_is_refused_until_one_is_removed(h: H
     eleventh = await _register(h, user, f"tok-{user}-eleven", "--device-id", f"{user}-d10")
     assert eleventh.code == 1, eleventh
     _one_clear_line(eleventh, "already has 10 active devices")
-    removed = await _starter(h, "device", "remove", devices[0], "--json")
+    removed = await run_starter(h, "device", "remove", devices[0], "--json")
     assert removed.code == 0, removed
     assert json.loads(removed.out)["active"] is False
     again = await _register(h, user, f"tok-{user}-eleven", "--device-id", f"{user}-d10")
@@ -256,13 +257,13 @@ async def _row_counts(h: Harness) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("command", ["status", "cancel"])
 async def test_unknown_order_is_refused_with_exit_1(h: Harness, command: str) -> None:
-    run = await _starter(h, "order", command, "no-such-order")
+    run = await run_starter(h, "order", command, "no-such-order")
     assert run.code == 1, run
     _one_clear_line(run, "no-such-order", "does not exist")
 
 
 async def test_unreachable_postgres_is_one_line_not_a_traceback(h: Harness) -> None:
-    run = await _starter(
+    run = await run_starter(
         h, "order", "status", "x", env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     )
     assert run.code == 1, run
@@ -271,7 +272,7 @@ async def test_unreachable_postgres_is_one_line_not_a_traceback(h: Harness) -> N
 
 async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> None:
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
-    run = await _starter(
+    run = await run_starter(
         h,
         *("order", "create", "--customer", "carol", "--item", "widget:2", "--item", "GADGET:1"),
         *("--amount", "44.50", "--order-id", order_id, "--wait", "--json"),
@@ -284,7 +285,7 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
     assert row is not None and row.amount_cents == 4450
     assert [(i.sku, i.quantity) for i in row.items] == [("WIDGET", 2), ("GADGET", 1)]
 
-    status = await _starter(h, "order", "status", order_id, "--json")
+    status = await run_starter(h, "order", "status", order_id, "--json")
     assert status.code == 0, status
     report = json.loads(status.out)
     assert report["order"]["status"] == "COMPLETED" and report["order"]["version"] == 5
@@ -297,10 +298,10 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
     ]
     assert report["workflow_status"] == "COMPLETED"
 
-    human = await _starter(h, "order", "status", order_id)
+    human = await run_starter(h, "order", "status", order_id)
     assert human.code == 0 and "COMPLETED" in human.out and "RESERVING" in human.out
 
-    again = await _starter(
+    again = await run_starter(
         h,
         *("order", "create", "--customer", "carol", "--item", "WIDGET:1"),
         "--amount",
@@ -311,7 +312,7 @@ async def test_create_wait_status_and_refused_cancel_for_scripts(h: Harness) -> 
     assert again.code == 2
     _one_clear_line(again, "already exists")
 
-    cancel = await _starter(h, "order", "cancel", order_id, "--json")
+    cancel = await run_starter(h, "order", "cancel", order_id, "--json")
     assert cancel.code == 1, cancel
     assert json.loads(cancel.out)["recorded"] is False
     assert (await order_store.get_order(h.pool, order_id)) == row
@@ -326,7 +327,7 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     # average of 12 on 2 cores). The cancel ends the wait as soon as it lands.
     await h.sandbox.set_fault("payments", FaultSpec(fail_next=5, fail_phase="after"))
     order_id = f"cli-{uuid.uuid4().hex[:10]}"
-    run = await _starter(
+    run = await run_starter(
         h,
         "order",
         "create",
@@ -341,7 +342,7 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
     )
     assert run.code == 0, run
     await order_status(h.service, order_id, OrderStatus.CHARGING)
-    cancel = await _starter(
+    cancel = await run_starter(
         h, "order", "cancel", order_id, "--reason", "wrong size", "--wait", "--json"
     )
     assert cancel.code == 0, cancel
@@ -360,7 +361,7 @@ async def test_cancel_from_the_cli_ends_cancelled(h: Harness) -> None:
 
 
 async def _register(h: Harness, user: str, token: str, *extra: str) -> Run:
-    return await _starter(h, "device", "register", "--user", user, "--token", token, *extra)
+    return await run_starter(h, "device", "register", "--user", user, "--token", token, *extra)
 
 
 async def _eventually(check: Any, what: str, *, attempts: int = 300) -> Any:
@@ -424,7 +425,7 @@ async def test_bad_message_input_gets_one_line_exit_2_and_writes_nothing(
     h: Harness, args: list[str], needle: str
 ) -> None:
     message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
-    run = await _starter(h, "message", "send", *args, "--message-id", message_id)
+    run = await run_starter(h, "message", "send", *args, "--message-id", message_id)
     assert run.code == 2, run
     _one_clear_line(run, needle)
     assert await message_store.get_message(h.pool, message_id) is None
@@ -443,7 +444,7 @@ async def test_bad_message_input_gets_one_line_exit_2_and_writes_nothing(
     ],
 )
 async def test_unknown_message_is_refused_with_exit_1(h: Harness, args: list[str]) -> None:
-    run = await _starter(h, "message", *args)
+    run = await run_starter(h, "message", *args)
     assert run.code == 1, run
     _one_clear_line(run, "no-such-message", "does not exist")
     assert await message_store.get_message(h.pool, "no-such-message") is None
@@ -459,7 +460,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
     d0, d1 = devices
     message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
 
-    sent = await _starter(
+    sent = await run_starter(
         h,
         *("message", "send", "--sender", "sam", "--recipient", user, "--body", "hi"),
         *("--deadline", "20s", "--message-id", message_id, "--json"),
@@ -475,9 +476,9 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
         return [f.device_id for f in facts if f.pushed_at] == sorted(devices)
 
     await _eventually(pushed_to_both, "pushed to both devices")
-    confirm = await _starter(h, "message", "confirm", message_id, "--device", d0)
+    confirm = await run_starter(h, "message", "confirm", message_id, "--device", d0)
     assert confirm.code == 0, confirm
-    read = await _starter(h, "message", "read", message_id, "--device", d0)
+    read = await run_starter(h, "message", "read", message_id, "--device", d0)
     assert read.code == 0, read
 
     async def read_and_synced() -> bool:
@@ -487,7 +488,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
 
     await _eventually(read_and_synced, "read with the receipt on the other device")
 
-    status = await _starter(h, "message", "status", message_id, "--json")
+    status = await run_starter(h, "message", "status", message_id, "--json")
     assert status.code == 0, status
     report = json.loads(status.out)
     assert report["message"]["status"] == "READ"
@@ -507,12 +508,12 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
         "READ",
     ]
 
-    human = await _starter(h, "message", "status", message_id)
+    human = await run_starter(h, "message", "status", message_id)
     assert human.code == 0, human
     assert "READ" in human.out and d0 in human.out and d1 in human.out
 
     before = await message_store.get_message(h.pool, message_id)
-    recall = await _starter(h, "message", "recall", message_id)
+    recall = await run_starter(h, "message", "recall", message_id)
     assert recall.code == 1, recall
     assert "cannot be recalled" in recall.out and "READ" in recall.out
     assert "Traceback" not in recall.out + recall.err
@@ -520,7 +521,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
 
     # the lifecycle ended at READ: a late device signal is refused, not "bad input"
     await h.messages.handle(message_id).result()
-    late = await _starter(h, "message", "confirm", message_id, "--device", devices[1])
+    late = await run_starter(h, "message", "confirm", message_id, "--device", devices[1])
     assert late.code == 1, late
     _one_clear_line(late, "no longer running", "READ")
 
@@ -531,7 +532,7 @@ async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> No
     user, _devices = await h.devices(2)
     await h.sandbox.set_fault("push", FaultSpec(latency_ms=1500))
     message_id = f"cli-m-{uuid.uuid4().hex[:10]}"
-    sent = await _starter(
+    sent = await run_starter(
         h,
         *("message", "send", "--sender", "sam", "--recipient", user, "--body", "oops"),
         *("--deadline", "20s", "--message-id", message_id),
@@ -544,7 +545,9 @@ async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> No
         return progress.step == "pushing"
 
     await _eventually(pushing, "pushing")
-    recall = await _starter(h, "message", "recall", message_id, "--reason", "wrong chat", "--json")
+    recall = await run_starter(
+        h, "message", "recall", message_id, "--reason", "wrong chat", "--json"
+    )
     assert recall.code == 0, recall
     outcome = json.loads(recall.out)
     assert outcome["recalled"] and outcome["status"] == "CANCELLED"

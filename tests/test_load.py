@@ -20,7 +20,7 @@ def test_percentiles_use_nearest_rank() -> None:
 
 
 async def _orders(
-    h: Harness, *, count: int, concurrency: int, rate: float, max_wait: float | None
+    h: Harness, *, count: int, concurrency: int, rate: float | None, max_wait: float | None
 ) -> LoadSummary:
     """``load orders`` with these limits against the harness's worker, printing nothing."""
     return await run_load(
@@ -88,15 +88,6 @@ async def test_load_orders_leave_the_finite_stock_alone_and_report_the_outcome_m
     # Before this, load orders bought WIDGET, GADGET and GIZMO: after ~175 orders the
     # stock was gone and every later order failed and compensated, unnoticed.
     before = await h.sandbox.stock()
-    summary = await run_load(
-        "orders",
-        orders=h.service,
-        messages=h.messages,
-        count=6,
-        concurrency=3,
-        rate=None,
-        max_wait=None,
-        console=None,
-    )
+    summary = await _orders(h, count=6, concurrency=3, rate=None, max_wait=None)
     assert await h.sandbox.stock() == before
     assert summary.expected_status == "COMPLETED" and summary.reached_expected == 6

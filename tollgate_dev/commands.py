@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-import asyncpg
 from cyclopts import Parameter
 from rich.table import Table
 
-from tollgate import access, gate, postgres
+from tollgate import access, gate
 from tollgate.errors import InputError
 from tollgate.ids import require_safe_id
 from tollgate.messages.service import MessageService
@@ -25,6 +24,7 @@ from tollgate.ops.cli import (
     JsonFlag,
     Refused,
     app,
+    app_pool,
     connected,
     console,
     emit_json,
@@ -195,14 +195,7 @@ async def _lifecycle_traces(
 ) -> list[str]:
     """The trace ids an entity's audit rows and row name, first seen first: one, for a
     lifecycle created since traces were kept with the row."""
-    try:
-        pool = await postgres.create_pool(settings.database_url, max_size=1)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise Refused(
-            f"cannot reach Postgres at DATABASE_URL ({type(exc).__name__}: {exc}); "
-            "is the local stack up (make up)?"
-        ) from None
-    try:
+    async with app_pool(settings, max_size=1) as pool:
         row = await gate.get_row(pool, lifecycle, entity_id)
         if row is None:
             raise lifecycle.not_found(entity_id)
@@ -211,8 +204,6 @@ async def _lifecycle_traces(
             " AND trace_id IS NOT NULL ORDER BY id",
             entity_id,
         )
-    finally:
-        await pool.close()
     ids: list[str] = []
     parent = row["trace_parent"]
     for trace_id in [parent.split("-")[1] if parent else None, *(r["trace_id"] for r in audited)]:

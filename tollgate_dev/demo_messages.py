@@ -66,6 +66,9 @@ class Devices:
     ids: list[str]
 
 
+#: How a message scenario ended: (message id, final status, effects, detail).
+MessageRun = tuple[str, MessageStatus, MessageEffects, str]
+
 Drive = Callable[[MessageService, SandboxAdmin, str, Devices], Awaitable[None]]
 
 
@@ -161,7 +164,7 @@ MESSAGE_SCENARIOS: tuple[MessageScenario, ...] = (
 
 async def run_message_scenario(
     service: MessageService, sandbox: SandboxAdmin, scenario: MessageScenario, run_id: str, n: int
-) -> tuple[str, MessageStatus, MessageEffects, str]:
+) -> MessageRun:
     """Run one scenario; returns (message id, final status, effects, detail)."""
     user = f"demo-{run_id}-{n}"
     ids = await register_phones(service, user, scenario.devices)
@@ -207,7 +210,7 @@ API_MESSAGE_SCENARIO = MessageScenario(
 
 async def run_api_message_scenario(
     api: ApiCaller, service: MessageService, sandbox: SandboxAdmin, run_id: str
-) -> tuple[str, MessageStatus, MessageEffects, str]:
+) -> MessageRun:
     """Register two devices, send a message and report it read, all over HTTP: devices
     and the message with the API key, receipts signed with the webhook secret. Returns
     (message id, final status, effects, detail) like :func:`run_message_scenario`."""

@@ -30,9 +30,10 @@ import logging
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
@@ -83,15 +84,14 @@ from tollgate.errors import (
     OrderNotFound,
     TollgateError,
 )
-from tollgate.gate import AuditRow
 from tollgate.ids import is_safe_id
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageInput
-from tollgate.messages.service import MessageService
+from tollgate.messages.service import MessageReport, MessageService
 from tollgate.models import parse_input
 from tollgate.orders import store as order_store
 from tollgate.orders.models import OrderInput
-from tollgate.orders.service import OrderService
+from tollgate.orders.service import OrderReport, OrderService
 from tollgate.orders.states import OrderStatus
 from tollgate.settings import Settings
 from tollgate.telemetry import instrument_app
@@ -106,6 +106,18 @@ _log = logging.getLogger("tollgate.api")
 _access = logging.getLogger("tollgate.api.access")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class _ClientRow(Protocol):
+    """A row a client owns: ``None`` for what the CLI created."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def client_id(self) -> str | None: ...
+
+
+RowT = TypeVar("RowT", bound=_ClientRow)
 
 
 @dataclass
@@ -163,61 +175,28 @@ def unreachable(exc: BaseException) -> str | None:
     return None
 
 
-def _transitions(rows: list[AuditRow[Any]]) -> list[Transition]:
-    return [
-        Transition(
-            from_status=r.from_status,
-            to_status=r.to_status,
-            from_version=r.from_version,
-            to_version=r.to_version,
-            actor=r.actor,
-            reason=r.reason,
-            at=r.at,
-        )
-        for r in rows
-    ]
+def _created_headers(location: str, replayed: bool) -> dict[str, str]:
+    """A create's answer headers: where the entity is, and whether an earlier request
+    with the same Idempotency-Key created it."""
+    if replayed:
+        return {"Location": location, "Idempotent-Replayed": "true"}
+    return {"Location": location}
 
 
-def _order_view(row: order_store.OrderRow, **extra: Any) -> OrderView:
-    return OrderView(
-        id=row.id,
-        status=row.status,
-        version=row.version,
-        customer_id=row.customer_id,
-        items=row.items,
-        amount_cents=row.amount_cents,
-        currency=row.currency,
-        failure_reason=row.failure_reason,
-        cancel_reason=row.cancel_reason,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        **extra,
-    )
+def _history(report: OrderReport | MessageReport) -> dict[str, Any]:
+    """What a ``GET`` shows besides the row: its audited transitions and its workflow."""
+    return {
+        "transitions": [Transition.of(t) for t in report.transitions],
+        "workflow": _workflow_view(report),
+    }
 
 
-def _message_view(row: message_store.MessageRow, **extra: Any) -> MessageView:
-    return MessageView(
-        id=row.id,
-        status=row.status,
-        version=row.version,
-        sender_id=row.sender_id,
-        recipient_id=row.recipient_id,
-        deadline_ms=row.deadline_ms,
-        failure_reason=row.failure_reason,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        **extra,
-    )
-
-
-def _device_view(row: message_store.DeviceRow) -> DeviceView:
-    return DeviceView(
-        id=row.id,
-        user_id=row.user_id,
-        platform=row.platform,
-        active=row.active,
-        registered_at=row.registered_at,
-        removed_at=row.removed_at,
+def _workflow_view(report: OrderReport | MessageReport) -> WorkflowView:
+    progress = report.workflow_progress
+    return WorkflowView(
+        id=report.workflow_id,
+        status=report.workflow_status,
+        step=progress.step if progress else None,
     )
 
 
@@ -350,39 +329,45 @@ class Api:
             {**body.model_dump(), "order_id": order_id, "client_id": client},
         )
         entry = idem.IdempotencyRecord("order", idem.request_hash(body), order_id)
+        started = await self._start_once(
+            lambda also: (
+                self.deps.orders.create_until_charged(order, actor=f"api:{client}", also=also)
+                if wait
+                else self.deps.orders.create(order, actor=f"api:{client}", also=also)
+            ),
+            client,
+            key,
+            entry,
+            lambda: self._recover_order(order, client, key, entry),
+        )
+        if wait:
+            if started is not None:
+                await self._until_charged(started.result())
+            elif (await self.deps.orders.row(order_id)).status in _BEFORE_CHARGED:
+                await self._until_charged(self.deps.orders.until_charged(order_id))
+        row = await self.deps.orders.row(order_id)
+        location = f"/v1/orders/{order_id}"
+        return _json(OrderView.of(row), 202, _created_headers(location, started is None))
+
+    async def _start_once(
+        self,
+        start: Any,
+        client: str,
+        key: str,
+        entry: idem.IdempotencyRecord,
+        recover: Callable[[], Awaitable[idem.IdempotencyRecord]],
+    ) -> Any | None:
+        """Start the create unless its key was used before: the start's result, or None
+        when an earlier request with this key (checked to be this very request) created
+        the entity, and the answer is a replay."""
         found = await idem.find(self.deps.pool, client, key)
         if found is None:
             try:
-                updated = await self._start(
-                    lambda also: (
-                        self.deps.orders.create_until_charged(
-                            order, actor=f"api:{client}", also=also
-                        )
-                        if wait
-                        else self.deps.orders.create(order, actor=f"api:{client}", also=also)
-                    ),
-                    client,
-                    key,
-                    entry,
-                )
+                return await self._start(start, client, key, entry)
             except AlreadyExists:
-                found = await self._recover_order(order, client, key, entry)
-            else:
-                if wait:
-                    await self._until_charged(updated.result())
-                row = await self.deps.orders.row(order_id)
-                return _json(_order_view(row), 202, {"Location": f"/v1/orders/{order_id}"})
+                found = await recover()
         self._same_request(found, entry, key)
-        if wait:
-            row = await self.deps.orders.row(order_id)
-            if row.status in _BEFORE_CHARGED:
-                await self._until_charged(self.deps.orders.until_charged(order_id))
-        row = await self.deps.orders.row(order_id)
-        return _json(
-            _order_view(row),
-            202,
-            {"Location": f"/v1/orders/{order_id}", "Idempotent-Replayed": "true"},
-        )
+        return None
 
     async def _start(self, start: Any, client: str, key: str, entry: idem.IdempotencyRecord) -> Any:
         """Run one create under the backlog bound, the start-slot bound and the start
@@ -425,31 +410,47 @@ class Api:
     async def _recover_order(
         self, order: OrderInput, client: str, key: str, entry: idem.IdempotencyRecord
     ) -> idem.IdempotencyRecord:
+        """As :meth:`_recover`, for an order."""
+
+        def same(row: order_store.OrderRow) -> bool:
+            return (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
+                client,
+                order.customer_id,
+                order.items,
+                order.amount_cents,
+                order.currency,
+            )
+
+        return await self._recover(client, key, entry, order_store.get_order, same)
+
+    async def _recover(
+        self,
+        client: str,
+        key: str,
+        entry: idem.IdempotencyRecord,
+        get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]],
+        same: Callable[[RowT], bool],
+    ) -> idem.IdempotencyRecord:
         """The create found its id taken: by a concurrent request with the same key, or
         by an earlier attempt whose workflow started but whose commit was lost (its
-        first activity then inserts the row). Answer from what is there."""
+        first activity then inserts the row). Answer from what is there: the row, if
+        ``same`` says this request created it."""
         found = await idem.find(self.deps.pool, client, key)
         if found is not None:
             return found
-        row = await order_store.get_order(self.deps.pool, order.order_id)
+        row = await get(self.deps.pool, entry.entity_id)
         if row is None:
             raise Problem.edge(
                 "still-starting",
-                "an earlier request with this Idempotency-Key started the order and it is not "
-                "recorded yet; retry shortly with the same key",
+                f"an earlier request with this Idempotency-Key started the {entry.kind} and it "
+                "is not recorded yet; retry shortly with the same key",
                 retry_after=self._retry_after,
             )
-        same = (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
-            client,
-            order.customer_id,
-            order.items,
-            order.amount_cents,
-            order.currency,
-        )
-        if not same:
+        if not same(row):
             raise Problem.edge(
                 "idempotency-key-conflict",
-                f"{IDEMPOTENCY_HEADER} {key!r} already created order {row.id} from another request",
+                f"{IDEMPOTENCY_HEADER} {key!r} already created {entry.kind} {row.id} from "
+                "another request",
             )
         async with self.deps.pool.acquire() as conn:
             await idem.record(conn, client, key, entry, must_be_new=False)
@@ -476,32 +477,33 @@ class Api:
                 "a different request body; use a new key for a new request",
             )
 
-    async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
-        order_id = request.path_params["order_id"]
-        if not is_safe_id(order_id):
-            raise OrderNotFound(order_id)
-        row = await order_store.get_order(self.deps.pool, order_id)
-        self.owned(row.client_id if row else None, client, OrderNotFound(order_id))
+    async def _mine(
+        self,
+        request: Request,
+        client: str,
+        id_param: str,
+        not_found: Callable[[str], TollgateError],
+        get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]],
+    ) -> RowT:
+        """The row the path's ``id_param`` names, if ``client`` created it: otherwise 404,
+        the same answer as no row at all."""
+        entity_id = request.path_params[id_param]
+        if not is_safe_id(entity_id):
+            raise not_found(entity_id)
+        row = await get(self.deps.pool, entity_id)
+        self.owned(row.client_id if row else None, client, not_found(entity_id))
         assert row is not None
         return row
+
+    async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
+        return await self._mine(request, client, "order_id", OrderNotFound, order_store.get_order)
 
     async def get_order(self, request: Request) -> Response:
         """``GET /v1/orders/{order_id}``."""
         client = await self.client(request)
         row = await self._my_order(request, client)
         report = await self.deps.orders.report(row.id)
-        progress = report.workflow_progress
-        return _json(
-            _order_view(
-                report.order,
-                transitions=_transitions(list(report.transitions)),
-                workflow=WorkflowView(
-                    id=report.workflow_id,
-                    status=report.workflow_status,
-                    step=progress.step if progress else None,
-                ),
-            )
-        )
+        return _json(OrderView.of(report.order, **_history(report)))
 
     async def cancel_order(self, request: Request) -> Response:
         """``POST /v1/orders/{order_id}/cancel``."""
@@ -514,12 +516,7 @@ class Api:
         if not outcome.recorded:
             raise IllegalTransition(row.id, outcome.message)
         return _json(
-            CancelView(
-                order_id=row.id,
-                status=outcome.status,
-                version=outcome.version,
-                signalled=outcome.signalled,
-            ),
+            CancelView.of(outcome),
             202,
             {"Location": f"/v1/orders/{row.id}"},
         )
@@ -546,99 +543,56 @@ class Api:
             },
         )
         entry = idem.IdempotencyRecord("message", idem.request_hash(body), message_id)
-        found = await idem.find(self.deps.pool, client, key)
-        headers = {"Location": f"/v1/messages/{message_id}"}
-        if found is None:
-            try:
-                await self._start(
-                    lambda also: self.deps.messages.send(message, actor=f"api:{client}", also=also),
-                    client,
-                    key,
-                    entry,
-                )
-            except AlreadyExists:
-                found = await self._recover_message(message, client, key, entry)
-            else:
-                row = await self.deps.messages.row(message_id)
-                return _json(_message_view(row), 202, headers)
-        self._same_request(found, entry, key)
+        started = await self._start_once(
+            lambda also: self.deps.messages.send(message, actor=f"api:{client}", also=also),
+            client,
+            key,
+            entry,
+            lambda: self._recover_message(message, client, key, entry),
+        )
         row = await self.deps.messages.row(message_id)
-        return _json(_message_view(row), 202, {**headers, "Idempotent-Replayed": "true"})
+        location = f"/v1/messages/{message_id}"
+        return _json(MessageView.of(row), 202, _created_headers(location, started is None))
 
     async def _recover_message(
         self, message: MessageInput, client: str, key: str, entry: idem.IdempotencyRecord
     ) -> idem.IdempotencyRecord:
-        """As :meth:`_recover_order`, for a message."""
-        found = await idem.find(self.deps.pool, client, key)
-        if found is not None:
-            return found
-        row = await message_store.get_message(self.deps.pool, message.message_id)
-        if row is None:
-            raise Problem.edge(
-                "still-starting",
-                "an earlier request with this Idempotency-Key started the message and it is "
-                "not recorded yet; retry shortly with the same key",
-                retry_after=self._retry_after,
+        """As :meth:`_recover`, for a message."""
+
+        def same(row: message_store.MessageRow) -> bool:
+            return (
+                row.client_id,
+                row.sender_id,
+                row.recipient_id,
+                row.recipient_email,
+                row.body,
+                row.deadline_ms,
+            ) == (
+                client,
+                message.sender_id,
+                message.recipient_id,
+                message.recipient_email,
+                message.body,
+                int(message.deadline.total_seconds() * 1000),
             )
-        same = (
-            row.client_id,
-            row.sender_id,
-            row.recipient_id,
-            row.recipient_email,
-            row.body,
-            row.deadline_ms,
-        ) == (
-            client,
-            message.sender_id,
-            message.recipient_id,
-            message.recipient_email,
-            message.body,
-            int(message.deadline.total_seconds() * 1000),
-        )
-        if not same:
-            raise Problem.edge(
-                "idempotency-key-conflict",
-                f"{IDEMPOTENCY_HEADER} {key!r} already created message {row.id} from another "
-                "request",
-            )
-        async with self.deps.pool.acquire() as conn:
-            await idem.record(conn, client, key, entry, must_be_new=False)
-        return entry
+
+        return await self._recover(client, key, entry, message_store.get_message, same)
 
     async def _my_message(self, request: Request, client: str) -> message_store.MessageRow:
-        message_id = request.path_params["message_id"]
-        if not is_safe_id(message_id):
-            raise MessageNotFound(message_id)
-        row = await message_store.get_message(self.deps.pool, message_id)
-        self.owned(row.client_id if row else None, client, MessageNotFound(message_id))
-        assert row is not None
-        return row
+        return await self._mine(
+            request, client, "message_id", MessageNotFound, message_store.get_message
+        )
 
     async def get_message(self, request: Request) -> Response:
         """``GET /v1/messages/{message_id}``."""
         client = await self.client(request)
         row = await self._my_message(request, client)
         report = await self.deps.messages.report(row.id)
-        progress = report.workflow_progress
         return _json(
-            _message_view(
+            MessageView.of(
                 report.message,
-                deliveries=[
-                    DeliveryView(
-                        device_id=d.device_id,
-                        pushed_at=d.pushed_at,
-                        delivered_at=d.delivered_at,
-                        read_at=d.read_at,
-                        receipt_at=d.receipt_at,
-                    )
-                    for d in report.deliveries
-                ],
-                transitions=_transitions(list(report.transitions)),
-                workflow=WorkflowView(
-                    id=report.workflow_id,
-                    status=report.workflow_status,
-                    step=progress.step if progress else None,
-                ),
+                deliveries=[DeliveryView.of(d) for d in report.deliveries],
+                **_history(report),
             )
         )
 
@@ -653,7 +607,7 @@ class Api:
         if not outcome.recalled:
             raise IllegalTransition(row.id, outcome.message)
         return _json(
-            RecallView(message_id=row.id, status=outcome.status, signalled=outcome.signalled),
+            RecallView.of(outcome),
             202,
             {"Location": f"/v1/messages/{row.id}"},
         )
@@ -675,7 +629,7 @@ class Api:
         if existing is not None:
             same = (existing.client_id, existing.user_id, existing.push_token, existing.platform)
             if same == (client, body.user_id, body.push_token, body.platform) and existing.active:
-                return _json(_device_view(existing), 200, headers)
+                return _json(DeviceView.of(existing), 200, headers)
             raise taken
         try:
             row = await self.deps.messages.register_device(
@@ -687,26 +641,24 @@ class Api:
             )
         except AlreadyExists:
             raise taken from None  # without naming the device that holds the token
-        return _json(_device_view(row), 201, headers)
+        return _json(DeviceView.of(row), 201, headers)
 
     async def _my_device(self, request: Request, client: str) -> message_store.DeviceRow:
-        device_id = request.path_params["device_id"]
-        if not is_safe_id(device_id):
-            raise DeviceNotFound(device_id)
-        row = await message_store.get_device(self.deps.pool, device_id)
-        self.owned(row.client_id, client, DeviceNotFound(device_id))
-        return row
+        # get_device raises DeviceNotFound itself; _mine's None check never fires for it.
+        return await self._mine(
+            request, client, "device_id", DeviceNotFound, message_store.get_device
+        )
 
     async def get_device(self, request: Request) -> Response:
         """``GET /v1/devices/{device_id}``."""
         client = await self.client(request)
-        return _json(_device_view(await self._my_device(request, client)))
+        return _json(DeviceView.of(await self._my_device(request, client)))
 
     async def delete_device(self, request: Request) -> Response:
         """``DELETE /v1/devices/{device_id}``: stop pushing to it (again is harmless)."""
         client = await self.client(request)
         row = await self._my_device(request, client)
-        return _json(_device_view(await self.deps.messages.remove_device(row.id)))
+        return _json(DeviceView.of(await self.deps.messages.remove_device(row.id)))
 
     # --- receipts -------------------------------------------------------------------------
 
@@ -800,12 +752,26 @@ class Api:
         return Response(self.metrics.exposition(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
+#: The header every answer that names a created or changed entity carries.
+_CREATED = ("Location",)
+
+
 def _id_param(name: str, what: str) -> Param:
     return Param(
         name,
         "path",
         {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
         f"The {what}'s id",
+    )
+
+
+def _create_answers(what: str, view: type[BaseModel]) -> tuple[Answer, ...]:
+    """What a create under an Idempotency-Key answers: the entity (for a retry too), a
+    key reused with another body, or nothing written at all."""
+    return (
+        Answer(202, f"Accepted; the {what} as it stands (a replay too)", view, headers=_CREATED),
+        problem(409, "The Idempotency-Key was used with another body"),
+        problem(503, "Unavailable, or still starting; nothing half-written", retry_after=True),
     )
 
 
@@ -817,7 +783,6 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
         {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
         "The same on every retry of this request; a new one for a new request",
     )
-    created = ("Location",)
     ops = [
         Operation(
             "POST",
@@ -837,18 +802,7 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
                 ),
             ),
             body=OrderCreate,
-            answers=(
-                Answer(
-                    202,
-                    "Accepted; the order as it stands (a replay too)",
-                    OrderView,
-                    headers=created,
-                ),
-                problem(409, "The Idempotency-Key was used with another body"),
-                problem(
-                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
-                ),
-            ),
+            answers=_create_answers("order", OrderView),
             tags=("orders",),
         ),
         Operation(
@@ -870,7 +824,7 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             params=(_id_param("order_id", "order"),),
             body=CancelRequest,
             answers=(
-                Answer(202, "Cancellation recorded; compensating", CancelView, headers=created),
+                Answer(202, "Cancellation recorded; compensating", CancelView, headers=_CREATED),
                 problem(409, "The order has finished"),
             ),
             tags=("orders",),
@@ -883,18 +837,7 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             api.create_message,
             params=(idempotency,),
             body=MessageCreate,
-            answers=(
-                Answer(
-                    202,
-                    "Accepted; the message as it stands (a replay too)",
-                    MessageView,
-                    headers=created,
-                ),
-                problem(409, "The Idempotency-Key was used with another body"),
-                problem(
-                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
-                ),
-            ),
+            answers=_create_answers("message", MessageView),
             tags=("messages",),
         ),
         Operation(
@@ -916,7 +859,7 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             params=(_id_param("message_id", "message"),),
             body=RecallRequest,
             answers=(
-                Answer(202, "Recalled", RecallView, headers=created),
+                Answer(202, "Recalled", RecallView, headers=_CREATED),
                 problem(409, "The message was read or has ended"),
             ),
             tags=("messages",),
@@ -930,9 +873,9 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             body=DeviceCreate,
             answers=(
                 Answer(
-                    200, "Registered before, identically (a retry)", DeviceView, headers=created
+                    200, "Registered before, identically (a retry)", DeviceView, headers=_CREATED
                 ),
-                Answer(201, "Registered", DeviceView, headers=created),
+                Answer(201, "Registered", DeviceView, headers=_CREATED),
                 problem(409, "The device id or push token is taken, or the user has 10 devices"),
             ),
             tags=("devices",),

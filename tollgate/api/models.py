@@ -9,7 +9,7 @@ its owner, or its retry knobs. Responses never carry a push token.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +30,19 @@ class View(BaseModel):
     """Base of response bodies."""
 
     model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def of(cls, source: object, **extra: Any) -> Self:
+        """This view of ``source`` (a store row, a service's outcome): each of the view's
+        fields read from the attribute of that name, the ones ``source`` lacks from
+        ``extra`` or their defaults. The view's fields are the list of what a client
+        may see; nothing else of the row leaves."""
+        fields = {
+            name: getattr(source, name)
+            for name in cls.model_fields
+            if name not in extra and hasattr(source, name)
+        }
+        return cls(**fields, **extra)
 
 
 # --- requests ----------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import getpass
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import asyncpg
 from cyclopts import App, CycloptsError, Parameter
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -63,6 +63,9 @@ JsonFlag = Annotated[bool, Parameter(name="--json", negative=(), help="Print JSO
 WaitFlag = Annotated[bool, Parameter(negative=(), help="Wait for the order to finish.")]
 
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
 class Refused(Exception):
     """The request was understood and refused; exit status 1."""
 
@@ -71,18 +74,41 @@ def emit_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
+def _show(value: ModelT, as_json: bool, render: Callable[[ModelT], None]) -> None:
+    """``value`` as JSON for scripts (``--json``), else as ``render`` prints it for people."""
+    if as_json:
+        emit_json(value.model_dump(mode="json"))
+    else:
+        render(value)
+
+
+def _say(line: str) -> None:
+    """One line of plain text: data, some of it typed by users, never markup."""
+    console.print(line, markup=False)
+
+
 @asynccontextmanager
-async def connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.Pool]]:
-    # The payload key first: a process that would send plaintext must not connect at all.
-    converter = data_converter(settings)
+async def app_pool(settings: Settings, *, max_size: int = 2) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool as the application role, closed on the way out; refused in one line
+    when Postgres cannot be reached."""
     try:
-        pool = await postgres.create_pool(settings.database_url, max_size=2)
+        pool = await postgres.create_pool(settings.database_url, max_size=max_size)
     except (OSError, asyncpg.PostgresError) as exc:
         raise Refused(
             f"cannot reach Postgres at DATABASE_URL ({type(exc).__name__}: {exc}); "
             "is the local stack up (make up)?"
         ) from None
     try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.Pool]]:
+    # The payload key first: a process that would send plaintext must not connect at all.
+    converter = data_converter(settings)
+    async with app_pool(settings) as pool:
         try:
             client = await connect(settings, converter=converter)
         except RuntimeError as exc:
@@ -91,8 +117,6 @@ async def connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.P
                 "is the local stack up (make up)?"
             ) from None
         yield client, pool
-    finally:
-        await pool.close()
 
 
 @asynccontextmanager
@@ -198,13 +222,9 @@ async def cancel(
 @order_app.command
 async def status(order_id: str, *, json: JsonFlag = False) -> None:
     """Show an order: Postgres status and version, audited transitions, workflow status."""
-    settings = Settings()
-    async with _service(settings) as service:
+    async with _service(Settings()) as service:
         report = await service.report(order_id)
-    if json:
-        emit_json(report.model_dump(mode="json"))
-    else:
-        _print_report(report)
+    _show(report, json, _print_report)
 
 
 def _transitions_table(
@@ -224,6 +244,14 @@ def _transitions_table(
     return table
 
 
+def _print_workflow(report: OrderReport | MessageReport) -> None:
+    """The lifecycle's workflow: its status as Temporal has it, and the step it is at."""
+    wf = report.workflow_status or "not found"
+    if report.workflow_progress:
+        wf += f", step {report.workflow_progress.step}"
+    _say(f"workflow {report.workflow_id}: {wf}")
+
+
 def _print_report(report: OrderReport) -> None:
     # Everything but the styling is data, some of it typed by users: escaped, never markup.
     o = report.order
@@ -236,10 +264,7 @@ def _print_report(report: OrderReport) -> None:
         console.print(f"failure: {o.failure_reason}", markup=False)
     if o.cancel_reason:
         console.print(f"cancel reason: {o.cancel_reason}", markup=False)
-    wf = report.workflow_status or "not found"
-    if report.workflow_progress:
-        wf += f", step {report.workflow_progress.step}"
-    console.print(f"workflow {report.workflow_id}: {wf}", markup=False)
+    _print_workflow(report)
     console.print(_transitions_table(report.transitions))
 
 
@@ -253,32 +278,22 @@ async def register(
     json: JsonFlag = False,
 ) -> None:
     """Register a device of USER with its push TOKEN."""
-    settings = Settings()
-    async with _messages(settings) as service:
+    async with _messages(Settings()) as service:
         row = await service.register_device(
             device_id=device_id or f"dev-{uuid.uuid4().hex[:10]}",
             user_id=user,
             push_token=token,
             platform=platform,
         )
-    if json:
-        emit_json(row.model_dump(mode="json"))
-    else:
-        console.print(
-            f"device {row.id} registered for {row.user_id} ({row.platform})", markup=False
-        )
+    _show(row, json, lambda r: _say(f"device {r.id} registered for {r.user_id} ({r.platform})"))
 
 
 @device_app.command
 async def remove(device_id: str, *, json: JsonFlag = False) -> None:
     """Stop pushing to DEVICE_ID (it frees a place under the per-user device limit)."""
-    settings = Settings()
-    async with _messages(settings) as service:
+    async with _messages(Settings()) as service:
         row = await service.remove_device(device_id)
-    if json:
-        emit_json(row.model_dump(mode="json"))
-    else:
-        console.print(f"device {row.id} of {row.user_id} removed", markup=False)
+    _show(row, json, lambda r: _say(f"device {r.id} of {r.user_id} removed"))
 
 
 @message_app.command
@@ -374,13 +389,9 @@ async def recall(
     message_id: str, *, reason: str = "recalled by sender", json: JsonFlag = False
 ) -> None:
     """Recall a message: record CANCELLED in Postgres, then stop its workflow."""
-    settings = Settings()
-    async with _messages(settings) as service:
+    async with _messages(Settings()) as service:
         outcome = await service.recall(message_id, reason=reason, requested_by=getpass.getuser())
-    if json:
-        emit_json(outcome.model_dump(mode="json"))
-    else:
-        console.print(outcome.message, markup=False)
+    _show(outcome, json, lambda o: _say(o.message))
     if not outcome.recalled:
         raise SystemExit(EXIT_REFUSED)
 
@@ -388,13 +399,9 @@ async def recall(
 @message_app.command(name="status")
 async def message_status(message_id: str, *, json: JsonFlag = False) -> None:
     """Show a message: status, version, per-device delivery and read receipts, transitions."""
-    settings = Settings()
-    async with _messages(settings) as service:
+    async with _messages(Settings()) as service:
         report = await service.report(message_id)
-    if json:
-        emit_json(report.model_dump(mode="json"))
-    else:
-        _print_message_report(report)
+    _show(report, json, _print_message_report)
 
 
 def _when(value: object) -> str:
@@ -409,10 +416,7 @@ def _print_message_report(report: MessageReport) -> None:
     )
     if m.failure_reason:
         console.print(f"reason: {m.failure_reason}", markup=False)
-    wf = report.workflow_status or "not found"
-    if report.workflow_progress:
-        wf += f", step {report.workflow_progress.step}"
-    console.print(f"workflow {report.workflow_id}: {wf}", markup=False)
+    _print_workflow(report)
     devices = Table("device", "pushed", "delivered", "read", "receipt")
     for d in report.deliveries:
         devices.add_row(
@@ -477,27 +481,13 @@ async def reconcile(
         console.print(table)
 
 
-async def _app_pool(settings: Settings) -> asyncpg.Pool:
-    """A small pool as the application role, for commands that need no Temporal."""
-    try:
-        return await postgres.create_pool(settings.database_url, max_size=2)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise Refused(
-            f"cannot reach Postgres at DATABASE_URL ({type(exc).__name__}: {exc}); "
-            "is the local stack up (make up)?"
-        ) from None
-
-
 @apikey_app.command(name="create")
 async def apikey_create(*, client: str, json: JsonFlag = False) -> None:
     """Create an API key for CLIENT (created on its first key). The key is printed once:
     only its hash is stored."""
     require_safe_id("client", client)
-    pool = await _app_pool(Settings())
-    try:
+    async with app_pool(Settings()) as pool:
         created = await access.create_key(pool, client)
-    finally:
-        await pool.close()
     if json:
         emit_json({"client": created.client_id, "key_id": created.key_id, "key": created.key})
         return
@@ -510,15 +500,9 @@ async def apikey_create(*, client: str, json: JsonFlag = False) -> None:
 async def apikey_revoke(key_id: str, *, json: JsonFlag = False) -> None:
     """Revoke the key KEY_ID (the part after ``tg_``): it stops working at once here, and
     within API_KEY_CACHE_SECONDS in a running API."""
-    pool = await _app_pool(Settings())
-    try:
+    async with app_pool(Settings()) as pool:
         row = await access.revoke_key(pool, key_id)
-    finally:
-        await pool.close()
-    if json:
-        emit_json(row.model_dump(mode="json"))
-    else:
-        console.print(f"API key {row.id} of client {row.client_id} revoked", markup=False)
+    _show(row, json, lambda r: _say(f"API key {r.id} of client {r.client_id} revoked"))
 
 
 @apikey_app.command(name="list")
@@ -526,11 +510,8 @@ async def apikey_list(*, client: str | None = None, json: JsonFlag = False) -> N
     """List API keys (ids, never secrets), of one CLIENT or all."""
     if client is not None:
         require_safe_id("client", client)
-    pool = await _app_pool(Settings())
-    try:
+    async with app_pool(Settings()) as pool:
         rows = await access.list_keys(pool, client)
-    finally:
-        await pool.close()
     if json:
         emit_json([r.model_dump(mode="json") for r in rows])
         return

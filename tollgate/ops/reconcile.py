@@ -47,7 +47,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.messages.models import MessageResult
-from tollgate.messages.states import MessageStatus
+from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
 from tollgate.models import RetrySettings
 from tollgate.names import (
     ORDER_RECOVERY_WORKFLOW,
@@ -62,17 +62,10 @@ RECONCILE_SCHEDULE_ID = "tollgate-reconciler"
 
 _log = logging.getLogger(__name__)
 
-#: Message states a finished workflow legitimately leaves a row in: after the read
-#: window a delivered or emailed message rests unread.
-_MESSAGE_AT_REST = frozenset(
-    {
-        MessageStatus.DELIVERED,
-        MessageStatus.EMAILED,
-        MessageStatus.READ,
-        MessageStatus.FAILED,
-        MessageStatus.CANCELLED,
-    }
-)
+#: Message states a finished workflow legitimately leaves a row in: delivery settled,
+#: one way or the other (after the read window a delivered or emailed message rests
+#: unread).
+_MESSAGE_AT_REST = DELIVERY_SETTLED
 
 
 FindingKind = Literal["orphaned", "missing", "disagreement", "failed_at_rest"]
