@@ -136,3 +136,36 @@ def test_workflow_modules_hold_no_state_a_run_could_leave_for_the_next() -> None
     ]
     assert offenders == []
     assert not _stateless([]) and not _stateless({}), "the check can fail"
+
+
+_WITHOUT_DEV = "import sys; sys.modules['tollgate_dev'] = None; "
+
+
+def test_the_runtime_runs_with_the_development_package_removed() -> None:
+    """A deployment may ship ``tollgate/``, ``workflows/``, ``activities/``, ``worker.py``
+    and ``starter.py`` without ``tollgate_dev/`` (sandbox, local stack, demo, load): the
+    worker imports, and the CLI works, without the development commands."""
+    worker = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_DEV + "import worker, tollgate.api.app"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_DEV + "import runpy; sys.argv = ['starter.py', '--help']; "
+            "runpy.run_path('starter.py', run_name='__main__')",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    commands = cli.stdout
+    assert "order" in commands and "message" in commands and "reconcile" in commands
+    assert " demo " not in commands and " load " not in commands
