@@ -149,13 +149,23 @@ def _described(writer: Writer) -> tuple[str, str, str]:
     )
 
 
+#: Tells the audit trigger who writes and why, in transaction-local settings; takes
+#: :func:`_described`'s three values as ``$1``-``$3``.
+_SET_WRITER = """
+SELECT set_config('tollgate.actor', $1, true),
+       set_config('tollgate.trace_id', $2, true),
+       set_config('tollgate.reason', $3, true)
+"""
+#: The same as the first part of a single statement: an InitPlan sets the settings before
+#: the statement touches any row (so the audit trigger sees them), and the statement is
+#: its own transaction: one round trip instead of two. The statement must refer to it
+#: (``WHERE EXISTS (SELECT FROM writer)``) for it to run.
+_AS_WRITER = f"WITH writer AS MATERIALIZED ({_SET_WRITER})"
+
+
 async def describe_writer(conn: Connection, writer: Writer) -> None:
     """Tell the audit trigger who writes and why (transaction-local settings)."""
-    await conn.execute(
-        "SELECT set_config('tollgate.actor', $1, true), set_config('tollgate.trace_id', $2, true),"
-        " set_config('tollgate.reason', $3, true)",
-        *_described(writer),
-    )
+    await conn.execute(_SET_WRITER, *_described(writer))
 
 
 async def get_row(conn: Executor, lifecycle: Lifecycle, entity_id: str) -> asyncpg.Record | None:
@@ -194,30 +204,24 @@ async def transition(pool: asyncpg.Pool, lifecycle: Lifecycle, move: Move, write
 async def _transition(
     pool: asyncpg.Pool, lifecycle: Lifecycle, move: Move, writer: Writer
 ) -> Moved:
-    # One statement, one round trip: the writer's description is set (transaction-local)
-    # by an InitPlan that runs before any row is touched, so the audit trigger sees it;
-    # the statement is its own transaction. Only a miss costs a second read.
+    # One statement, one round trip (see _AS_WRITER): only a miss costs a second read.
     reason = writer.reason or move.failure_reason
     try:
         version = await pool.fetchval(
             f"""
-            WITH writer AS MATERIALIZED (
-                SELECT set_config('tollgate.actor', $6, true),
-                       set_config('tollgate.trace_id', $7, true),
-                       set_config('tollgate.reason', $8, true)
-            )
+            {_AS_WRITER}
             UPDATE {lifecycle.table}
-               SET status = $3, last_transition_id = $4,
-                   failure_reason = coalesce($5, failure_reason)
-             WHERE id = $1 AND version = $2 AND EXISTS (SELECT FROM writer)
+               SET status = $6, last_transition_id = $7,
+                   failure_reason = coalesce($8, failure_reason)
+             WHERE id = $4 AND version = $5 AND EXISTS (SELECT FROM writer)
             RETURNING version
             """,
+            *_described(Writer(writer.actor, writer.trace_id, reason)),
             move.entity_id,
             move.expected_version,
             move.to_status,
             move.transition_id,
             one_line(move.failure_reason, limit=NOTE_MAX) if move.failure_reason else None,
-            *_described(Writer(writer.actor, writer.trace_id, reason)),
         )
     except asyncpg.PostgresError as exc:
         if exc.sqlstate == ILLEGAL_TRANSITION_SQLSTATE:
@@ -307,15 +311,10 @@ async def insert_or_match(
     values = {**values, "trace_parent": current_traceparent()}
     names = list(values)
     placeholders = ", ".join(f"${n}" for n in range(4, len(names) + 4))
-    # One round trip for a new entity, as in transition(): the writer's description is
-    # set by an InitPlan before the row is inserted and the audit trigger reads it.
+    # One round trip for a new entity, as in transition() (see _AS_WRITER).
     row = await conn.fetchrow(
         f"""
-        WITH writer AS MATERIALIZED (
-            SELECT set_config('tollgate.actor', $1, true),
-                   set_config('tollgate.trace_id', $2, true),
-                   set_config('tollgate.reason', $3, true)
-        )
+        {_AS_WRITER}
         INSERT INTO {lifecycle.table} ({", ".join(names)})
         SELECT {placeholders} WHERE EXISTS (SELECT FROM writer)
         ON CONFLICT (id) DO NOTHING
