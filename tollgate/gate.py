@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from opentelemetry import metrics
@@ -346,3 +346,87 @@ async def audit_trail(
     )
     row_type = AuditRow[status]  # type: ignore[valid-type]
     return [row_type.model_validate(dict(r)) for r in rows]
+
+
+class LifecycleRow(Protocol):
+    """What every lifecycle's row model (``OrderRow``, ``MessageRow``) has, for the code
+    written once over all of them."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    #: The span that created the entity: its lifecycle's trace (:mod:`tollgate.tracing`).
+    @property
+    def trace_parent(self) -> str | None: ...
+
+
+EntityT = TypeVar("EntityT")
+RowT = TypeVar("RowT", bound=LifecycleRow)
+
+
+@dataclass(frozen=True)
+class Store(Generic[EntityT, RowT, StatusT]):
+    """The gate over one lifecycle, in its business area's types: what the area's store
+    module offers (``insert_order = ORDER_STORE.insert``) besides its own tables."""
+
+    lifecycle: Lifecycle
+    #: The row's model, from the table's columns (``OrderRow.model_validate``).
+    parse_row: Callable[[dict[str, Any]], RowT]
+    #: The status enum the audit trail is read back in.
+    status_type: type[StatusT]
+    #: The columns of an entity's first row, from the entity and its workflow id.
+    columns: Callable[[EntityT, str], Mapping[str, Any]]
+
+    def _row(self, record: asyncpg.Record) -> RowT:
+        return self.parse_row(dict(record))
+
+    async def get(self, conn: Executor, entity_id: str) -> RowT | None:
+        """The entity's row, or None."""
+        record = await get_row(conn, self.lifecycle, entity_id)
+        return None if record is None else self._row(record)
+
+    async def insert(
+        self,
+        conn: Connection,
+        entity: EntityT,
+        /,
+        *,
+        workflow_id: str,
+        actor: str,
+        trace_id: str | None = None,
+    ) -> RowT:
+        """Insert the entity's first row, or recognise an identical one already there
+        (:func:`insert_or_match`)."""
+        writer = Writer(actor, trace_id, f"{self.lifecycle.kind} created")
+        columns = self.columns(entity, workflow_id)
+        return self._row(await insert_or_match(conn, self.lifecycle, columns, writer))
+
+    async def stop(
+        self,
+        pool: asyncpg.Pool,
+        entity_id: str,
+        *,
+        reason: str,
+        actor: str,
+        transition_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> RowT:
+        """Record a person's cancel or recall unless the row is past it (:func:`stop`);
+        the row as it stands."""
+        writer = Writer(actor, trace_id, reason)
+        record = await stop(
+            pool,
+            self.lifecycle,
+            entity_id,
+            reason=reason,
+            writer=writer,
+            transition_id=transition_id,
+        )
+        return self._row(record)
+
+    async def audit_trail(self, conn: Executor, entity_id: str) -> list[AuditRow[StatusT]]:
+        """The entity's audited transitions, oldest first."""
+        return await audit_trail(conn, self.lifecycle, entity_id, self.status_type)
