@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from opentelemetry import metrics
@@ -149,13 +149,23 @@ def _described(writer: Writer) -> tuple[str, str, str]:
     )
 
 
+#: Tells the audit trigger who writes and why, in transaction-local settings; takes
+#: :func:`_described`'s three values as ``$1``-``$3``.
+_SET_WRITER = """
+SELECT set_config('tollgate.actor', $1, true),
+       set_config('tollgate.trace_id', $2, true),
+       set_config('tollgate.reason', $3, true)
+"""
+#: The same as the first part of a single statement: an InitPlan sets the settings before
+#: the statement touches any row (so the audit trigger sees them), and the statement is
+#: its own transaction: one round trip instead of two. The statement must refer to it
+#: (``WHERE EXISTS (SELECT FROM writer)``) for it to run.
+_AS_WRITER = f"WITH writer AS MATERIALIZED ({_SET_WRITER})"
+
+
 async def describe_writer(conn: Connection, writer: Writer) -> None:
     """Tell the audit trigger who writes and why (transaction-local settings)."""
-    await conn.execute(
-        "SELECT set_config('tollgate.actor', $1, true), set_config('tollgate.trace_id', $2, true),"
-        " set_config('tollgate.reason', $3, true)",
-        *_described(writer),
-    )
+    await conn.execute(_SET_WRITER, *_described(writer))
 
 
 async def get_row(conn: Executor, lifecycle: Lifecycle, entity_id: str) -> asyncpg.Record | None:
@@ -194,30 +204,24 @@ async def transition(pool: asyncpg.Pool, lifecycle: Lifecycle, move: Move, write
 async def _transition(
     pool: asyncpg.Pool, lifecycle: Lifecycle, move: Move, writer: Writer
 ) -> Moved:
-    # One statement, one round trip: the writer's description is set (transaction-local)
-    # by an InitPlan that runs before any row is touched, so the audit trigger sees it;
-    # the statement is its own transaction. Only a miss costs a second read.
+    # One statement, one round trip (see _AS_WRITER): only a miss costs a second read.
     reason = writer.reason or move.failure_reason
     try:
         version = await pool.fetchval(
             f"""
-            WITH writer AS MATERIALIZED (
-                SELECT set_config('tollgate.actor', $6, true),
-                       set_config('tollgate.trace_id', $7, true),
-                       set_config('tollgate.reason', $8, true)
-            )
+            {_AS_WRITER}
             UPDATE {lifecycle.table}
-               SET status = $3, last_transition_id = $4,
-                   failure_reason = coalesce($5, failure_reason)
-             WHERE id = $1 AND version = $2 AND EXISTS (SELECT FROM writer)
+               SET status = $6, last_transition_id = $7,
+                   failure_reason = coalesce($8, failure_reason)
+             WHERE id = $4 AND version = $5 AND EXISTS (SELECT FROM writer)
             RETURNING version
             """,
+            *_described(Writer(writer.actor, writer.trace_id, reason)),
             move.entity_id,
             move.expected_version,
             move.to_status,
             move.transition_id,
             one_line(move.failure_reason, limit=NOTE_MAX) if move.failure_reason else None,
-            *_described(Writer(writer.actor, writer.trace_id, reason)),
         )
     except asyncpg.PostgresError as exc:
         if exc.sqlstate == ILLEGAL_TRANSITION_SQLSTATE:
@@ -307,15 +311,10 @@ async def insert_or_match(
     values = {**values, "trace_parent": current_traceparent()}
     names = list(values)
     placeholders = ", ".join(f"${n}" for n in range(4, len(names) + 4))
-    # One round trip for a new entity, as in transition(): the writer's description is
-    # set by an InitPlan before the row is inserted and the audit trigger reads it.
+    # One round trip for a new entity, as in transition() (see _AS_WRITER).
     row = await conn.fetchrow(
         f"""
-        WITH writer AS MATERIALIZED (
-            SELECT set_config('tollgate.actor', $1, true),
-                   set_config('tollgate.trace_id', $2, true),
-                   set_config('tollgate.reason', $3, true)
-        )
+        {_AS_WRITER}
         INSERT INTO {lifecycle.table} ({", ".join(names)})
         SELECT {placeholders} WHERE EXISTS (SELECT FROM writer)
         ON CONFLICT (id) DO NOTHING
@@ -347,3 +346,87 @@ async def audit_trail(
     )
     row_type = AuditRow[status]  # type: ignore[valid-type]
     return [row_type.model_validate(dict(r)) for r in rows]
+
+
+class LifecycleRow(Protocol):
+    """What every lifecycle's row model (``OrderRow``, ``MessageRow``) has, for the code
+    written once over all of them."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    #: The span that created the entity: its lifecycle's trace (:mod:`tollgate.tracing`).
+    @property
+    def trace_parent(self) -> str | None: ...
+
+
+EntityT = TypeVar("EntityT")
+RowT = TypeVar("RowT", bound=LifecycleRow)
+
+
+@dataclass(frozen=True)
+class Store(Generic[EntityT, RowT, StatusT]):
+    """The gate over one lifecycle, in its business area's types: what the area's store
+    module offers (``insert_order = ORDER_STORE.insert``) besides its own tables."""
+
+    lifecycle: Lifecycle
+    #: The row's model, from the table's columns (``OrderRow.model_validate``).
+    parse_row: Callable[[dict[str, Any]], RowT]
+    #: The status enum the audit trail is read back in.
+    status_type: type[StatusT]
+    #: The columns of an entity's first row, from the entity and its workflow id.
+    columns: Callable[[EntityT, str], Mapping[str, Any]]
+
+    def _row(self, record: asyncpg.Record) -> RowT:
+        return self.parse_row(dict(record))
+
+    async def get(self, conn: Executor, entity_id: str) -> RowT | None:
+        """The entity's row, or None."""
+        record = await get_row(conn, self.lifecycle, entity_id)
+        return None if record is None else self._row(record)
+
+    async def insert(
+        self,
+        conn: Connection,
+        entity: EntityT,
+        /,
+        *,
+        workflow_id: str,
+        actor: str,
+        trace_id: str | None = None,
+    ) -> RowT:
+        """Insert the entity's first row, or recognise an identical one already there
+        (:func:`insert_or_match`)."""
+        writer = Writer(actor, trace_id, f"{self.lifecycle.kind} created")
+        columns = self.columns(entity, workflow_id)
+        return self._row(await insert_or_match(conn, self.lifecycle, columns, writer))
+
+    async def stop(
+        self,
+        pool: asyncpg.Pool,
+        entity_id: str,
+        *,
+        reason: str,
+        actor: str,
+        transition_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> RowT:
+        """Record a person's cancel or recall unless the row is past it (:func:`stop`);
+        the row as it stands."""
+        writer = Writer(actor, trace_id, reason)
+        record = await stop(
+            pool,
+            self.lifecycle,
+            entity_id,
+            reason=reason,
+            writer=writer,
+            transition_id=transition_id,
+        )
+        return self._row(record)
+
+    async def audit_trail(self, conn: Executor, entity_id: str) -> list[AuditRow[StatusT]]:
+        """The entity's audited transitions, oldest first."""
+        return await audit_trail(conn, self.lifecycle, entity_id, self.status_type)

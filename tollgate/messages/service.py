@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
 )
 
 from tollgate.codec import search_token
-from tollgate.errors import InputError, MessageNotFound, NotRunning
+from tollgate.errors import InputError, NotRunning
 from tollgate.gate import AuditRow
 from tollgate.ids import require_safe_id
 from tollgate.messages import store
@@ -44,9 +42,8 @@ from tollgate.names import (
     RECIPIENT_ID_ATTR,
     message_workflow_id,
 )
-from tollgate.postgres import Connection
-from tollgate.temporal import inspect_workflow, signal_if_running, start_lifecycle
-from tollgate.tracing import joined, tracer
+from tollgate.service import AlsoWrite, LifecycleKind, LifecycleService, start_lifecycle
+from tollgate.tracing import tracer
 
 _DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)", re.ASCII)
 #: No knob of Tollgate takes a longer duration; anything past it is a typo.
@@ -98,25 +95,19 @@ class MessageReport(BaseModel):
     checked_at: datetime
 
 
-class MessageService:
+MESSAGE_KIND = LifecycleKind(
+    store=store.MESSAGE_STORE,
+    workflow=MESSAGE_WORKFLOW,
+    workflow_id=message_workflow_id,
+    result_type=MessageResult,
+    status_attr=MESSAGE_STATUS_ATTR,
+)
+
+
+class MessageService(LifecycleService[MessageInput, store.MessageRow, MessageResult]):
     """Message and device operations over one Temporal client and one Postgres pool."""
 
-    def __init__(self, client: Client, pool: asyncpg.Pool, task_queue: str) -> None:
-        self._client = client
-        self._pool = pool
-        self._task_queue = task_queue
-
-    def handle(self, message_id: str) -> WorkflowHandle[Any, MessageResult]:
-        """The workflow handle of a message's delivery."""
-        return self._client.get_workflow_handle(
-            message_workflow_id(message_id), result_type=MessageResult
-        )
-
-    async def row(self, message_id: str) -> store.MessageRow:
-        row = await store.get_message(self._pool, message_id)
-        if row is None:
-            raise MessageNotFound(message_id)
-        return row
+    _kind = MESSAGE_KIND
 
     async def register_device(
         self,
@@ -168,11 +159,7 @@ class MessageService:
             await asyncio.sleep(0.1)
 
     async def send(
-        self,
-        message: MessageInput,
-        *,
-        actor: str = "cli:send",
-        also: Callable[[Connection], Awaitable[object]] | None = None,
+        self, message: MessageInput, *, actor: str = "cli:send", also: AlsoWrite | None = None
     ) -> WorkflowHandle[Any, MessageResult]:
         """Insert the INITIATED row and start its workflow, both or neither. ``actor`` is
         who the audit names; ``also`` writes more in the same transaction, first (see
@@ -182,40 +169,16 @@ class MessageService:
         with tracer.start_as_current_span(
             "message.send", attributes={"tollgate.message_id": message.message_id}
         ):
-            return await self._send(message, actor, also)
+            start = self._start(message, message.message_id, actor=actor, also=also)
+            return await start_lifecycle(self._client, self._pool, start)
 
-    async def _send(
-        self,
-        message: MessageInput,
-        actor: str,
-        also: Callable[[Connection], Awaitable[object]] | None,
-    ) -> WorkflowHandle[Any, MessageResult]:
-        workflow_id = message_workflow_id(message.message_id)
-
-        async def insert(conn: Connection) -> None:
-            if also is not None:
-                await also(conn)
-            await store.insert_message(conn, message, workflow_id=workflow_id, actor=actor)
-
-        return await start_lifecycle(
-            self._client,
-            self._pool,
-            store.MESSAGES,
-            message.message_id,
-            insert=insert,
-            workflow=MESSAGE_WORKFLOW,
-            arg=message,
-            workflow_id=workflow_id,
-            task_queue=self._task_queue,
-            result_type=MessageResult,
-            search_attributes=[
-                SearchAttributePair(MESSAGE_STATUS_ATTR, MessageStatus.INITIATED.value),
-                SearchAttributePair(
-                    RECIPIENT_ID_ATTR, search_token(self._client, message.recipient_id)
-                ),
-            ],
-            summary=f"Message {message.message_id}: {message.sender_id} -> {message.recipient_id}",
+    def _search_attribute(self, message: MessageInput) -> SearchAttributePair[str]:
+        return SearchAttributePair(
+            RECIPIENT_ID_ATTR, search_token(self._client, message.recipient_id)
         )
+
+    def _summary(self, message: MessageInput) -> str:
+        return f"Message {message.message_id}: {message.sender_id} -> {message.recipient_id}"
 
     async def device_says(
         self, message_id: str, device_id: str, what: Literal["delivered", "read"]
@@ -223,15 +186,10 @@ class MessageService:
         """Deliver a device's confirmation or read acknowledgement to the workflow, in the
         message's trace."""
         payload = parse_input(DeviceSignal, {"device_id": device_id})
-        require_safe_id("message id", message_id)
-        row = await self.row(message_id)
+        row = await self._named_row(message_id)
         signal = MESSAGE_DELIVERED_SIGNAL if what == "delivered" else MESSAGE_READ_SIGNAL
-        with joined(
-            f"message.{what}",
-            row.trace_parent,
-            attributes={"tollgate.message_id": message_id, "tollgate.device_id": device_id},
-        ):
-            running = await signal_if_running(self.handle(message_id), signal, payload)
+        with self._joined(what, row, {"tollgate.device_id": device_id}):
+            running = await self._signal(message_id, signal, payload)
         if not running:
             raise NotRunning(f"message {message_id} is no longer running (it is {row.status})")
 
@@ -244,43 +202,23 @@ class MessageService:
         audit names ``actor`` (default ``cli:<requested_by>``).
         """
         request = parse_input(RecallRequest, {"reason": reason, "requested_by": requested_by})
-        require_safe_id("message id", message_id)
-        existing = await self.row(message_id)
-        with joined(
-            "message.recall", existing.trace_parent, attributes={"tollgate.message_id": message_id}
-        ):
-            return await self._recall(message_id, request, actor)
-
-    async def _recall(
-        self, message_id: str, request: RecallRequest, actor: str | None
-    ) -> RecallOutcome:
-        row = await store.recall_message(
-            self._pool,
-            message_id,
-            reason=request.reason,
-            actor=actor or f"cli:{request.requested_by}",
-        )
-        if row.status is not MessageStatus.CANCELLED:
-            return RecallOutcome(
-                message_id=message_id,
-                recalled=False,
-                status=row.status,
-                signalled=False,
-                message=f"message {message_id} is already {row.status}; it cannot be recalled",
-            )
-        signalled = await signal_if_running(self.handle(message_id), MESSAGE_RECALL_SIGNAL, request)
+        stopped = await self._stop("recall", message_id, request, actor, MESSAGE_RECALL_SIGNAL)
         return RecallOutcome(
             message_id=message_id,
-            recalled=True,
-            status=MessageStatus.CANCELLED,
-            signalled=signalled,
-            message=f"message {message_id} recalled",
+            recalled=stopped.recorded,
+            status=stopped.row.status,
+            signalled=stopped.signalled,
+            message=(
+                f"message {message_id} recalled"
+                if stopped.recorded
+                else f"message {message_id} is already {stopped.row.status}; it cannot be recalled"
+            ),
         )
 
     async def report(self, message_id: str) -> MessageReport:
         row = await self.row(message_id)
-        workflow_status, progress = await inspect_workflow(
-            self.handle(message_id), MESSAGE_STATUS_QUERY, MessageProgress
+        workflow_status, progress = await self._inspect(
+            message_id, MESSAGE_STATUS_QUERY, MessageProgress
         )
         return MessageReport(
             message=row,

@@ -22,10 +22,10 @@ from tollgate.errors import (
     MessageNotFound,
     MessageRecalled,
 )
-from tollgate.gate import AuditRow, Lifecycle, Writer
+from tollgate.gate import Lifecycle
 from tollgate.messages.models import Device, MessageInput
 from tollgate.messages.states import MessageStatus
-from tollgate.postgres import Connection, Executor
+from tollgate.postgres import Executor
 
 #: Active devices a user may have; the ``devices_cap`` trigger (schema/005) enforces it.
 MAX_ACTIVE_DEVICES = 10
@@ -113,47 +113,29 @@ class DeliveryRow(_Row):
     receipt_at: datetime | None
 
 
-async def get_message(conn: Executor, message_id: str) -> MessageRow | None:
-    """The message row, or None."""
-    record = await gate.get_row(conn, MESSAGES, message_id)
-    return None if record is None else MessageRow.model_validate(dict(record))
+def _columns(message: MessageInput, workflow_id: str) -> dict[str, object]:
+    return {
+        "id": message.message_id,
+        "sender_id": message.sender_id,
+        "recipient_id": message.recipient_id,
+        "recipient_email": message.recipient_email,
+        "body": message.body,
+        "deadline_ms": int(message.deadline.total_seconds() * 1000),
+        "workflow_id": workflow_id,
+        "client_id": message.client_id,
+    }
 
 
-async def insert_message(
-    conn: Connection,
-    message: MessageInput,
-    *,
-    workflow_id: str,
-    actor: str,
-    trace_id: str | None = None,
-) -> MessageRow:
-    """Insert the INITIATED row, or recognise an identical one already there."""
-    record = await gate.insert_or_match(
-        conn,
-        MESSAGES,
-        {
-            "id": message.message_id,
-            "sender_id": message.sender_id,
-            "recipient_id": message.recipient_id,
-            "recipient_email": message.recipient_email,
-            "body": message.body,
-            "deadline_ms": int(message.deadline.total_seconds() * 1000),
-            "workflow_id": workflow_id,
-            "client_id": message.client_id,
-        },
-        Writer(actor, trace_id, "message created"),
-    )
-    return MessageRow.model_validate(dict(record))
+MESSAGE_STORE = gate.Store(MESSAGES, MessageRow.model_validate, MessageStatus, _columns)
 
-
-async def recall_message(
-    pool: asyncpg.Pool, message_id: str, *, reason: str, actor: str
-) -> MessageRow:
-    """Record CANCELLED unless the message is read or ended; return the row as it stands."""
-    record = await gate.stop(
-        pool, MESSAGES, message_id, reason=reason, writer=Writer(actor, None, reason)
-    )
-    return MessageRow.model_validate(dict(record))
+#: The message row, or None.
+get_message = MESSAGE_STORE.get
+#: Insert the INITIATED row, or recognise an identical one already there.
+insert_message = MESSAGE_STORE.insert
+#: Record CANCELLED unless the message is read or ended; return the row as it stands.
+recall_message = MESSAGE_STORE.stop
+#: The audited transitions of a message, oldest first.
+list_transitions = MESSAGE_STORE.audit_trail
 
 
 async def register_device(
@@ -266,8 +248,3 @@ async def deliveries(conn: Executor, message_id: str) -> list[DeliveryRow]:
         message_id,
     )
     return [DeliveryRow.model_validate(dict(r)) for r in rows]
-
-
-async def list_transitions(conn: Executor, message_id: str) -> list[AuditRow[MessageStatus]]:
-    """The audited transitions of a message, oldest first."""
-    return await gate.audit_trail(conn, MESSAGES, message_id, MessageStatus)

@@ -8,12 +8,13 @@ its workflow started; a cancellation is recorded before the workflow is told.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from opentelemetry.trace import Span
 from pydantic import BaseModel, ConfigDict
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateHandle
 from temporalio.common import (
@@ -21,9 +22,8 @@ from temporalio.common import (
 )
 
 from tollgate.codec import search_token
-from tollgate.errors import InputError, OrderNotFound, ProviderError
+from tollgate.errors import InputError, ProviderError
 from tollgate.gate import AuditRow
-from tollgate.ids import require_safe_id
 from tollgate.models import parse_input
 from tollgate.names import (
     CUSTOMER_ID_ATTR,
@@ -44,18 +44,16 @@ from tollgate.orders.models import (
     order_problems,
 )
 from tollgate.orders.states import OrderStatus
-from tollgate.postgres import Connection
 from tollgate.providers.inventory import Inventory
-from tollgate.temporal import (
-    inspect_workflow,
-    signal_if_running,
+from tollgate.service import (
+    AlsoWrite,
+    LifecycleKind,
+    LifecycleService,
+    LifecycleStart,
     start_lifecycle,
     start_lifecycle_with_update,
 )
-from tollgate.tracing import joined, tracer
-
-#: More writes for the transaction that inserts an entity's row (an API idempotency key).
-AlsoWrite = Callable[[Connection], Awaitable[object]]
+from tollgate.tracing import tracer
 
 #: ``SKU:QTY`` with ASCII digits only (``str.isdigit`` accepts '²', which int() refuses).
 _ITEM = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,31}):([0-9]{1,6})", re.ASCII)
@@ -116,63 +114,38 @@ class OrderReport(BaseModel):
     checked_at: datetime
 
 
-class OrderService:
+ORDER_KIND = LifecycleKind(
+    store=store.ORDER_STORE,
+    workflow=ORDER_WORKFLOW,
+    workflow_id=order_workflow_id,
+    result_type=OrderResult,
+    status_attr=ORDER_STATUS_ATTR,
+)
+
+
+class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult]):
     """Order operations over one Temporal client and one Postgres pool."""
+
+    _kind = ORDER_KIND
 
     def __init__(
         self, client: Client, pool: asyncpg.Pool, task_queue: str, *, inventory: Inventory
     ) -> None:
-        self._client = client
-        self._pool = pool
-        self._task_queue = task_queue
+        super().__init__(client, pool, task_queue)
         self._inventory = inventory
-
-    def handle(self, order_id: str) -> WorkflowHandle[Any, OrderResult]:
-        """The workflow handle of an order."""
-        return self._client.get_workflow_handle(
-            order_workflow_id(order_id), result_type=OrderResult
-        )
-
-    async def row(self, order_id: str) -> store.OrderRow:
-        """The order's row in Postgres, or ``OrderNotFound``."""
-        row = await store.get_order(self._pool, order_id)
-        if row is None:
-            raise OrderNotFound(order_id)
-        return row
 
     async def create(
         self, order: OrderInput, *, actor: str = "cli:create", also: AlsoWrite | None = None
     ) -> WorkflowHandle[Any, OrderResult]:
         """Check the order, then insert the PENDING row and start its workflow, both or
-        neither (see :func:`tollgate.temporal.start_lifecycle`). ``actor`` is who the
+        neither (see :func:`tollgate.service.start_lifecycle`). ``actor`` is who the
         audit names; ``also`` writes more in the same transaction, before the row.
 
         The span ``order.create`` (a child of the caller's, if any) is where the order's
         trace begins: the row records it, and the workflow descends from it."""
-        with tracer.start_as_current_span(
-            "order.create", attributes={"tollgate.order_id": order.order_id}
-        ):
-            return await self._create(order, actor, also)
-
-    async def _create(
-        self, order: OrderInput, actor: str, also: AlsoWrite | None
-    ) -> WorkflowHandle[Any, OrderResult]:
-        await self.check(order)
-        workflow_id = order_workflow_id(order.order_id)
-        return await start_lifecycle(
-            self._client,
-            self._pool,
-            store.ORDERS,
-            order.order_id,
-            insert=self._insert(order, workflow_id, actor, also),
-            workflow=ORDER_WORKFLOW,
-            arg=order,
-            workflow_id=workflow_id,
-            task_queue=self._task_queue,
-            result_type=OrderResult,
-            search_attributes=self._search_attributes(order),
-            summary=self._summary(order),
-        )
+        with self._creating(order):
+            start = await self._checked_start(order, actor, also)
+            return await start_lifecycle(self._client, self._pool, start)
 
     async def create_until_charged(
         self, order: OrderInput, *, actor: str, also: AlsoWrite | None = None
@@ -181,32 +154,15 @@ class OrderService:
         (update-with-start). Returns once the workflow accepted the update; its
         ``result()`` answers when the order is charged, has failed or is being
         cancelled, while the checkout goes on."""
-        with tracer.start_as_current_span(
-            "order.create", attributes={"tollgate.order_id": order.order_id}
-        ):
-            return await self._create_until_charged(order, actor, also)
-
-    async def _create_until_charged(
-        self, order: OrderInput, actor: str, also: AlsoWrite | None
-    ) -> WorkflowUpdateHandle[OrderProgress]:
-        await self.check(order)
-        workflow_id = order_workflow_id(order.order_id)
-        return await start_lifecycle_with_update(
-            self._client,
-            self._pool,
-            store.ORDERS,
-            order.order_id,
-            insert=self._insert(order, workflow_id, actor, also),
-            workflow=ORDER_WORKFLOW,
-            arg=order,
-            workflow_id=workflow_id,
-            task_queue=self._task_queue,
-            result_type=OrderResult,
-            search_attributes=self._search_attributes(order),
-            summary=self._summary(order),
-            update=ORDER_CHARGED_UPDATE,
-            update_result_type=OrderProgress,
-        )
+        with self._creating(order):
+            start = await self._checked_start(order, actor, also)
+            return await start_lifecycle_with_update(
+                self._client,
+                self._pool,
+                start,
+                update=ORDER_CHARGED_UPDATE,
+                update_result_type=OrderProgress,
+            )
 
     async def until_charged(self, order_id: str) -> OrderProgress:
         """The ``charged`` update's answer for a running order (see
@@ -217,26 +173,21 @@ class OrderService:
         return progress
 
     @staticmethod
-    def _insert(
-        order: OrderInput, workflow_id: str, actor: str, also: AlsoWrite | None
-    ) -> AlsoWrite:
-        async def insert(conn: Connection) -> None:
-            # ``also`` first: a concurrent request that holds the same API key waits on
-            # it here and fails, instead of racing for the row and the workflow id.
-            if also is not None:
-                await also(conn)
-            await store.insert_order(conn, order, workflow_id=workflow_id, actor=actor)
+    def _creating(order: OrderInput) -> AbstractContextManager[Span]:
+        return tracer.start_as_current_span(
+            "order.create", attributes={"tollgate.order_id": order.order_id}
+        )
 
-        return insert
+    async def _checked_start(
+        self, order: OrderInput, actor: str, also: AlsoWrite | None
+    ) -> LifecycleStart[OrderResult]:
+        await self.check(order)
+        return self._start(order, order.order_id, actor=actor, also=also)
 
-    def _search_attributes(self, order: OrderInput) -> list[SearchAttributePair[str]]:
-        return [
-            SearchAttributePair(ORDER_STATUS_ATTR, OrderStatus.PENDING.value),
-            SearchAttributePair(CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id)),
-        ]
+    def _search_attribute(self, order: OrderInput) -> SearchAttributePair[str]:
+        return SearchAttributePair(CUSTOMER_ID_ATTR, search_token(self._client, order.customer_id))
 
-    @staticmethod
-    def _summary(order: OrderInput) -> str:
+    def _summary(self, order: OrderInput) -> str:
         return (
             f"Order {order.order_id}: {len(order.items)} item(s), "
             f"{order.amount_cents / 100:.2f} {order.currency} for {order.customer_id}"
@@ -270,43 +221,19 @@ class OrderService:
         the span that created the order, with a link to the caller's span.
         """
         request = parse_input(CancelOrderRequest, {"reason": reason, "requested_by": requested_by})
-        require_safe_id("order id", order_id)
-        existing = await self.row(order_id)
-        with joined(
-            "order.cancel", existing.trace_parent, attributes={"tollgate.order_id": order_id}
-        ):
-            return await self._cancel(order_id, request, actor)
-
-    async def _cancel(
-        self, order_id: str, request: CancelOrderRequest, actor: str | None
-    ) -> CancelOutcome:
-        state = await store.request_cancellation(
-            self._pool,
-            order_id,
-            reason=request.reason,
-            actor=actor or f"cli:{request.requested_by}",
-        )
-        if state.status.terminal:
-            return CancelOutcome(
-                order_id=order_id,
-                recorded=False,
-                status=state.status,
-                version=state.version,
-                signalled=False,
-                message=f"order {order_id} is already {state.status}; nothing to cancel",
-            )
-        signalled = await signal_if_running(self.handle(order_id), ORDER_CANCEL_SIGNAL, request)
-        message = (
-            f"cancellation of {order_id} recorded; the workflow is compensating"
-            if signalled
-            else f"cancellation of {order_id} recorded, but its workflow is not running"
-        )
+        stopped = await self._stop("cancel", order_id, request, actor, ORDER_CANCEL_SIGNAL)
+        if not stopped.recorded:
+            message = f"order {order_id} is already {stopped.row.status}; nothing to cancel"
+        elif stopped.signalled:
+            message = f"cancellation of {order_id} recorded; the workflow is compensating"
+        else:
+            message = f"cancellation of {order_id} recorded, but its workflow is not running"
         return CancelOutcome(
             order_id=order_id,
-            recorded=True,
-            status=state.status,
-            version=state.version,
-            signalled=signalled,
+            recorded=stopped.recorded,
+            status=stopped.row.status,
+            version=stopped.row.version,
+            signalled=stopped.signalled,
             message=message,
         )
 
@@ -314,9 +241,7 @@ class OrderService:
         """The row, its audited transitions, and the workflow's status and live progress."""
         row = await self.row(order_id)
         transitions = await store.list_transitions(self._pool, order_id)
-        workflow_status, progress = await inspect_workflow(
-            self.handle(order_id), ORDER_STATUS_QUERY, OrderProgress
-        )
+        workflow_status, progress = await self._inspect(order_id, ORDER_STATUS_QUERY, OrderProgress)
         return OrderReport(
             order=row,
             transitions=transitions,

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict
 
 from tollgate import gate
 from tollgate.errors import OrderCancelled, OrderNotFound
-from tollgate.gate import AuditRow, Lifecycle, Writer
+from tollgate.gate import Lifecycle
 from tollgate.orders.models import OrderInput, OrderItem
 from tollgate.orders.states import ORDER_TERMINAL, OrderStatus
-from tollgate.postgres import Connection, Executor
 
 ORDERS = Lifecycle(
     kind="order",
@@ -60,70 +58,27 @@ class OrderRow(BaseModel):
     trace_parent: str | None = None
 
 
-def _row(record: asyncpg.Record | None) -> OrderRow | None:
-    return None if record is None else OrderRow.model_validate(dict(record))
+def _columns(order: OrderInput, workflow_id: str) -> dict[str, object]:
+    return {
+        "id": order.order_id,
+        "customer_id": order.customer_id,
+        "items": [i.model_dump() for i in order.items],
+        "amount_cents": order.amount_cents,
+        "currency": order.currency,
+        "workflow_id": workflow_id,
+        "client_id": order.client_id,
+    }
 
 
-async def get_order(conn: Executor, order_id: str) -> OrderRow | None:
-    """The order row, or None."""
-    return _row(await gate.get_row(conn, ORDERS, order_id))
+ORDER_STORE = gate.Store(ORDERS, OrderRow.model_validate, OrderStatus, _columns)
 
-
-async def insert_order(
-    conn: Connection,
-    order: OrderInput,
-    *,
-    workflow_id: str,
-    actor: str,
-    trace_id: str | None = None,
-) -> OrderRow:
-    """Insert the PENDING row, or recognise an identical one already there."""
-    record = await gate.insert_or_match(
-        conn,
-        ORDERS,
-        {
-            "id": order.order_id,
-            "customer_id": order.customer_id,
-            "items": [i.model_dump() for i in order.items],
-            "amount_cents": order.amount_cents,
-            "currency": order.currency,
-            "workflow_id": workflow_id,
-            "client_id": order.client_id,
-        },
-        Writer(actor, trace_id, "order created"),
-    )
-    row = _row(record)
-    assert row is not None
-    return row
-
-
-async def request_cancellation(
-    pool: asyncpg.Pool,
-    order_id: str,
-    *,
-    reason: str,
-    actor: str,
-    transition_id: str | None = None,
-    trace_id: str | None = None,
-) -> OrderRow:
-    """Record a cancellation (move to CANCELLING) unless the order is past it.
-
-    The row comes back as it stands: CANCELLING (recorded now or earlier) or a terminal
-    state, in which case nothing was written and the caller reports the refusal.
-    """
-    record = await gate.stop(
-        pool,
-        ORDERS,
-        order_id,
-        reason=reason,
-        writer=Writer(actor, trace_id, reason),
-        transition_id=transition_id,
-    )
-    row = _row(record)
-    assert row is not None
-    return row
-
-
-async def list_transitions(conn: Executor, order_id: str) -> list[AuditRow[OrderStatus]]:
-    """The audited transitions of an order, oldest first."""
-    return await gate.audit_trail(conn, ORDERS, order_id, OrderStatus)
+#: The order row, or None.
+get_order = ORDER_STORE.get
+#: Insert the PENDING row, or recognise an identical one already there.
+insert_order = ORDER_STORE.insert
+#: Record a cancellation (move to CANCELLING) unless the order is past it. The row comes
+#: back as it stands: CANCELLING (recorded now or earlier) or a terminal state, in which
+#: case nothing was written and the caller reports the refusal.
+request_cancellation = ORDER_STORE.stop
+#: The audited transitions of an order, oldest first.
+list_transitions = ORDER_STORE.audit_trail
