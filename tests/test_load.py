@@ -27,6 +27,7 @@ async def _orders(
         "orders",
         orders=h.service,
         messages=h.messages,
+        pool=h.pool,
         count=count,
         concurrency=concurrency,
         rate=rate,
@@ -91,3 +92,26 @@ async def test_load_orders_leave_the_finite_stock_alone_and_report_the_outcome_m
     summary = await _orders(h, count=6, concurrency=3, rate=None, max_wait=None)
     assert await h.sandbox.stock() == before
     assert summary.expected_status == "COMPLETED" and summary.reached_expected == 6
+
+
+async def test_a_message_load_measures_delivery_to_devices_not_the_email_fallback(
+    h: Harness,
+) -> None:
+    summary = await run_load(
+        "messages",
+        orders=h.service,
+        messages=h.messages,
+        pool=h.pool,
+        count=4,
+        concurrency=2,
+        rate=None,
+        max_wait=None,
+        console=None,
+    )
+    assert summary.statuses == {"DELIVERED": 4}, summary
+    assert summary.reached_expected == 4 and summary.expected_status == "DELIVERED"
+    assert summary.latency_p50_ms is not None and summary.latency_p50_ms < 10_000
+    still_active = await h.pool.fetchval(
+        "SELECT count(*) FROM devices WHERE user_id LIKE 'load-%' AND active"
+    )
+    assert still_active == 0, "the run's devices are retired once it is done"

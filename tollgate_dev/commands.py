@@ -99,6 +99,7 @@ async def load(
             kind,
             orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
             messages=MessageService(client, pool, settings.task_queue),
+            pool=pool,
             count=count,
             concurrency=concurrency,
             rate=rate,

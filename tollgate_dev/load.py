@@ -16,12 +16,17 @@ long arrivals waited at the door.
 
 Orders buy the sandbox's unlimited SKU: a finite one runs out after a few hundred
 orders, and every order after that fails and compensates, which would quietly turn a
-load run into a measurement of the unhappy path.
+load run into a measurement of the unhappy path. Messages go to recipients registered
+for the run, each with a phone and a tablet; the phone (played by
+:class:`tollgate_dev.devices.DevicePlayer`) confirms delivery once pushed, so a load run
+measures send to DELIVERED, not the email fallback. Their read window is 1 s, after
+which each workflow ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -29,6 +34,7 @@ from collections import Counter
 from datetime import timedelta
 from typing import Literal
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,11 +42,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tollgate.messages.service import MessageService, build_message
 from tollgate.models import RetrySettings
 from tollgate.orders.service import OrderService, build_order
+from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
-#: Where a load lifecycle should end: an order completes; a message goes to recipients
-#: with no registered device, so it falls back to email once its 1 s deadline passes.
-EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "EMAILED"}
+#: Where a load lifecycle should end: an order completes; a message is delivered (its
+#: devices confirm well before its 10 s deadline would fall back to email).
+EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "DELIVERED"}
+
+#: Recipients a message load spreads over (each holds two devices).
+_RECIPIENTS = 20
 
 
 class LoadSummary(BaseModel):
@@ -81,13 +91,15 @@ async def run_load(
     *,
     orders: OrderService,
     messages: MessageService,
+    pool: asyncpg.Pool,
     count: int,
     concurrency: int,
     rate: float | None,
     max_wait: float | None,
     console: Console | None = None,
 ) -> LoadSummary:
-    """Start ``count`` lifecycles under the two limits and wait for every one to end."""
+    """Start ``count`` lifecycles under the two limits and wait for every one to end
+    (a message: until its delivery is settled)."""
     run_id = uuid.uuid4().hex[:8]
     in_flight = asyncio.Semaphore(concurrency)
     retry = RetrySettings(
@@ -97,6 +109,8 @@ async def run_load(
     latencies: list[float] = []
     waits: list[float] = []
     refused = errors = 0
+    recipients: list[str] = []
+    player = DevicePlayer(pool, messages)
 
     async def admitted() -> bool:
         """A place in flight, or False once the arrival waited ``max_wait`` for one."""
@@ -130,17 +144,24 @@ async def run_load(
                 )
                 status = (await (await orders.create(order)).result()).status.value
             else:
+                recipient = recipients[n % len(recipients)]
                 message = build_message(
                     message_id=f"load-{run_id}-{n}",
                     sender_id="load",
-                    recipient_id=f"load-recipient-{n % 50}",
-                    recipient_email=f"load-recipient-{n % 50}@example.com",
+                    recipient_id=recipient,
+                    recipient_email=f"{recipient}@example.com",
                     body=f"load message {n}",
-                    deadline=timedelta(seconds=1),
+                    deadline=timedelta(seconds=10),
                     read_window=timedelta(seconds=1),
                     retry=retry,
                 )
-                status = (await (await messages.send(message)).result()).status.value
+                settled = player.settled(message.message_id)  # before the send
+                try:
+                    await messages.send(message)
+                except BaseException:
+                    player.forget(message.message_id)
+                    raise
+                status = await settled
         except Exception as exc:  # a failed start or lifecycle is counted, not fatal
             errors += 1
             statuses[f"error:{type(exc).__name__}"] += 1
@@ -150,23 +171,30 @@ async def run_load(
         latencies.append((time.monotonic() - started) * 1000)
         statuses[status] += 1
 
-    began = time.monotonic()
-    with Progress(
-        TextColumn(f"load {kind}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=console is None,
-        transient=True,
-    ) as progress:
-        bar = progress.add_task(kind, total=count)
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "messages":
+            recipients = await register_recipients(
+                messages, f"load-{run_id}", min(_RECIPIENTS, count)
+            )
+            stack.push_async_callback(retire_recipients, messages, recipients)
+            await stack.enter_async_context(player)
+        began = time.monotonic()
+        with Progress(
+            TextColumn(f"load {kind}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=console is None,
+            transient=True,
+        ) as progress:
+            bar = progress.add_task(kind, total=count)
 
-        async def tracked(n: int) -> None:
-            await one(n)
-            progress.advance(bar)
+            async def tracked(n: int) -> None:
+                await one(n)
+                progress.advance(bar)
 
-        await asyncio.gather(*(tracked(n) for n in range(count)))
+            await asyncio.gather(*(tracked(n) for n in range(count)))
     seconds = time.monotonic() - began
     finished = sum(statuses.values()) - errors
     return LoadSummary(

@@ -5,8 +5,9 @@ Arrivals are open-loop: request ``n`` is offered at ``n / rate`` seconds whateve
 happened to the ones before, so an overloaded system sees the load it would see from
 real callers, not one that politely slows down. Each request is sent with its own
 Idempotency-Key; a 429 or 503 is waited out (``Retry-After``) and the same request sent
-again, up to ``max_wait`` seconds. ``--concurrency`` bounds requests in flight in this
-process (the generator's own limit, not the system's).
+again, until ``max_wait`` seconds after its arrival, time spent waiting for one of this
+process's ``--concurrency`` slots included (the generator's own limit, not the
+system's); then it is given up.
 
 Reported: what was offered and admitted, every refusal (by problem type), 5xx answers,
 the admission latency (request offered to 202, retries included) and, through Temporal,
@@ -93,7 +94,11 @@ async def run_api_load(
         await asyncio.sleep(max(0.0, began + n / rate - time.monotonic()))
         offered = time.monotonic()
         async with in_flight:
+            # --max-wait counts from the arrival: time queued here for a slot included.
+            left = max_wait - (time.monotonic() - offered)
             try:
+                if left <= 0:
+                    raise ApiGaveUp("no place in flight before --max-wait")
                 if kind == "orders":
                     response = await api.create_order(
                         {
@@ -101,7 +106,7 @@ async def run_api_load(
                             "items": [{"sku": UNLIMITED_SKU, "quantity": 1}],
                             "amount_cents": 100 + n % 900,
                         },
-                        deadline=max_wait,
+                        deadline=left,
                     )
                 else:
                     response = await api.send_message(
@@ -113,7 +118,7 @@ async def run_api_load(
                             "deadline_seconds": 1,
                             "read_window_seconds": 1,
                         },
-                        deadline=max_wait,
+                        deadline=left,
                     )
             except ApiGaveUp:
                 gave_up += 1

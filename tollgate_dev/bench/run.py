@@ -40,7 +40,6 @@ from tollgate_dev.bench.baseline import (
 )
 from tollgate_dev.bench.baseline_worker import BaselineWorkerProcess, baseline_worker
 from tollgate_dev.bench.breakdown import breakdown
-from tollgate_dev.bench.devices import DevicePlayer
 from tollgate_dev.bench.gatebench import measure_gate
 from tollgate_dev.bench.loop import closed_loop
 from tollgate_dev.bench.models import (
@@ -59,6 +58,7 @@ from tollgate_dev.bench.models import (
 )
 from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
 from tollgate_dev.bench.report import ratios
+from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 #: Backoffs as a load run has them: nothing fails here, but if something did, a run
@@ -183,27 +183,6 @@ async def _baseline_worker(
         await process.stop()
 
 
-async def _register_recipients(messages: MessageService, run_id: str, count: int) -> list[str]:
-    """``count`` recipients with a phone and a tablet each."""
-    users = [f"bench-{run_id}-r{k}" for k in range(count)]
-    for user in users:
-        for device in ("phone", "tablet"):
-            await messages.register_device(
-                device_id=f"{user}-{device}",
-                user_id=user,
-                push_token=f"tok-{user}-{device}",
-                platform="ios",
-            )
-    return users
-
-
-async def _retire_recipients(messages: MessageService, users: list[str]) -> None:
-    """Deactivate the bench's devices: nothing should push to them again."""
-    for user in users:
-        for device in ("phone", "tablet"):
-            await messages.remove_device(f"{user}-{device}")
-
-
 async def run_bench(
     target: BenchTarget,
     plan: BenchPlan,
@@ -231,14 +210,16 @@ async def run_bench(
             _baseline_worker(target, baseline_client, task_queue, baseline_worker_log) as pid,
             DevicePlayer(pool, target.messages) as player,
         ):
-            recipients = await _register_recipients(target.messages, run_id, max(plan.levels))
+            recipients = await register_recipients(
+                target.messages, f"bench-{run_id}", max(plan.levels)
+            )
             try:
                 scenarios = _scenarios(
                     target, baseline_client, task_queue, player, recipients, run_id, pid
                 )
                 await _measure(scenarios, plan, server, baseline_client, run_id, say)
             finally:
-                await _retire_recipients(target.messages, recipients)
+                await retire_recipients(target.messages, recipients)
     finally:
         await pool.close()
     say(f"gate: {plan.gate_writers} writers, {plan.gate_orders * plan.gate_rounds} orders x 4")

@@ -1,4 +1,5 @@
-"""The recipient's phone, played by the bench: it confirms delivery once a push landed.
+"""Recipients with devices, and their phone played for the bench and load runs: it
+confirms delivery once a push landed.
 
 One task watches every message in flight with one query per poll: the row's status,
 and the first device the push activity recorded as pushed (``message_deliveries``).
@@ -23,6 +24,9 @@ from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
 from tollgate_dev._context import StartStop
 
 POLL_SECONDS = 0.005
+
+#: Each recipient's devices: a message pushes to both, and the first pushed confirms.
+DEVICES = ("phone", "tablet")
 
 _log = logging.getLogger(__name__)
 
@@ -111,3 +115,25 @@ class DevicePlayer(StartStop):
             await self._messages.device_says(message_id, device_id, "delivered")
         except Exception:  # the message then falls back to email: its outcome shows it
             _log.exception("could not confirm delivery of %s", message_id)
+
+
+async def register_recipients(messages: MessageService, prefix: str, count: int) -> list[str]:
+    """``count`` recipients with a phone and a tablet each (ids start with ``prefix``)."""
+    users = [f"{prefix}-r{k}" for k in range(count)]
+    for user in users:
+        for device in DEVICES:
+            await messages.register_device(
+                device_id=f"{user}-{device}",
+                user_id=user,
+                push_token=f"tok-{user}-{device}",
+                platform="ios",
+            )
+    return users
+
+
+async def retire_recipients(messages: MessageService, users: list[str]) -> None:
+    """Deactivate their devices: nothing should push to them again (and a user's device
+    cap stays free for the next run)."""
+    for user in users:
+        for device in DEVICES:
+            await messages.remove_device(f"{user}-{device}")
