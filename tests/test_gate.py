@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
+import uuid
 from pathlib import Path
 
 import asyncpg
@@ -25,6 +26,7 @@ from tollgate.messages import store as message_store
 from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
 from tollgate.orders import store as order_store
+from tollgate.orders.models import OrderInput
 from tollgate.orders.states import ORDER_EDGES, OrderStatus
 
 S = OrderStatus
@@ -307,3 +309,34 @@ async def test_migrations_apply_once_and_refuse_edited_files(
     first.write_text(first.read_text() + "\n-- edited after the fact\n")
     with pytest.raises(MigrationError, match=first.name):
         await apply_migrations(owner_url, edited)
+
+
+async def test_a_second_insert_matches_an_identical_row_and_refuses_a_different_one(
+    pool: asyncpg.Pool,
+) -> None:
+    """The service and the workflow's first activity both insert the row, whichever is
+    second finds it. An order with the same id but another customer or amount is someone
+    else's: refused, and the row stays as the first writer left it."""
+    first = OrderInput(
+        order_id=f"m-{uuid.uuid4().hex[:12]}",
+        customer_id="alice",
+        items=[{"sku": "WIDGET", "quantity": 1}],
+        amount_cents=100,
+    )
+    workflow_id = f"order-{first.order_id}"
+    async with pool.acquire() as conn:
+        inserted = await order_store.insert_order(conn, first, workflow_id=workflow_id, actor="a")
+        again = await order_store.insert_order(conn, first, workflow_id=workflow_id, actor="b")
+        assert again.version == inserted.version == 1 and again.customer_id == "alice"
+        for other in (
+            first.model_copy(update={"customer_id": "mallory"}),
+            first.model_copy(update={"amount_cents": 1}),
+        ):
+            with pytest.raises(VersionConflict):
+                await order_store.insert_order(conn, other, workflow_id=workflow_id, actor="c")
+    row = await order_store.get_order(pool, first.order_id)
+    assert row is not None and (row.customer_id, row.amount_cents) == ("alice", 100)
+    audit = await order_store.list_transitions(pool, first.order_id)
+    assert [(a.from_status, a.to_status, a.actor) for a in audit] == [
+        (None, OrderStatus.PENDING, "a")
+    ]
