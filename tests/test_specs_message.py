@@ -12,7 +12,9 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+import pytest
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import CancelledError
 
 from activities.email import EmailActivities
 from activities.messages import MessageStoreActivities
@@ -21,12 +23,19 @@ from tests import specs
 from tests.specs import RETRY, Block, Fail, StandIns, devices_of
 from tests.waiting import eventually
 from tollgate.errors import EmailBounced, ProviderUnavailable
-from tollgate.messages.models import DeviceSignal, MessageInput, MessageResult, RecallRequest
+from tollgate.messages.models import (
+    DeviceSignal,
+    MessageInput,
+    MessageProgress,
+    MessageResult,
+    RecallRequest,
+)
 from tollgate.messages.states import MessageStatus
 from tollgate.names import (
     MESSAGE_DELIVERED_SIGNAL,
     MESSAGE_READ_SIGNAL,
     MESSAGE_RECALL_SIGNAL,
+    MESSAGE_STATUS_QUERY,
     message_workflow_id,
     read_sync_workflow_id,
 )
@@ -278,3 +287,29 @@ async def test_a_flood_of_bogus_signals_continues_as_new_carrying_the_delivery_a
     assert result.status is M.DELIVERED and result.delivered_on == PHONE.device_id
     assert result.devices_pushed == sorted(d.device_id for d in (PHONE, TABLET, LAPTOP))
     assert result.ignored_signal_count == _SIGNALS_PER_RUN
+
+
+async def test_a_temporal_cancel_while_awaiting_delivery_recalls_and_ends_canceled(
+    acts: StandIns,
+) -> None:
+    """Cancel from the Web UI or the CLI of Temporal, after the push and before any device
+    confirmed: the message is recalled (recorded CANCELLED first, like a recall), no
+    email follows at the deadline, and the execution ends Canceled."""
+    handle, pushing = await send_and_hold_the_push(acts, message())
+    pushing.release()
+
+    async def awaiting_delivery() -> bool:
+        progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        return progress.step == "awaiting delivery"
+
+    await eventually(awaiting_delivery, what="the message awaiting delivery")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as failed:
+        await handle.result()
+
+    assert isinstance(failed.value.cause, CancelledError)
+    assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+    assert acts.trail() == [*DISPATCH, "recall_message"]
+    (recall,) = acts[MessageStoreActivities.recall_message].calls
+    assert (recall.reason, recall.requested_by) == ("cancelled in Temporal", "temporal")
+    assert acts[EmailActivities.send].calls == [], "no email at the deadline"
