@@ -210,3 +210,33 @@ async def test_an_eleventh_active_device_is_refused_even_when_registrations_race
     with pytest.raises(asyncpg.PostgresError) as caught:
         await pool.execute("UPDATE devices SET active = true WHERE id = $1", first)
     assert caught.value.sqlstate == message_store.DEVICE_LIMIT_SQLSTATE
+
+
+@pytest.mark.parametrize("bad", ["mx:read-sync:1", "tab\there", "-lead", "x" * 65])
+@pytest.mark.parametrize("column", ["id", "sender_id", "recipient_id"])
+async def test_postgres_refuses_message_ids_outside_the_alphabet(
+    owner_pool: asyncpg.Pool, column: str, bad: str
+) -> None:
+    """The same alphabet holds for messages, whoever writes (the schema owner here)."""
+    insert = (
+        "INSERT INTO messages (id, sender_id, recipient_id, recipient_email, body, deadline_ms,"
+        " workflow_id) VALUES ($1, $2, $3, 'rita@example.com', 'hi', 1000, 'message-' || $1)"
+    )
+    good = {"id": f"mi-{uuid.uuid4().hex[:8]}", "sender_id": "sam", "recipient_id": "rita"}
+    await owner_pool.execute(insert, *good.values())  # the same row with good ids goes in
+    with pytest.raises(asyncpg.CheckViolationError):
+        await owner_pool.execute(
+            insert, *{**good, "id": f"mi-{uuid.uuid4().hex[:8]}", column: bad}.values()
+        )
+
+
+@pytest.mark.parametrize("column", ["id", "user_id"])
+async def test_postgres_refuses_device_ids_outside_the_alphabet(
+    owner_pool: asyncpg.Pool, column: str
+) -> None:
+    insert = "INSERT INTO devices (id, user_id, push_token, platform) VALUES ($1, $2, $3, 'ios')"
+    good = {"id": f"di-{uuid.uuid4().hex[:8]}", "user_id": f"u-{uuid.uuid4().hex[:8]}"}
+    await owner_pool.execute(insert, *good.values(), f"tok-{uuid.uuid4().hex}")
+    bad = {**good, "id": f"di-{uuid.uuid4().hex[:8]}", column: "phone:1"}
+    with pytest.raises(asyncpg.CheckViolationError):
+        await owner_pool.execute(insert, *bad.values(), f"tok-{uuid.uuid4().hex}")
