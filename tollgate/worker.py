@@ -140,10 +140,11 @@ def workflow_runner(settings: Settings) -> SandboxedWorkflowRunner:
 def cache_workflow_bytecode(state_dir: Path) -> None:
     """Compile the workflow package once, where the interpreter will find it.
 
-    The sandbox runs a workflow's module afresh for every workflow run it starts. When
-    Python may not write bytecode (``PYTHONDONTWRITEBYTECODE``, set on the machines
-    Tollgate is measured on), that meant compiling ``workflows/order.py`` from source
-    for every order: a tenth of the worker's CPU. The bytecode goes to
+    With ``reimport_workflow_modules`` the sandbox runs a workflow's module afresh for
+    every workflow run it starts (shared modules are imported once and need none of
+    this). When Python may not write bytecode (``PYTHONDONTWRITEBYTECODE``, set on the
+    machines Tollgate is measured on), that meant compiling ``workflows/order.py`` from
+    source for every order: a tenth of the worker's CPU. The bytecode goes to
     ``<state_dir>/pycache`` (``sys.pycache_prefix``), not next to the sources, which may
     be read-only. Best effort: without it the worker is slower, not wrong.
     """
@@ -163,7 +164,8 @@ def cache_workflow_bytecode(state_dir: Path) -> None:
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Migrate, connect, poll until ``stop`` is set, then drain and close."""
     converter = data_converter(settings)  # no key, no worker: before touching anything
-    cache_workflow_bytecode(settings.state_dir)
+    if settings.reimport_workflow_modules:
+        cache_workflow_bytecode(settings.state_dir)
     applied = await apply_migrations(settings.database_owner_url or settings.database_url)
     if applied:
         _log.info("migrations applied", extra={"migrations": applied})
