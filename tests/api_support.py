@@ -7,7 +7,6 @@ A fresh client name and key per call keep tests apart.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -18,10 +17,9 @@ from typing import Any
 
 import asyncpg
 import httpx
-import uvicorn
 from temporalio.client import Client
 
-from tests.conftest import Harness
+from tests.conftest import Harness, serve_in_process
 from tollgate import access
 from tollgate.api.app import Api, ApiDeps, create_app
 from tollgate.api.metrics import ApiMetrics
@@ -29,7 +27,6 @@ from tollgate.api.signatures import SIGNATURE_HEADER, sign
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate.settings import Settings
-from tollgate_dev.stack import free_port
 
 #: The webhook secret the tests' API verifies receipts with.
 WEBHOOK_SECRET = "test-webhook-secret-" + "0123456789abcdef" * 2
@@ -103,29 +100,12 @@ async def serve_api(
         webhook_secrets=[WEBHOOK_SECRET],
         metrics=metrics,
     )
-    port = free_port()
     app = create_app(deps)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
     client_id = f"c-{uuid.uuid4().hex[:10]}"
     key = (await access.create_key(h.pool, client_id)).key  # the real pool: it may be down
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            yield ServedApi(url, http, deps, client_id, key, app)
+        async with serve_in_process(app) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                yield ServedApi(url, http, deps, client_id, key, app)
     finally:
-        server.should_exit = True
-        await task
         metrics.shutdown()

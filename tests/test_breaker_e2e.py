@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, timedelta
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
 from tests.conftest import Harness
+from tests.waiting import eventually
 from tollgate.models import RetrySettings
 from tollgate.names import ORDER_STATUS_QUERY
 from tollgate.orders.models import OrderProgress
@@ -42,14 +42,6 @@ RETRY = RetrySettings(
     maximum_interval=timedelta(milliseconds=500),
     maximum_attempts=30,
 )
-
-
-async def _until(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def _sleep_until(deadline: float) -> None:
@@ -85,7 +77,12 @@ async def test_an_open_breaker_keeps_calls_off_the_provider_until_it_recovers(
         handles = [await service.create(order) for order in orders]
 
         # -- the outage opens the breaker; for the open period nothing reaches payments --
-        await _until(lambda: payments.state is BreakerState.OPEN, 15, "the breaker to open")
+        await eventually(
+            lambda: payments.state is BreakerState.OPEN,
+            within=15,
+            every=0.005,
+            what="the breaker to open",
+        )
         opened_at = time.monotonic()
         await asyncio.sleep(0.2)  # let requests already on the wire land
         at_open = await _payments_requests(h)
@@ -93,12 +90,13 @@ async def test_an_open_breaker_keeps_calls_off_the_provider_until_it_recovers(
         end_of_open = await _payments_requests(h)
 
         # -- half-open: one probe gets through, fails, and re-opens it ------------------
-        await _until(
+        await eventually(
             lambda: (
                 time.monotonic() > opened_at + OPEN_SECONDS and payments.state is BreakerState.OPEN
             ),
-            15,
-            "a failed probe to re-open the breaker",
+            within=15,
+            every=0.005,
+            what="a failed probe to re-open the breaker",
         )
         reopened_at, reopened_wall = time.monotonic(), time.time()
         await asyncio.sleep(0.2)

@@ -8,13 +8,12 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from temporalio.service import RPCError, RPCStatusCode
 
 from tests.conftest import PROJECT_ROOT, Harness
-from tests.waiting import order_status
+from tests.waiting import eventually, order_status
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageProgress
 from tollgate.messages.states import MessageStatus
@@ -364,17 +363,6 @@ async def _register(h: Harness, user: str, token: str, *extra: str) -> Run:
     return await run_starter(h, "device", "register", "--user", user, "--token", token, *extra)
 
 
-async def _eventually(check: Any, what: str, *, attempts: int = 300) -> Any:
-    """Poll an async check until it returns something truthy (about 15 s at most)."""
-    last = None
-    for _ in range(attempts):
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never {what}; last saw {last!r}")
-
-
 async def test_device_register_for_scripts_and_a_token_is_never_registered_twice(
     h: Harness,
 ) -> None:
@@ -475,7 +463,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
         facts = await message_store.deliveries(h.pool, message_id)
         return [f.device_id for f in facts if f.pushed_at] == sorted(devices)
 
-    await _eventually(pushed_to_both, "pushed to both devices")
+    await eventually(pushed_to_both, what="pushed to both devices")
     confirm = await run_starter(h, "message", "confirm", message_id, "--device", d0)
     assert confirm.code == 0, confirm
     read = await run_starter(h, "message", "read", message_id, "--device", d0)
@@ -486,7 +474,7 @@ async def test_send_confirm_read_status_and_refused_recall_from_the_cli(h: Harne
         facts = {f.device_id: f for f in await message_store.deliveries(h.pool, message_id)}
         return row is not None and row.status == MessageStatus.READ and bool(facts[d1].receipt_at)
 
-    await _eventually(read_and_synced, "read with the receipt on the other device")
+    await eventually(read_and_synced, what="read with the receipt on the other device")
 
     status = await run_starter(h, "message", "status", message_id, "--json")
     assert status.code == 0, status
@@ -544,7 +532,7 @@ async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> No
         progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
         return progress.step == "pushing"
 
-    await _eventually(pushing, "pushing")
+    await eventually(pushing, what="pushing")
     recall = await run_starter(
         h, "message", "recall", message_id, "--reason", "wrong chat", "--json"
     )

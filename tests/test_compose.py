@@ -39,6 +39,7 @@ import pytest
 import yaml
 from dotenv import dotenv_values
 
+from tests.waiting import eventually
 from tollgate.migrate import apply_migrations
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
@@ -706,16 +707,16 @@ async def _require_passwords(server: LocalPostgres, roles: Iterable[str]) -> Non
         assert await admin.fetchval("SELECT pg_reload_conf()")
     finally:
         await admin.close()
+
     # A reload is a signal to the server; sessions started after it see the new rules.
-    for _ in range(250):
+    async def reloaded() -> bool:
         admin = await asyncpg.connect(server.admin_url)
         try:
-            if await admin.fetchval("SELECT pg_conf_load_time()") > loaded_before:
-                return
+            return bool(await admin.fetchval("SELECT pg_conf_load_time()") > loaded_before)
         finally:
             await admin.close()
-        await asyncio.sleep(0.02)
-    raise AssertionError("the server did not reload pg_hba.conf")
+
+    await eventually(reloaded, what="the server reloaded pg_hba.conf")
 
 
 def _tcp(server: LocalPostgres) -> tuple[str, int]:

@@ -15,7 +15,7 @@ import socket
 import stat
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -30,6 +30,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
 import tollgate_dev.stack.temporal as stack_temporal
+from tests.waiting import eventually
 from tollgate.migrate import SCHEMA_DIR
 from tollgate.names import SEARCH_ATTRIBUTES
 from tollgate.settings import Settings
@@ -393,14 +394,6 @@ async def test_worker_that_dies_is_reported(tmp_path: Path) -> None:
         await worker.start()
 
 
-async def _until(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 #: A worker that is ready at once and exits with status 3 after as many seconds as the
 #: file ``lifetime`` says; while a file ``broken`` exists it exits before being ready.
 SHORT_LIVED_WORKER = """
@@ -443,7 +436,9 @@ async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run
     caplog.set_level(logging.INFO, logger="tollgate_dev.stack")
     backoff = RestartBackoff(initial=0.05, maximum=0.2, reset_after=1.0)
     async with _supervised_short_lived_worker(tmp_path, backoff) as (project, worker, supervisor):
-        await _until(lambda: len(supervisor.exits) >= 4, 30, "four exits")
+        await eventually(
+            lambda: len(supervisor.exits) >= 4, within=30, every=0.05, what="four exits"
+        )
         assert [e.restart_in for e in supervisor.exits[:4]] == [0.05, 0.1, 0.2, 0.2]
         first = supervisor.exits[0]
         assert first.returncode == 3 and first.uptime < 1.0
@@ -452,8 +447,11 @@ async def test_supervisor_backs_off_exponentially_and_resets_after_a_healthy_run
 
         # A run that outlives reset_after is healthy: the next wait starts over.
         (project / "lifetime").write_text("1.5")
-        await _until(
-            lambda: any(e.uptime >= 1.0 for e in supervisor.exits), 30, "a long run to end"
+        await eventually(
+            lambda: any(e.uptime >= 1.0 for e in supervisor.exits),
+            within=30,
+            every=0.05,
+            what="a long run to end",
         )
         healthy = next(e for e in supervisor.exits if e.uptime >= 1.0)
         assert healthy.restart_in == 0.05
@@ -473,11 +471,18 @@ async def test_supervisor_retries_a_restart_that_does_not_come_up(
         worker,
         supervisor,
     ):
-        await _until(lambda: caplog.text.count("did not come back") >= 2, 30, "failed restarts")
+        await eventually(
+            lambda: caplog.text.count("did not come back") >= 2,
+            within=30,
+            every=0.05,
+            what="failed restarts",
+        )
         assert "cannot reach the database" in caplog.text
         assert supervisor.restarts == 0 and len(supervisor.exits) == 1
         (project / "broken").unlink()
-        await _until(lambda: supervisor.restarts == 1, 30, "a restart that comes up")
+        await eventually(
+            lambda: supervisor.restarts == 1, within=30, every=0.05, what="a restart that comes up"
+        )
         assert worker.running or worker.returncode == 3
 
 
@@ -495,7 +500,9 @@ async def test_stack_restarts_a_killed_worker_and_stops_supervising_on_stop(
         killed = worker.pid
         assert killed is not None
         os.kill(killed, signal.SIGKILL)
-        await _until(lambda: supervisor.restarts == 1, 90, "the worker to come back")
+        await eventually(
+            lambda: supervisor.restarts == 1, within=90, every=0.05, what="the worker to come back"
+        )
 
         (gone,) = supervisor.exits
         assert (gone.pid, gone.returncode) == (killed, -signal.SIGKILL)

@@ -8,13 +8,13 @@ exactly one push per device.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 from tests.conftest import Harness
+from tests.waiting import eventually
 from tollgate.messages import store as message_store
 from tollgate.messages.service import MessageService
 from tollgate.messages.states import MessageStatus
@@ -50,22 +50,22 @@ async def test_worker_killed_mid_fan_out_pushes_every_device_exactly_once(
     await first.start()
     try:
         handle = await service.send(msg)
-        for _ in range(400):
-            if sum((await _pushes(h, msg.message_id)).values()) >= 3:
-                break
-            await asyncio.sleep(0.02)
+
+        async def three_pushed() -> bool:
+            return sum((await _pushes(h, msg.message_id)).values()) >= 3
+
+        await eventually(three_pushed, what="three devices pushed")
         first.kill()
         pushed_before_kill = len(await _pushes(h, msg.message_id))
         assert 0 < pushed_before_kill < DEVICES, "the kill must land mid fan-out"
 
         await second.start()
-        for _ in range(600):
+
+        async def all_pushed() -> bool:
             facts = await message_store.deliveries(h.pool, msg.message_id)
-            if sum(1 for f in facts if f.pushed_at) == DEVICES:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the new worker did not finish the fan-out")
+            return sum(1 for f in facts if f.pushed_at) == DEVICES
+
+        await eventually(all_pushed, every=0.05, what="the fan-out finished by the new worker")
 
         pushes = await _pushes(h, msg.message_id)
         requests = (await h.sandbox.request_counts())["push"] - requests_before
