@@ -313,6 +313,13 @@ class LocalStack(StartStop):
             env["TEMPORAL_UI_URL"] = self.ui_url
         return env
 
+    def client_settings(self, **env: str) -> Settings:
+        """Settings for a Tollgate client in this process (the demo, the benches) pointed
+        at this stack: :meth:`env` and :meth:`payload_env`, then ``env`` (more variables
+        by name), over this process's own environment."""
+        merged = {**self.env(), **self.payload_env(), **env}
+        return Settings(**{k.lower(): v for k, v in merged.items()})  # type: ignore[arg-type]
+
     def payload_env(self) -> dict[str, str]:
         """``PAYLOAD_KEY_FILE`` of this stack's key, for a process that must share it.
 
