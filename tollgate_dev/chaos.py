@@ -40,7 +40,7 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from tollgate.codec import ensure_key_file
-from tollgate.errors import InputError
+from tollgate.errors import AlreadyExists, InputError
 from tollgate.gate import AuditRow
 from tollgate.messages import store as message_store
 from tollgate.messages.service import MessageService
@@ -238,14 +238,11 @@ class _Driver:
                 )
 
     async def _start(self, start: Callable[[], Awaitable[Any]]) -> None:
-        try:
-            await _retrying(start)
-        except InputError as exc:
+        with contextlib.suppress(AlreadyExists):
             # An earlier attempt got through before its answer was lost: the row was
             # committed ("already exists"), or the workflow started and the commit failed
             # ("already has a lifecycle"; its first activity records the row).
-            if "already exists" not in str(exc) and "already has a lifecycle" not in str(exc):
-                raise
+            await _retrying(start)
 
 
 async def _inject(

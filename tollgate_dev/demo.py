@@ -353,8 +353,7 @@ async def _main(console: Console) -> bool:
 
     console.print(f"Starting the local stack in {settings.state_dir}/ ...")
     async with LocalStack.from_settings(settings) as stack:
-        env = {**stack.env(), **stack.payload_env()}
-        settings = Settings(**{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+        settings = stack.client_settings()
         outcomes = await run_demo(settings)
         print_outcomes(outcomes, settings, console)
     console.print(

@@ -39,10 +39,11 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.models import RetrySettings
 from tollgate.orders.service import OrderService, build_order
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
+from tollgate_dev.recipients import message_to
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 #: Where a load lifecycle should end: an order completes; a message is delivered (its
@@ -145,11 +146,10 @@ async def run_load(
                 status = (await (await orders.create(order)).result()).status.value
             else:
                 recipient = recipients[n % len(recipients)]
-                message = build_message(
+                message = message_to(
+                    recipient,
                     message_id=f"load-{run_id}-{n}",
                     sender_id="load",
-                    recipient_id=recipient,
-                    recipient_email=f"{recipient}@example.com",
                     body=f"load message {n}",
                     deadline=timedelta(seconds=10),
                     read_window=timedelta(seconds=1),

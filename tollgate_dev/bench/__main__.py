@@ -91,8 +91,7 @@ async def _main(plan: BenchPlan, say: Console, *, in_memory: bool) -> tuple[Benc
         return report, settings.state_dir / "bench"
     say.print(f"Starting the local stack in {settings.state_dir}/ ...")
     async with LocalStack.from_settings(settings, temporal_db_file=not in_memory) as stack:
-        env = {**stack.env(), **stack.payload_env()}
-        stack_settings = Settings(**{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+        stack_settings = stack.client_settings()
         assert stack.worker is not None
         report = await _bench(
             stack_settings,

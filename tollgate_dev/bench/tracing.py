@@ -421,8 +421,7 @@ async def _main(args: argparse.Namespace, say: Console) -> TracingReport:
         say.print(f"Starting the local stack in {settings.state_dir}/ ...")
         stack = LocalStack.from_settings(settings, with_worker=False, with_api=False, headless=True)
         async with stack:
-            env = {**stack.env(), **stack.payload_env(), "STATE_DIR": str(stack.state_dir)}
-            stack_settings = Settings(**{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+            stack_settings = stack.client_settings(STATE_DIR=str(stack.state_dir))
             return await measure(
                 stack_settings,
                 owner_url=stack.database_owner_url,

@@ -313,6 +313,13 @@ class LocalStack(StartStop):
             env["TEMPORAL_UI_URL"] = self.ui_url
         return env
 
+    def client_settings(self, **env: str) -> Settings:
+        """Settings for a Tollgate client in this process (the demo, the benches) pointed
+        at this stack: :meth:`env` and :meth:`payload_env`, then ``env`` (more variables
+        by name), over this process's own environment."""
+        merged = {**self.env(), **self.payload_env(), **env}
+        return Settings(**{k.lower(): v for k, v in merged.items()})  # type: ignore[arg-type]
+
     def payload_env(self) -> dict[str, str]:
         """``PAYLOAD_KEY_FILE`` of this stack's key, for a process that must share it.
 
@@ -526,27 +533,31 @@ class LocalStack(StartStop):
         if not self._run_dir.is_dir():
             return
         for record_file in sorted(self._run_dir.glob("*.json")):
-            try:
-                record = json.loads(record_file.read_text())
-                pid, created, sig = (
-                    int(record["pid"]),
-                    float(record["create_time"]),
-                    record["signal"],
-                )
-            except (OSError, ValueError, KeyError, TypeError):
-                record_file.unlink(missing_ok=True)
-                continue
-            try:
-                proc = psutil.Process(pid)
-                same = abs(float(proc.create_time()) - created) < 0.01
-            except psutil.Error:
-                same = False
-            if same:
+            found = recorded_process(record_file)
+            if found is not None:
+                proc, sig = found
                 logger.warning(
-                    "stopping %s (pid %d) left running by a previous run", record_file.stem, pid
+                    "stopping %s (pid %d) left running by a previous run",
+                    record_file.stem,
+                    proc.pid,
                 )
-                await _terminate_leftover(proc, signal.Signals(sig))
+                await _terminate_leftover(proc, sig)
             record_file.unlink(missing_ok=True)
+
+
+def recorded_process(record_file: Path) -> tuple[psutil.Process, signal.Signals] | None:
+    """The process a pid record of :class:`LocalStack` names, and the signal that stops
+    it; None when the record is missing or malformed, or the process is gone. A pid only
+    counts if the process's start time matches the record: pids get reused."""
+    try:
+        record = json.loads(record_file.read_text())
+        pid, created = int(record["pid"]), float(record["create_time"])
+        sig = signal.Signals(record["signal"])
+        proc = psutil.Process(pid)
+        same = abs(float(proc.create_time()) - created) < 0.01
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+    return (proc, sig) if same else None
 
 
 async def _terminate_leftover(proc: psutil.Process, sig: signal.Signals) -> None:
