@@ -94,7 +94,11 @@ async def load(
         await _load_via_api(kind, count, concurrency, rate, max_wait, api_key, json)
         return
     settings = Settings()
-    async with connected(settings) as (client, pool), build_http_client(settings) as http:
+    # One connection per lifecycle starting at once, one for the device player's watch.
+    async with (
+        connected(settings, pool_size=concurrency + 1) as (client, pool),
+        build_http_client(settings) as http,
+    ):
         summary = await run_load(
             kind,
             orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),

@@ -105,10 +105,14 @@ async def app_pool(settings: Settings, *, max_size: int = 2) -> AsyncIterator[as
 
 
 @asynccontextmanager
-async def connected(settings: Settings) -> AsyncIterator[tuple[Client, asyncpg.Pool]]:
+async def connected(
+    settings: Settings, *, pool_size: int = 2
+) -> AsyncIterator[tuple[Client, asyncpg.Pool]]:
+    """A Temporal client and a pool of ``pool_size`` connections (a start holds one until
+    Temporal answers: a command running many at once needs as many)."""
     # The payload key first: a process that would send plaintext must not connect at all.
     converter = data_converter(settings)
-    async with app_pool(settings) as pool:
+    async with app_pool(settings, max_size=pool_size) as pool:
         try:
             client = await connect(settings, converter=converter)
         except RuntimeError as exc:
