@@ -197,9 +197,7 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
     async def _move(self, entity_id: str, req: TransitionRequest[Any]) -> TransitionResult:
         """One version-checked transition through the gate, logged with the entity's id."""
         lifecycle = self.rows.lifecycle
-        to_status = (
-            req.to_status.value if isinstance(req.to_status, StrEnum) else str(req.to_status)
-        )
+        to_status = str(req.to_status)
         moved = await gate.transition(
             self._pool,
             lifecycle,
