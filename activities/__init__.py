@@ -25,7 +25,6 @@ from tollgate.names import transition_id
 from tollgate.orders.models import CompensationResult
 from tollgate.postgres import Connection
 from tollgate.providers.client import UndoAnswer
-from tollgate.tracing import current_trace_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,7 +44,6 @@ class Insert(Protocol[EntityT, RowT]):
         *,
         workflow_id: str,
         actor: str,
-        trace_id: str | None,
     ) -> Awaitable[RowT]: ...
 
 
@@ -122,8 +120,9 @@ def current_actor() -> str:
 
 
 def writer(actor: str | None = None, reason: str | None = None) -> Writer:
-    """The audit's description of this activity as a writer (its trace id included)."""
-    return Writer(actor or current_actor(), current_trace_id(), reason)
+    """The audit's description of this activity as a writer (the gate adds the trace
+    the activity runs in)."""
+    return Writer(actor or current_actor(), reason=reason)
 
 
 class _Standing(Protocol):
@@ -157,11 +156,11 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
 
     rows: Rows[E, SnapshotT]
 
-    async def _insert(self, entity: E, workflow_id: str, me: Writer) -> _Standing:
+    async def _insert(self, entity: E, workflow_id: str) -> _Standing:
         """Insert the entity's first row, naming its workflow, or match the one there."""
         async with self._pool.acquire() as conn:
             return await self.rows.insert(
-                conn, entity, workflow_id=workflow_id, actor=me.actor, trace_id=me.trace_id
+                conn, entity, workflow_id=workflow_id, actor=current_actor()
             )
 
     async def _record(self, entity: E) -> SnapshotT:
@@ -171,7 +170,7 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
         The service usually inserted it already, in the transaction that started the
         workflow; this is the lifecycle's own first step in case that commit was lost.
         """
-        row = await self._insert(entity, current_workflow_id(), writer())
+        row = await self._insert(entity, current_workflow_id())
         return self.rows.snapshot(status=row.status, version=row.version)
 
     async def _begin(self, entity: E, entity_id: str, first: StrEnum) -> SnapshotT:
@@ -183,25 +182,22 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
         stopped (cancelled before its workflow ran) is reported as it is.
         """
         lifecycle, snapshot = self.rows.lifecycle, self.rows.snapshot
-        me = writer()
         workflow_id = current_workflow_id()
-        row = await self._insert(entity, workflow_id, me)
+        row = await self._insert(entity, workflow_id)
         if row.status != lifecycle.initial or row.version != 1:
             return snapshot(status=row.status, version=row.version)
         moved = await gate.transition(
             self._pool,
             lifecycle,
             gate.Move(entity_id, 1, first.value, transition_id(workflow_id, 1, first.value)),
-            Writer(f"workflow:{workflow_id}", me.trace_id),
+            Writer(f"workflow:{workflow_id}"),
         )
         return snapshot(status=first, version=moved.version)
 
     async def _move(self, entity_id: str, req: TransitionRequest[Any]) -> TransitionResult:
         """One version-checked transition through the gate, logged with the entity's id."""
         lifecycle = self.rows.lifecycle
-        to_status = (
-            req.to_status.value if isinstance(req.to_status, StrEnum) else str(req.to_status)
-        )
+        to_status = str(req.to_status)
         moved = await gate.transition(
             self._pool,
             lifecycle,

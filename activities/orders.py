@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import LifecycleStoreActivities, Rows, defn, writer
+from activities import LifecycleStoreActivities, Rows, defn
 from tollgate.errors import OrderNotFound
 from tollgate.models import TransitionResult
 from tollgate.orders import store
@@ -50,7 +50,6 @@ class OrderStoreActivities(LifecycleStoreActivities[OrderInput, OrderSnapshot]):
             reason=req.reason,
             actor=req.actor,
             transition_id=req.transition_id,
-            trace_id=writer().trace_id,
         )
         return BeginCancelResult(
             status=row.status, version=row.version, cancel_reason=row.cancel_reason

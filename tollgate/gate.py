@@ -396,11 +396,10 @@ class Store(Generic[EntityT, RowT, StatusT]):
         *,
         workflow_id: str,
         actor: str,
-        trace_id: str | None = None,
     ) -> RowT:
         """Insert the entity's first row, or recognise an identical one already there
         (:func:`insert_or_match`)."""
-        writer = Writer(actor, trace_id, f"{self.lifecycle.kind} created")
+        writer = Writer(actor, reason=f"{self.lifecycle.kind} created")
         columns = self.columns(entity, workflow_id)
         return self._row(await insert_or_match(conn, self.lifecycle, columns, writer))
 
@@ -412,11 +411,10 @@ class Store(Generic[EntityT, RowT, StatusT]):
         reason: str,
         actor: str,
         transition_id: str | None = None,
-        trace_id: str | None = None,
     ) -> RowT:
         """Record a person's cancel or recall unless the row is past it (:func:`stop`);
         the row as it stands."""
-        writer = Writer(actor, trace_id, reason)
+        writer = Writer(actor, reason=reason)
         record = await stop(
             pool,
             self.lifecycle,
