@@ -229,7 +229,7 @@ class Api:
             found.headers["WWW-Authenticate"] = 'Bearer realm="tollgate"'
         return found
 
-    async def client(self, request: Request, *, bucket: bool = True) -> str:
+    async def client(self, request: Request) -> str:
         """The calling client, after its key and its token bucket."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         client = None
@@ -243,16 +243,15 @@ class Api:
                 "'starter.py apikey create --client NAME'",
             )
         request.state.client = client
-        if bucket:
-            wait = self.limits.retry_after(client)
-            if wait is not None:
-                raise self.refuse(
-                    "rate_limited",
-                    "rate-limited",
-                    f"client {client} is over {self.limits.rate:g} requests per second "
-                    f"(burst {self.limits.burst}); retry in {wait} s",
-                    retry_after=wait,
-                )
+        wait = self.limits.retry_after(client)
+        if wait is not None:
+            raise self.refuse(
+                "rate_limited",
+                "rate-limited",
+                f"client {client} is over {self.limits.rate:g} requests per second "
+                f"(burst {self.limits.burst}); retry in {wait} s",
+                retry_after=wait,
+            )
         return client
 
     async def body(self, request: Request) -> bytes:
