@@ -303,11 +303,6 @@ class Api:
             )
         return key
 
-    def owned(self, row_client: str | None, client: str, missing: TollgateError) -> None:
-        """404 unless the row belongs to ``client`` (the same answer as no row at all)."""
-        if row_client != client:
-            raise missing
-
     def unavailable(self, detail: str) -> Problem:
         """503 with the settings' Retry-After."""
         return self.refuse("unavailable", "unavailable", detail, retry_after=self._retry_after)
@@ -490,8 +485,8 @@ class Api:
         if not is_safe_id(entity_id):
             raise not_found(entity_id)
         row = await get(self.deps.pool, entity_id)
-        self.owned(row.client_id if row else None, client, not_found(entity_id))
-        assert row is not None
+        if row is None or row.client_id != client:
+            raise not_found(entity_id)
         return row
 
     async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
