@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -296,7 +297,7 @@ class Api:
                 f"send an {IDEMPOTENCY_HEADER} header (1-255 printable ASCII characters, no "
                 "spaces), the same on every retry of this request",
             )
-        if not key.isascii() or not 1 <= len(key) <= 255 or any(not "!" <= c <= "~" for c in key):
+        if re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key) is None:
             raise Problem.edge(
                 "malformed-request",
                 f"{IDEMPOTENCY_HEADER} must be 1-255 printable ASCII characters without spaces",
