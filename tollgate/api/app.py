@@ -85,7 +85,7 @@ from tollgate.errors import (
     OrderNotFound,
     TollgateError,
 )
-from tollgate.ids import is_safe_id
+from tollgate.ids import SAFE_ID_PATTERN, is_safe_id
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageInput
 from tollgate.messages.service import MessageReport, MessageService
@@ -755,7 +755,7 @@ def _id_param(name: str, what: str) -> Param:
     return Param(
         name,
         "path",
-        {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        {"type": "string", "pattern": SAFE_ID_PATTERN},
         f"The {what}'s id",
     )
 
