@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -84,7 +85,7 @@ from tollgate.errors import (
     OrderNotFound,
     TollgateError,
 )
-from tollgate.ids import is_safe_id
+from tollgate.ids import SAFE_ID_PATTERN, is_safe_id
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageInput
 from tollgate.messages.service import MessageReport, MessageService
@@ -229,7 +230,7 @@ class Api:
             found.headers["WWW-Authenticate"] = 'Bearer realm="tollgate"'
         return found
 
-    async def client(self, request: Request, *, bucket: bool = True) -> str:
+    async def client(self, request: Request) -> str:
         """The calling client, after its key and its token bucket."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         client = None
@@ -243,16 +244,15 @@ class Api:
                 "'starter.py apikey create --client NAME'",
             )
         request.state.client = client
-        if bucket:
-            wait = self.limits.retry_after(client)
-            if wait is not None:
-                raise self.refuse(
-                    "rate_limited",
-                    "rate-limited",
-                    f"client {client} is over {self.limits.rate:g} requests per second "
-                    f"(burst {self.limits.burst}); retry in {wait} s",
-                    retry_after=wait,
-                )
+        wait = self.limits.retry_after(client)
+        if wait is not None:
+            raise self.refuse(
+                "rate_limited",
+                "rate-limited",
+                f"client {client} is over {self.limits.rate:g} requests per second "
+                f"(burst {self.limits.burst}); retry in {wait} s",
+                retry_after=wait,
+            )
         return client
 
     async def body(self, request: Request) -> bytes:
@@ -297,17 +297,12 @@ class Api:
                 f"send an {IDEMPOTENCY_HEADER} header (1-255 printable ASCII characters, no "
                 "spaces), the same on every retry of this request",
             )
-        if not key.isascii() or not 1 <= len(key) <= 255 or any(not "!" <= c <= "~" for c in key):
+        if re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key) is None:
             raise Problem.edge(
                 "malformed-request",
                 f"{IDEMPOTENCY_HEADER} must be 1-255 printable ASCII characters without spaces",
             )
         return key
-
-    def owned(self, row_client: str | None, client: str, missing: TollgateError) -> None:
-        """404 unless the row belongs to ``client`` (the same answer as no row at all)."""
-        if row_client != client:
-            raise missing
 
     def unavailable(self, detail: str) -> Problem:
         """503 with the settings' Retry-After."""
@@ -491,8 +486,8 @@ class Api:
         if not is_safe_id(entity_id):
             raise not_found(entity_id)
         row = await get(self.deps.pool, entity_id)
-        self.owned(row.client_id if row else None, client, not_found(entity_id))
-        assert row is not None
+        if row is None or row.client_id != client:
+            raise not_found(entity_id)
         return row
 
     async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
@@ -760,7 +755,7 @@ def _id_param(name: str, what: str) -> Param:
     return Param(
         name,
         "path",
-        {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        {"type": "string", "pattern": SAFE_ID_PATTERN},
         f"The {what}'s id",
     )
 

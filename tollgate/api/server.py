@@ -11,7 +11,6 @@ template, status, duration, client), never uvicorn's, which would print query st
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from tollgate.api.signatures import load_webhook_secrets
 from tollgate.errors import ConfigError
 from tollgate.messages.service import MessageService
 from tollgate.migrate import MigrationError, apply_migrations
+from tollgate.ops.serving import server_parser
 from tollgate.orders.service import OrderService
 from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
@@ -94,12 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m tollgate.api``."""
     settings = Settings()
     default_port = urlsplit(settings.api_url).port or DEFAULT_API_PORT
-    parser = argparse.ArgumentParser(
-        prog="python -m tollgate.api", description="Serve Tollgate's HTTP API."
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    parser.add_argument(
-        "--port", type=int, default=default_port, help=f"port (default: API_URL's, {default_port})"
+    parser = server_parser(
+        "python -m tollgate.api", "Serve Tollgate's HTTP API.", port=default_port
     )
     args = parser.parse_args(argv)
     configure_logging(settings)

@@ -86,10 +86,7 @@ class Operation:
         taken = {a.status for a in answers}
         for status, description in sorted(problems.items()):
             if status not in taken:
-                headers = ("Retry-After",) if status in (429, 503) else ()
-                answers.append(
-                    Answer(status, description, ProblemView, PROBLEM_MEDIA_TYPE, headers)
-                )
+                answers.append(problem(status, description, retry_after=status in (429, 503)))
         return sorted(answers, key=lambda a: a.status)
 
 
