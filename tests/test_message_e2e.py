@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError
 
 from tests.conftest import Harness
+from tests.recording import maybe_record
 from tests.waiting import eventually
 from tollgate.messages import store as message_store
 from tollgate.messages.models import DeviceSignal, MessageProgress
@@ -30,7 +30,6 @@ from tollgate_dev.sandbox import FaultSpec, Ledger
 from tollgate_dev.stack import WorkerProcess
 
 M = MessageStatus
-HISTORIES = Path(__file__).parent / "histories"
 DISPATCH = [(None, M.INITIATED), (M.INITIATED, M.STORED), (M.STORED, M.DISPATCHED)]
 
 
@@ -59,12 +58,6 @@ async def _wait_pushed(h: Harness, message_id: str, devices: list[str]) -> None:
 
 def _pushes(ledger: Ledger, kind: str) -> Counter[str]:
     return Counter(p.token for p in ledger.pushes if p.kind == kind)
-
-
-async def _maybe_record(handle: WorkflowHandle[Any, Any], name: str) -> None:
-    if os.environ.get("TOLLGATE_RECORD_HISTORY"):
-        history = await handle.fetch_history()
-        (HISTORIES / f"message_{name}.json").write_text(history.to_json())
 
 
 async def test_read_on_one_device_syncs_receipts_to_the_others(h: Harness) -> None:
@@ -97,7 +90,7 @@ async def test_read_on_one_device_syncs_receipts_to_the_others(h: Harness) -> No
     }
     assert _pushes(ledger, "read_receipt") == {f"tok-{user}-1": 1, f"tok-{user}-2": 1}
     assert ledger.emails == []
-    await _maybe_record(handle, "read")
+    await maybe_record(handle, h.settings, "message_read")
 
 
 async def test_no_confirmation_before_the_deadline_falls_back_to_one_email(h: Harness) -> None:

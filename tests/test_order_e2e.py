@@ -7,9 +7,7 @@ row, its audit trail, and the sandbox ledger (what money and stock actually did)
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from temporalio.worker import Worker
 
 from activities.orders import OrderStoreActivities
 from tests.conftest import Harness
+from tests.recording import maybe_record
 from tests.waiting import eventually, order_status, order_step
 from tollgate.errors import InputError
 from tollgate.models import TransitionResult
@@ -53,21 +52,12 @@ PIPELINE = [
     (S.VALIDATING, S.CHARGING),
     (S.CHARGING, S.RESERVING),
 ]
-HISTORIES = Path(__file__).parent / "histories"
 
 
 async def _audit(h: Harness, order_id: str) -> list[tuple[OrderStatus | None, OrderStatus]]:
     return [
         (a.from_status, a.to_status) for a in await order_store.list_transitions(h.pool, order_id)
     ]
-
-
-async def _maybe_record(handle: WorkflowHandle[Any, Any], name: str) -> None:
-    """With TOLLGATE_RECORD_HISTORY set, save the history for tests/test_replay.py."""
-    if os.environ.get("TOLLGATE_RECORD_HISTORY"):
-        history = await handle.fetch_history()
-        HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"order_{name}.json").write_text(history.to_json())
 
 
 async def _started_with_late_answers(
@@ -108,7 +98,7 @@ async def test_happy_path_completes_with_one_charge_and_one_reservation(h: Harne
     assert description.status == WorkflowExecutionStatus.COMPLETED
     assert description.typed_search_attributes.get(ORDER_STATUS_ATTR) == "COMPLETED"
 
-    await _maybe_record(handle, "completed")
+    await maybe_record(handle, h.settings, "order_completed")
 
 
 async def test_declined_card_fails_with_nothing_charged(h: Harness) -> None:
@@ -149,7 +139,7 @@ async def test_out_of_stock_fails_with_the_charge_refunded(h: Harness) -> None:
     assert [(c.amount_cents, c.status) for c in ledger.charges] == [(4999, "refunded")]
     assert [r.amount_cents for r in ledger.refunds] == [4999]
     assert ledger.reservations == []
-    await _maybe_record(handle, "out_of_stock")
+    await maybe_record(handle, h.settings, "order_out_of_stock")
 
 
 async def test_invalid_order_is_refused_before_anything_is_written(h: Harness) -> None:
@@ -243,7 +233,7 @@ async def test_cancel_while_reservation_is_slow_refunds_and_releases(h: Harness)
     assert [c.status for c in ledger.charges] == ["refunded"]
     assert [r.status for r in ledger.reservations] == ["released"]
     assert len(ledger.refunds) == 1 and len(ledger.releases) == 1
-    await _maybe_record(handle, "cancelled")
+    await maybe_record(handle, h.settings, "order_cancelled")
 
 
 @pytest.mark.parametrize(

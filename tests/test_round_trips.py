@@ -1,0 +1,41 @@
+"""What a lifecycle costs in Temporal round trips, read from its recorded history.
+
+Every regular activity is a round trip through the Temporal server (scheduled, picked
+up, completed) and every workflow task another. The gate's writes and reads, and an
+order's validation, run as local activities inside the workflow task that needs them,
+so a happy-path order makes two activity round trips (its charge and its reservation)
+and three workflow tasks. ``make bench`` shows what that saves; this keeps it so.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
+
+from tests.conftest import Harness
+
+
+def _costs(history: WorkflowHistory) -> tuple[list[str], Counter[EventType.ValueType]]:
+    """The activity types scheduled through the server, in order, and the event counts."""
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    return scheduled, Counter(e.event_type for e in history.events)
+
+
+async def test_a_completed_order_makes_two_activity_round_trips_in_three_workflow_tasks(
+    h: Harness,
+) -> None:
+    handle = await h.service.create(h.order())
+    assert (await handle.result()).status == "COMPLETED"
+
+    scheduled, events = _costs(await handle.fetch_history())
+
+    assert scheduled == ["charge_payment", "reserve_inventory"]
+    assert events[EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED] == 3
+    # begin (record + VALIDATING), validate, CHARGING, RESERVING, COMPLETED; two patches
+    assert events[EventType.EVENT_TYPE_MARKER_RECORDED] == 7
