@@ -654,18 +654,30 @@ def _name_set_routes(path: str, key: str, names: Callable[[], set[str]]) -> list
         return _json({key: sorted(names())})
 
     async def add(request: Request) -> Response:
-        names().add(request.path_params["name"])
+        names().add(_name_param(request, "name"))
         return await listing(request)
 
     async def remove(request: Request) -> Response:
-        names().discard(request.path_params["name"])
+        names().discard(_name_param(request, "name"))
         return await listing(request)
 
     return [
         Route(path, listing, methods=["GET"]),
-        Route(f"{path}/{{name}}", add, methods=["PUT"]),
-        Route(f"{path}/{{name}}", remove, methods=["DELETE"]),
+        Route(f"{path}/{{name:path}}", add, methods=["PUT"]),
+        Route(f"{path}/{{name:path}}", remove, methods=["DELETE"]),
     ]
+
+
+def _name_param(request: Request, param: str) -> str:
+    """A name at the end of an admin path (``{param:path}``), "/" and all.
+
+    Names are user data: :class:`SandboxAdmin` percent-encodes them whole, so a "/" in
+    one arrives decoded in the path and must not end the match. An empty one is no name.
+    """
+    name: str = request.path_params[param]
+    if not name:
+        raise HTTPException(404)
+    return name
 
 
 def _routes(state: SandboxState) -> list[Route]:
@@ -729,7 +741,7 @@ def _routes(state: SandboxState) -> list[Route]:
         return _json(dict(state.stock))
 
     async def put_stock(request: Request) -> Response:
-        sku = request.path_params["sku"]
+        sku = _name_param(request, "sku")
         update = await _parse(request, StockUpdate)
         if isinstance(update, Outcome):
             return _send(update)
@@ -780,7 +792,7 @@ def _routes(state: SandboxState) -> list[Route]:
         Route("/admin/faults/{provider}", clear_fault, methods=["DELETE"]),
         Route("/admin/requests", request_counts, methods=["GET"]),
         Route("/admin/stock", get_stock, methods=["GET"]),
-        Route("/admin/stock/{sku}", put_stock, methods=["PUT"]),
+        Route("/admin/stock/{sku:path}", put_stock, methods=["PUT"]),
         *_name_set_routes("/admin/payments/declined", "declined", lambda: state.declined),
         *_name_set_routes("/admin/push/unregistered", "unregistered", lambda: state.unregistered),
         *_name_set_routes("/admin/email/bounced", "bounced", lambda: state.bounced),
