@@ -371,9 +371,25 @@ class _Undo(Generic[Original, Undone]):
     originals: Callable[[SandboxState], dict[str, Original]]
     #: Keyed by the key of what they undo: at most one undo each.
     undos: Callable[[SandboxState], dict[str, Undone]]
-    response: type[BaseModel]
+    #: The answer for an undo done (now, or by an earlier request).
+    answer: Callable[[Undone], BaseModel]
     #: The answer when there was nothing to undo (yet).
     voided: BaseModel
+
+
+def _refunded(refund: Refund) -> RefundResponse:
+    return RefundResponse(
+        status="refunded",
+        refund_id=refund.refund_id,
+        charge_id=refund.charge_id,
+        amount_cents=refund.amount_cents,
+    )
+
+
+def _released(release: Release) -> ReleaseResponse:
+    return ReleaseResponse(
+        status="released", release_id=release.release_id, reservation_id=release.reservation_id
+    )
 
 
 _REFUND = _Undo(
@@ -381,7 +397,7 @@ _REFUND = _Undo(
     "charge",
     lambda state: state.charges,
     lambda state: state.refunds,
-    RefundResponse,
+    _refunded,
     voided=RefundResponse(status="voided", refund_id=None, charge_id=None, amount_cents=0),
 )
 _RELEASE = _Undo(
@@ -389,7 +405,7 @@ _RELEASE = _Undo(
     "reservation",
     lambda state: state.reservations,
     lambda state: state.releases,
-    ReleaseResponse,
+    _released,
     voided=ReleaseResponse(status="voided", release_id=None, reservation_id=None),
 )
 
@@ -418,9 +434,9 @@ def _undo(
     undos = kind.undos(state)
     existing = undos.get(original_key)
     if existing is not None:
-        return Outcome(200, _dump(kind.response.model_validate(existing, from_attributes=True)))
+        return Outcome(200, _dump(kind.answer(existing)))
     undos[original_key] = done = undo(original)
-    return _created(kind.response, done)
+    return Outcome(201, _dump(kind.answer(done)))
 
 
 def _refund(state: SandboxState, body: RefundRequest, key: str) -> Outcome:
