@@ -304,7 +304,8 @@ async def _parse(request: Request, model: type[Body]) -> Body | Outcome:
 # Each handler runs under its provider's lock, gets a validated body and the request's
 # idempotency key, and returns the final answer. They never await: a handler that did
 # would still be safe (the lock serialises them), but keeping them synchronous means an
-# answer is decided and stored in one step.
+# answer is decided and stored in one step. A new ledger entry is the request as the
+# provider accepted it, plus its id and the request's _stamp.
 
 
 class _Stamp(TypedDict):
@@ -345,7 +346,6 @@ def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
             f"{body.amount_cents} cents is over the card limit of "
             f"{state.config.card_limit_cents} cents",
         )
-    # An entry is the request as the provider accepted it, with its id and stamp.
     charge = Charge(charge_id=_new_id("ch"), status="captured", **body.model_dump(), **_stamp(key))
     return _recorded(state.charges, ChargeResponse, charge)
 
