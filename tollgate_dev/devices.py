@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import asyncpg
+from temporalio.client import WorkflowHandle
 
+from tollgate.messages.models import MessageInput, MessageResult
 from tollgate.messages.service import MessageService
 from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
 from tollgate_dev._context import StartStop
@@ -74,6 +77,19 @@ class DevicePlayer(StartStop):
         self._waiting[message_id] = waiter
         self._wake.set()
         return waiter
+
+    async def send(
+        self, message: MessageInput
+    ) -> tuple[WorkflowHandle[Any, MessageResult], asyncio.Future[str]]:
+        """Send ``message``, watched from before the send so its push is never missed:
+        its workflow, and the future of the status its delivery settles in."""
+        settled = self.settled(message.message_id)
+        try:
+            handle = await self._messages.send(message)
+        except BaseException:
+            self.forget(message.message_id)
+            raise
+        return handle, settled
 
     def forget(self, message_id: str) -> None:
         """Stop watching ``message_id`` (its send failed, or its waiter gave up)."""

@@ -41,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tollgate.messages.service import MessageService
 from tollgate.models import RetrySettings
+from tollgate.orders.models import OrderInput
 from tollgate.orders.service import OrderService, build_order
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
 from tollgate_dev.recipients import message_to
@@ -52,6 +53,12 @@ EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "DELIVERED"}
 
 #: Recipients a message load spreads over (each holds two devices).
 _RECIPIENTS = 20
+
+#: Backoffs of a load run: nothing should fail, but if something does, a lifecycle
+#: recovers in seconds, not minutes.
+LOAD_RETRY = RetrySettings(
+    initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=2)
+)
 
 
 class LoadSummary(BaseModel):
@@ -76,6 +83,18 @@ class LoadSummary(BaseModel):
     latency_p99_ms: float | None
     #: How long admitted arrivals waited for a place in flight (95th percentile).
     admission_wait_p95_ms: float | None
+
+
+def load_order(order_id: str, n: int, *, customers: str) -> OrderInput:
+    """Order number ``n`` of a load run: one of the unlimited SKU, from one of 50
+    customers (``<customers>-customer-<k>``), for 1.00 to 9.99."""
+    return build_order(
+        order_id=order_id,
+        customer_id=f"{customers}-customer-{n % 50}",
+        items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
+        amount_cents=100 + n % 900,
+        retry=LOAD_RETRY,
+    )
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -103,9 +122,6 @@ async def run_load(
     (a message: until its delivery is settled)."""
     run_id = uuid.uuid4().hex[:8]
     in_flight = asyncio.Semaphore(concurrency)
-    retry = RetrySettings(
-        initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=2)
-    )
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
     waits: list[float] = []
@@ -136,13 +152,7 @@ async def run_load(
         waits.append((started - arrived) * 1000)
         try:
             if kind == "orders":
-                order = build_order(
-                    order_id=f"load-{run_id}-{n}",
-                    customer_id=f"load-customer-{n % 50}",
-                    items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
-                    amount_cents=100 + n % 900,
-                    retry=retry,
-                )
+                order = load_order(f"load-{run_id}-{n}", n, customers="load")
                 status = (await (await orders.create(order)).result()).status.value
             else:
                 recipient = recipients[n % len(recipients)]
@@ -153,14 +163,9 @@ async def run_load(
                     body=f"load message {n}",
                     deadline=timedelta(seconds=10),
                     read_window=timedelta(seconds=1),
-                    retry=retry,
+                    retry=LOAD_RETRY,
                 )
-                settled = player.settled(message.message_id)  # before the send
-                try:
-                    await messages.send(message)
-                except BaseException:
-                    player.forget(message.message_id)
-                    raise
+                _, settled = await player.send(message)
                 status = await settled
         except Exception as exc:  # a failed start or lifecycle is counted, not fatal
             errors += 1

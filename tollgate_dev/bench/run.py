@@ -26,9 +26,8 @@ from temporalio.client import Client, WorkflowHandle
 
 from tollgate import postgres
 from tollgate.messages.service import MessageService
-from tollgate.models import RetrySettings
 from tollgate.names import message_workflow_id, order_workflow_id
-from tollgate.orders.service import OrderService, build_order
+from tollgate.orders.service import OrderService
 from tollgate_dev.bench.baseline import (
     MESSAGE_ACTIVITIES,
     MESSAGE_STEPS,
@@ -59,16 +58,12 @@ from tollgate_dev.bench.models import (
 from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
 from tollgate_dev.bench.report import ratios
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
+from tollgate_dev.load import LOAD_RETRY, load_order
 from tollgate_dev.recipients import message_to
-from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 #: Backoffs as a load run has them: nothing fails here, but if something did, a run
 #: should recover in seconds, not minutes.
-BENCH_RETRY = RetrySettings(
-    activity_timeout=timedelta(seconds=10),
-    initial_interval=timedelta(milliseconds=200),
-    maximum_interval=timedelta(seconds=2),
-)
+BENCH_RETRY = LOAD_RETRY
 #: Long enough never to fall back to email while the device confirms.
 MESSAGE_DEADLINE = timedelta(seconds=30)
 #: Short, so a message workflow ends soon after DELIVERED instead of resting for days.
@@ -77,6 +72,9 @@ READ_WINDOW = timedelta(milliseconds=250)
 SETTLE_TIMEOUT = 60.0
 #: Runs one at a time whose histories are read for the breakdown (the last ones).
 BREAKDOWN_SAMPLES = 5
+
+#: The breakdown of a scenario no run was sampled for (a plan without level 1).
+_UNSAMPLED = Breakdown.model_validate(dict.fromkeys(Breakdown.model_fields, 0))
 
 Progress = Callable[[str], None]
 
@@ -146,15 +144,7 @@ class _Scenario:
                 worker_seconds_per_run=round(self.worker_seconds / runs, 5),
                 server_seconds_per_run=round(self.server_seconds / runs, 5),
             ),
-            breakdown=self.breakdown
-            or Breakdown(
-                samples=0,
-                total_ms=0,
-                in_activities_ms=0,
-                activity_queue_ms=0,
-                workflow_tasks_ms=0,
-                other_ms=0,
-            ),
+            breakdown=self.breakdown or _UNSAMPLED,
         )
 
 
@@ -267,36 +257,24 @@ def _scenarios(
     lingering: list[WorkflowHandle[Any, Any]] = []
 
     async def order(tag: str, n: int) -> str:
-        handle = await target.orders.create(
-            build_order(
-                order_id=_Scenario.business_id(run_id, tag, n),
-                customer_id=f"bench-customer-{n % 50}",
-                items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
-                amount_cents=100 + n % 900,
-                currency="USD",
-                retry=BENCH_RETRY,
-            )
-        )
-        return (await handle.result()).status.value
+        order = load_order(_Scenario.business_id(run_id, tag, n), n, customers="bench")
+        return (await (await target.orders.create(order)).result()).status.value
 
     async def message(tag: str, n: int) -> str:
         message_id = _Scenario.business_id(run_id, tag, n)
-        recipient = recipients[n % len(recipients)]
-        settled = player.settled(message_id)  # before the send: the push is never missed
-        try:
-            lingering.append(
-                await target.messages.send(
-                    message_to(
-                        recipient,
-                        message_id=message_id,
-                        sender_id="bench-sender",
-                        body=f"bench message {n}",
-                        deadline=MESSAGE_DEADLINE,
-                        read_window=READ_WINDOW,
-                        retry=BENCH_RETRY,
-                    )
-                )
+        handle, settled = await player.send(
+            message_to(
+                recipients[n % len(recipients)],
+                message_id=message_id,
+                sender_id="bench-sender",
+                body=f"bench message {n}",
+                deadline=MESSAGE_DEADLINE,
+                read_window=READ_WINDOW,
+                retry=BENCH_RETRY,
             )
+        )
+        lingering.append(handle)
+        try:
             return await asyncio.wait_for(settled, SETTLE_TIMEOUT)
         except BaseException:
             player.forget(message_id)

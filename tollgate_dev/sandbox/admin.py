@@ -12,6 +12,7 @@ Tests and the demo use it against a running sandbox::
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -42,6 +43,25 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+class _NameSet:
+    """One of the sandbox's sets of names (declined customers, unregistered tokens,
+    bounced addresses), as its admin routes serve it: ``GET path`` lists it, ``PUT`` /
+    ``DELETE path/<name>`` adds / removes a name."""
+
+    def __init__(self, call: Callable[..., Awaitable[Any]], path: str) -> None:
+        self._call = call
+        self._path = path
+
+    async def add(self, name: str) -> None:
+        await self._call("PUT", f"{self._path}/{_segment(name)}")
+
+    async def remove(self, name: str) -> None:
+        await self._call("DELETE", f"{self._path}/{_segment(name)}")
+
+    async def listing(self) -> Any:
+        return await self._call("GET", self._path)
+
+
 class SandboxAdmin(StartStop):
     """Admin client over ``httpx.AsyncClient``; every call raises :class:`SandboxAdminError`
     on a non-2xx answer.
@@ -59,6 +79,9 @@ class SandboxAdmin(StartStop):
     ) -> None:
         self.base_url = base_url
         self._client = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self._declined = _NameSet(self._call, "/admin/payments/declined")
+        self._unregistered = _NameSet(self._call, "/admin/push/unregistered")
+        self._bounced = _NameSet(self._call, "/admin/email/bounced")
 
     async def stop(self) -> None:
         """Close the underlying HTTP client."""
@@ -121,45 +144,39 @@ class SandboxAdmin(StartStop):
         """Available quantity of every sku."""
         return _COUNTS.validate_python(await self._call("GET", "/admin/stock"))
 
-    # -- payments ---------------------------------------------------------------------
+    # -- payments, push, email: the name sets ----------------------------------------------
 
     async def decline_customer(self, customer_id: str) -> None:
         """Make every new charge for ``customer_id`` fail with ``card_declined``."""
-        await self._call("PUT", f"/admin/payments/declined/{_segment(customer_id)}")
+        await self._declined.add(customer_id)
 
     async def allow_customer(self, customer_id: str) -> None:
         """Undo :meth:`decline_customer` (already-stored declines still replay)."""
-        await self._call("DELETE", f"/admin/payments/declined/{_segment(customer_id)}")
-
-    # -- push -------------------------------------------------------------------------
+        await self._declined.remove(customer_id)
 
     async def unregister_token(self, token: str) -> None:
         """Make every new push to ``token`` fail with 410 ``unregistered``."""
-        await self._call("PUT", f"/admin/push/unregistered/{_segment(token)}")
+        await self._unregistered.add(token)
 
     async def register_token(self, token: str) -> None:
         """Undo :meth:`unregister_token` (already-stored 410s still replay)."""
-        await self._call("DELETE", f"/admin/push/unregistered/{_segment(token)}")
+        await self._unregistered.remove(token)
 
     async def unregistered_tokens(self) -> list[str]:
         """The unregistered device tokens, sorted."""
-        body = await self._call("GET", "/admin/push/unregistered")
-        return TokenList.model_validate(body).unregistered
-
-    # -- email ------------------------------------------------------------------------
+        return TokenList.model_validate(await self._unregistered.listing()).unregistered
 
     async def bounce_address(self, address: str) -> None:
         """Make every new email to ``address`` fail with 422 ``bounced``."""
-        await self._call("PUT", f"/admin/email/bounced/{_segment(address)}")
+        await self._bounced.add(address)
 
     async def unbounce_address(self, address: str) -> None:
         """Undo :meth:`bounce_address` (already-stored bounces still replay)."""
-        await self._call("DELETE", f"/admin/email/bounced/{_segment(address)}")
+        await self._bounced.remove(address)
 
     async def bounced_addresses(self) -> list[str]:
         """The bouncing addresses, sorted."""
-        body = await self._call("GET", "/admin/email/bounced")
-        return AddressList.model_validate(body).bounced
+        return AddressList.model_validate(await self._bounced.listing()).bounced
 
     # -- ledger -----------------------------------------------------------------------
 

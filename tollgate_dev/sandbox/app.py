@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypedDict, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -160,7 +160,8 @@ class SandboxState:
         # that way. Dicts keep insertion order, so the ledger reads oldest first.
         self.charges: dict[str, Charge] = {}
         self.reservations: dict[str, Reservation] = {}
-        # Keyed by what they undo: at most one refund per charge, one release per reservation.
+        # Keyed by the key of what they undo: at most one refund per charge, one release
+        # per reservation.
         self.refunds: dict[str, Refund] = {}
         self.releases: dict[str, Release] = {}
         # Keyed by (provider, kind, voided key).
@@ -267,7 +268,7 @@ def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
-def _created(response: type[BaseModel], entry: BaseModel) -> Outcome:
+def _created(response: type[BaseModel], entry: object) -> Outcome:
     """201 with the new ledger ``entry`` as the provider's ``response`` shows it."""
     return Outcome(201, _dump(response.model_validate(entry, from_attributes=True)))
 
@@ -303,7 +304,34 @@ async def _parse(request: Request, model: type[Body]) -> Body | Outcome:
 # Each handler runs under its provider's lock, gets a validated body and the request's
 # idempotency key, and returns the final answer. They never await: a handler that did
 # would still be safe (the lock serialises them), but keeping them synchronous means an
-# answer is decided and stored in one step.
+# answer is decided and stored in one step. A new ledger entry is the request as the
+# provider accepted it, plus its id and the request's _stamp.
+
+
+class _Stamp(TypedDict):
+    idempotency_key: str
+    created_at: datetime
+    traceparent: str | None
+
+
+def _stamp(key: str) -> _Stamp:
+    """What every new ledger entry records of the request that made it: its idempotency
+    key, the time, and the caller's trace."""
+    return {"idempotency_key": key, "created_at": _now(), "traceparent": _caller.get()}
+
+
+class _Keyed(Protocol):
+    @property
+    def idempotency_key(self) -> str: ...
+
+
+Entry = TypeVar("Entry", bound=_Keyed)
+
+
+def _recorded(entries: dict[str, Entry], response: type[BaseModel], entry: Entry) -> Outcome:
+    """Keep the new ``entry`` under its key; 201 with it as the provider's ``response``."""
+    entries[entry.idempotency_key] = entry
+    return _created(response, entry)
 
 
 def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
@@ -318,62 +346,112 @@ def _charge(state: SandboxState, body: ChargeRequest, key: str) -> Outcome:
             f"{body.amount_cents} cents is over the card limit of "
             f"{state.config.card_limit_cents} cents",
         )
-    charge = Charge(
-        charge_id=_new_id("ch"),
-        order_id=body.order_id,
-        customer_id=body.customer_id,
-        amount_cents=body.amount_cents,
-        currency=body.currency,
-        status="captured",
-        idempotency_key=key,
-        created_at=_now(),
-        traceparent=_caller.get(),
-    )
-    state.charges[key] = charge
-    return _created(ChargeResponse, charge)
+    charge = Charge(charge_id=_new_id("ch"), status="captured", **body.model_dump(), **_stamp(key))
+    return _recorded(state.charges, ChargeResponse, charge)
 
 
-def _refund_answer(refund: Refund) -> dict[str, Any]:
-    return _dump(
-        RefundResponse(
-            status="refunded",
-            refund_id=refund.refund_id,
-            charge_id=refund.charge_id,
-            amount_cents=refund.amount_cents,
-        )
+class _OrderEntry(Protocol):
+    @property
+    def order_id(self) -> str: ...
+
+
+Original = TypeVar("Original", bound=_OrderEntry)
+Undone = TypeVar("Undone", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class _Undo(Generic[Original, Undone]):
+    """A kind of undo request (a refund of a charge, a release of a reservation): what it
+    undoes, where both are kept, and how it answers."""
+
+    provider: str
+    #: What it undoes, as its void and its errors name it.
+    undoes: str
+    #: What it undoes, keyed by the idempotency key that made each.
+    originals: Callable[[SandboxState], dict[str, Original]]
+    #: Keyed by the key of what they undo: at most one undo each.
+    undos: Callable[[SandboxState], dict[str, Undone]]
+    #: The answer for an undo done (now, or by an earlier request).
+    answer: Callable[[Undone], BaseModel]
+    #: The answer when there was nothing to undo (yet).
+    voided: BaseModel
+
+
+def _refunded(refund: Refund) -> RefundResponse:
+    return RefundResponse(
+        status="refunded",
+        refund_id=refund.refund_id,
+        charge_id=refund.charge_id,
+        amount_cents=refund.amount_cents,
     )
+
+
+def _released(release: Release) -> ReleaseResponse:
+    return ReleaseResponse(
+        status="released", release_id=release.release_id, reservation_id=release.reservation_id
+    )
+
+
+_REFUND = _Undo(
+    "payments",
+    "charge",
+    lambda state: state.charges,
+    lambda state: state.refunds,
+    _refunded,
+    voided=RefundResponse(status="voided", refund_id=None, charge_id=None, amount_cents=0),
+)
+_RELEASE = _Undo(
+    "inventory",
+    "reservation",
+    lambda state: state.reservations,
+    lambda state: state.releases,
+    _released,
+    voided=ReleaseResponse(status="voided", release_id=None, reservation_id=None),
+)
+
+
+def _undo(
+    state: SandboxState,
+    kind: _Undo[Original, Undone],
+    order_id: str,
+    original_key: str,
+    key: str,
+    undo: Callable[[Original], Undone],
+) -> Outcome:
+    """Undo, with request ``key``, what ``original_key`` made for ``order_id``, once:
+    ``undo`` does it and returns the record of it (201); a repeat answers that record
+    again (200)."""
+    original = kind.originals(state).get(original_key)
+    if original is None:
+        # It may still be on its way (slow network, retry in flight): make sure it can
+        # never land, and report that nothing was taken.
+        state.add_void(kind.provider, kind.undoes, order_id, original_key, key)
+        return Outcome(200, _dump(kind.voided))
+    if original.order_id != order_id:
+        # Undoing another order's money or stock is a caller bug, never something to do
+        # quietly.
+        return _order_mismatch(kind.undoes, original_key, original.order_id, order_id)
+    undos = kind.undos(state)
+    existing = undos.get(original_key)
+    if existing is not None:
+        return Outcome(200, _dump(kind.answer(existing)))
+    undos[original_key] = done = undo(original)
+    return Outcome(201, _dump(kind.answer(done)))
 
 
 def _refund(state: SandboxState, body: RefundRequest, key: str) -> Outcome:
-    charge_key = body.charge_idempotency_key
-    charge = state.charges.get(charge_key)
-    if charge is None:
-        # The charge may still be on its way (slow network, retry in flight): make sure
-        # it can never land, and report that nothing was taken.
-        state.add_void("payments", "charge", body.order_id, charge_key, key)
-        voided = RefundResponse(status="voided", refund_id=None, charge_id=None, amount_cents=0)
-        return Outcome(200, _dump(voided))
-    if charge.order_id != body.order_id:
-        # Refunding another order's money is a caller bug, never something to do quietly.
-        return _order_mismatch("charge", charge_key, charge.order_id, body.order_id)
-    existing = state.refunds.get(charge.charge_id)
-    if existing is not None:
-        return Outcome(200, _refund_answer(existing))
-    refund = Refund(
-        refund_id=_new_id("re"),
-        charge_id=charge.charge_id,
-        order_id=charge.order_id,
-        amount_cents=charge.amount_cents,
-        currency=charge.currency,
-        reason=body.reason,
-        idempotency_key=key,
-        charge_idempotency_key=charge_key,
-        created_at=_now(),
-        traceparent=_caller.get(),
-    )
-    charge.status = "refunded"
-    state.refunds[charge.charge_id] = refund
-    return Outcome(201, _refund_answer(refund))
+    def refund(charge: Charge) -> Refund:
+        charge.status = "refunded"
+        return Refund(
+            refund_id=_new_id("re"),
+            reason=body.reason,
+            charge_idempotency_key=body.charge_idempotency_key,
+            # Always of the whole charge: its amount, in its currency, for its order.
+            **charge.model_dump(include={"charge_id", "order_id", "amount_cents", "currency"}),
+            **_stamp(key),
+        )
+
+    return _undo(state, _REFUND, body.order_id, body.charge_idempotency_key, key, refund)
 
 
 def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome:
@@ -403,55 +481,28 @@ def _reserve(state: SandboxState, body: ReservationRequest, key: str) -> Outcome
         if sku not in state.unlimited:
             state.stock[sku] -= quantity
     reservation = Reservation(
-        reservation_id=_new_id("rs"),
-        order_id=body.order_id,
-        items=body.items,
-        status="reserved",
-        idempotency_key=key,
-        created_at=_now(),
-        traceparent=_caller.get(),
+        reservation_id=_new_id("rs"), status="reserved", **body.model_dump(), **_stamp(key)
     )
-    state.reservations[key] = reservation
-    return _created(ReservationResponse, reservation)
-
-
-def _release_answer(release: Release) -> dict[str, Any]:
-    answer = ReleaseResponse(
-        status="released", release_id=release.release_id, reservation_id=release.reservation_id
-    )
-    return _dump(answer)
+    return _recorded(state.reservations, ReservationResponse, reservation)
 
 
 def _release(state: SandboxState, body: ReleaseRequest, key: str) -> Outcome:
-    reservation_key = body.reservation_idempotency_key
-    reservation = state.reservations.get(reservation_key)
-    if reservation is None:
-        state.add_void("inventory", "reservation", body.order_id, reservation_key, key)
-        voided = ReleaseResponse(status="voided", release_id=None, reservation_id=None)
-        return Outcome(200, _dump(voided))
-    if reservation.order_id != body.order_id:
-        return _order_mismatch("reservation", reservation_key, reservation.order_id, body.order_id)
-    existing = state.releases.get(reservation.reservation_id)
-    if existing is not None:
-        return Outcome(200, _release_answer(existing))
-    for item in reservation.items:
-        if item.sku in state.unlimited:
-            continue  # nothing was taken from it, so nothing goes back
-        # .get: an admin may have replaced the stock table since; giving back is still right.
-        state.stock[item.sku] = state.stock.get(item.sku, 0) + item.quantity
-    release = Release(
-        release_id=_new_id("rl"),
-        reservation_id=reservation.reservation_id,
-        order_id=reservation.order_id,
-        items=reservation.items,
-        idempotency_key=key,
-        reservation_idempotency_key=reservation_key,
-        created_at=_now(),
-        traceparent=_caller.get(),
-    )
-    reservation.status = "released"
-    state.releases[reservation.reservation_id] = release
-    return Outcome(201, _release_answer(release))
+    def release(reservation: Reservation) -> Release:
+        for item in reservation.items:
+            if item.sku in state.unlimited:
+                continue  # nothing was taken from it, so nothing goes back
+            # .get: an admin may have replaced the stock table since; giving back is still right.
+            state.stock[item.sku] = state.stock.get(item.sku, 0) + item.quantity
+        reservation.status = "released"
+        return Release(
+            release_id=_new_id("rl"),
+            reservation_idempotency_key=body.reservation_idempotency_key,
+            # Always of the whole reservation: every item goes back.
+            **reservation.model_dump(include={"reservation_id", "order_id", "items"}),
+            **_stamp(key),
+        )
+
+    return _undo(state, _RELEASE, body.order_id, body.reservation_idempotency_key, key, release)
 
 
 def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
@@ -463,35 +514,15 @@ def _push(state: SandboxState, body: PushRequest, key: str) -> Outcome:
             f"device token {body.token!r} is no longer registered",
             token=body.token,
         )
-    push = Push(
-        push_id=_new_id("pu"),
-        token=body.token,
-        message_id=body.message_id,
-        kind=body.kind,
-        payload=body.payload,
-        idempotency_key=key,
-        created_at=_now(),
-        traceparent=_caller.get(),
-    )
-    state.pushes[key] = push
-    return _created(PushResponse, push)
+    push = Push(push_id=_new_id("pu"), **body.model_dump(), **_stamp(key))
+    return _recorded(state.pushes, PushResponse, push)
 
 
 def _send_email(state: SandboxState, body: EmailRequest, key: str) -> Outcome:
     if body.to in state.bounced:
         return _error(422, "bounced", f"address {body.to!r} bounces", to=body.to)
-    email = Email(
-        email_id=_new_id("em"),
-        to=body.to,
-        subject=body.subject,
-        body=body.body,
-        message_id=body.message_id,
-        idempotency_key=key,
-        created_at=_now(),
-        traceparent=_caller.get(),
-    )
-    state.emails[key] = email
-    return _created(EmailResponse, email)
+    email = Email(email_id=_new_id("em"), **body.model_dump(), **_stamp(key))
+    return _recorded(state.emails, EmailResponse, email)
 
 
 def _sku(state: SandboxState, sku: str) -> Outcome:
@@ -639,18 +670,30 @@ def _name_set_routes(path: str, key: str, names: Callable[[], set[str]]) -> list
         return _json({key: sorted(names())})
 
     async def add(request: Request) -> Response:
-        names().add(request.path_params["name"])
+        names().add(_name_param(request, "name"))
         return await listing(request)
 
     async def remove(request: Request) -> Response:
-        names().discard(request.path_params["name"])
+        names().discard(_name_param(request, "name"))
         return await listing(request)
 
     return [
         Route(path, listing, methods=["GET"]),
-        Route(f"{path}/{{name}}", add, methods=["PUT"]),
-        Route(f"{path}/{{name}}", remove, methods=["DELETE"]),
+        Route(f"{path}/{{name:path}}", add, methods=["PUT"]),
+        Route(f"{path}/{{name:path}}", remove, methods=["DELETE"]),
     ]
+
+
+def _name_param(request: Request, param: str) -> str:
+    """A name at the end of an admin path (``{param:path}``), "/" and all.
+
+    Names are user data: :class:`SandboxAdmin` percent-encodes them whole, so a "/" in
+    one arrives decoded in the path and must not end the match. An empty one is no name.
+    """
+    name: str = request.path_params[param]
+    if not name:
+        raise HTTPException(404)
+    return name
 
 
 def _routes(state: SandboxState) -> list[Route]:
@@ -714,7 +757,7 @@ def _routes(state: SandboxState) -> list[Route]:
         return _json(dict(state.stock))
 
     async def put_stock(request: Request) -> Response:
-        sku = request.path_params["sku"]
+        sku = _name_param(request, "sku")
         update = await _parse(request, StockUpdate)
         if isinstance(update, Outcome):
             return _send(update)
@@ -765,7 +808,7 @@ def _routes(state: SandboxState) -> list[Route]:
         Route("/admin/faults/{provider}", clear_fault, methods=["DELETE"]),
         Route("/admin/requests", request_counts, methods=["GET"]),
         Route("/admin/stock", get_stock, methods=["GET"]),
-        Route("/admin/stock/{sku}", put_stock, methods=["PUT"]),
+        Route("/admin/stock/{sku:path}", put_stock, methods=["PUT"]),
         *_name_set_routes("/admin/payments/declined", "declined", lambda: state.declined),
         *_name_set_routes("/admin/push/unregistered", "unregistered", lambda: state.unregistered),
         *_name_set_routes("/admin/email/bounced", "bounced", lambda: state.bounced),
