@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -41,13 +40,14 @@ from temporalio.client import (
     ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleSpec,
+    ScheduleUpdate,
     WorkflowExecutionStatus,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.messages.models import MessageResult
-from tollgate.messages.states import DELIVERY_SETTLED, MessageStatus
+from tollgate.messages.states import DELIVERY_SETTLED
 from tollgate.models import RetrySettings
 from tollgate.names import (
     ORDER_RECOVERY_WORKFLOW,
@@ -97,6 +97,12 @@ class ReconcileInput(BaseModel):
     repair_missing: bool = False
     #: Rows changed longer ago than this are not looked at again.
     lookback: timedelta = timedelta(days=1)
+    #: Rows at rest are looked at only if they changed within this (None: ``lookback``).
+    #: A row at rest does not move again, so a run on a schedule needs to see only what
+    #: came to rest since the run before; looking at every row of the last day at every
+    #: run made each order cost one workflow describe (and a history read) per run,
+    #: 288 a day at the default interval.
+    at_rest_lookback: timedelta | None = None
     #: A row younger than this may belong to a workflow still being started.
     grace: timedelta = timedelta(seconds=30)
 
@@ -156,13 +162,19 @@ class _Kind:
 
     name: Literal["order", "message"]
     table: str
-    at_rest: Callable[[str], bool]
+    #: The statuses a finished lifecycle leaves its row in.
+    resting: frozenset[str]
     result_type: type[Any]
 
+    def at_rest(self, status: str) -> bool:
+        return status in self.resting
 
-_ORDERS = _Kind("order", "orders", lambda s: OrderStatus(s).terminal, OrderResult)
+
+_ORDERS = _Kind(
+    "order", "orders", frozenset(s.value for s in OrderStatus if s.terminal), OrderResult
+)
 _MESSAGES = _Kind(
-    "message", "messages", lambda s: MessageStatus(s) in _MESSAGE_AT_REST, MessageResult
+    "message", "messages", frozenset(s.value for s in _MESSAGE_AT_REST), MessageResult
 )
 
 
@@ -236,9 +248,12 @@ async def reconcile(
         rows = await pool.fetch(
             f"SELECT id, status, version, workflow_id FROM {kind.table}"
             " WHERE updated_at > now() - $1::interval AND updated_at < now() - $2::interval"
+            "   AND (status <> ALL($3::text[]) OR updated_at > now() - $4::interval)"
             " ORDER BY id",
             options.lookback,
             options.grace,
+            sorted(kind.resting),
+            options.at_rest_lookback or options.lookback,
         )
         checked[kind.name] = len(rows)
         for row in rows:
@@ -322,21 +337,32 @@ async def _record(pool: asyncpg.Pool, run_id: str, findings: list[Finding]) -> N
     )
 
 
+def scheduled_input(every: timedelta) -> ReconcileInput:
+    """What each scheduled run looks at: rows still in flight (as far back as the
+    lookback), and rows that came to rest since about two runs ago, so that a run that
+    was late or failed is covered by the next one."""
+    defaults = ReconcileInput()
+    return ReconcileInput(at_rest_lookback=2 * every + defaults.grace)
+
+
 async def ensure_schedule(client: Client, *, task_queue: str, every: timedelta) -> bool:
-    """Create the reconciler's Temporal Schedule unless it exists. True if created."""
+    """Create the reconciler's Temporal Schedule, or bring an existing one up to date
+    (its interval and its runs' input, which a newer worker may have changed). True if
+    it was created."""
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RECONCILER_WORKFLOW,
+            scheduled_input(every),
+            id=f"{RECONCILE_SCHEDULE_ID}-run",
+            task_queue=task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+    )
     try:
-        await client.create_schedule(
-            RECONCILE_SCHEDULE_ID,
-            Schedule(
-                action=ScheduleActionStartWorkflow(
-                    RECONCILER_WORKFLOW,
-                    ReconcileInput(),
-                    id=f"{RECONCILE_SCHEDULE_ID}-run",
-                    task_queue=task_queue,
-                ),
-                spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
-            ),
-        )
+        await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
     except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(
+            lambda _current: ScheduleUpdate(schedule=schedule)
+        )
         return False
     return True
