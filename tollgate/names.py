@@ -10,6 +10,9 @@ entity can spell another one's derived id.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from temporalio.common import SearchAttributeKey
 
 from tollgate.ids import DERIVED_ID_SEPARATOR
@@ -86,6 +89,29 @@ def message_workflow_id(message_id: str) -> str:
 def read_sync_workflow_id(message_id: str, attempt: int) -> str:
     """The id of the n-th read-receipt sync saga of a message (a child workflow)."""
     return f"{message_workflow_id(message_id)}:read-sync:{attempt}"
+
+
+@dataclass(frozen=True)
+class LifecycleNames:
+    """What Temporal knows one lifecycle by, for the code written once over every
+    lifecycle (:mod:`tollgate.service`)."""
+
+    workflow: str
+    #: The workflow id of an entity's lifecycle, from the entity's id.
+    workflow_id: Callable[[str], str]
+    #: The query that answers the lifecycle's live progress.
+    status_query: str
+    #: The search attribute that mirrors the row's status.
+    status_attr: SearchAttributeKey[str]
+
+
+#: Orders and messages, as Temporal knows them.
+ORDER_NAMES = LifecycleNames(
+    ORDER_WORKFLOW, order_workflow_id, ORDER_STATUS_QUERY, ORDER_STATUS_ATTR
+)
+MESSAGE_NAMES = LifecycleNames(
+    MESSAGE_WORKFLOW, message_workflow_id, MESSAGE_STATUS_QUERY, MESSAGE_STATUS_ATTR
+)
 
 
 def step_key(workflow_id: str, *parts: str) -> str:

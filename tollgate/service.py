@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from opentelemetry.trace import Span
+from pydantic import BaseModel, ConfigDict
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -25,7 +27,6 @@ from temporalio.client import (
     WorkflowUpdateStage,
 )
 from temporalio.common import (
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -35,13 +36,16 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.errors import AlreadyExists
-from tollgate.gate import EntityT, Lifecycle, RowT, Store, get_row
+from tollgate.gate import AuditRow, EntityT, Lifecycle, Store, get_row
 from tollgate.ids import require_safe_id
+from tollgate.lifecycle import EntityRow, StatusT
+from tollgate.names import LifecycleNames
 from tollgate.postgres import Connection
 from tollgate.tracing import joined
 
 ProgressT = TypeVar("ProgressT")
 ResultT = TypeVar("ResultT")
+RowT = TypeVar("RowT", bound=EntityRow[Any])
 
 
 @dataclass(frozen=True)
@@ -200,24 +204,49 @@ class Stopped(Generic[RowT]):
     signalled: bool
 
 
+class StopOutcome(BaseModel, Generic[StatusT]):
+    """What a person's cancel or recall did, as the CLI and the API report it; each
+    area adds the entity's id and whether the stop was recorded, in its own words."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: The row's status after the request.
+    status: StatusT
+    #: False when nothing was recorded, or Temporal no longer knows the workflow.
+    signalled: bool
+    #: What happened, in one sentence for people.
+    message: str
+
+
 @dataclass(frozen=True)
-class LifecycleKind(Generic[EntityT, RowT, ResultT]):
+class LifecycleKind(Generic[EntityT, RowT, ResultT, ProgressT]):
     """How a service reaches one kind of lifecycle: its rows, and its workflow."""
 
     store: Store[EntityT, RowT, Any]
-    workflow: str
-    #: The workflow id of an entity's lifecycle, from the entity's id.
-    workflow_id: Callable[[str], str]
+    names: LifecycleNames
     result_type: type[ResultT]
-    #: The search attribute that mirrors the row's status.
-    status_attr: SearchAttributeKey[str]
+    #: What the workflow's status query answers.
+    progress_type: type[ProgressT]
 
 
-class LifecycleService(Generic[EntityT, RowT, ResultT]):
+class LifecycleReport(BaseModel, Generic[StatusT, ProgressT]):
+    """What every lifecycle's status report shows besides its rows: the audited
+    transitions, and the workflow as Temporal had it at ``checked_at``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transitions: list[AuditRow[StatusT]]
+    workflow_id: str
+    workflow_status: str | None
+    workflow_progress: ProgressT | None
+    checked_at: datetime
+
+
+class LifecycleService(Generic[EntityT, RowT, ResultT, ProgressT]):
     """Operations on one kind of lifecycle over one Temporal client and one Postgres
     pool. A subclass names its :class:`LifecycleKind` in ``_kind``."""
 
-    _kind: LifecycleKind[EntityT, RowT, ResultT]
+    _kind: LifecycleKind[EntityT, RowT, ResultT, ProgressT]
 
     def __init__(self, client: Client, pool: asyncpg.Pool, task_queue: str) -> None:
         self._client = client
@@ -227,7 +256,7 @@ class LifecycleService(Generic[EntityT, RowT, ResultT]):
     def handle(self, entity_id: str) -> WorkflowHandle[Any, ResultT]:
         """The workflow handle of an entity's lifecycle."""
         return self._client.get_workflow_handle(
-            self._kind.workflow_id(entity_id), result_type=self._kind.result_type
+            self._kind.names.workflow_id(entity_id), result_type=self._kind.result_type
         )
 
     async def row(self, entity_id: str) -> RowT:
@@ -289,8 +318,8 @@ class LifecycleService(Generic[EntityT, RowT, ResultT]):
     ) -> LifecycleStart[ResultT]:
         """The entity's first row (written after ``also``, in the same transaction) and
         its workflow."""
-        kind = self._kind
-        workflow_id = kind.workflow_id(entity_id)
+        kind, names = self._kind, self._kind.names
+        workflow_id = names.workflow_id(entity_id)
 
         async def insert(conn: Connection) -> None:
             # ``also`` first: a concurrent request that holds the same API key waits on
@@ -303,13 +332,13 @@ class LifecycleService(Generic[EntityT, RowT, ResultT]):
             lifecycle=kind.store.lifecycle,
             entity_id=entity_id,
             insert=insert,
-            workflow=kind.workflow,
+            workflow=names.workflow,
             arg=entity,
             workflow_id=workflow_id,
             task_queue=self._task_queue,
             result_type=kind.result_type,
             search_attributes=[
-                SearchAttributePair(kind.status_attr, kind.store.lifecycle.initial),
+                SearchAttributePair(names.status_attr, kind.store.lifecycle.initial),
                 self._search_attribute(entity),
             ],
             summary=self._summary(entity),
@@ -319,8 +348,18 @@ class LifecycleService(Generic[EntityT, RowT, ResultT]):
         """Send ``signal`` to the entity's workflow; False when Temporal no longer knows it."""
         return await signal_if_running(self.handle(entity_id), signal, arg)
 
-    async def _inspect(
-        self, entity_id: str, query: str, progress_type: type[ProgressT]
-    ) -> tuple[str | None, ProgressT | None]:
-        """The workflow's execution status, and its live progress while it runs."""
-        return await inspect_workflow(self.handle(entity_id), query, progress_type)
+    async def _history(self, row: RowT) -> dict[str, Any]:
+        """The fields of the entity's :class:`LifecycleReport`: its audit trail, and its
+        workflow's status and live progress, as they are now."""
+        kind = self._kind
+        transitions = await kind.store.audit_trail(self._pool, row.id)
+        status, progress = await inspect_workflow(
+            self.handle(row.id), kind.names.status_query, kind.progress_type
+        )
+        return {
+            "transitions": transitions,
+            "workflow_id": row.workflow_id,
+            "workflow_status": status,
+            "workflow_progress": progress,
+            "checked_at": datetime.now().astimezone(),
+        }

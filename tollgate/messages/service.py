@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
 from temporalio.client import WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
@@ -19,7 +18,6 @@ from temporalio.common import (
 
 from tollgate.codec import search_token
 from tollgate.errors import InputError, NotRunning
-from tollgate.gate import AuditRow
 from tollgate.ids import require_safe_id
 from tollgate.messages import store
 from tollgate.messages.models import (
@@ -34,15 +32,19 @@ from tollgate.messages.states import MessageStatus
 from tollgate.models import parse_input
 from tollgate.names import (
     MESSAGE_DELIVERED_SIGNAL,
+    MESSAGE_NAMES,
     MESSAGE_READ_SIGNAL,
     MESSAGE_RECALL_SIGNAL,
-    MESSAGE_STATUS_ATTR,
-    MESSAGE_STATUS_QUERY,
-    MESSAGE_WORKFLOW,
     RECIPIENT_ID_ATTR,
-    message_workflow_id,
 )
-from tollgate.service import AlsoWrite, LifecycleKind, LifecycleService, start_lifecycle
+from tollgate.service import (
+    AlsoWrite,
+    LifecycleKind,
+    LifecycleReport,
+    LifecycleService,
+    StopOutcome,
+    start_lifecycle,
+)
 from tollgate.tracing import tracer
 
 _DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|s|m|h|d)", re.ASCII)
@@ -71,40 +73,26 @@ def build_message(**fields: object) -> MessageInput:
     return parse_input(MessageInput, fields)
 
 
-class RecallOutcome(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class RecallOutcome(StopOutcome[MessageStatus]):
+    """What ``recall`` did."""
 
     message_id: str
     recalled: bool
-    status: MessageStatus
-    signalled: bool
-    message: str
 
 
-class MessageReport(BaseModel):
+class MessageReport(LifecycleReport[MessageStatus, MessageProgress]):
     """Everything ``message status`` shows."""
-
-    model_config = ConfigDict(frozen=True)
 
     message: store.MessageRow
     deliveries: list[store.DeliveryRow]
-    transitions: list[AuditRow[MessageStatus]]
-    workflow_id: str
-    workflow_status: str | None
-    workflow_progress: MessageProgress | None
-    checked_at: datetime
 
 
-MESSAGE_KIND = LifecycleKind(
-    store=store.MESSAGE_STORE,
-    workflow=MESSAGE_WORKFLOW,
-    workflow_id=message_workflow_id,
-    result_type=MessageResult,
-    status_attr=MESSAGE_STATUS_ATTR,
-)
+MESSAGE_KIND = LifecycleKind(store.MESSAGE_STORE, MESSAGE_NAMES, MessageResult, MessageProgress)
 
 
-class MessageService(LifecycleService[MessageInput, store.MessageRow, MessageResult]):
+class MessageService(
+    LifecycleService[MessageInput, store.MessageRow, MessageResult, MessageProgress]
+):
     """Message and device operations over one Temporal client and one Postgres pool."""
 
     _kind = MESSAGE_KIND
@@ -216,16 +204,8 @@ class MessageService(LifecycleService[MessageInput, store.MessageRow, MessageRes
         )
 
     async def report(self, message_id: str) -> MessageReport:
+        """The row, its per-device deliveries, its audited transitions, and the
+        workflow's status and live progress."""
         row = await self.row(message_id)
-        workflow_status, progress = await self._inspect(
-            message_id, MESSAGE_STATUS_QUERY, MessageProgress
-        )
-        return MessageReport(
-            message=row,
-            deliveries=await store.deliveries(self._pool, message_id),
-            transitions=await store.list_transitions(self._pool, message_id),
-            workflow_id=row.workflow_id,
-            workflow_status=workflow_status,
-            workflow_progress=progress,
-            checked_at=datetime.now().astimezone(),
-        )
+        deliveries = await store.deliveries(self._pool, message_id)
+        return MessageReport(message=row, deliveries=deliveries, **await self._history(row))

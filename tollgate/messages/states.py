@@ -7,10 +7,11 @@ proves the two are the same graph.
 from __future__ import annotations
 
 import itertools
-from enum import StrEnum
+
+from tollgate.lifecycle import LifecycleStatus
 
 
-class MessageStatus(StrEnum):
+class MessageStatus(LifecycleStatus):
     """Every state a message row can be in (``schema/002_messages.sql``)."""
 
     INITIATED = "INITIATED"
@@ -24,11 +25,6 @@ class MessageStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
     @property
-    def terminal(self) -> bool:
-        """True for states a message never leaves."""
-        return self in MESSAGE_TERMINAL
-
-    @property
     def settled(self) -> bool:
         """True where a message rests once its workflow is done (READ, or terminal)."""
         return self is MessageStatus.READ or self.terminal
@@ -36,7 +32,8 @@ class MessageStatus(StrEnum):
 
 M = MessageStatus
 
-MESSAGE_TERMINAL: frozenset[MessageStatus] = frozenset({M.FAILED, M.CANCELLED})
+#: The states a message never leaves.
+MESSAGE_TERMINAL = M.declare_terminal(M.FAILED, M.CANCELLED)
 
 _RECALLABLE = (M.INITIATED, M.STORED, M.DISPATCHED, M.DELIVERED, M.FALLBACK_EMAIL, M.EMAILED)
 

@@ -23,8 +23,9 @@ from tollgate.errors import (
     MessageRecalled,
 )
 from tollgate.gate import Lifecycle
+from tollgate.lifecycle import EntityRow, entity_columns
 from tollgate.messages.models import Device, MessageInput
-from tollgate.messages.states import MessageStatus
+from tollgate.messages.states import MESSAGE_TERMINAL, MessageStatus
 from tollgate.postgres import Executor
 
 #: Active devices a user may have; the ``devices_cap`` trigger (schema/005) enforces it.
@@ -43,7 +44,7 @@ MESSAGES = Lifecycle(
     stopped=frozenset({MessageStatus.CANCELLED}),
     stop_status=MessageStatus.CANCELLED,
     # read, or over (FAILED, CANCELLED): a recall changes nothing there
-    stop_refused=frozenset({MessageStatus.READ, MessageStatus.FAILED, MessageStatus.CANCELLED}),
+    stop_refused=frozenset({MessageStatus.READ, *MESSAGE_TERMINAL}),
     stop_columns=lambda reason: {"failure_reason": f"recalled: {reason}"},
     identity=(
         "sender_id",
@@ -63,24 +64,14 @@ class _Row(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class MessageRow(_Row):
-    id: str
+class MessageRow(EntityRow[MessageStatus]):
+    """A message as Postgres holds it."""
+
     sender_id: str
     recipient_id: str
     recipient_email: str
     body: str
     deadline_ms: int
-    workflow_id: str
-    status: MessageStatus
-    version: int
-    last_transition_id: str | None
-    failure_reason: str | None
-    created_at: datetime
-    updated_at: datetime
-    #: The API client that sent it; None for messages the CLI sent.
-    client_id: str | None = None
-    #: W3C traceparent of the span that created the message: its lifecycle's trace.
-    trace_parent: str | None = None
 
 
 class DeviceRow(_Row):
@@ -115,14 +106,12 @@ class DeliveryRow(_Row):
 
 def _columns(message: MessageInput, workflow_id: str) -> dict[str, object]:
     return {
-        "id": message.message_id,
+        **entity_columns(message.message_id, workflow_id, message.client_id),
         "sender_id": message.sender_id,
         "recipient_id": message.recipient_id,
         "recipient_email": message.recipient_email,
         "body": message.body,
         "deadline_ms": int(message.deadline.total_seconds() * 1000),
-        "workflow_id": workflow_id,
-        "client_id": message.client_id,
     }
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import re
 from contextlib import AbstractContextManager
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 from opentelemetry.trace import Span
-from pydantic import BaseModel, ConfigDict
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateHandle
 from temporalio.common import (
     SearchAttributePair,
@@ -23,17 +21,8 @@ from temporalio.common import (
 
 from tollgate.codec import search_token
 from tollgate.errors import InputError, ProviderError
-from tollgate.gate import AuditRow
 from tollgate.models import parse_input
-from tollgate.names import (
-    CUSTOMER_ID_ATTR,
-    ORDER_CANCEL_SIGNAL,
-    ORDER_CHARGED_UPDATE,
-    ORDER_STATUS_ATTR,
-    ORDER_STATUS_QUERY,
-    ORDER_WORKFLOW,
-    order_workflow_id,
-)
+from tollgate.names import CUSTOMER_ID_ATTR, ORDER_CANCEL_SIGNAL, ORDER_CHARGED_UPDATE, ORDER_NAMES
 from tollgate.orders import store
 from tollgate.orders.models import (
     MAX_AMOUNT_CENTS,
@@ -48,8 +37,10 @@ from tollgate.providers.inventory import Inventory
 from tollgate.service import (
     AlsoWrite,
     LifecycleKind,
+    LifecycleReport,
     LifecycleService,
     LifecycleStart,
+    StopOutcome,
     start_lifecycle,
     start_lifecycle_with_update,
 )
@@ -88,42 +79,24 @@ def build_order(**fields: object) -> OrderInput:
     return parse_input(OrderInput, fields)
 
 
-class CancelOutcome(BaseModel):
+class CancelOutcome(StopOutcome[OrderStatus]):
     """What ``cancel`` did."""
-
-    model_config = ConfigDict(frozen=True)
 
     order_id: str
     recorded: bool
-    status: OrderStatus
     version: int
-    signalled: bool
-    message: str
 
 
-class OrderReport(BaseModel):
+class OrderReport(LifecycleReport[OrderStatus, OrderProgress]):
     """Everything ``order status`` shows: the row, its audit trail, the workflow."""
 
-    model_config = ConfigDict(frozen=True)
-
     order: store.OrderRow
-    transitions: list[AuditRow[OrderStatus]]
-    workflow_id: str
-    workflow_status: str | None
-    workflow_progress: OrderProgress | None
-    checked_at: datetime
 
 
-ORDER_KIND = LifecycleKind(
-    store=store.ORDER_STORE,
-    workflow=ORDER_WORKFLOW,
-    workflow_id=order_workflow_id,
-    result_type=OrderResult,
-    status_attr=ORDER_STATUS_ATTR,
-)
+ORDER_KIND = LifecycleKind(store.ORDER_STORE, ORDER_NAMES, OrderResult, OrderProgress)
 
 
-class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult]):
+class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult, OrderProgress]):
     """Order operations over one Temporal client and one Postgres pool."""
 
     _kind = ORDER_KIND
@@ -240,13 +213,4 @@ class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult]):
     async def report(self, order_id: str) -> OrderReport:
         """The row, its audited transitions, and the workflow's status and live progress."""
         row = await self.row(order_id)
-        transitions = await store.list_transitions(self._pool, order_id)
-        workflow_status, progress = await self._inspect(order_id, ORDER_STATUS_QUERY, OrderProgress)
-        return OrderReport(
-            order=row,
-            transitions=transitions,
-            workflow_id=row.workflow_id,
-            workflow_status=workflow_status,
-            workflow_progress=progress,
-            checked_at=datetime.now().astimezone(),
-        )
+        return OrderReport(order=row, **await self._history(row))

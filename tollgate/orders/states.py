@@ -8,10 +8,11 @@ two are the same graph, so an edge is always added in SQL first and here second.
 from __future__ import annotations
 
 import itertools
-from enum import StrEnum
+
+from tollgate.lifecycle import LifecycleStatus
 
 
-class OrderStatus(StrEnum):
+class OrderStatus(LifecycleStatus):
     """Every state an order row can be in."""
 
     PENDING = "PENDING"
@@ -25,11 +26,6 @@ class OrderStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
     @property
-    def terminal(self) -> bool:
-        """True for states an order never leaves."""
-        return self in ORDER_TERMINAL
-
-    @property
     def cancelling(self) -> bool:
         """True once a cancellation is recorded: the order can only end CANCELLED."""
         return self in (OrderStatus.CANCELLING, OrderStatus.CANCELLED)
@@ -37,7 +33,8 @@ class OrderStatus(StrEnum):
 
 S = OrderStatus
 
-ORDER_TERMINAL: frozenset[OrderStatus] = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+#: The states an order never leaves.
+ORDER_TERMINAL = S.declare_terminal(S.COMPLETED, S.FAILED, S.CANCELLED)
 
 _PIPELINE = (S.PENDING, S.VALIDATING, S.CHARGING, S.RESERVING, S.COMPLETED)
 

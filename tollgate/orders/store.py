@@ -7,13 +7,10 @@ never Temporal types: activities map rows to those.
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from pydantic import BaseModel, ConfigDict
-
 from tollgate import gate
 from tollgate.errors import OrderCancelled, OrderNotFound
 from tollgate.gate import Lifecycle
+from tollgate.lifecycle import EntityRow, entity_columns
 from tollgate.orders.models import OrderInput, OrderItem
 from tollgate.orders.states import ORDER_TERMINAL, OrderStatus
 
@@ -34,39 +31,23 @@ ORDERS = Lifecycle(
 )
 
 
-class OrderRow(BaseModel):
+class OrderRow(EntityRow[OrderStatus]):
     """An order as Postgres holds it."""
 
-    model_config = ConfigDict(frozen=True)
-
-    id: str
     customer_id: str
     items: list[OrderItem]
     amount_cents: int
     currency: str
-    workflow_id: str
-    status: OrderStatus
-    version: int
-    last_transition_id: str | None
-    failure_reason: str | None
     cancel_reason: str | None
-    created_at: datetime
-    updated_at: datetime
-    #: The API client that owns the order; None for orders the CLI created.
-    client_id: str | None = None
-    #: W3C traceparent of the span that created the order: its lifecycle's trace.
-    trace_parent: str | None = None
 
 
 def _columns(order: OrderInput, workflow_id: str) -> dict[str, object]:
     return {
-        "id": order.order_id,
+        **entity_columns(order.order_id, workflow_id, order.client_id),
         "customer_id": order.customer_id,
         "items": [i.model_dump() for i in order.items],
         "amount_cents": order.amount_cents,
         "currency": order.currency,
-        "workflow_id": workflow_id,
-        "client_id": order.client_id,
     }
 
 
