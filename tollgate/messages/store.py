@@ -37,10 +37,7 @@ _FACT_COLUMNS = {"delivered": "delivered_at", "read": "read_at", "receipt": "rec
 
 MESSAGES = Lifecycle(
     kind="message",
-    table="messages",
     initial=MessageStatus.INITIATED,
-    audit_table="message_transitions",
-    audit_key="message_id",
     stopped=frozenset({MessageStatus.CANCELLED}),
     stop_status=MessageStatus.CANCELLED,
     # read, or over (FAILED, CANCELLED): a recall changes nothing there

@@ -16,10 +16,7 @@ from tollgate.orders.states import ORDER_TERMINAL, OrderStatus
 
 ORDERS = Lifecycle(
     kind="order",
-    table="orders",
     initial=OrderStatus.PENDING,
-    audit_table="order_transitions",
-    audit_key="order_id",
     stopped=frozenset({OrderStatus.CANCELLING, OrderStatus.CANCELLED}),
     stop_status=OrderStatus.CANCELLING,
     # recorded already (CANCELLING, CANCELLED), or over (COMPLETED, FAILED)
