@@ -267,13 +267,15 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         status: StatusT,
         retry: RetrySettings,
         *,
+        step: StrEnum,
         from_postgres: StopT,
         from_temporal: StopT,
     ) -> None:
         self._id = workflow.info().workflow_id
         self._status: StatusT = status
         self._version = 0
-        self._step: str = "starting"
+        #: What the lifecycle is doing, from the workflow's own ``Step`` enum.
+        self._step: StrEnum = step
         self._retry = retry
         self._step_retry = step_retry(retry)
         self._until_done_retry = until_done_retry(retry)

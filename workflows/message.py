@@ -62,6 +62,7 @@ M = MessageStatus
 class Step(StrEnum):
     """What the delivery is doing, as the ``status`` query reports it."""
 
+    STARTING = "starting"
     DISPATCHING = "dispatching"
     PUSHING = "pushing"
     AWAITING_DELIVERY = "awaiting delivery"
@@ -124,6 +125,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         self._init_lifecycle(
             M.INITIATED,
             message.retry,
+            step=Step.STARTING,
             from_postgres=_POSTGRES_RECALL,
             from_temporal=_TEMPORAL_RECALL,
         )

@@ -63,6 +63,7 @@ _BEFORE_CHARGED = frozenset({S.PENDING, S.VALIDATING, S.CHARGING})
 class Step(StrEnum):
     """What the checkout is doing, as the ``status`` query reports it."""
 
+    STARTING = "starting"
     VALIDATING = "validating"
     CHARGING = "charging"
     RESERVING = "reserving"
@@ -120,7 +121,11 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
     def __init__(self, order: OrderInput) -> None:
         self._order = order
         self._init_lifecycle(
-            S.PENDING, order.retry, from_postgres=_POSTGRES_CANCEL, from_temporal=_TEMPORAL_CANCEL
+            S.PENDING,
+            order.retry,
+            step=Step.STARTING,
+            from_postgres=_POSTGRES_CANCEL,
+            from_temporal=_TEMPORAL_CANCEL,
         )
         #: Compensations, registered before their step runs; run last-in first-out.
         self._undo: list[Undo] = []
