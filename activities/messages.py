@@ -11,8 +11,8 @@ from tollgate.messages.models import (
     DevicesResult,
     MessageInput,
     MessageSnapshot,
-    MessageTransitionInput,
     RecallMessageInput,
+    TransitionInput,
 )
 from tollgate.messages.states import MessageStatus
 from tollgate.messages.store import MESSAGES
@@ -35,7 +35,7 @@ class MessageStoreActivities(LifecycleStoreActivities[MessageInput, MessageSnaps
         return await self._record(message)
 
     @defn("transition_message")
-    async def transition_message(self, req: MessageTransitionInput) -> TransitionResult:
+    async def transition_message(self, req: TransitionInput) -> TransitionResult:
         """Apply one version-checked transition to a message row."""
         return await self._move(req.message_id, req)
 

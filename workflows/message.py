@@ -37,11 +37,11 @@ with workflow.unsafe.imports_passed_through():
         MessageInput,
         MessageProgress,
         MessageResult,
-        MessageTransitionInput,
         PushInput,
         ReadSyncInput,
         RecallMessageInput,
         RecallRequest,
+        TransitionInput,
     )
     from tollgate.messages.states import MessageStatus
     from tollgate.names import (
@@ -530,8 +530,8 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
     def _next_reader(self) -> str | None:
         return self._reads[0] if self._reads else None
 
-    def transition_input(self, **fields: Any) -> MessageTransitionInput:
-        return MessageTransitionInput(message_id=self._msg.message_id, **fields)
+    def transition_input(self, **fields: Any) -> TransitionInput:
+        return TransitionInput(message_id=self._msg.message_id, **fields)
 
     def _result(self) -> MessageResult:
         return MessageResult(

@@ -23,10 +23,10 @@ with workflow.unsafe.imports_passed_through():
     from tollgate.messages.models import (
         ClearReadInput,
         DeviceFactInput,
-        MessageTransitionInput,
         PushInput,
         ReadSyncInput,
         ReadSyncResult,
+        TransitionInput,
     )
     from tollgate.messages.states import MessageStatus
     from tollgate.names import READ_SYNC_WORKFLOW, step_key, transition_id
@@ -48,7 +48,7 @@ class ReadReceiptSyncWorkflow:
         async def move(to: MessageStatus, version: int, reason: str) -> int:
             result = await workflow.execute_activity_method(
                 MessageStoreActivities.transition_message,
-                MessageTransitionInput(
+                TransitionInput(
                     message_id=inp.message_id,
                     expected_version=version,
                     to_status=to,

@@ -140,7 +140,7 @@ class MessageSnapshot(Model):
     version: int
 
 
-class MessageTransitionInput(TransitionRequest[MessageStatus]):
+class TransitionInput(TransitionRequest[MessageStatus]):
     message_id: str
 
 
