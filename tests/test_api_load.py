@@ -29,6 +29,7 @@ async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry
                 api=caller,
                 orders=h.service,
                 messages=h.messages,
+                pool=h.pool,
                 count=6,
                 rate=50.0,
                 concurrency=10,
@@ -56,3 +57,27 @@ async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry
     assert summary.admitted_request_p95_ms < summary.admission_p95_ms
     assert summary.lifecycle_p50_ms is not None and summary.lifecycle_p95_ms is not None
     assert summary.lifecycle_p50_ms >= summary.admission_p50_ms
+
+
+async def test_messages_through_the_api_reach_devices_that_confirm_them(h: Harness) -> None:
+    """A message load measures delivery to devices, not the email fallback."""
+    async with serve_api(h) as api:
+        caller = ApiCaller(api.url, api.key)
+        try:
+            summary = await run_api_load(
+                "messages",
+                api=caller,
+                orders=h.service,
+                messages=h.messages,
+                pool=h.pool,
+                count=4,
+                rate=20.0,
+                concurrency=4,
+                max_wait=30.0,
+            )
+        finally:
+            await caller.aclose()
+    assert summary.admitted == 4 and summary.server_errors_5xx == 0, summary
+    assert summary.statuses == {"DELIVERED": 4}, summary
+    ledger = await h.sandbox.ledger()
+    assert not [e for e in ledger.emails if "api-load-" in e.to], "no message fell back"

@@ -164,6 +164,7 @@ async def _load_via_api(
                 api=api,
                 orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
                 messages=MessageService(client, pool, settings.task_queue),
+                pool=pool,
                 count=count,
                 rate=rate,
                 concurrency=concurrency,

@@ -52,7 +52,7 @@ from tollgate_dev.sandbox.models import UNLIMITED_SKU
 EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "DELIVERED"}
 
 #: Recipients a message load spreads over (each holds two devices).
-_RECIPIENTS = 20
+RECIPIENTS = 20
 
 #: Backoffs of a load run: nothing should fail, but if something does, a lifecycle
 #: recovers in seconds, not minutes.
@@ -179,7 +179,7 @@ async def run_load(
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
             recipients = await register_recipients(
-                messages, f"load-{run_id}", min(_RECIPIENTS, count)
+                messages, f"load-{run_id}", min(RECIPIENTS, count)
             )
             stack.push_async_callback(retire_recipients, messages, recipients)
             await stack.enter_async_context(player)

@@ -12,23 +12,30 @@ system's); then it is given up.
 Reported: what was offered and admitted, every refusal (by problem type), 5xx answers,
 the admission latency (request offered to 202, retries included) and, through Temporal,
 how each admitted lifecycle ended and how long that took.
+
+Messages go to recipients registered for the run with two devices each, and a
+:class:`~tollgate_dev.devices.DevicePlayer` confirms each push as a phone would, as in
+the direct load: the run measures delivery, not the email fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
 from typing import Literal
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.api_client import ApiCaller, ApiGaveUp
-from tollgate_dev.load import percentile
+from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
+from tollgate_dev.load import RECIPIENTS, percentile
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 
@@ -66,12 +73,20 @@ class ApiLoadSummary(BaseModel):
     lifecycle_p95_ms: float | None
 
 
+def _consumed(settled: asyncio.Future[str]) -> None:
+    """Take a watch's outcome (the workflow's result reports it): an error the player
+    met is then not reported again as never retrieved."""
+    if not settled.cancelled():
+        settled.exception()
+
+
 async def run_api_load(
     kind: Literal["orders", "messages"],
     *,
     api: ApiCaller,
     orders: OrderService,
     messages: MessageService,
+    pool: asyncpg.Pool,
     count: int,
     rate: float,
     concurrency: int,
@@ -81,6 +96,8 @@ async def run_api_load(
     """Offer ``count`` creates at ``rate`` per second through the API; wait for each
     admitted lifecycle to end."""
     run_id = uuid.uuid4().hex[:8]
+    recipients: list[str] = []
+    player = DevicePlayer(pool, messages)
     in_flight = asyncio.Semaphore(concurrency)
     admission: list[float] = []
     last_attempt: list[float] = []
@@ -109,13 +126,15 @@ async def run_api_load(
                         deadline=left,
                     )
                 else:
+                    recipient = recipients[n % len(recipients)]
                     response = await api.send_message(
                         {
                             "sender_id": "load",
-                            "recipient_id": f"load-recipient-{n % 50}",
-                            "recipient_email": f"load-recipient-{n % 50}@example.com",
+                            "recipient_id": recipient,
+                            "recipient_email": f"{recipient}@example.com",
                             "body": f"load message {run_id} {n}",
-                            "deadline_seconds": 1,
+                            # devices confirm well before it falls back to email
+                            "deadline_seconds": 10,
                             "read_window_seconds": 1,
                         },
                         deadline=left,
@@ -130,6 +149,10 @@ async def run_api_load(
         admission.append((time.monotonic() - offered) * 1000)
         last_attempt.append(response.elapsed.total_seconds() * 1000)
         entity_id = response.json()["id"]
+        if kind == "messages":
+            # Watched once the API named it: the push it waits for is a row, not an
+            # event. What the delivery settled in is read from the workflow below.
+            player.settled(entity_id).add_done_callback(_consumed)
         try:
             if kind == "orders":
                 status = (await orders.handle(entity_id).result()).status.value
@@ -143,7 +166,14 @@ async def run_api_load(
 
     if console is not None:
         console.print(f"load {kind} via the API: {count} at {rate:g}/s", highlight=False)
-    await asyncio.gather(*(one(n) for n in range(count)))
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "messages":
+            recipients = await register_recipients(
+                messages, f"api-load-{run_id}", min(RECIPIENTS, count)
+            )
+            stack.push_async_callback(retire_recipients, messages, recipients)
+            await stack.enter_async_context(player)
+        await asyncio.gather(*(one(n) for n in range(count)))
     seconds = time.monotonic() - began
     answers = api.answers
     return ApiLoadSummary(
