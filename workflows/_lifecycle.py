@@ -206,9 +206,6 @@ async def run_activity(
 #: folded a lifecycle's record into its first transition. Histories recorded before it
 #: replay the old way: regular activities, record and first move apart.
 LOCAL_STORE_PATCH = "local-store-activities"
-#: Patch that made a lifecycle's read-only provider checks (an order's validation) local
-#: activities. Histories recorded before it replay them as regular activities.
-LOCAL_CHECK_PATCH = "local-checks"
 
 
 class StepFailed(Exception):
@@ -309,24 +306,6 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
             return await self.activity(method, arg, retry=policy)
         return await workflow.execute_local_activity_method(
             method, arg, start_to_close_timeout=self._retry.activity_timeout, retry_policy=policy
-        )
-
-    async def check(self, method: ActivityMethod[ArgT, ResultT], arg: ArgT) -> ResultT:
-        """A read-only provider call of a few milliseconds (a validation), with a forward
-        step's retries.
-
-        Local, like the store's writes: it changes nothing at the provider, so running it
-        again after a worker died is harmless, and it saves the round trip through the
-        Temporal server that a regular activity costs. Histories recorded before
-        :data:`LOCAL_CHECK_PATCH` replay it as a regular activity.
-        """
-        if not workflow.patched(LOCAL_CHECK_PATCH):
-            return await self.activity(method, arg)
-        return await workflow.execute_local_activity_method(
-            method,
-            arg,
-            start_to_close_timeout=self._retry.activity_timeout,
-            retry_policy=self._step_retry,
         )
 
     async def run_lifecycle(

@@ -155,7 +155,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         if self._status is not S.VALIDATING:
             await self.move(S.VALIDATING)
         self._step = Step.VALIDATING
-        problems = (await self.check(InventoryActivities.validate, o)).problems
+        problems = (await self.activity(InventoryActivities.validate, o)).problems
         if problems:
             raise StepFailed("invalid order: " + "; ".join(problems))
 

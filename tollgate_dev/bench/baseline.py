@@ -35,11 +35,10 @@ PROVIDER_CALL_ACTIVITIES = 3
 MESSAGE_ACTIVITIES = 7
 
 #: What Tollgate's lifecycles run today (workflows/order.py, workflows/message.py):
-#: the provider calls that change something are regular activities; the gate's reads
-#: and writes, and an order's read-only validation, local ones. An order: begin
-#: (record + VALIDATING), validate, CHARGING, charge, RESERVING, reserve, COMPLETED.
-#: tests/test_round_trips.py checks an order's history has this shape.
-ORDER_STEPS = (2, 5)
+#: the provider calls are regular activities, the gate's reads and writes local ones.
+#: An order: begin (record + VALIDATING), validate, CHARGING, charge, RESERVING,
+#: reserve, COMPLETED. tests/test_round_trips.py checks an order's history has it.
+ORDER_STEPS = (3, 4)
 #: A message to 2 devices: begin (record + STORED), recipient_devices, DISPATCHED,
 #: push_to_devices, then after the confirmation record_device_fact and DELIVERED.
 MESSAGE_STEPS = (1, 5)
