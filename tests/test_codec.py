@@ -53,7 +53,7 @@ from tollgate.orders.service import OrderService
 from tollgate.orders.states import OrderStatus
 from tollgate.providers.client import build_http_client
 from tollgate.settings import Settings
-from tollgate.temporal import connect, data_converter
+from tollgate.temporal import PLAIN_CONVERTER, connect, data_converter
 from tollgate.worker import WORKFLOWS, build_worker
 from tollgate_dev.stack import (
     LocalStack,
@@ -194,7 +194,7 @@ async def test_data_converter_fails_closed_without_a_key(tmp_path: Path) -> None
     assert "PAYLOAD_ENCRYPTION=off" in str(refused.value)
     assert str(tmp_path / "payload.key") in str(refused.value), "it says where it looked"
     opted_out = data_converter(_settings(tmp_path, payload_encryption="off"))
-    assert opted_out is pydantic_data_converter, "plaintext only by an explicit opt-out"
+    assert opted_out is PLAIN_CONVERTER, "plaintext only by an explicit opt-out"
 
 
 def test_key_path_follows_the_state_directory(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ from temporalio.client import (
     Client,
 )
 from temporalio.contrib.opentelemetry import OpenTelemetryInterceptor, OpenTelemetryPlugin
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.converter import (
+    CompositePayloadConverter,
     DataConverter,
     DefaultFailureConverterWithEncodedAttributes,
     PayloadConverter,
@@ -33,6 +34,29 @@ from tollgate.names import MESSAGE_DELIVERED_SIGNAL, MESSAGE_READ_SIGNAL, entity
 from tollgate.settings import Settings
 from tollgate.telemetry import ACTIVITY_STARTING, remember_trace
 from tollgate.tracing import current_trace_id
+
+#: The SDK's pydantic payload converters, built once for the process.
+_PYDANTIC_CONVERTERS = tuple(PydanticPayloadConverter().converters.values())
+
+
+class SharedPydanticPayloadConverter(CompositePayloadConverter):
+    """The SDK's pydantic payload converter, sharing one set of component converters,
+    and so one cache of pydantic ``TypeAdapter``s, across the process.
+
+    The SDK makes a payload converter from its class again for every workflow activation
+    and every workflow it runs. The SDK's pydantic converter starts each with an empty
+    adapter cache, so an order's workflow tasks built the adapters of ``OrderInput``,
+    ``TransitionInput`` and the rest over and over: on a bare workflow shaped like an
+    order (5 local and 2 regular activities), that cost more than the payloads' whole
+    encoding, about 8 ms of worker CPU per run. Same wire format: JSON, as before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(*_PYDANTIC_CONVERTERS)
+
+
+#: Plain payloads in pydantic's JSON, as ``temporalio.contrib.pydantic`` writes them.
+PLAIN_CONVERTER = DataConverter(payload_converter_class=SharedPydanticPayloadConverter)
 
 
 def data_converter(settings: Settings) -> DataConverter:
@@ -50,14 +74,14 @@ def data_converter(settings: Settings) -> DataConverter:
         raise ConfigError(str(exc)) from None
     if codec is None:
         if settings.payload_encryption == "off":
-            return pydantic_data_converter
+            return PLAIN_CONVERTER
         raise ConfigError(
             "no payload key: set PAYLOAD_ENCRYPTION_KEY, or PAYLOAD_KEY_FILE to the key file "
             f"(looked for {settings.payload_key_path}; the local stack writes "
             "<STATE_DIR>/payload.key), or PAYLOAD_ENCRYPTION=off to send payloads in clear"
         )
     return dataclasses.replace(
-        pydantic_data_converter,
+        PLAIN_CONVERTER,
         payload_codec=codec,
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
