@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
-from tests.api_support import serve_api
+from tests.api_support import ServedApi, serve_api
 from tests.conftest import Harness
 from tollgate_dev.api_client import ApiCaller
-from tollgate_dev.load_api import run_api_load
+from tollgate_dev.load_api import ApiLoadSummary, run_api_load
 
 pytestmark = pytest.mark.e2e
+
+
+async def _load(
+    h: Harness,
+    api: ServedApi,
+    kind: Literal["orders", "messages"],
+    *,
+    count: int,
+    rate: float,
+    concurrency: int,
+) -> ApiLoadSummary:
+    """``load <kind> --via api`` against the served API, waiting up to 30 s a request."""
+    caller = ApiCaller(api.url, api.key)
+    try:
+        return await run_api_load(
+            kind,
+            api=caller,
+            orders=h.service,
+            messages=h.messages,
+            pool=h.pool,
+            count=count,
+            rate=rate,
+            concurrency=concurrency,
+            max_wait=30.0,
+        )
+    finally:
+        await caller.aclose()
 
 
 async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry_after(
@@ -22,21 +51,9 @@ async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry
     for sku in finite:
         await h.sandbox.set_stock(sku, 0)
     async with serve_api(h, api_client_rate=3.0, api_client_burst=2) as api:
-        caller = ApiCaller(api.url, api.key)
         try:
-            summary = await run_api_load(
-                "orders",
-                api=caller,
-                orders=h.service,
-                messages=h.messages,
-                pool=h.pool,
-                count=6,
-                rate=50.0,
-                concurrency=10,
-                max_wait=30.0,
-            )
+            summary = await _load(h, api, "orders", count=6, rate=50.0, concurrency=10)
         finally:
-            await caller.aclose()
             for sku, quantity in finite.items():
                 await h.sandbox.set_stock(sku, quantity)
     assert summary.admitted == 6 and summary.gave_up == 0, summary
@@ -62,21 +79,7 @@ async def test_a_load_over_the_clients_rate_is_refused_then_admitted_after_retry
 async def test_messages_through_the_api_reach_devices_that_confirm_them(h: Harness) -> None:
     """A message load measures delivery to devices, not the email fallback."""
     async with serve_api(h) as api:
-        caller = ApiCaller(api.url, api.key)
-        try:
-            summary = await run_api_load(
-                "messages",
-                api=caller,
-                orders=h.service,
-                messages=h.messages,
-                pool=h.pool,
-                count=4,
-                rate=20.0,
-                concurrency=4,
-                max_wait=30.0,
-            )
-        finally:
-            await caller.aclose()
+        summary = await _load(h, api, "messages", count=4, rate=20.0, concurrency=4)
     assert summary.admitted == 4 and summary.server_errors_5xx == 0, summary
     assert summary.statuses == {"DELIVERED": 4}, summary
     ledger = await h.sandbox.ledger()

@@ -52,7 +52,7 @@ from tollgate_dev.sandbox.models import UNLIMITED_SKU
 EXPECTED_END: dict[str, str] = {"orders": "COMPLETED", "messages": "DELIVERED"}
 
 #: Recipients a message load spreads over (each holds two devices).
-RECIPIENTS = 20
+_RECIPIENTS = 20
 
 #: Backoffs of a load run: nothing should fail, but if something does, a lifecycle
 #: recovers in seconds, not minutes.
@@ -95,6 +95,21 @@ def load_order(order_id: str, n: int, *, customers: str) -> OrderInput:
         amount_cents=100 + n % 900,
         retry=LOAD_RETRY,
     )
+
+
+async def recipients_for(
+    stack: contextlib.AsyncExitStack,
+    messages: MessageService,
+    player: DevicePlayer,
+    prefix: str,
+    count: int,
+) -> list[str]:
+    """Recipients for a message load of ``count``, two devices each, whose pushes
+    ``player`` confirms; retired, and the player stopped, when ``stack`` closes."""
+    recipients = await register_recipients(messages, prefix, min(_RECIPIENTS, count))
+    stack.push_async_callback(retire_recipients, messages, recipients)
+    await stack.enter_async_context(player)
+    return recipients
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -178,11 +193,7 @@ async def run_load(
 
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
-            recipients = await register_recipients(
-                messages, f"load-{run_id}", min(RECIPIENTS, count)
-            )
-            stack.push_async_callback(retire_recipients, messages, recipients)
-            await stack.enter_async_context(player)
+            recipients = await recipients_for(stack, messages, player, f"load-{run_id}", count)
         began = time.monotonic()
         with Progress(
             TextColumn(f"load {kind}"),

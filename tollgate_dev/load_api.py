@@ -34,8 +34,8 @@ from rich.console import Console
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.api_client import ApiCaller, ApiGaveUp
-from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
-from tollgate_dev.load import RECIPIENTS, percentile
+from tollgate_dev.devices import DevicePlayer
+from tollgate_dev.load import percentile, recipients_for
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 
@@ -168,11 +168,7 @@ async def run_api_load(
         console.print(f"load {kind} via the API: {count} at {rate:g}/s", highlight=False)
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
-            recipients = await register_recipients(
-                messages, f"api-load-{run_id}", min(RECIPIENTS, count)
-            )
-            stack.push_async_callback(retire_recipients, messages, recipients)
-            await stack.enter_async_context(player)
+            recipients = await recipients_for(stack, messages, player, f"api-load-{run_id}", count)
         await asyncio.gather(*(one(n) for n in range(count)))
     seconds = time.monotonic() - began
     answers = api.answers
