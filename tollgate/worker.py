@@ -7,7 +7,7 @@ import compileall
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
 from activities.reconcile import ReconcileActivities
-from tollgate import postgres
+from tollgate import eventloop, postgres
 from tollgate.errors import ConfigError
 from tollgate.migrate import apply_migrations
 from tollgate.ops.reconcile import ensure_schedule
@@ -208,22 +208,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         await pool.close()
 
 
-def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop where it is installed (not on Windows), else on asyncio.
-
-    A worker spends much of its CPU in the event loop itself (polling, callbacks,
-    futures); uvloop's loop cut the worker's CPU per order by about a fifth here
-    (``make bench``, "CPU per run"). Workflow code is unaffected: the SDK runs it on a
-    deterministic loop of its own.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def main() -> None:
     """Entry point of ``python worker.py``."""
     settings = Settings()
@@ -239,7 +223,7 @@ def main() -> None:
         await run(settings, stop)
 
     try:
-        _run_event_loop(_main())
+        eventloop.run(_main())
     except ConfigError as exc:
         # One line naming the setting: a worker without its key must not start at all.
         _log.error("worker refused to start: %s", exc)

@@ -11,14 +11,13 @@ template, status, duration, client), never uvicorn's, which would print query st
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import uvicorn
 
-from tollgate import postgres
+from tollgate import eventloop, postgres
 from tollgate.api.app import ApiDeps, create_app
 from tollgate.api.metrics import ApiMetrics
 from tollgate.api.signatures import load_webhook_secrets
@@ -101,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings)
     provider = configure_tracing(settings, "api")
     try:
-        asyncio.run(serve(settings, args.host, args.port))
+        eventloop.run(serve(settings, args.host, args.port))
     except ConfigError as exc:
         _log.error("api refused to start: %s", exc)
         raise SystemExit(2) from None
