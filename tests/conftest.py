@@ -233,13 +233,18 @@ class Harness:
     def process_env(self, task_queue: str | None = None, **extra: str) -> dict[str, str]:
         """The environment a Tollgate process (the CLI, a worker) needs to join this
         harness: its Temporal, database, sandbox and payload key, on ``task_queue`` (the
-        harness's own unless given), plus ``extra``."""
+        harness's own unless given), plus ``extra``.
+
+        A worker started with it does not create the reconciler's schedule: that has one
+        fixed id per Temporal server, which the session's tests share, and the test of the
+        schedule needs it not to exist yet (pass ``RECONCILE_EVERY_SECONDS`` to differ)."""
         return {
             "TEMPORAL_ADDRESS": self.settings.temporal_address,
             "DATABASE_URL": self.settings.database_url,
             "SANDBOX_URL": self.settings.sandbox_url,
             "TASK_QUEUE": task_queue or self.task_queue,
             "PAYLOAD_ENCRYPTION_KEY": self.settings.payload_encryption_key or "",
+            "RECONCILE_EVERY_SECONDS": "0",
             **extra,
         }
 
