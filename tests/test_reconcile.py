@@ -58,9 +58,7 @@ async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: b
     slow = FaultSpec(latency_ms=1500, latency_phase="after")
     order = h.order()
     if provider == "inventory":
-        # validation asks inventory too: slow it only once the order is past that
-        handle = await h.service.create(order)
-        await order_step(h.service, order.order_id, "charging")
+        handle = await h.charging(order)
         await h.sandbox.set_fault(provider, slow)
     else:
         await h.sandbox.set_fault(provider, slow)
