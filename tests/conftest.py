@@ -22,14 +22,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import uvicorn
 from starlette.types import ASGIApp
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from tests.tracing_support import Receiver, install
+from tests.waiting import order_step
 from tollgate import gate, postgres
 from tollgate.codec import encode_key, new_key
 from tollgate.messages.models import MessageInput
@@ -37,7 +39,7 @@ from tollgate.messages.service import MessageService
 from tollgate.migrate import apply_migrations
 from tollgate.models import RetrySettings
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderInput, TransitionInput
+from tollgate.orders.models import OrderInput, OrderResult, TransitionInput
 from tollgate.orders.service import OrderService, build_order
 from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
@@ -46,7 +48,7 @@ from tollgate.telemetry import configure_tracing
 from tollgate.temporal import connect
 from tollgate.worker import build_worker
 from tollgate_dev.recipients import message_to, register_phones
-from tollgate_dev.sandbox import SandboxAdmin, create_app
+from tollgate_dev.sandbox import FaultSpec, SandboxAdmin, create_app
 from tollgate_dev.stack import LocalPostgres, TemporalDevServer, free_port
 from tollgate_dev.traces import TraceStore, create_receiver_app
 
@@ -233,13 +235,18 @@ class Harness:
     def process_env(self, task_queue: str | None = None, **extra: str) -> dict[str, str]:
         """The environment a Tollgate process (the CLI, a worker) needs to join this
         harness: its Temporal, database, sandbox and payload key, on ``task_queue`` (the
-        harness's own unless given), plus ``extra``."""
+        harness's own unless given), plus ``extra``.
+
+        A worker started with it does not create the reconciler's schedule: that has one
+        fixed id per Temporal server, which the session's tests share, and the test of the
+        schedule needs it not to exist yet (pass ``RECONCILE_EVERY_SECONDS`` to differ)."""
         return {
             "TEMPORAL_ADDRESS": self.settings.temporal_address,
             "DATABASE_URL": self.settings.database_url,
             "SANDBOX_URL": self.settings.sandbox_url,
             "TASK_QUEUE": task_queue or self.task_queue,
             "PAYLOAD_ENCRYPTION_KEY": self.settings.payload_encryption_key or "",
+            "RECONCILE_EVERY_SECONDS": "0",
             **extra,
         }
 
@@ -269,6 +276,17 @@ class Harness:
         }
         fields.update(overrides)
         return message_to(recipient, **fields)
+
+    async def charging(self, order: OrderInput) -> WorkflowHandle[Any, OrderResult]:
+        """Start ``order``; return its handle once its workflow is charging, so past the
+        validation (which asks inventory too): an inventory fault set then reaches only
+        the reservation. The charge is held half a second meanwhile, or on an idle
+        machine the order could be past charging before a poll saw it there."""
+        await self.sandbox.set_fault("payments", FaultSpec(latency_ms=500))
+        handle = await self.service.create(order)
+        await order_step(self.service, order.order_id, "charging")
+        await self.sandbox.clear_faults("payments")  # later payment calls go at full speed
+        return handle
 
     async def devices(self, count: int, *, user: str | None = None) -> tuple[str, list[str]]:
         """Register ``count`` devices of a fresh user; returns (user id, device ids)."""

@@ -106,9 +106,11 @@ async def test_an_open_breaker_keeps_calls_off_the_provider_until_it_recovers(
         await _sleep_until(reopened_at + OPEN_SECONDS - 0.25)
         end_of_reopen = await _payments_requests(h)
         assert payments.state is BreakerState.OPEN, "still inside the second open period"
+        # All at once: read one by one on a loaded machine, the last ones were read after
+        # the next half-open, when a failed probe had put their next attempt 1.5 s later.
+        descriptions = await asyncio.gather(*(handle.describe() for handle in handles))
         refused: list[tuple[float, float]] = []  # (retry wait, next attempt - half-open)
-        for handle in handles:
-            description = await handle.describe()
+        for handle, description in zip(handles, descriptions, strict=True):
             assert description.status == WorkflowExecutionStatus.RUNNING
             progress = await handle.query(ORDER_STATUS_QUERY, result_type=OrderProgress)
             assert progress.status == OrderStatus.CHARGING

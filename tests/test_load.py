@@ -3,6 +3,8 @@ ingress."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from tests.conftest import Harness
 from tollgate_dev.load import LoadSummary, percentile, run_load
 from tollgate_dev.sandbox import FaultSpec
@@ -19,12 +21,19 @@ def test_percentiles_use_nearest_rank() -> None:
     assert percentile([7.0], 99) == 7.0
 
 
-async def _orders(
-    h: Harness, *, count: int, concurrency: int, rate: float | None, max_wait: float | None
+async def _load(
+    h: Harness,
+    kind: Literal["orders", "messages"],
+    *,
+    count: int,
+    concurrency: int,
+    rate: float | None = None,
+    max_wait: float | None = None,
 ) -> LoadSummary:
-    """``load orders`` with these limits against the harness's worker, printing nothing."""
+    """``load orders`` or ``load messages`` with these limits against the harness's
+    worker, printing nothing."""
     return await run_load(
-        "orders",
+        kind,
         orders=h.service,
         messages=h.messages,
         pool=h.pool,
@@ -59,7 +68,7 @@ async def test_load_runs_every_order_to_completion_within_the_bounds(h: Harness)
         return Counted()
 
     h.service.create = counting_create  # type: ignore[method-assign]
-    summary = await _orders(h, count=20, concurrency=4, rate=50, max_wait=None)
+    summary = await _load(h, "orders", count=20, concurrency=4, rate=50)
     assert summary.statuses == {"COMPLETED": 20}
     assert summary.started == 20 and summary.refused_at_ingress == 0 and summary.errors == 0
     assert peak <= 4, f"{peak} orders in flight with --concurrency 4"
@@ -75,7 +84,7 @@ async def test_arrivals_beyond_what_is_in_flight_are_refused_at_ingress_not_time
     # than they wait, so they are turned away at the door, and those let in are not
     # slowed by the ones behind them.
     await h.sandbox.set_fault("payments", FaultSpec(latency_ms=400))
-    summary = await _orders(h, count=12, concurrency=2, rate=20, max_wait=0.1)
+    summary = await _load(h, "orders", count=12, concurrency=2, rate=20, max_wait=0.1)
     assert summary.refused_at_ingress >= 4
     assert summary.started + summary.refused_at_ingress == 12
     assert summary.errors == 0 and summary.statuses == {"COMPLETED": summary.started}
@@ -89,7 +98,7 @@ async def test_load_orders_leave_the_finite_stock_alone_and_report_the_outcome_m
     # Before this, load orders bought WIDGET, GADGET and GIZMO: after ~175 orders the
     # stock was gone and every later order failed and compensated, unnoticed.
     before = await h.sandbox.stock()
-    summary = await _orders(h, count=6, concurrency=3, rate=None, max_wait=None)
+    summary = await _load(h, "orders", count=6, concurrency=3)
     assert await h.sandbox.stock() == before
     assert summary.expected_status == "COMPLETED" and summary.reached_expected == 6
 
@@ -97,17 +106,7 @@ async def test_load_orders_leave_the_finite_stock_alone_and_report_the_outcome_m
 async def test_a_message_load_measures_delivery_to_devices_not_the_email_fallback(
     h: Harness,
 ) -> None:
-    summary = await run_load(
-        "messages",
-        orders=h.service,
-        messages=h.messages,
-        pool=h.pool,
-        count=4,
-        concurrency=2,
-        rate=None,
-        max_wait=None,
-        console=None,
-    )
+    summary = await _load(h, "messages", count=4, concurrency=2)
     assert summary.statuses == {"DELIVERED": 4}, summary
     assert summary.reached_expected == 4 and summary.expected_status == "DELIVERED"
     assert summary.latency_p50_ms is not None and summary.latency_p50_ms < 10_000

@@ -193,8 +193,7 @@ async def test_gateway_failing_three_times_then_recovering_charges_once(
 async def test_retries_exhausted_compensate_and_fail(h: Harness) -> None:
     """Inventory down for good: reserving gives up, and the refund waits for recovery."""
     order = h.order()
-    handle = await h.service.create(order)
-    await order_step(h.service, order.order_id, "charging")
+    handle = await h.charging(order)
     await h.sandbox.set_fault("inventory", FaultSpec(fail_rate=1.0, fail_status=500))
     await order_status(h.service, order.order_id, S.COMPENSATING)
     # The release cannot reach inventory either; the order must wait, not give up on it.
@@ -246,8 +245,7 @@ async def test_cancellation_racing_each_step_leaves_nothing_charged_or_reserved(
     """The provider is slow *before* acting: the undo voids the key and the late call is refused."""
     order = h.order()
     if step == "reserving":
-        handle = await h.service.create(order)
-        await order_step(h.service, order.order_id, "charging")
+        handle = await h.charging(order)
         await h.sandbox.set_fault(provider, FaultSpec(latency_ms=1000))
     else:
         await h.sandbox.set_fault(provider, FaultSpec(latency_ms=1000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -31,7 +32,25 @@ from workflows.recovery import OrderRecoveryWorkflow
 
 S = OrderStatus
 M = MessageStatus
-NOW = ReconcileInput(repair=True, grace=timedelta(0), lookback=timedelta(minutes=10))
+#: How much earlier than the test the reconciler looks: rows of the test before it are
+#: harmless, and this covers the moment between reading the clock here and in Postgres.
+SLACK = timedelta(seconds=5)
+
+
+@pytest.fixture
+def now() -> Callable[..., ReconcileInput]:
+    """Options for a reconcile run right now that repairs, with no grace period, over the
+    rows changed since this test began. The database is the whole session's: a longer
+    lookback would describe every row the earlier tests left (one call each) and
+    recover the ones without a workflow, on this test's worker, while the test waits."""
+    began = time.monotonic()
+
+    def options(**changes: Any) -> ReconcileInput:
+        lookback = timedelta(seconds=time.monotonic() - began) + SLACK
+        options_now = ReconcileInput(repair=True, grace=timedelta(0), lookback=lookback)
+        return options_now.model_copy(update=changes)
+
+    return options
 
 
 async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: bool = False) -> str:
@@ -39,9 +58,7 @@ async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: b
     slow = FaultSpec(latency_ms=1500, latency_phase="after")
     order = h.order()
     if provider == "inventory":
-        # validation asks inventory too: slow it only once the order is past that
-        handle = await h.service.create(order)
-        await order_step(h.service, order.order_id, "charging")
+        handle = await h.charging(order)
         await h.sandbox.set_fault(provider, slow)
     else:
         await h.sandbox.set_fault(provider, slow)
@@ -57,7 +74,9 @@ async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: b
     return order.order_id
 
 
-async def test_terminated_orders_are_recovered_with_no_money_left_charged(h: Harness) -> None:
+async def test_terminated_orders_are_recovered_with_no_money_left_charged(
+    h: Harness, now: Callable[..., ReconcileInput]
+) -> None:
     reserved = await _terminate_at(h, "reserving", "inventory")
     charged = await _terminate_at(h, "charging", "payments")
     cancelling = await _terminate_at(h, "charging", "payments", cancel_first=True)
@@ -68,7 +87,7 @@ async def test_terminated_orders_are_recovered_with_no_money_left_charged(h: Har
             "money is charged before recovery"
         )
 
-    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
     found = {f.entity_id: f for f in report.findings if f.entity_id in ours}
     assert set(found) == ours
     assert all(
@@ -98,12 +117,12 @@ async def test_terminated_orders_are_recovered_with_no_money_left_charged(h: Har
         assert not [r for r in ledger.reservations if r.status == "reserved"], "no stock left held"
     assert (await h.service.row(reserved)).failure_reason.startswith("recovered by the reconciler")
 
-    again = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    again = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
     assert not [f for f in again.findings if f.entity_id in ours], "a repaired row is at rest"
 
 
 async def test_a_row_that_disagrees_with_its_workflow_is_reported_not_repaired(
-    h: Harness, owner_url: str
+    h: Harness, now: Callable[..., ReconcileInput], owner_url: str
 ) -> None:
     order = h.order()
     result = await (await h.service.create(order)).result()
@@ -118,7 +137,7 @@ async def test_a_row_that_disagrees_with_its_workflow_is_reported_not_repaired(
     finally:
         await conn.close()
 
-    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
     mine = [f for f in report.findings if f.entity_id == order.order_id]
     assert len(mine) == 1
     assert mine[0].finding == "disagreement" and mine[0].repair_workflow_id is None
@@ -152,7 +171,10 @@ async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -
 
 
 async def _reconcile_read_rows_then_described(
-    h: Harness, order_id: str, on_describe: Callable[[], Awaitable[None]]
+    h: Harness,
+    options: ReconcileInput,
+    order_id: str,
+    on_describe: Callable[[], Awaitable[None]],
 ) -> ReconcileReport:
     """Run the reconciler with a client that, when it describes ``order_id``'s workflow,
     first lets ``on_describe`` happen: the row was read before, the describe sees after."""
@@ -173,11 +195,12 @@ async def _reconcile_read_rows_then_described(
         data_converter=h.client.data_converter,
         interceptors=[_Interceptor()],
     )
-    return await reconcile(racing, h.pool, task_queue=h.task_queue, options=NOW)
+    return await reconcile(racing, h.pool, task_queue=h.task_queue, options=options)
 
 
 async def test_an_order_that_completes_while_the_reconciler_looks_is_not_refunded(
     h: Harness,
+    now: Callable[..., ReconcileInput],
 ) -> None:
     """The reconciler reads rows first and describes workflows later; an order whose
     workflow completes in between was once taken for orphaned and refunded."""
@@ -190,7 +213,7 @@ async def test_an_order_that_completes_while_the_reconciler_looks_is_not_refunde
     async def let_it_complete() -> None:
         assert (await handle.result()).status == S.COMPLETED
 
-    report = await _reconcile_read_rows_then_described(h, order.order_id, let_it_complete)
+    report = await _reconcile_read_rows_then_described(h, now(), order.order_id, let_it_complete)
     assert not [f for f in report.findings if f.entity_id == order.order_id]
     assert (await h.service.row(order.order_id)).status == S.COMPLETED
     ledger = await h.sandbox.ledger(order.order_id)
@@ -243,20 +266,21 @@ async def test_recovery_claims_before_it_compensates(h: Harness) -> None:
 
 async def test_a_row_temporal_does_not_know_is_reported_and_repaired_only_on_request(
     h: Harness,
+    now: Callable[..., ReconcileInput],
 ) -> None:
     order = h.order()
     async with h.pool.acquire() as conn:
         await order_store.insert_order(
             conn, order, workflow_id=order_workflow_id(order.order_id), actor="test"
         )
-    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
     (mine,) = [f for f in report.findings if f.entity_id == order.order_id]
     assert mine.finding == "missing" and mine.workflow_status is None
     assert mine.repair_workflow_id is None, "NOT_FOUND is reported, never repaired by default"
     assert (await h.service.row(order.order_id)).status == S.PENDING
 
     # --repair-missing alone: the operator asked for exactly this repair
-    asked = NOW.model_copy(update={"repair": False, "repair_missing": True})
+    asked = now(repair=False, repair_missing=True)
     report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=asked)
     (mine,) = [f for f in report.findings if f.entity_id == order.order_id]
     assert mine.repair_workflow_id == recovery_workflow_id(order.order_id)
@@ -264,7 +288,9 @@ async def test_a_row_temporal_does_not_know_is_reported_and_repaired_only_on_req
     assert (await h.service.row(order.order_id)).status == S.FAILED
 
 
-async def test_a_message_at_rest_whose_workflow_was_terminated_is_reported(h: Harness) -> None:
+async def test_a_message_at_rest_whose_workflow_was_terminated_is_reported(
+    h: Harness, now: Callable[..., ReconcileInput]
+) -> None:
     user, devices = await h.devices(1)
     msg = h.message(user, read_window=timedelta(minutes=5))
     handle = await h.messages.send(msg)
@@ -275,7 +301,7 @@ async def test_a_message_at_rest_whose_workflow_was_terminated_is_reported(h: Ha
 
     await eventually(delivered, what="delivered")
     await handle.terminate("operator pressed Terminate")
-    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=NOW)
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
     (mine,) = [f for f in report.findings if f.entity_id == msg.message_id]
     assert mine.finding == "failed_at_rest" and mine.workflow_status == "TERMINATED"
     assert mine.row_status == "DELIVERED" and mine.repair_workflow_id is None

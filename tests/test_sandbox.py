@@ -76,6 +76,15 @@ async def post(client: httpx.AsyncClient, path: str, key: str, body: Any) -> htt
     return await client.post(path, json=body, headers={"Idempotency-Key": key})
 
 
+def created(response: httpx.Response, id_field: str, **fields: Any) -> dict[str, Any]:
+    """Check that ``response`` made a new record: a 201 whose body is exactly ``fields``
+    and the record's own id (in ``id_field``, whatever its value). Returns the body."""
+    assert response.status_code == 201
+    body: dict[str, Any] = response.json()
+    assert body == {id_field: body[id_field], **fields}
+    return body
+
+
 async def charge(client: httpx.AsyncClient, key: str, **overrides: Any) -> httpx.Response:
     return await post(client, CHARGES, key, charge_body(**overrides))
 
@@ -202,10 +211,8 @@ async def test_happy_path(
     client: httpx.AsyncClient, admin: SandboxAdmin, endpoint: Endpoint
 ) -> None:
     response = await endpoint.post(client, "k-happy")
-    assert response.status_code == 201
-    body = response.json()
+    body = created(response, endpoint.id_field, **endpoint.answer, idempotency_key="k-happy")
     new_id = body[endpoint.id_field]
-    assert body == {endpoint.id_field: new_id, **endpoint.answer, "idempotency_key": "k-happy"}
     assert new_id.startswith(endpoint.id_prefix)
 
     ledger = await admin.ledger()
@@ -407,22 +414,21 @@ async def test_refund_twice_makes_one_refund(
     charged = (await charge(client, "k-ch")).json()
     body = {"order_id": "o-1", "charge_idempotency_key": "k-ch", "reason": "cancelled"}
 
-    first = await post(client, REFUNDS, "k-r1", body)
-    assert first.status_code == 201
-    assert first.json() == {
-        "status": "refunded",
-        "refund_id": first.json()["refund_id"],
-        "charge_id": charged["charge_id"],
-        "amount_cents": 2_500,
-    }
+    first = created(
+        await post(client, REFUNDS, "k-r1", body),
+        "refund_id",
+        status="refunded",
+        charge_id=charged["charge_id"],
+        amount_cents=2_500,
+    )
     # A different compensation attempt: 200 with the existing refund.
     second = await post(client, REFUNDS, "k-r2", body)
     assert second.status_code == 200
-    assert second.json() == first.json()
+    assert second.json() == first
     # A retry of the first attempt: its stored 201.
     replay = await post(client, REFUNDS, "k-r1", body)
     assert replay.status_code == 201
-    assert replay.json() == first.json()
+    assert replay.json() == first
 
     ledger = await admin.ledger()
     assert len(ledger.refunds) == 1
@@ -516,19 +522,18 @@ async def test_release_restores_stock(client: httpx.AsyncClient, admin: SandboxA
     assert (await admin.stock())["WIDGET"] == 90
 
     body = {"order_id": "o-1", "reservation_idempotency_key": "k-res"}
-    released = await post(client, RELEASES, "k-rel", body)
-    assert released.status_code == 201
-    assert released.json() == {
-        "status": "released",
-        "release_id": released.json()["release_id"],
-        "reservation_id": reserved["reservation_id"],
-    }
+    released = created(
+        await post(client, RELEASES, "k-rel", body),
+        "release_id",
+        status="released",
+        reservation_id=reserved["reservation_id"],
+    )
     assert (await admin.stock())["WIDGET"] == 100
 
     # A second release does not give the stock back twice.
     again = await post(client, RELEASES, "k-rel-2", body)
     assert again.status_code == 200
-    assert again.json() == released.json()
+    assert again.json() == released
     assert (await admin.stock())["WIDGET"] == 100
 
     ledger = await admin.ledger()

@@ -23,28 +23,17 @@ from tests import specs
 from tests.specs import RETRY, Block, Fail, StandIns, devices_of
 from tests.waiting import eventually
 from tollgate.errors import EmailBounced, ProviderUnavailable
-from tollgate.messages.models import (
-    DeviceSignal,
-    MessageInput,
-    MessageProgress,
-    MessageResult,
-    RecallRequest,
-)
+from tollgate.messages.models import DeviceSignal, MessageInput, MessageResult, RecallRequest
 from tollgate.messages.states import MessageStatus
-from tollgate.names import (
-    MESSAGE_DELIVERED_SIGNAL,
-    MESSAGE_READ_SIGNAL,
-    MESSAGE_RECALL_SIGNAL,
-    MESSAGE_STATUS_QUERY,
-    message_workflow_id,
-    read_sync_workflow_id,
-)
+from tollgate.names import message_workflow_id, read_sync_workflow_id
 from workflows.message import _SIGNALS_PER_RUN, MessageDeliveryWorkflow
 
 # The shared fixtures, under the names the specs ask for.
 env, acts = specs.env, specs.acts
 
 M = MessageStatus
+#: A handle on the delivery, typed: its signals and query are the workflow's own methods.
+Delivery = WorkflowHandle[MessageDeliveryWorkflow, MessageResult]
 PHONE, TABLET, LAPTOP = devices_of("bob")
 
 #: The delivery's calls up to and including the push to every device.
@@ -83,7 +72,7 @@ def message() -> MessageInput:
     )
 
 
-async def send(acts: StandIns, m: MessageInput) -> WorkflowHandle[Any, MessageResult]:
+async def send(acts: StandIns, m: MessageInput) -> Delivery:
     return await acts.client.start_workflow(
         MessageDeliveryWorkflow.run,
         m,
@@ -92,9 +81,7 @@ async def send(acts: StandIns, m: MessageInput) -> WorkflowHandle[Any, MessageRe
     )
 
 
-async def send_and_hold_the_push(
-    acts: StandIns, m: MessageInput
-) -> tuple[WorkflowHandle[Any, MessageResult], Block]:
+async def send_and_hold_the_push(acts: StandIns, m: MessageInput) -> tuple[Delivery, Block]:
     """Send, and hold the push in flight until the test releases the block returned."""
     pushing = Block()
     acts[PushActivities.push].then(pushing)
@@ -104,13 +91,14 @@ async def send_and_hold_the_push(
 
 
 async def send_and_signal_during_push(
-    acts: StandIns, m: MessageInput, *signals: tuple[str, str]
-) -> WorkflowHandle[Any, MessageResult]:
-    """Send, and deliver the device ``signals`` (name, device id) while the push is in
-    flight: they are all in before the workflow looks, so its trail is always the same."""
+    acts: StandIns, m: MessageInput, *signals: tuple[Any, str]
+) -> Delivery:
+    """Send, and deliver the device ``signals`` (the workflow's signal method, device id)
+    while the push is in flight: they are all in before the workflow looks, so its trail
+    is always the same."""
     handle, pushing = await send_and_hold_the_push(acts, m)
-    for name, device_id in signals:
-        await handle.signal(name, DeviceSignal(device_id=device_id))
+    for signal, device_id in signals:
+        await handle.signal(signal, DeviceSignal(device_id=device_id))
     pushing.release()
     return handle
 
@@ -134,8 +122,8 @@ async def delivered_to_the_phone_and_read_on_the_tablet(
     handle = await send_and_signal_during_push(
         acts,
         m,
-        (MESSAGE_DELIVERED_SIGNAL, PHONE.device_id),
-        (MESSAGE_READ_SIGNAL, TABLET.device_id),
+        (MessageDeliveryWorkflow.delivered, PHONE.device_id),
+        (MessageDeliveryWorkflow.read, TABLET.device_id),
     )
     return await handle.result()
 
@@ -213,7 +201,7 @@ async def test_a_recall_while_pushing_ends_the_message_cancelled_and_sends_no_em
     handle, _ = await send_and_hold_the_push(acts, message())
 
     await handle.signal(
-        MESSAGE_RECALL_SIGNAL, RecallRequest(reason="wrong chat", requested_by="sam")
+        MessageDeliveryWorkflow.recall, RecallRequest(reason="wrong chat", requested_by="sam")
     )
     result = await handle.result()
 
@@ -250,7 +238,7 @@ async def test_an_unread_message_rests_where_it_is_once_the_read_window_closes(
     acts: StandIns,
 ) -> None:
     handle = await send_and_signal_during_push(
-        acts, message(), (MESSAGE_DELIVERED_SIGNAL, PHONE.device_id)
+        acts, message(), (MessageDeliveryWorkflow.delivered, PHONE.device_id)
     )
     result = await handle.result()
 
@@ -273,11 +261,11 @@ async def test_a_flood_of_bogus_signals_continues_as_new_carrying_the_delivery_a
     for sent in range(0, _SIGNALS_PER_RUN, 200):  # in batches, so the flood takes ~0.5 s
         batch = min(200, _SIGNALS_PER_RUN - sent)
         await asyncio.gather(
-            *(handle.signal(MESSAGE_DELIVERED_SIGNAL, bogus) for _ in range(batch))
+            *(handle.signal(MessageDeliveryWorkflow.delivered, bogus) for _ in range(batch))
         )
     pushing.release()
     second_run = await run_after(handle, first_run)
-    await handle.signal(MESSAGE_DELIVERED_SIGNAL, DeviceSignal(device_id=PHONE.device_id))
+    await handle.signal(MessageDeliveryWorkflow.delivered, DeviceSignal(device_id=PHONE.device_id))
     result = await handle.result()
 
     assert (await handle.describe()).run_id == second_run
@@ -299,7 +287,7 @@ async def test_a_temporal_cancel_while_awaiting_delivery_recalls_and_ends_cancel
     pushing.release()
 
     async def awaiting_delivery() -> bool:
-        progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        progress = await handle.query(MessageDeliveryWorkflow.status)
         return progress.step == "awaiting delivery"
 
     await eventually(awaiting_delivery, what="the message awaiting delivery")

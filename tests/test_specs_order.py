@@ -69,6 +69,27 @@ IN_FLIGHT = {"validating": 2, "charging": 4, "reserving": 6}
 UNDO_CALL = {"refund": "refund_payment", "release": "release_inventory"}
 UNDO_DONE = {"refund": "refund:refunded", "release": "release:released"}
 
+
+def compensated(*undone: str) -> list[str]:
+    """How a trail ends when the order fails: COMPENSATING, the calls of the ``undone``
+    steps in the order given (last in, first out), FAILED."""
+    return [
+        "transition_order:COMPENSATING",
+        *(UNDO_CALL[u] for u in undone),
+        "transition_order:FAILED",
+    ]
+
+
+def cancelled(*undone: str) -> list[str]:
+    """How a trail ends when the order is cancelled: the cancellation recorded, the calls
+    of the ``undone`` steps in the order given, CANCELLED."""
+    return [
+        "begin_order_cancellation",
+        *(UNDO_CALL[u] for u in undone),
+        "transition_order:CANCELLED",
+    ]
+
+
 DECLINED = Fail(PaymentDeclined)
 
 
@@ -143,12 +164,7 @@ async def test_a_declined_card_is_undone_by_the_refund_registered_before_the_cha
 
     result = await check_out(acts, order())
 
-    assert acts.trail() == [
-        *FORWARD[: IN_FLIGHT["charging"]],
-        "transition_order:COMPENSATING",
-        "refund_payment",
-        "transition_order:FAILED",
-    ]
+    assert acts.trail() == [*FORWARD[: IN_FLIGHT["charging"]], *compensated("refund")]
     (charge,) = acts[PaymentActivities.charge].calls
     (refund,) = acts[PaymentActivities.refund].calls
     assert refund.charge_idempotency_key == charge.idempotency_key
@@ -165,13 +181,7 @@ async def test_out_of_stock_releases_the_reservation_then_refunds_the_charge(
     result = await check_out(acts, order())
 
     # last in, first out: the release was registered after the refund
-    assert acts.trail() == [
-        *FORWARD,
-        "transition_order:COMPENSATING",
-        "release_inventory",
-        "refund_payment",
-        "transition_order:FAILED",
-    ]
+    assert acts.trail() == [*FORWARD, *compensated("release", "refund")]
     assert result.status is S.FAILED
     assert result.compensations == ["release:voided", "refund:refunded"]
     assert (result.failure_reason or "").startswith("OutOfStock")
@@ -200,12 +210,7 @@ async def test_a_cancel_signal_stops_the_step_in_flight_and_undoes_the_steps_rea
     )
     result = await handle.result()
 
-    assert acts.trail() == [
-        *FORWARD[: IN_FLIGHT[step]],
-        "begin_order_cancellation",
-        *(UNDO_CALL[u] for u in undone),
-        "transition_order:CANCELLED",
-    ]
+    assert acts.trail() == [*FORWARD[: IN_FLIGHT[step]], *cancelled(*undone)]
     (begin,) = acts[OrderStoreActivities.begin_cancellation].calls
     assert begin.reason == "changed my mind" and begin.actor.endswith(":alice")
     assert result.status is S.CANCELLED and result.cancel_reason == "changed my mind"
@@ -225,9 +230,7 @@ async def test_a_transition_that_finds_the_order_cancelled_in_postgres_compensat
     assert acts.trail() == [
         *FORWARD[: IN_FLIGHT["charging"]],
         "transition_order:RESERVING",
-        "begin_order_cancellation",
-        "refund_payment",
-        "transition_order:CANCELLED",
+        *cancelled("refund"),
     ]
     assert result.status is S.CANCELLED
     assert result.cancel_reason == "cancellation recorded in Postgres"
@@ -248,13 +251,7 @@ async def test_a_temporal_cancel_compensates_and_ends_the_execution_canceled(
 
     assert isinstance(failed.value.cause, CancelledError)
     assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
-    assert acts.trail() == [
-        *FORWARD,
-        "begin_order_cancellation",
-        "release_inventory",
-        "refund_payment",
-        "transition_order:CANCELLED",
-    ]
+    assert acts.trail() == [*FORWARD, *cancelled("release", "refund")]
     (begin,) = acts[OrderStoreActivities.begin_cancellation].calls
     assert begin.reason == "cancelled in Temporal"
 
@@ -269,9 +266,7 @@ async def test_a_charge_whose_retries_run_out_is_refunded_and_the_order_fails(
     assert acts.trail() == [
         *FORWARD[: IN_FLIGHT["charging"] - 1],
         *["charge_payment"] * RETRY.maximum_attempts,
-        "transition_order:COMPENSATING",
-        "refund_payment",
-        "transition_order:FAILED",
+        *compensated("refund"),
     ]
     assert result.status is S.FAILED and result.compensations == ["refund:refunded"]
     assert (result.failure_reason or "").startswith("ProviderUnavailable")
@@ -341,13 +336,7 @@ async def test_recovery_claims_a_charging_order_before_it_refunds_and_releases(
 
     result = await recover(acts, "o-orphan")
 
-    assert acts.trail() == [
-        "read_order",
-        "transition_order:COMPENSATING",
-        "refund_payment",
-        "release_inventory",
-        "transition_order:FAILED",
-    ]
+    assert acts.trail() == ["read_order", *compensated("refund", "release")]
     assert acts.moves(OrderStoreActivities.transition_order) == [
         (3, "COMPENSATING"),
         (4, "FAILED"),
@@ -364,12 +353,7 @@ async def test_recovery_claims_a_charging_order_before_it_refunds_and_releases(
     [
         pytest.param(
             OrderSnapshot(status=S.RESERVING, version=4),
-            [
-                "transition_order:COMPENSATING",
-                "refund_payment",
-                "release_inventory",
-                "transition_order:FAILED",
-            ],
+            compensated("refund", "release"),
             [(4, "COMPENSATING"), (5, "FAILED")],
             RecoveryResult(
                 order_id="o-moving",

@@ -15,6 +15,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -24,6 +25,7 @@ from temporalio.client import Client
 from tests.conftest import PROJECT_ROOT, Harness
 from tests.tracing_support import Receiver
 from tests.waiting import eventually, order_status
+from tollgate.gate import AuditRow
 from tollgate.messages import store as message_store
 from tollgate.messages.states import MessageStatus
 from tollgate.ops.cli import console
@@ -56,6 +58,14 @@ def _trace_of(row_trace_parent: str | None) -> str:
     return format(parent.trace_id, "032x")
 
 
+def _one_trace(row_trace_parent: str | None, audit: Sequence[AuditRow[Any]]) -> str:
+    """The lifecycle's trace: where its row says it begins, checked to be the trace every
+    one of its audit rows (each transition, whoever asked for it) carries."""
+    trace_id = _trace_of(row_trace_parent)
+    assert {a.trace_id for a in audit} == {trace_id}
+    return trace_id
+
+
 def _chain(span: SpanRecord, spans: Sequence[SpanRecord]) -> list[str]:
     """Names from ``span`` up to its root."""
     by_id = {s.span_id: s for s in spans}
@@ -84,6 +94,23 @@ def _under(spans: Sequence[SpanRecord], parent: SpanRecord) -> list[SpanRecord]:
     return [s for s in spans if s.parent_span_id == parent.span_id]
 
 
+def _stop_and_its_handling(
+    spans: Sequence[SpanRecord], stop: str, *, started_by: str, workflow: str
+) -> tuple[SpanRecord, SpanRecord]:
+    """The one span of the ``stop`` request (``order.cancel``, ``message.recall``) and the
+    one of the workflow handling its signal, checked to sit in the lifecycle's trace: the
+    request under the span that ``started_by`` the lifecycle, the handling under the
+    ``workflow``'s run."""
+    requested = _named(spans, stop)
+    assert len(requested) == 1
+    assert requested[0].parent_span_id == _named(spans, started_by)[0].span_id
+    signal = stop.split(".")[1]  # the signal is named after the request
+    handled = _named(spans, f"HandleSignal:{signal}")
+    assert len(handled) == 1
+    assert _chain(handled[0], spans)[1] == f"RunWorkflow:{workflow}"
+    return requested[0], handled[0]
+
+
 async def test_an_order_from_the_cli_is_one_trace_from_command_to_sql_and_provider(
     h: Harness, otlp: Receiver
 ) -> None:
@@ -105,14 +132,14 @@ async def test_an_order_from_the_cli_is_one_trace_from_command_to_sql_and_provid
 
     row = await order_store.get_order(h.pool, order_id)
     assert row is not None
-    trace_id = _trace_of(row.trace_parent)
+    audit = await order_store.list_transitions(h.pool, order_id)
+    assert len(audit) == 5
+    trace_id = _one_trace(row.trace_parent, audit)
     spans = otlp.spans(trace_id)
 
     # one trace for the whole order: nothing about it anywhere else
     assert otlp.store.traces_with("temporalWorkflowID", f"order-{order_id}") == [trace_id]
     assert otlp.store.traces_with("tollgate.order_id", order_id) == [trace_id]
-    audit = await order_store.list_transitions(h.pool, order_id)
-    assert len(audit) == 5 and {a.trace_id for a in audit} == {trace_id}
 
     # the command is the root
     roots = [s for s in spans if s.parent_span_id is None]
@@ -199,16 +226,12 @@ async def test_a_cancel_joins_the_orders_trace_and_its_audit_row_carries_it(
 
     assert result.status == OrderStatus.CANCELLED
     row = await h.service.row(order.order_id)
-    trace_id = _trace_of(row.trace_parent)
     audit = await order_store.list_transitions(h.pool, order.order_id)
-    assert {a.trace_id for a in audit} == {trace_id}
-    spans = otlp.spans(trace_id)
-    cancel = _named(spans, "order.cancel")
-    assert len(cancel) == 1 and cancel[0].parent_span_id == _named(spans, "order.create")[0].span_id
-    handled = _named(spans, "HandleSignal:cancel")
-    assert len(handled) == 1
-    assert _chain(handled[0], spans)[1] == "RunWorkflow:OrderWorkflow"
-    assert any(link.span_id for link in handled[0].links), "it links to the sender"
+    spans = otlp.spans(_one_trace(row.trace_parent, audit))
+    _, handled = _stop_and_its_handling(
+        spans, "order.cancel", started_by="order.create", workflow="OrderWorkflow"
+    )
+    assert any(link.span_id for link in handled.links), "it links to the sender"
     assert _named(spans, "RunActivity:refund_payment"), "the compensation is in the trace"
 
 
@@ -232,11 +255,9 @@ async def test_a_messages_confirm_and_read_and_its_receipt_saga_sit_in_the_messa
 
     assert result.status == MessageStatus.READ
     row = await h.messages.row(msg.message_id)
-    trace_id = _trace_of(row.trace_parent)
-    spans = otlp.spans(trace_id)
     audit = await message_store.list_transitions(h.pool, msg.message_id)
     assert MessageStatus.DELIVERED in {t.to_status for t in audit}
-    assert {t.trace_id for t in audit} == {trace_id}, "the confirm's and read's rows too"
+    spans = otlp.spans(_one_trace(row.trace_parent, audit))  # the confirm's and read's rows too
     child = _named(spans, "RunWorkflow:ReadReceiptSyncWorkflow")
     assert len(child) == 1
     assert "RunWorkflow:MessageDeliveryWorkflow" in _chain(child[0], spans)
@@ -278,25 +299,21 @@ async def test_a_recall_from_the_cli_joins_the_messages_trace_and_links_to_the_c
 
     assert result.status == MessageStatus.CANCELLED
     row = await h.messages.row(msg.message_id)
-    trace_id = _trace_of(row.trace_parent)
     audit = await message_store.list_transitions(h.pool, msg.message_id)
     assert audit[-1].to_status == MessageStatus.CANCELLED
-    assert {t.trace_id for t in audit} == {trace_id}
+    trace_id = _one_trace(row.trace_parent, audit)
     spans = otlp.spans(trace_id)
-    recall = _named(spans, "message.recall")
-    assert len(recall) == 1
-    assert recall[0].parent_span_id == _named(spans, "message.send")[0].span_id
-    handled = _named(spans, "HandleSignal:recall")
-    assert len(handled) == 1
-    assert _chain(handled[0], spans)[1] == "RunWorkflow:MessageDeliveryWorkflow"
-    under = _under(spans, recall[0])
+    recall, handled = _stop_and_its_handling(
+        spans, "message.recall", started_by="message.send", workflow="MessageDeliveryWorkflow"
+    )
+    under = _under(spans, recall)
     assert any("UPDATE messages" in str(s.attributes.get("db.statement")) for s in under)
     sent = [s for s in under if s.name.startswith("SignalWorkflow")]
     assert [s.name for s in sent] == ["SignalWorkflow:recall"]
-    assert [link.span_id for link in handled[0].links] == [sent[0].span_id]
+    assert [link.span_id for link in handled.links] == [sent[0].span_id]
 
     # the command: a trace of its own, which the recall's span links to
-    [command_link] = recall[0].links
+    [command_link] = recall.links
     assert command_link.trace_id != trace_id
     command = otlp.spans(command_link.trace_id)
     roots = [s for s in command if s.parent_span_id is None]
