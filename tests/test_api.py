@@ -207,6 +207,24 @@ async def test_wait_charged_answers_once_charged_while_the_checkout_goes_on(h: H
         assert (await h.service.handle(order_id).result()).status is OrderStatus.COMPLETED
 
 
+async def test_wait_charged_does_not_wait_for_the_first_workflow_task_to_time_out(
+    h: Harness,
+) -> None:
+    """The promise: an answer at most API_WAIT_SECONDS after the start. Sent with the
+    start (update-with-start), the update held the row's transaction while the
+    workflow's first task waited for that row, until the task's heartbeat at 8 s, so a
+    5 s wait answered after 8.5 s. Sent after the commit, it answers once charged."""
+    wait = 5.0
+    async with serve_api(h, api_wait_seconds=wait) as api:
+        began = time.monotonic()
+        reply = await create_order(api, order_body(), new_key(), wait=True)
+        took = time.monotonic() - began
+    assert reply.status_code == 202, reply.text
+    assert reply.json()["status"] in ("RESERVING", "COMPLETED"), reply.json()
+    # The bound is the API's own (plus a margin for a loaded machine), not a benchmark.
+    assert took < wait + 1.5, f"answered after {took:.1f} s, past the {wait:.0f} s wait"
+
+
 async def test_wait_charged_tells_a_declined_card_at_once(h: Harness) -> None:
     async with serve_api(h) as api:
         body = order_body()

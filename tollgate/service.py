@@ -20,11 +20,8 @@ from opentelemetry.trace import Span
 from pydantic import BaseModel, ConfigDict
 from temporalio.client import (
     Client,
-    WithStartWorkflowOperation,
     WorkflowExecutionStatus,
     WorkflowHandle,
-    WorkflowUpdateHandle,
-    WorkflowUpdateStage,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -51,7 +48,7 @@ RowT = TypeVar("RowT", bound=EntityRow[Any])
 @dataclass(frozen=True)
 class LifecycleStart(Generic[ResultT]):
     """An entity's first row and the workflow that runs its lifecycle, to be started
-    together (:func:`start_lifecycle`, :func:`start_lifecycle_with_update`)."""
+    together (:func:`start_lifecycle`)."""
 
     lifecycle: Lifecycle
     entity_id: str
@@ -66,8 +63,8 @@ class LifecycleStart(Generic[ResultT]):
     summary: str
 
     def options(self) -> dict[str, Any]:
-        """What a plain start and an update-with-start both send. An id names one
-        lifecycle forever, even after it ended."""
+        """What the start sends. An id names one lifecycle forever, even after it
+        ended."""
         return {
             "id": self.workflow_id,
             "task_queue": self.task_queue,
@@ -110,39 +107,6 @@ async def start_lifecycle(
     """
     async with _first_row(pool, start):
         return await client.start_workflow(start.workflow, start.arg, **start.options())
-
-
-async def start_lifecycle_with_update(
-    client: Client,
-    pool: asyncpg.Pool,
-    start: LifecycleStart[Any],
-    *,
-    update: str,
-    update_result_type: type[ResultT],
-) -> WorkflowUpdateHandle[ResultT]:
-    """:func:`start_lifecycle` with an update sent in the same request (update-with-start).
-
-    Both or neither, as there: the row is committed only once Temporal has started the
-    workflow and its first workflow task has accepted ``update``. Await the returned
-    handle's ``result()`` for the update's answer, outside any transaction: the
-    workflow's first activity waits for this row to be committed.
-
-    Holding the transaction until acceptance is the price of one round trip: with no
-    worker polling, the call waits, so callers bound it. If they give up (or the commit
-    fails) after Temporal started the workflow, the workflow's first activity inserts
-    the identical row, as with :func:`start_lifecycle`.
-    """
-    operation: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
-        start.workflow, start.arg, **start.options()
-    )
-    async with _first_row(pool, start):
-        handle: WorkflowUpdateHandle[ResultT] = await client.start_update_with_start_workflow(
-            update,
-            start_workflow_operation=operation,
-            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-            result_type=update_result_type,
-        )
-    return handle
 
 
 async def signal_if_running(handle: WorkflowHandle[Any, Any], signal: str, arg: object) -> bool:

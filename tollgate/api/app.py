@@ -325,21 +325,17 @@ class Api:
         )
         entry = idem.IdempotencyRecord("order", idem.request_hash(body), order_id)
         started = await self._start_once(
-            lambda also: (
-                self.deps.orders.create_until_charged(order, actor=f"api:{client}", also=also)
-                if wait
-                else self.deps.orders.create(order, actor=f"api:{client}", also=also)
-            ),
+            lambda also: self.deps.orders.create(order, actor=f"api:{client}", also=also),
             client,
             key,
             entry,
             lambda: self._recover_order(order, client, key, entry),
         )
-        if wait:
-            if started is not None:
-                await self._until_charged(started.result())
-            elif (await self.deps.orders.row(order_id)).status in _BEFORE_CHARGED:
-                await self._until_charged(self.deps.orders.until_charged(order_id))
+        if wait and (await self.deps.orders.row(order_id)).status in _BEFORE_CHARGED:
+            # Asked once the row is committed, for a new order as for a replay: the
+            # update is accepted in a workflow task, and the order's first one records
+            # the order from that row.
+            await self._until_charged(self.deps.orders.until_charged(order_id))
         row = await self.deps.orders.row(order_id)
         location = f"/v1/orders/{order_id}"
         return _json(OrderView.of(row), 202, _created_headers(location, started is None))

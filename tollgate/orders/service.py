@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 from opentelemetry.trace import Span
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateHandle
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
 )
@@ -42,7 +42,6 @@ from tollgate.service import (
     LifecycleStart,
     StopOutcome,
     start_lifecycle,
-    start_lifecycle_with_update,
 )
 from tollgate.tracing import tracer
 
@@ -120,26 +119,10 @@ class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult, Ord
             start = await self._checked_start(order, actor, also)
             return await start_lifecycle(self._client, self._pool, start)
 
-    async def create_until_charged(
-        self, order: OrderInput, *, actor: str, also: AlsoWrite | None = None
-    ) -> WorkflowUpdateHandle[OrderProgress]:
-        """:meth:`create`, with the ``charged`` update sent in the start request
-        (update-with-start). Returns once the workflow accepted the update; its
-        ``result()`` answers when the order is charged, has failed or is being
-        cancelled, while the checkout goes on."""
-        with self._creating(order):
-            start = await self._checked_start(order, actor, also)
-            return await start_lifecycle_with_update(
-                self._client,
-                self._pool,
-                start,
-                update=ORDER_CHARGED_UPDATE,
-                update_result_type=OrderProgress,
-            )
-
     async def until_charged(self, order_id: str) -> OrderProgress:
-        """The ``charged`` update's answer for a running order (see
-        :meth:`create_until_charged`)."""
+        """The ``charged`` update's answer for a running order: once it is charged, has
+        failed or is being cancelled, while the checkout goes on. A workflow that ended
+        already answers NOT_FOUND (``RPCError``): its row is the answer then."""
         progress: OrderProgress = await self.handle(order_id).execute_update(
             ORDER_CHARGED_UPDATE, result_type=OrderProgress
         )
