@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import logging
+import os
 import sys
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import asyncpg
 from cyclopts import App, CycloptsError, Parameter
@@ -610,3 +613,29 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"Temporal refused the request: {exc.message}", EXIT_REFUSED)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+
+
+def run_as_program() -> NoReturn:
+    """:func:`main` for a process of its own (``python starter.py``): once the command's
+    output and spans are out, end the process without the interpreter's teardown.
+
+    The Temporal SDK's native threads can race that teardown and abort a process whose
+    work is done ("Fatal Python error: PyGILState_Release", exit -6; seen under parallel
+    load in the CLI tests, and known upstream as temporalio/sdk-python#300). A script
+    would read that as a crash of a command that succeeded.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # the reader went away (a closed pipe): nothing more to tell it
+            pass
+    os._exit(code)
