@@ -38,8 +38,9 @@ demo: $(STAMP)
 ## The test suite against a real Temporal dev server, real Postgres and the HTTP sandbox,
 ## in parallel: each of TEST_WORKERS processes (default 3) starts its own. The tests mostly
 ## wait (on Temporal, Postgres, subprocesses), so more processes than cores pay: on 2 cores
-## at a load of about 3, 2 processes took 4.3 min, 3 took 3.3 and 4 took 2.8-2.9, but with
-## 4 a CLI process aborted at exit in two runs of four (see the CLI tests), with 3 in none.
+## at a load of about 3, 2 processes took 4.3 min, 3 took 3.3 and 4 took 2.8-2.9; with 4 a
+## CLI process aborted at exit in two runs of four (the SDK's teardown race, which
+## starter.py now steps around), and 3 leaves room on a machine that is shared.
 ## TEST_WORKERS=auto is one per core (at most 4); TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 3
 test: $(STAMP)
