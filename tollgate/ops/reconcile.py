@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -346,9 +346,9 @@ def scheduled_input(every: timedelta) -> ReconcileInput:
 
 
 async def ensure_schedule(client: Client, *, task_queue: str, every: timedelta) -> bool:
-    """Create the reconciler's Temporal Schedule, or bring an existing one up to date
-    (its interval and its runs' input, which a newer worker may have changed). True if
-    it was created."""
+    """Create the reconciler's Temporal Schedule, or bring an existing one's interval
+    and runs' input up to date (a newer worker may have changed them) while keeping its
+    state and policies: an operator's pause stays. True if it was created."""
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
             RECONCILER_WORKFLOW,
@@ -362,7 +362,11 @@ async def ensure_schedule(client: Client, *, task_queue: str, every: timedelta) 
         await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
     except ScheduleAlreadyRunningError:
         await client.get_schedule_handle(RECONCILE_SCHEDULE_ID).update(
-            lambda _current: ScheduleUpdate(schedule=schedule)
+            lambda current: ScheduleUpdate(
+                schedule=replace(
+                    current.description.schedule, action=schedule.action, spec=schedule.spec
+                )
+            )
         )
         return False
     return True
