@@ -588,6 +588,7 @@ async def test_devices_register_once_and_belong_to_their_client(h: Harness) -> N
         row = await h.pool.fetchrow(
             "SELECT active, client_id FROM devices WHERE id = $1", device["device_id"]
         )
+        assert row is not None
         assert row["active"] is False and row["client_id"] == api.client_id
 
 

@@ -31,6 +31,7 @@ async def test_a_key_is_printed_once_stored_as_a_hash_listed_without_it_and_revo
     key, key_id = created["key"], created["key_id"]
     assert access.key_id_of(key) == key_id and created["client"] == client
     row = await h.pool.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+    assert row is not None
     secret = key.split("_", 2)[2]
     assert row["secret_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
     assert secret not in str(dict(row))

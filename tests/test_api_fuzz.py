@@ -28,6 +28,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -75,7 +76,7 @@ def _examples(
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    def run(case: schemathesis.Case) -> None:
+    def run(case: schemathesis.Case[schemathesis.APIOperation[Any, Any, Any, Any]]) -> None:
         kwargs = case.as_transport_kwargs(base_url=base_url)
         headers = dict(kwargs.pop("headers", {}))
         receipts = case.operation.path == "/v1/receipts"
@@ -109,6 +110,7 @@ def _fuzz(
     statuses: dict[str, int] = {}
     session = requests.Session()
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), f"an operation the schema cannot give: {result.err()}"
         operation = result.ok()
         label = f"{operation.method.upper()} {operation.path}"
         sent[label] = 0

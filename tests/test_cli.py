@@ -221,7 +221,8 @@ async def test_send_wait_returns_on_delivery_not_after_the_read_window(h: Harnes
     assert run.code == 0, run
     out = json.loads(run.out)
     assert out["status"] == "EMAILED" and out["reached"] is True
-    assert (await h.messages.handle(message_id).describe()).status.name == "RUNNING"
+    status = (await h.messages.handle(message_id).describe()).status
+    assert status is not None and status.name == "RUNNING"
 
     other = f"cli-m-{uuid.uuid4().hex[:10]}"
     waited = await run_starter(
@@ -533,7 +534,9 @@ async def test_recall_from_the_cli_while_the_push_is_in_flight(h: Harness) -> No
     handle = h.messages.handle(message_id)
 
     async def pushing() -> bool:
-        progress = await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+        progress: MessageProgress = await handle.query(
+            MESSAGE_STATUS_QUERY, result_type=MessageProgress
+        )
         return progress.step == "pushing"
 
     await eventually(pushing, what="pushing")

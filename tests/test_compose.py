@@ -30,13 +30,14 @@ import re
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML has no inline types; types-PyYAML is not a dev dep
 from dotenv import dotenv_values
 
 from tests.waiting import eventually
@@ -342,7 +343,7 @@ def test_compose_refuses_to_start_without_each_variable(
     for name in _referenced_names(raw):
         for incomplete in ({k: v for k, v in dotenv.items() if k != name}, {**dotenv, name: ""}):
             with pytest.raises(InterpolationError, match=name):
-                _map_strings(raw, lambda value, env=incomplete: _interpolate(value, env))
+                _map_strings(raw, partial(_interpolate, env=incomplete))
 
 
 def test_env_example_lists_every_variable_and_sets_none(raw: dict[str, Any]) -> None:

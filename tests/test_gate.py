@@ -13,7 +13,9 @@ import asyncio
 import itertools
 import shutil
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -22,6 +24,7 @@ from tests.conftest import apply_transition
 from tests.db import attempt, audit_refusal, execute_as, move, new_message, new_order, path_to
 from tollgate import gate
 from tollgate.errors import OrderCancelled, VersionConflict
+from tollgate.lifecycle import LifecycleStatus
 from tollgate.messages import store as message_store
 from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
@@ -180,7 +183,14 @@ async def test_every_column_but_the_mutable_few_is_frozen(writer: asyncpg.Pool, 
 
 #: Per lifecycle: how a test makes a fresh row, reads its audit, and the statuses the row
 #: is created in and then moved to twice from psql.
-AUDITED = {
+AUDITED: dict[
+    str,
+    tuple[
+        Callable[[asyncpg.Pool], Awaitable[str]],
+        Callable[[asyncpg.Pool, str], Awaitable[Sequence[gate.AuditRow[Any]]]],
+        tuple[LifecycleStatus, LifecycleStatus, LifecycleStatus],
+    ],
+] = {
     "orders": (
         _new_order,
         order_store.list_transitions,

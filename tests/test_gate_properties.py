@@ -171,6 +171,12 @@ class Attempt:
     version: int | None = None
 
 
+def _applied_version(a: Attempt) -> int:
+    """The version an applied write gave the row; every applied attempt has one."""
+    assert a.version is not None, f"an applied write without a version: {a}"
+    return a.version
+
+
 def _writers() -> st.SearchStrategy[list[Writer]]:
     writer = st.builds(
         Writer,
@@ -277,6 +283,7 @@ class GateMachine(RuleBasedStateMachine):
                     f"{order_id}: audit records illegal {cur.from_status} -> {cur.to_status}"
                 )
                 assert cur.from_status == prev.to_status, f"{order_id}: audit breaks at {cur}"
+                assert cur.from_version is not None, f"{order_id}: {cur}"
                 assert cur.to_version == cur.from_version + 1, f"{order_id}: {cur}"
                 # Between two transitions the row may only have had same-status writes.
                 assert cur.from_version is not None and cur.from_version >= prev.to_version
@@ -309,7 +316,7 @@ class GateMachine(RuleBasedStateMachine):
             mine = [a for a in attempts if a.order_id == order_id]
             history = self.history[order_id]
             start = len(history)
-            applied = sorted((a for a in mine if a.outcome == "applied"), key=lambda a: a.version)
+            applied = sorted((a for a in mine if a.outcome == "applied"), key=_applied_version)
             for a in applied:
                 assert a.expected >= start, (
                     f"a stale write applied: expected v{a.expected}, row was at v{start}: {a}"
@@ -477,8 +484,12 @@ class GateMachine(RuleBasedStateMachine):
                 assert (created.status, created.version) == (S.PENDING, 1)
         return ids
 
-    async def _snapshot(self) -> dict[str, tuple[order_store.OrderRow | None, list[gate.AuditRow]]]:
-        async def one(order_id: str) -> tuple[order_store.OrderRow | None, list[gate.AuditRow]]:
+    async def _snapshot(
+        self,
+    ) -> dict[str, tuple[order_store.OrderRow | None, list[gate.AuditRow[OrderStatus]]]]:
+        async def one(
+            order_id: str,
+        ) -> tuple[order_store.OrderRow | None, list[gate.AuditRow[OrderStatus]]]:
             return await order_store.get_order(
                 self.pool, order_id
             ), await order_store.list_transitions(self.pool, order_id)
@@ -508,5 +519,7 @@ def test_concurrent_writers_never_get_past_the_gate(
 ) -> None:
     loop, pool = writers_loop
     run_state_machine_as_test(
-        lambda: GateMachine(loop, pool), settings=GateMachine.TestCase.settings
+        # Hypothesis documents "a class or a function" but its annotation says only a class
+        lambda: GateMachine(loop, pool),  # type: ignore[arg-type]
+        settings=GateMachine.TestCase.settings,
     )

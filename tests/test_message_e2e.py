@@ -322,9 +322,12 @@ async def test_ten_thousand_bogus_signals_leave_the_workflow_healthy_and_its_res
 
         async def answered() -> MessageProgress | None:
             try:
-                return await handle.query(MESSAGE_STATUS_QUERY, result_type=MessageProgress)
+                now: MessageProgress = await handle.query(
+                    MESSAGE_STATUS_QUERY, result_type=MessageProgress
+                )
             except RPCError:  # a query waits for the worker to digest the flood; may time out
                 return None
+            return now
 
         started = time.monotonic()
         for first in range(0, SIGNALS, FLOOD_ROUND):

@@ -38,7 +38,7 @@ async def _force(pool: asyncpg.Pool, message_id: str, target: MessageStatus) -> 
         await pool.execute("UPDATE messages SET status = $2 WHERE id = $1", message_id, step.value)
 
 
-async def _audit(pool: asyncpg.Pool, message_id: str) -> list[gate.AuditRow]:
+async def _audit(pool: asyncpg.Pool, message_id: str) -> list[gate.AuditRow[MessageStatus]]:
     return await message_store.list_transitions(pool, message_id)
 
 
@@ -251,7 +251,8 @@ async def test_device_facts_are_first_writer_wins(pool: asyncpg.Pool) -> None:
     assert later[d0].delivered_at == first[d0].delivered_at
     assert (later[d0].push_id, later[d0].pushed_at) == ("push-1", first[d0].pushed_at)
     assert later[d0].read_at is not None and later[d0].receipt_at is None
-    assert later[d1].delivered_at is not None and later[d1].delivered_at > first[d0].delivered_at
+    d1_delivered, d0_delivered = later[d1].delivered_at, first[d0].delivered_at
+    assert d1_delivered is not None and d0_delivered is not None and d1_delivered > d0_delivered
     assert later[d1].pushed_at is None and later[d1].read_at is None
 
     read_at = later[d0].read_at

@@ -137,7 +137,8 @@ async def test_the_app_role_cannot_become_the_owner(app: asyncpg.Pool) -> None:
         "SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication"
         " FROM pg_roles WHERE rolname = session_user"
     )
-    assert role is not None and not any(role.values()), dict(role)
+    assert role is not None
+    assert not any(role.values()), dict(role)
     assert await app.fetchval("SELECT pg_has_role(session_user, $1, 'USAGE')", APP_GROUP)
 
 

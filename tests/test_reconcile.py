@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +15,7 @@ from temporalio.client import (
     DescribeWorkflowInput,
     Interceptor,
     OutboundInterceptor,
+    ScheduleActionExecutionStartWorkflow,
     ScheduleActionResult,
 )
 from temporalio.service import RPCError
@@ -115,7 +116,8 @@ async def test_terminated_orders_are_recovered_with_no_money_left_charged(
         ledger = await h.sandbox.ledger(order_id)
         assert [c.status for c in ledger.charges] == ["refunded"], "no money left charged"
         assert not [r for r in ledger.reservations if r.status == "reserved"], "no stock left held"
-    assert (await h.service.row(reserved)).failure_reason.startswith("recovered by the reconciler")
+    reason = (await h.service.row(reserved)).failure_reason
+    assert reason is not None and reason.startswith("recovered by the reconciler")
 
     again = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
     assert not [f for f in again.findings if f.entity_id in ours], "a repaired row is at rest"
@@ -156,11 +158,12 @@ async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -
         )
         await schedule.trigger()
 
-        async def recent_actions() -> list[ScheduleActionResult]:
+        async def recent_actions() -> Sequence[ScheduleActionResult]:
             return (await schedule.describe()).info.recent_actions
 
         recent = await eventually(recent_actions, what="the schedule's run recorded")
         run = recent[0].action
+        assert isinstance(run, ScheduleActionExecutionStartWorkflow), run  # it starts a workflow
         report = await h.client.get_workflow_handle(
             run.workflow_id, run_id=run.first_execution_run_id, result_type=ReconcileReport
         ).result()

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import pytest
@@ -322,7 +322,7 @@ async def test_a_recall_from_the_cli_joins_the_messages_trace_and_links_to_the_c
     ]
 
 
-def _span_in_a_coroutine() -> Iterator[None]:
+def _span_in_a_coroutine() -> Generator[None, None, None]:
     with trace.get_tracer(__name__).start_as_current_span("run"):
         yield
 

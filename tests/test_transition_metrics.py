@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from tests.conftest import apply_transition
 from tests.db import move, new_order
@@ -38,6 +38,7 @@ def _outcomes(reader: InMemoryMetricReader, order_statuses: set[str]) -> Counter
                 for point in metric.data.data_points:
                     attrs = dict(point.attributes or {})
                     if attrs.get("to_status") in order_statuses:
+                        assert isinstance(point, NumberDataPoint), point  # a counter's point
                         counts[(str(attrs["to_status"]), str(attrs["outcome"]))] = int(point.value)
     return counts
 

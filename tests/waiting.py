@@ -27,11 +27,15 @@ WITHIN = 30.0
 
 @overload
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, within: float = ..., every: float = ..., what: str = ...
+    probe: Callable[[], Awaitable[T | None]],
+    *,
+    within: float = ...,
+    every: float = ...,
+    what: str = ...,
 ) -> T: ...
 @overload
 async def eventually(
-    probe: Callable[[], T], *, within: float = ..., every: float = ..., what: str = ...
+    probe: Callable[[], T | None], *, within: float = ..., every: float = ..., what: str = ...
 ) -> T: ...
 async def eventually(
     probe: Callable[[], Any],
@@ -60,7 +64,7 @@ async def order_step(service: OrderService, order_id: str, step: str) -> None:
     """Wait until the order's workflow says it is at ``step`` (its progress query)."""
 
     async def at_step() -> bool:
-        progress = await service.handle(order_id).query(
+        progress: OrderProgress = await service.handle(order_id).query(
             ORDER_STATUS_QUERY, result_type=OrderProgress
         )
         return progress.step == step
