@@ -37,7 +37,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML has no inline types; types-PyYAML is not a dev dep
+import yaml
 from dotenv import dotenv_values
 
 from tests.waiting import eventually
