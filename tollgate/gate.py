@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from opentelemetry import metrics
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tollgate.errors import IllegalTransition, NotFound, VersionConflict
 from tollgate.ids import NOTE_MAX, one_line
+from tollgate.lifecycle import EntityRow
 from tollgate.postgres import Connection, Executor
 from tollgate.tracing import current_trace_id, current_traceparent
 
@@ -363,23 +364,9 @@ async def audit_trail(
     return [row_type.model_validate(dict(r)) for r in rows]
 
 
-class LifecycleRow(Protocol):
-    """What every lifecycle's row model (``OrderRow``, ``MessageRow``) has, for the code
-    written once over all of them."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def status(self) -> str: ...
-
-    #: The span that created the entity: its lifecycle's trace (:mod:`tollgate.tracing`).
-    @property
-    def trace_parent(self) -> str | None: ...
-
-
 EntityT = TypeVar("EntityT")
-RowT = TypeVar("RowT", bound=LifecycleRow)
+#: A lifecycle's row model (``OrderRow``, ``MessageRow``).
+RowT = TypeVar("RowT", bound=EntityRow[Any])
 
 
 @dataclass(frozen=True)

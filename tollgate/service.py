@@ -33,16 +33,15 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tollgate.errors import AlreadyExists
-from tollgate.gate import AuditRow, EntityT, Lifecycle, Store, get_row
+from tollgate.gate import AuditRow, EntityT, Lifecycle, RowT, Store, get_row
 from tollgate.ids import require_safe_id
-from tollgate.lifecycle import EntityRow, StatusT
+from tollgate.lifecycle import StatusT
 from tollgate.names import LifecycleNames
 from tollgate.postgres import Connection
 from tollgate.tracing import joined
 
 ProgressT = TypeVar("ProgressT")
 ResultT = TypeVar("ResultT")
-RowT = TypeVar("RowT", bound=EntityRow[Any])
 
 
 @dataclass(frozen=True)

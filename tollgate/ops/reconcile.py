@@ -55,7 +55,7 @@ from tollgate.names import (
     recovery_workflow_id,
 )
 from tollgate.orders.models import OrderResult, RecoveryInput
-from tollgate.orders.states import OrderStatus
+from tollgate.orders.states import ORDER_TERMINAL
 from tollgate.tracing import joined
 
 RECONCILE_SCHEDULE_ID = "tollgate-reconciler"
@@ -170,12 +170,8 @@ class _Kind:
         return status in self.resting
 
 
-_ORDERS = _Kind(
-    "order", "orders", frozenset(s.value for s in OrderStatus if s.terminal), OrderResult
-)
-_MESSAGES = _Kind(
-    "message", "messages", frozenset(s.value for s in _MESSAGE_AT_REST), MessageResult
-)
+_ORDERS = _Kind("order", "orders", ORDER_TERMINAL, OrderResult)
+_MESSAGES = _Kind("message", "messages", _MESSAGE_AT_REST, MessageResult)
 
 
 async def _recovered(client: Client, order_id: str) -> bool:
