@@ -18,7 +18,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from tollgate import gate
-from tollgate.errors import TollgateError
+from tollgate.errors import TollgateError, VersionConflict
 from tollgate.gate import Lifecycle, Writer
 from tollgate.models import TransitionRequest, TransitionResult
 from tollgate.names import transition_id
@@ -62,6 +62,22 @@ class ProviderActivities(Generic[ProviderT]):
 
     def __init__(self, provider: ProviderT) -> None:
         self._provider = provider
+
+
+class StepActivities(ProviderActivities[ProviderT]):
+    """Base of the provider activities that are a lifecycle's forward steps: each first
+    moves its row through the gate (when its input carries the move), then calls the
+    provider. One activity, so one round trip through Temporal, and the row has moved
+    before the provider is called."""
+
+    def __init__(self, provider: ProviderT, rows: LifecycleStoreActivities[Any, Any]) -> None:
+        super().__init__(provider)
+        self._rows = rows
+
+    async def _move_first(
+        self, entity_id: str, move: TransitionRequest[Any] | None
+    ) -> TransitionResult | None:
+        return None if move is None else await self._rows.move_before_step(entity_id, move)
 
 
 def compensation_result(answer: UndoAnswer) -> CompensationResult:
@@ -182,17 +198,45 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
         stopped (cancelled before its workflow ran) is reported as it is.
         """
         lifecycle, snapshot = self.rows.lifecycle, self.rows.snapshot
-        workflow_id = current_workflow_id()
-        row = await self._insert(entity, workflow_id)
+        row = await self._insert(entity, current_workflow_id())
         if row.status != lifecycle.initial or row.version != 1:
             return snapshot(status=row.status, version=row.version)
+        return await self._move_as_workflow(entity_id, row, first)
+
+    async def _move_as_workflow(self, entity_id: str, at: _Standing, to: StrEnum) -> SnapshotT:
+        """Move the row from where ``at`` says it stands to ``to``, as the workflow's own
+        move would (same transition id and actor), for an activity that makes several
+        of a lifecycle's moves in one."""
+        workflow_id = current_workflow_id()
         moved = await gate.transition(
             self._pool,
-            lifecycle,
-            gate.Move(entity_id, 1, first.value, transition_id(workflow_id, 1, first.value)),
+            self.rows.lifecycle,
+            gate.Move(
+                entity_id, at.version, to.value, transition_id(workflow_id, at.version, to.value)
+            ),
             Writer(f"workflow:{workflow_id}"),
         )
-        return snapshot(status=first, version=moved.version)
+        return self.rows.snapshot(status=to, version=moved.version)
+
+    async def move_before_step(
+        self, entity_id: str, req: TransitionRequest[Any]
+    ) -> TransitionResult:
+        """The move a step activity makes before it calls its provider.
+
+        Refused because the row moved on (a cancellation was recorded, say), it tells the
+        workflow whether the step may have run all the same. Only if an earlier attempt
+        of this activity applied the move (the audit holds its transition id) can that
+        attempt have gone on to call the provider; otherwise nothing of the step ran and
+        there is nothing to undo.
+        """
+        try:
+            return await self._move(entity_id, req)
+        except VersionConflict as refused:
+            async with self._pool.acquire() as conn:
+                refused.step_may_have_run = await gate.applied(
+                    conn, self.rows.lifecycle, entity_id, req.transition_id
+                )
+            raise
 
     async def _move(self, entity_id: str, req: TransitionRequest[Any]) -> TransitionResult:
         """One version-checked transition through the gate, logged with the entity's id."""

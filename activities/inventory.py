@@ -2,39 +2,52 @@
 
 from __future__ import annotations
 
-from activities import ProviderActivities, compensation_result, defn
+from activities import StepActivities, compensation_result, defn
+from activities.orders import OrderStoreActivities
 from tollgate.orders.models import (
     CompensationResult,
-    OrderInput,
     ReleaseInput,
     ReserveInput,
     ReserveResult,
+    ValidateInput,
     ValidateResult,
     order_problems,
 )
+from tollgate.orders.states import OrderStatus
 from tollgate.providers.inventory import Inventory
 
 
-class InventoryActivities(ProviderActivities[Inventory]):
+class InventoryActivities(StepActivities[Inventory]):
     """The inventory service's calls as activities."""
 
+    _rows: OrderStoreActivities
+
     @defn("validate_order")
-    async def validate(self, order: OrderInput) -> ValidateResult:
-        """Business checks an order must pass before money moves: every problem is listed."""
+    async def validate(self, req: ValidateInput) -> ValidateResult:
+        """Business checks an order must pass before money moves: every problem is listed.
+
+        With ``begin``, first record the order and move it to VALIDATING (a checkout's
+        first step); a row found cancelled is reported and nothing is checked.
+        """
+        order = req.order
+        begun = await self._rows.begin_order(order) if req.begin else None
+        if begun is not None and begun.status is not OrderStatus.VALIDATING:
+            return ValidateResult(begun=begun)
         unknown = await self._provider.unknown_skus(i.sku for i in order.items)
         return ValidateResult(
-            problems=order_problems(order) + [f"unknown SKU {s}" for s in unknown]
+            problems=order_problems(order) + [f"unknown SKU {s}" for s in unknown], begun=begun
         )
 
     @defn("reserve_inventory")
     async def reserve(self, req: ReserveInput) -> ReserveResult:
-        """Reserve every item of the order, or none."""
+        """Move the order to RESERVING (when asked), then reserve every item, or none."""
+        moved = await self._move_first(req.order_id, req.move)
         answer = await self._provider.reserve(
             order_id=req.order_id,
             items=[i.model_dump() for i in req.items],
             idempotency_key=req.idempotency_key,
         )
-        return ReserveResult(reservation_id=answer.reservation_id)
+        return ReserveResult(reservation_id=answer.reservation_id, moved=moved)
 
     @defn("release_inventory")
     async def release(self, req: ReleaseInput) -> CompensationResult:

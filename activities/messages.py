@@ -6,9 +6,11 @@ from activities import LifecycleStoreActivities, Rows, current_actor, defn
 from tollgate.messages import store
 from tollgate.messages.models import (
     ClearReadInput,
+    DeliverInput,
     DeviceFactInput,
     DevicesInput,
     DevicesResult,
+    DispatchResult,
     MessageInput,
     MessageSnapshot,
     RecallMessageInput,
@@ -28,6 +30,28 @@ class MessageStoreActivities(LifecycleStoreActivities[MessageInput, MessageSnaps
     async def begin_message(self, message: MessageInput) -> MessageSnapshot:
         """Ensure the INITIATED row exists and move it to STORED: a delivery's first step."""
         return await self._begin(message, message.message_id, MessageStatus.STORED)
+
+    @defn("dispatch_message")
+    async def dispatch_message(self, message: MessageInput) -> DispatchResult:
+        """What a delivery does before the push, in one local activity: record the message
+        (unless the service did) and move it to STORED, find the recipient's devices, and
+        move it to DISPATCHED. A retry finds its writes done and reads the devices again;
+        a row found recalled is reported as it is, and nothing is read."""
+        at = await self._begin(message, message.message_id, MessageStatus.STORED)
+        if at.status not in (MessageStatus.STORED, MessageStatus.DISPATCHED):
+            return DispatchResult(status=at.status, version=at.version)
+        devices = await self.recipient_devices(DevicesInput(user_id=message.recipient_id))
+        if at.status is MessageStatus.STORED:
+            at = await self._move_as_workflow(message.message_id, at, MessageStatus.DISPATCHED)
+        return DispatchResult(status=at.status, version=at.version, devices=devices.devices)
+
+    @defn("deliver_message")
+    async def deliver_message(self, req: DeliverInput) -> TransitionResult:
+        """Record what the devices' signals brought (first writer wins), then move the row
+        to DELIVERED: one local activity."""
+        for fact in req.facts:
+            await self.record_device_fact(fact)
+        return await self._move(req.move.message_id, req.move)
 
     @defn("record_message")
     async def record_message(self, message: MessageInput) -> MessageSnapshot:

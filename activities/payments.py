@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from activities import ProviderActivities, compensation_result, defn
+from activities import StepActivities, compensation_result, defn
 from tollgate.orders.models import ChargeInput, ChargeResult, CompensationResult, RefundInput
 from tollgate.providers.payments import PaymentGateway
 
 
-class PaymentActivities(ProviderActivities[PaymentGateway]):
+class PaymentActivities(StepActivities[PaymentGateway]):
     """The gateway's calls as activities; the step's idempotency key goes with each."""
 
     @defn("charge_payment")
     async def charge(self, req: ChargeInput) -> ChargeResult:
-        """Capture the order total. A retry reuses the key, so the gateway charges once."""
+        """Move the order to CHARGING (when asked), then capture the order total. A retry
+        reuses the key, so the gateway charges once."""
+        moved = await self._move_first(req.order_id, req.move)
         answer = await self._provider.charge(
             order_id=req.order_id,
             customer_id=req.customer_id,
@@ -20,7 +22,7 @@ class PaymentActivities(ProviderActivities[PaymentGateway]):
             currency=req.currency,
             idempotency_key=req.idempotency_key,
         )
-        return ChargeResult(charge_id=answer.charge_id)
+        return ChargeResult(charge_id=answer.charge_id, moved=moved)
 
     @defn("refund_payment")
     async def refund(self, req: RefundInput) -> CompensationResult:

@@ -6,7 +6,9 @@ result models (both read off the real activity methods, so the two cannot drift
 apart). Each stand-in records every call and answers from a small script: a value, an
 ``ApplicationError`` of the type the real activity would raise (:class:`Fail`), or a
 wait until the test releases it (:class:`Block`). A spec then states what the workflow
-did as the trail of calls it made, what it returned, and in what order it undid.
+did as the trail of calls it made, what it returned, and in what order it undid. A step
+whose activity first moves the row (the charge moves it to CHARGING) shows as the move,
+then the step (:class:`Carried`).
 
 These specs prove the orchestration only; the end-to-end tests prove the parts fit.
 """
@@ -14,6 +16,7 @@ These specs prove the orchestration only; the end-to-end tests prove the parts f
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 import sys
 import uuid
@@ -44,15 +47,20 @@ from activities.payments import PaymentActivities
 from activities.push import PushActivities
 from tollgate.errors import OrderNotFound, TollgateError
 from tollgate.messages.models import (
+    DeliverInput,
     Device,
+    DevicesInput,
     DevicesResult,
+    DispatchResult,
     EmailResult,
+    MessageInput,
     MessageSnapshot,
     PushResult,
 )
+from tollgate.messages.models import TransitionInput as MessageTransition
 from tollgate.messages.states import MessageStatus
 from tollgate.models import RetrySettings, TransitionResult
-from tollgate.names import SEARCH_ATTRIBUTES
+from tollgate.names import SEARCH_ATTRIBUTES, transition_id
 from tollgate.orders.models import (
     BeginCancelResult,
     ChargeResult,
@@ -143,7 +151,10 @@ class Block:
         await self._released.wait()
 
 
-#: A value, a Fail, a Block, or a function of the activity's input giving one of those.
+#: In a script: answer this call as the stand-in does by default.
+AS_USUAL = object()
+
+#: A value, a Fail, a Block, AS_USUAL, or a function of the activity's input giving one of those.
 Answer = Any
 
 
@@ -183,14 +194,29 @@ class StandIn:
         self._log = log
 
         async def stand_in(arg: Any) -> Any:
-            self._log.append(Call(self.name, arg))
-            return await self._answer(arg)
+            if self._carries is None:
+                return await self.call(arg)
+            return await self._carries.run(self, arg)
 
         # The data converter decodes the input into the real model, as for the real activity.
         stand_in.__annotations__.update(
             {"arg": definition.arg_types[0], "return": definition.ret_type}
         )
         self.definition = activity.defn(name=self.name)(stand_in)
+        self._carries: Carried | None = None
+        #: False for an activity made of others' writes: the trail shows those instead.
+        self.recorded = True
+
+    async def call(self, arg: Any) -> Any:
+        """One attempt: recorded in the trail, answered from the script."""
+        if self.recorded:
+            self._log.append(Call(self.name, arg))
+        return await self._answer(arg)
+
+    def carries(self, carried: Carried) -> StandIn:
+        """This step's activity first makes the write ``carried`` describes."""
+        self._carries = carried
+        return self
 
     def then(self, *answers: Answer) -> StandIn:
         """Answer the next calls with ``answers``, one each, then as by default."""
@@ -208,11 +234,15 @@ class StandIn:
 
     async def _answer(self, arg: Any) -> Any:
         answer = self._next(arg)
+        if answer is AS_USUAL:
+            answer = self._default
         if isinstance(answer, Block):
             await answer.hold()
             answer = self._default if answer.then is None else answer.then
         if callable(answer):
             answer = answer(arg)
+            if inspect.isawaitable(answer):
+                answer = await answer
         if isinstance(answer, Fail):
             kind = answer.error.__name__
             raise ApplicationError(
@@ -228,6 +258,48 @@ class StandIn:
             if answers and matches(arg):
                 return answers.popleft()
         return self._default
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A write a step's activity makes before its own work, when its input carries it (the
+    move to CHARGING in a charge): in production one activity, one round trip. In the
+    trail it shows as what it is, the write's own call, then the step's, and the write's
+    stand-in answers it, so a spec scripts it as before.
+    """
+
+    #: The write's stand-in.
+    write: StandIn
+    #: The write's input within the step's input, or None when the step carries none.
+    part: Callable[[Any], Any]
+    #: The step's result with where the write left the row.
+    merge: Callable[[Any, Any], Any]
+    #: Whether the step goes on once the write answered (a begin that found the row
+    #: cancelled stops the step short, and only the write's answer is returned).
+    goes_on: Callable[[Any], bool] = lambda _: True
+    #: Transition ids of writes that applied: a refused move says whether an earlier
+    #: attempt applied it, as the real activity checks the audit.
+    applied: set[str] | None = None
+
+    async def run(self, step: StandIn, arg: Any) -> Any:
+        part = self.part(arg)
+        if part is None:
+            return await step.call(arg)
+        try:
+            written = await self.write.call(part)
+        except ApplicationError as refused:
+            ran = self.applied is not None and part.transition_id in self.applied
+            raise ApplicationError(
+                refused.message,
+                {"step_may_have_run": ran},
+                type=refused.type,
+                non_retryable=refused.non_retryable,
+            ) from None
+        if self.applied is not None:
+            self.applied.add(part.transition_id)
+        if not self.goes_on(written):
+            return self.merge(None, written)
+        return self.merge(await step.call(arg), written)
 
 
 def devices_of(user_id: str) -> list[Device]:
@@ -250,15 +322,20 @@ class StandIns:
         self.client, self.task_queue = client, task_queue
         self.log: list[Call] = []
         self.version = 0
+        #: The order row's status as the stand-ins last wrote it (None: no row written).
+        self.order_status: OrderStatus | None = None
         defaults: dict[Callable[..., Any], Answer] = {
             OrderStoreActivities.begin_order: lambda _: self._recorded(OrderStatus.VALIDATING),
             OrderStoreActivities.record_order: lambda _: self._recorded(OrderStatus.PENDING),
             OrderStoreActivities.transition_order: self._moved,
             OrderStoreActivities.begin_cancellation: lambda a: BeginCancelResult(
-                status=OrderStatus.CANCELLING, version=self._bump(), cancel_reason=a.reason
+                status=self._wrote(OrderStatus.CANCELLING),
+                version=self._bump(),
+                cancel_reason=a.reason,
             ),
-            # A recovery reads a row that exists only once the spec says where it stands.
-            OrderStoreActivities.read_order: Fail(OrderNotFound),
+            # The order's row as the stand-ins last wrote it. A recovery reads a row no
+            # checkout wrote: it exists only once the spec says where it stands.
+            OrderStoreActivities.read_order: self._order_row,
             InventoryActivities.validate: ValidateResult(problems=[]),
             PaymentActivities.charge: lambda a: ChargeResult(charge_id=f"ch-{a.order_id}"),
             PaymentActivities.refund: CompensationResult(outcome="refunded", reference="rf-1"),
@@ -269,6 +346,8 @@ class StandIns:
                 MessageStatus.INITIATED
             ),
             MessageStoreActivities.transition_message: self._moved,
+            MessageStoreActivities.dispatch_message: self._dispatch,
+            MessageStoreActivities.deliver_message: self._deliver,
             MessageStoreActivities.recall_message: lambda _: MessageSnapshot(
                 status=MessageStatus.CANCELLED, version=self._bump()
             ),
@@ -283,6 +362,31 @@ class StandIns:
             EmailActivities.send: lambda a: EmailResult(email_id=f"em-{a.message_id}"),
         }
         self._by_method = {real: StandIn(real, d, self.log) for real, d in defaults.items()}
+        for made_of_others in (
+            MessageStoreActivities.dispatch_message,
+            MessageStoreActivities.deliver_message,
+        ):
+            self[made_of_others].recorded = False
+        applied: set[str] = set()
+        for step in (PaymentActivities.charge, InventoryActivities.reserve):
+            self[step].carries(
+                Carried(
+                    self[OrderStoreActivities.transition_order],
+                    part=lambda a: a.move,
+                    merge=lambda result, moved: result.model_copy(update={"moved": moved}),
+                    applied=applied,
+                )
+            )
+        self[InventoryActivities.validate].carries(
+            Carried(
+                self[OrderStoreActivities.begin_order],
+                part=lambda a: a.order if a.begin else None,
+                merge=lambda result, begun: (result or ValidateResult()).model_copy(
+                    update={"begun": begun}
+                ),
+                goes_on=lambda begun: begun.status is OrderStatus.VALIDATING,
+            )
+        )
 
     def __getitem__(self, real: Callable[..., Any]) -> StandIn:
         """The stand-in for a real activity method, to script or inspect."""
@@ -304,12 +408,56 @@ class StandIns:
         # A begin records the row (version 1) and makes its first move (version 2).
         self.version = 1 if status in (OrderStatus.PENDING, MessageStatus.INITIATED) else 2
         if isinstance(status, OrderStatus):
-            return OrderSnapshot(status=status, version=self.version)
+            return OrderSnapshot(status=self._wrote(status), version=self.version)
         return MessageSnapshot(status=status, version=self.version)
 
     def _moved(self, arg: Any) -> TransitionResult:
         self.version = arg.expected_version + 1
+        if isinstance(arg.to_status, OrderStatus):
+            self._wrote(arg.to_status)
         return TransitionResult(version=self.version)
+
+    async def _dispatch(self, message: MessageInput) -> DispatchResult:
+        """As the real activity: the begin, then unless the row was recalled the devices
+        and the move to DISPATCHED, each answered by its own stand-in."""
+        at = await self[MessageStoreActivities.begin_message].call(message)
+        if at.status not in (MessageStatus.STORED, MessageStatus.DISPATCHED):
+            return DispatchResult(status=at.status, version=at.version)
+        found = await self[MessageStoreActivities.recipient_devices].call(
+            DevicesInput(user_id=message.recipient_id)
+        )
+        if at.status is MessageStatus.STORED:
+            workflow_id = activity.info().workflow_id or ""
+            to = MessageStatus.DISPATCHED
+            moved = await self[MessageStoreActivities.transition_message].call(
+                MessageTransition(
+                    message_id=message.message_id,
+                    expected_version=at.version,
+                    to_status=to,
+                    transition_id=transition_id(workflow_id, at.version, to.value),
+                    actor=f"workflow:{workflow_id}",
+                )
+            )
+            at = MessageSnapshot(status=to, version=moved.version)
+        return DispatchResult(status=at.status, version=at.version, devices=found.devices)
+
+    async def _deliver(self, req: DeliverInput) -> TransitionResult:
+        """As the real activity: each fact, then the move, by their own stand-ins."""
+        for fact in req.facts:
+            await self[MessageStoreActivities.record_device_fact].call(fact)
+        moved: TransitionResult = await self[MessageStoreActivities.transition_message].call(
+            req.move
+        )
+        return moved
+
+    def _wrote(self, status: OrderStatus) -> OrderStatus:
+        self.order_status = status
+        return status
+
+    def _order_row(self, _: Any) -> OrderSnapshot | Fail:
+        if self.order_status is None:
+            return Fail(OrderNotFound)
+        return OrderSnapshot(status=self.order_status, version=self.version)
 
     def _bump(self) -> int:
         self.version += 1

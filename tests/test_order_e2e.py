@@ -18,7 +18,9 @@ from temporalio.exceptions import CancelledError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
+from activities.inventory import InventoryActivities
 from activities.orders import OrderStoreActivities
+from activities.payments import PaymentActivities
 from tests.conftest import Harness
 from tests.recording import maybe_record
 from tests.waiting import eventually, order_status, order_step
@@ -33,14 +35,21 @@ from tollgate.names import (
 )
 from tollgate.orders import store as order_store
 from tollgate.orders.models import (
+    ChargeInput,
+    ChargeResult,
     OrderInput,
     OrderProgress,
     OrderResult,
-    OrderSnapshot,
+    ReserveInput,
+    ReserveResult,
     TransitionInput,
+    ValidateInput,
+    ValidateResult,
 )
 from tollgate.orders.states import OrderStatus
 from tollgate.providers.client import build_http_client
+from tollgate.providers.inventory import Inventory
+from tollgate.providers.payments import PaymentGateway
 from tollgate.worker import activities_for
 from tollgate_dev.sandbox import FaultSpec
 from workflows.order import OrderWorkflow
@@ -346,11 +355,18 @@ async def test_a_start_temporal_refuses_writes_no_row(h: Harness) -> None:
 
 
 class _LosesFirstReply:
-    """Stand-in for the activities that move an order (begin_order takes the first step,
-    transition_order the others): each commits, then 'loses' its reply once."""
+    """Stand-in for the activities that move an order: each commits, then 'loses' its
+    reply once. ``validate_order`` takes the first step (it begins the order),
+    ``charge_payment`` and ``reserve_inventory`` move the row before their calls, and
+    ``transition_order`` makes the rest."""
 
-    def __init__(self, real: OrderStoreActivities) -> None:
-        self.real = real
+    def __init__(
+        self,
+        store: OrderStoreActivities,
+        payments: PaymentActivities,
+        inventory: InventoryActivities,
+    ) -> None:
+        self.store, self.payments, self.inventory = store, payments, inventory
         self.lost: set[str] = set()
 
     def _lose_once(self, transition: str) -> None:
@@ -358,34 +374,50 @@ class _LosesFirstReply:
             self.lost.add(transition)
             raise RuntimeError("connection reset after commit (simulated)")
 
-    @activity.defn(name="begin_order")
-    async def begin(self, order: OrderInput) -> OrderSnapshot:
-        result = await self.real.begin_order(order)
+    @activity.defn(name="validate_order")
+    async def validate(self, req: ValidateInput) -> ValidateResult:
+        result = await self.inventory.validate(req)
         self._lose_once("begin")
+        return result
+
+    @activity.defn(name="charge_payment")
+    async def charge(self, req: ChargeInput) -> ChargeResult:
+        result = await self.payments.charge(req)
+        self._lose_once(req.move.transition_id if req.move else "charge")
+        return result
+
+    @activity.defn(name="reserve_inventory")
+    async def reserve(self, req: ReserveInput) -> ReserveResult:
+        result = await self.inventory.reserve(req)
+        self._lose_once(req.move.transition_id if req.move else "reserve")
         return result
 
     @activity.defn(name="transition_order")
     async def transition(self, req: TransitionInput) -> TransitionResult:
-        result = await self.real.transition_order(req)
+        result = await self.store.transition_order(req)
         self._lose_once(req.transition_id)
         return result
 
+    def definitions(self) -> list[Any]:
+        return [self.validate, self.charge, self.reserve, self.transition]
+
 
 async def test_transitions_retried_after_a_committed_first_attempt_apply_once(h: Harness) -> None:
-    store = OrderStoreActivities(h.pool)
-    flaky = _LosesFirstReply(store)
     async with build_http_client(h.settings) as http:
-        acts = [
-            a
-            for a in activities_for(h.pool, http)
-            if getattr(a, "__name__", "") not in ("transition_order", "begin_order")
-        ]
+        store = OrderStoreActivities(h.pool)
+        flaky = _LosesFirstReply(
+            store,
+            PaymentActivities(PaymentGateway(http), store),
+            InventoryActivities(Inventory(http), store),
+        )
+        replaced = {"validate_order", "charge_payment", "reserve_inventory", "transition_order"}
+        acts = [a for a in activities_for(h.pool, http) if activity_name(a) not in replaced]
         queue = f"{h.task_queue}-flaky"
         async with Worker(
             h.client,
             task_queue=queue,
             workflows=[OrderWorkflow],
-            activities=[*acts, flaky.begin, flaky.transition],
+            activities=[*acts, *flaky.definitions()],
         ):
             order = h.order()
             result = await h.client.execute_workflow(
@@ -395,6 +427,12 @@ async def test_transitions_retried_after_a_committed_first_attempt_apply_once(h:
     assert len(flaky.lost) == 4, "every transition lost its first reply"
     audit = await order_store.list_transitions(h.pool, order.order_id)
     assert [(a.from_status, a.to_status) for a in audit] == [*PIPELINE, (S.RESERVING, S.COMPLETED)]
+
+
+def activity_name(fn: Any) -> str | None:
+    """The name an activity is registered under."""
+    definition = activity._Definition.from_callable(fn)
+    return definition.name if definition else None
 
 
 async def test_status_query_reports_live_progress(h: Harness) -> None:

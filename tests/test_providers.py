@@ -21,6 +21,7 @@ from temporalio.testing import ActivityEnvironment
 from activities import to_application_error
 from activities.email import EmailActivities
 from activities.inventory import InventoryActivities
+from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from activities.push import PushActivities
 from tollgate import errors
@@ -189,30 +190,40 @@ async def test_a_code_that_is_not_a_plain_token_is_treated_as_none(code: str) ->
 # --- every activity's use of the body ------------------------------------------------
 
 ActivityCall = Callable[[httpx.AsyncClient, Breakers | None], Awaitable[Any]]
+#: These steps carry no move, so their activities never reach Postgres: no pool is needed.
+NO_ROWS = OrderStoreActivities(cast(asyncpg.Pool, None))
 
 
 def _charge(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = ChargeInput(
         order_id="o-1", customer_id="c", amount_cents=100, currency="USD", idempotency_key="k"
     )
-    return ActivityEnvironment().run(PaymentActivities(PaymentGateway(http, breakers)).charge, req)
+    return ActivityEnvironment().run(
+        PaymentActivities(PaymentGateway(http, breakers), NO_ROWS).charge, req
+    )
 
 
 def _refund(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = RefundInput(order_id="o-1", charge_idempotency_key="k", idempotency_key="r", reason="x")
-    return ActivityEnvironment().run(PaymentActivities(PaymentGateway(http, breakers)).refund, req)
+    return ActivityEnvironment().run(
+        PaymentActivities(PaymentGateway(http, breakers), NO_ROWS).refund, req
+    )
 
 
 def _reserve(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = ReserveInput(
         order_id="o-1", items=[OrderItem(sku="WIDGET", quantity=1)], idempotency_key="k"
     )
-    return ActivityEnvironment().run(InventoryActivities(Inventory(http, breakers)).reserve, req)
+    return ActivityEnvironment().run(
+        InventoryActivities(Inventory(http, breakers), NO_ROWS).reserve, req
+    )
 
 
 def _release(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
     req = ReleaseInput(order_id="o-1", reservation_idempotency_key="k", idempotency_key="r")
-    return ActivityEnvironment().run(InventoryActivities(Inventory(http, breakers)).release, req)
+    return ActivityEnvironment().run(
+        InventoryActivities(Inventory(http, breakers), NO_ROWS).release, req
+    )
 
 
 def _push(http: httpx.AsyncClient, breakers: Breakers | None) -> Awaitable[Any]:
@@ -237,7 +248,7 @@ ACTIVITIES: dict[str, tuple[ActivityCall, dict[str, Any], str, list[Any]]] = {
     "charge": (
         _charge,
         {"charge_id": "ch_1", "status": "captured"},
-        "charge_id='ch_1'",
+        "charge_id='ch_1' moved=None",
         [{"charge_id": 5}, {"charge_id": None}, {"charge_id": ""}, {"id": "ch_1"}],
     ),
     "refund": (
@@ -256,7 +267,7 @@ ACTIVITIES: dict[str, tuple[ActivityCall, dict[str, Any], str, list[Any]]] = {
     "reserve": (
         _reserve,
         {"reservation_id": "rs_1"},
-        "reservation_id='rs_1'",
+        "reservation_id='rs_1' moved=None",
         [
             {"reservation_id": 5},
             {"reservation_id": ["rs_1"]},

@@ -19,7 +19,7 @@ from activities.inventory import InventoryActivities
 from activities.orders import OrderStoreActivities
 from activities.payments import PaymentActivities
 from tests import specs
-from tests.specs import RETRY, Block, Fail, StandIns
+from tests.specs import AS_USUAL, RETRY, Block, Fail, StandIns
 from tollgate.errors import (
     InvalidProviderRequest,
     OrderCancelled,
@@ -78,6 +78,13 @@ def compensated(*undone: str) -> list[str]:
         *(UNDO_CALL[u] for u in undone),
         "transition_order:FAILED",
     ]
+
+
+def step_failed(*undone: str) -> list[str]:
+    """How a trail ends when a forward step fails for good: the workflow reads where the
+    row stands (the step's activity moves it first, so it may or may not have), then
+    compensates."""
+    return ["read_order", *compensated(*undone)]
 
 
 def cancelled(*undone: str) -> list[str]:
@@ -164,7 +171,7 @@ async def test_a_declined_card_is_undone_by_the_refund_registered_before_the_cha
 
     result = await check_out(acts, order())
 
-    assert acts.trail() == [*FORWARD[: IN_FLIGHT["charging"]], *compensated("refund")]
+    assert acts.trail() == [*FORWARD[: IN_FLIGHT["charging"]], *step_failed("refund")]
     (charge,) = acts[PaymentActivities.charge].calls
     (refund,) = acts[PaymentActivities.refund].calls
     assert refund.charge_idempotency_key == charge.idempotency_key
@@ -181,7 +188,7 @@ async def test_out_of_stock_releases_the_reservation_then_refunds_the_charge(
     result = await check_out(acts, order())
 
     # last in, first out: the release was registered after the refund
-    assert acts.trail() == [*FORWARD, *compensated("release", "refund")]
+    assert acts.trail() == [*FORWARD, *step_failed("release", "refund")]
     assert result.status is S.FAILED
     assert result.compensations == ["release:voided", "refund:refunded"]
     assert (result.failure_reason or "").startswith("OutOfStock")
@@ -237,6 +244,28 @@ async def test_a_transition_that_finds_the_order_cancelled_in_postgres_compensat
     assert result.compensations == ["refund:refunded"] and result.reservation_id is None
 
 
+async def test_a_move_refused_after_an_earlier_attempt_applied_it_still_undoes_the_step(
+    acts: StandIns,
+) -> None:
+    """The first attempt moved the row to CHARGING, then lost the gateway's answer; the
+    cancellation was recorded before the retry, whose move is refused. The charge may
+    have landed, so the refund runs. (Refused before any attempt applied it, as in the
+    spec above, the step never ran and nothing is undone.)"""
+    acts[OrderStoreActivities.transition_order].when(
+        lambda move: move.to_status is S.CHARGING, AS_USUAL, Fail(OrderCancelled)
+    )
+    acts[PaymentActivities.charge].then(Fail(ProviderUnavailable))
+
+    result = await check_out(acts, order())
+
+    assert acts.trail() == [
+        *FORWARD[: IN_FLIGHT["charging"]],
+        "transition_order:CHARGING",
+        *cancelled("refund"),
+    ]
+    assert result.status is S.CANCELLED and result.compensations == ["refund:refunded"]
+
+
 async def test_a_temporal_cancel_compensates_and_ends_the_execution_canceled(
     acts: StandIns,
 ) -> None:
@@ -263,10 +292,11 @@ async def test_a_charge_whose_retries_run_out_is_refunded_and_the_order_fails(
 
     result = await check_out(acts, order())
 
+    # Each attempt moves the row first; after the first, the gate finds the move applied.
     assert acts.trail() == [
-        *FORWARD[: IN_FLIGHT["charging"] - 1],
-        *["charge_payment"] * RETRY.maximum_attempts,
-        *compensated("refund"),
+        *FORWARD[: IN_FLIGHT["charging"] - 2],
+        *["transition_order:CHARGING", "charge_payment"] * RETRY.maximum_attempts,
+        *step_failed("refund"),
     ]
     assert result.status is S.FAILED and result.compensations == ["refund:refunded"]
     assert (result.failure_reason or "").startswith("ProviderUnavailable")

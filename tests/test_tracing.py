@@ -154,7 +154,7 @@ async def test_an_order_from_the_cli_is_one_trace_from_command_to_sql_and_provid
     ]
 
     # each activity under the workflow; SQL under the store activities
-    for activity in ("begin_order", "validate_order", "transition_order", "reserve_inventory"):
+    for activity in ("validate_order", "charge_payment", "reserve_inventory", "transition_order"):
         attempts = _named(spans, f"RunActivity:{activity}")
         assert attempts, activity
         assert _chain(attempts[0], spans)[2] == "RunWorkflow:OrderWorkflow"
@@ -162,12 +162,15 @@ async def test_an_order_from_the_cli_is_one_trace_from_command_to_sql_and_provid
     sql = [s for s in _under(spans, transition) if "db.statement" in s.attributes]
     assert sql and "UPDATE orders" in str(sql[0].attributes["db.statement"])
 
-    # the charge: two attempts, each with its provider call; the first failed
+    # the charge: two attempts, each moving the row, then calling the provider; the
+    # first call failed
     charges = _named(spans, "RunActivity:charge_payment")
     assert [c.attributes["tollgate.attempt"] for c in charges] == [1, 2]
     assert [c.status for c in charges] == ["error", "unset"]
     assert charges[0].parent_span_id == charges[1].parent_span_id  # one StartActivity
-    calls = [_under(spans, c) for c in charges]
+    first = sorted(_under(spans, charges[0]), key=lambda s: s.start_ns)
+    assert "UPDATE orders" in str(first[0].attributes.get("db.statement")), "the move first"
+    calls = [[s for s in _under(spans, c) if "http.status_code" in s.attributes] for c in charges]
     assert [[s.attributes.get("http.status_code") for s in c] for c in calls] == [[503], [201]]
     served = [s for s in spans if s.parent_span_id == calls[1][0].span_id]
     assert served and served[0].kind == "server", "the sandbox's span, under the call"
@@ -207,7 +210,7 @@ async def test_order_trace_prints_a_completed_orders_waterfall(
     lines = out.splitlines()
     assert f"order {order.order_id}" in lines[0] and "spans" in lines[0]
     assert "order.create" in out and "workflow OrderWorkflow" in out
-    for step in ("begin_order", "validate_order", "charge_payment", "reserve_inventory"):
+    for step in ("validate_order", "charge_payment", "reserve_inventory", "transition_order"):
         assert f"activity {step}" in out
     assert "attempts" not in out and "error" not in out
 

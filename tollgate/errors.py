@@ -127,9 +127,17 @@ class VersionConflict(TransitionError):
             status,
             version,
         )
+        #: Whether the step this move was to begin may have run anyway: True unless the
+        #: writer checked that no attempt of the move ever applied (see
+        #: ``activities.StepActivities``), so nothing after it can have run.
+        self.step_may_have_run = True
 
     def details(self) -> dict[str, Any]:
-        return {"status": self.status, "version": self.version}
+        return {
+            "status": self.status,
+            "version": self.version,
+            "step_may_have_run": self.step_may_have_run,
+        }
 
 
 class OrderCancelled(VersionConflict):

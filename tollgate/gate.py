@@ -348,6 +348,20 @@ async def insert_or_match(
     return row
 
 
+async def applied(conn: Executor, lifecycle: Lifecycle, entity_id: str, transition_id: str) -> bool:
+    """Whether the transition with this id was ever applied to the entity's row (its audit
+    holds it), whatever the row went through since."""
+    found: bool = await conn.fetchval(
+        f"""
+        SELECT EXISTS (SELECT FROM {lifecycle.audit_table}
+                        WHERE {lifecycle.audit_key} = $1 AND transition_id = $2)
+        """,
+        entity_id,
+        transition_id,
+    )
+    return found
+
+
 async def audit_trail(
     conn: Executor, lifecycle: Lifecycle, entity_id: str, status: type[StatusT]
 ) -> list[AuditRow[StatusT]]:

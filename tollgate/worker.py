@@ -64,8 +64,8 @@ def activities_for(
     Provider calls go through ``breakers`` (one per provider); None: no circuit breaking.
     """
     store = OrderStoreActivities(pool)
-    payments = PaymentActivities(PaymentGateway(http, breakers))
-    inventory = InventoryActivities(Inventory(http, breakers))
+    payments = PaymentActivities(PaymentGateway(http, breakers), store)
+    inventory = InventoryActivities(Inventory(http, breakers), store)
     messages = MessageStoreActivities(pool)
     push = PushActivities(pool, PushProvider(http, breakers))
     email = EmailActivities(EmailProvider(http, breakers))
@@ -80,6 +80,8 @@ def activities_for(
         inventory.validate,
         inventory.reserve,
         inventory.release,
+        messages.dispatch_message,
+        messages.deliver_message,
         messages.begin_message,
         messages.record_message,
         messages.transition_message,

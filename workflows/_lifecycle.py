@@ -74,6 +74,17 @@ def is_cancellation(err: BaseException) -> bool:
     return isinstance(root_cause(err), TemporalCancelledError)
 
 
+def step_may_have_run(err: BaseException) -> bool:
+    """Whether the step behind a failed step activity may have reached its provider: False
+    only when the activity's move was refused and it checked that no attempt of the move
+    ever applied (``VersionConflict.step_may_have_run``)."""
+    cause = root_cause(err)
+    if not isinstance(cause, ApplicationError) or not cause.details:
+        return True
+    details = cause.details[0]
+    return not (isinstance(details, dict) and details.get("step_may_have_run") is False)
+
+
 def describe(err: BaseException) -> str:
     """``Type: message`` of the root failure, for failure reasons people read."""
     cause = root_cause(err)
@@ -206,6 +217,11 @@ async def run_activity(
 #: folded a lifecycle's record into its first transition. Histories recorded before it
 #: replay the old way: regular activities, record and first move apart.
 LOCAL_STORE_PATCH = "local-store-activities"
+#: Patch that folded the move before each forward step into the step's activity (an
+#: order's first move and its validation, CHARGING and the charge, RESERVING and the
+#: reservation): one activity instead of a local one and a regular one. Histories
+#: recorded before it replay with the moves apart.
+MOVES_IN_STEPS_PATCH = "moves-in-steps"
 
 
 class StepFailed(Exception):
@@ -283,11 +299,15 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         self._main: asyncio.Task[None] | None = None
         self._failure_reason: str | None = None
         self._local_store = False
+        self._moves_in_steps = False
+        self._sent = False
 
     def patch_store(self) -> bool:
         """Whether store activities run local (this code) or regular (a history recorded
-        before :data:`LOCAL_STORE_PATCH`). Call once, at the start of the run."""
+        before :data:`LOCAL_STORE_PATCH`), and whether forward steps make their own moves
+        (:data:`MOVES_IN_STEPS_PATCH`). Call once, at the start of the run."""
         self._local_store = workflow.patched(LOCAL_STORE_PATCH)
+        self._moves_in_steps = self._local_store and workflow.patched(MOVES_IN_STEPS_PATCH)
         return self._local_store
 
     async def store(
@@ -359,9 +379,12 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         if self._main is not None and not self._main.done():
             self._main.cancel()
 
-    def set_status(self, status: StatusT, version: int) -> None:
-        """Where the row stands now; shown in the search attribute and the Web UI."""
+    def set_status(self, status: StatusT, version: int, *, sent: bool = False) -> None:
+        """Where the row stands now, or with ``sent`` where a step's activity is moving it
+        before its provider call; shown in the search attribute and the Web UI."""
         self._status, self._version = status, version
+        #: Whether the status is where the row was sent, not yet known to have arrived.
+        self._sent = sent
         workflow.upsert_search_attributes([self.status_attr.value_set(status.value)])
         workflow.set_current_details(f"**{status.value}** (v{version})")
 
@@ -371,16 +394,23 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         """One version-checked transition from where this workflow last left the row."""
         result = await self.store(
             self.transition_activity,
-            self.transition_input(
-                expected_version=self._version,
-                to_status=to,
-                transition_id=transition_id(self._id, self._version, to.value),
-                actor=f"workflow:{self._id}",
-                reason=reason,
-                failure_reason=failure_reason,
-            ),
+            self.next_move(to, reason=reason, failure_reason=failure_reason),
         )
         self.set_status(to, result.version)
+
+    def next_move(
+        self, to: StatusT, *, reason: str | None = None, failure_reason: str | None = None
+    ) -> Any:
+        """The transition activity's input for a move to ``to`` from where this workflow
+        last left the row, with its deterministic transition id."""
+        return self.transition_input(
+            expected_version=self._version,
+            to_status=to,
+            transition_id=transition_id(self._id, self._version, to.value),
+            actor=f"workflow:{self._id}",
+            reason=reason,
+            failure_reason=failure_reason,
+        )
 
     def transition_input(self, **fields: Any) -> Any:
         """The transition activity's input: ``fields`` plus the entity's id."""

@@ -28,15 +28,18 @@ with workflow.unsafe.imports_passed_through():
     from activities.push import PushActivities
     from tollgate.errors import MessageRecalled
     from tollgate.messages.models import (
+        DeliverInput,
         DeliveryCarryOver,
         Device,
         DeviceFactInput,
         DeviceSignal,
         DevicesInput,
+        DispatchResult,
         EmailInput,
         MessageInput,
         MessageProgress,
         MessageResult,
+        MessageSnapshot,
         PushInput,
         ReadSyncInput,
         RecallMessageInput,
@@ -159,19 +162,18 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         """Deliver the message; on recall, record CANCELLED. Returns where it ended."""
         carried = message.carry_over
         local_store = self.patch_store()
-        if carried is None:
-            if local_store:
-                # Record the message (unless the service did) and move it to STORED.
-                recorded = await self.store(MessageStoreActivities.begin_message, message)
-            else:
-                recorded = await self.activity(
+        if carried is not None:
+            self._restore(carried)
+        elif not local_store:
+            self._recorded(
+                await self.activity(
                     MessageStoreActivities.record_message, message, retry=self._until_done_retry
                 )
-            self.set_status(recorded.status, recorded.version)
-            if recorded.status is M.CANCELLED:
-                self.note_stop(_POSTGRES_RECALL)
-        else:
-            self._restore(carried)
+            )
+        elif not self._moves_in_steps:
+            # Record the message (unless the service did) and move it to STORED.
+            self._recorded(await self.store(MessageStoreActivities.begin_message, message))
+        # else the dispatch records it, with the moves before the push, in one activity
 
         async def business() -> None:
             try:
@@ -202,23 +204,45 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         raise err
 
     async def _deliver(self) -> None:
-        m = self._msg
-        if self._status is not M.STORED:
-            await self.move(M.STORED)
-
-        self._step = Step.DISPATCHING
-        found = await self.store(
-            MessageStoreActivities.recipient_devices, DevicesInput(user_id=m.recipient_id)
-        )
-        self._devices = {d.device_id: d for d in found.devices}
-        self._sort_signals()
-        deadline_at = workflow.now() + m.deadline
-        await self.move(M.DISPATCHED)
-
-        push_failure = await self._push_message(found.devices)
+        devices = await self._dispatch()
+        if devices is None:
+            return  # recalled before the delivery began
+        deadline_at = workflow.now() + self._msg.deadline
+        push_failure = await self._push_message(devices)
         if self._pushed and push_failure is None:
             await self._await_delivery(deadline_at)
         await self._settle_delivery(push_failure)
+
+    async def _dispatch(self) -> list[Device] | None:
+        """Record the message, find the recipient's devices, move it to DISPATCHED: the
+        devices, or None when the row was found recalled."""
+        m = self._msg
+        self._step = Step.DISPATCHING
+        if self._moves_in_steps:
+            dispatched = await self.store(MessageStoreActivities.dispatch_message, m)
+            if not self._recorded(dispatched):
+                return None
+            devices = dispatched.devices
+        else:
+            if self._status is not M.STORED:
+                await self.move(M.STORED)
+            found = await self.store(
+                MessageStoreActivities.recipient_devices, DevicesInput(user_id=m.recipient_id)
+            )
+            devices = found.devices
+        self._devices = {d.device_id: d for d in devices}
+        self._sort_signals()
+        if not self._moves_in_steps:
+            await self.move(M.DISPATCHED)
+        return devices
+
+    def _recorded(self, row: MessageSnapshot | DispatchResult) -> bool:
+        """Take where the message's first write left its row; False if it found it recalled."""
+        self.set_status(row.status, row.version)
+        if row.status is M.CANCELLED:
+            self.note_stop(_POSTGRES_RECALL)
+            return False
+        return True
 
     async def _resume(self, carried: DeliveryCarryOver) -> None:
         """Pick the lifecycle up where the previous run continued as new."""
@@ -249,8 +273,19 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         m = self._msg
         if self._confirmed:
             self._delivered_on = self._confirmed[0]
-            await self._flush_facts()
-            await self.move(M.DELIVERED, reason=f"confirmed by device {self._delivered_on}")
+            reason = f"confirmed by device {self._delivered_on}"
+            if self._moves_in_steps:
+                # The facts the signals brought and the move, in one local activity.
+                facts = self._unrecorded_facts()
+                moved = await self.store(
+                    MessageStoreActivities.deliver_message,
+                    DeliverInput(facts=facts, move=self.next_move(M.DELIVERED, reason=reason)),
+                )
+                self._facts_were_recorded(facts)
+                self.set_status(M.DELIVERED, moved.version)
+            else:
+                await self._flush_facts()
+                await self.move(M.DELIVERED, reason=reason)
         else:
             if push_failure is not None:
                 reason = f"push failed: {push_failure}"
@@ -389,20 +424,29 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
 
     async def _flush_facts(self) -> None:
         """Write the per-device delivered/read facts signals brought in so far."""
+        for fact in self._unrecorded_facts():
+            await self.store(
+                MessageStoreActivities.record_device_fact, fact, retry=self._until_done_retry
+            )
+            self._facts_were_recorded([fact])
+
+    def _unrecorded_facts(self) -> list[DeviceFactInput]:
+        """The per-device delivered/read facts signals brought that are not written yet."""
         facts: tuple[tuple[Literal["delivered", "read"], list[str]], ...] = (
             ("delivered", self._confirmed),
             ("read", self._reads),
         )
+        unrecorded = []
         for fact, devices in facts:
             new = [d for d in devices if (d, fact) not in self._facts_recorded]
-            if not new:
-                continue
-            await self.store(
-                MessageStoreActivities.record_device_fact,
-                DeviceFactInput(message_id=self._msg.message_id, device_ids=new, fact=fact),
-                retry=self._until_done_retry,
-            )
-            self._facts_recorded.update((d, fact) for d in new)
+            if new:
+                unrecorded.append(
+                    DeviceFactInput(message_id=self._msg.message_id, device_ids=new, fact=fact)
+                )
+        return unrecorded
+
+    def _facts_were_recorded(self, facts: list[DeviceFactInput]) -> None:
+        self._facts_recorded.update((d, f.fact) for f in facts for d in f.device_ids)
 
     # --- signals and queries -------------------------------------------------------
 

@@ -15,23 +15,29 @@ transition that finds CANCELLING in Postgres, or a Temporal cancel (e.g. the Web
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from temporalio import workflow
 
 from workflows._lifecycle import (
     STEP_FAILURES,
+    ActivityMethod,
     LifecycleWorkflow,
     StepFailed,
     Undo,
     error_type,
+    is_cancellation,
+    step_may_have_run,
 )
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
     from activities.inventory import InventoryActivities
     from activities.orders import OrderStoreActivities
     from activities.payments import PaymentActivities
     from tollgate.errors import OrderCancelled
+    from tollgate.models import TransitionResult
     from tollgate.names import (
         ORDER_CANCEL_SIGNAL,
         ORDER_CHARGED_UPDATE,
@@ -47,14 +53,27 @@ with workflow.unsafe.imports_passed_through():
         OrderInput,
         OrderProgress,
         OrderResult,
+        OrderSnapshot,
+        ReadOrderInput,
         RefundInput,
         ReleaseInput,
         ReserveInput,
         TransitionInput,
+        ValidateInput,
     )
     from tollgate.orders.states import OrderStatus
 
 S = OrderStatus
+
+
+class _Moved(Protocol):
+    @property
+    def moved(self) -> TransitionResult | None: ...
+
+
+#: A step's input: a model with a ``move`` field.
+StepInputT = TypeVar("StepInputT", bound=BaseModel)
+StepResultT = TypeVar("StepResultT", bound=_Moved)
 
 #: Where an order stands before its charge is known: the ``charged`` update waits them out.
 _BEFORE_CHARGED = frozenset({S.PENDING, S.VALIDATING, S.CHARGING})
@@ -138,30 +157,36 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
     @workflow.run
     async def run(self, order: OrderInput) -> OrderResult:
         """Check out; on failure or cancellation, compensate. Returns the final state."""
-        if self.patch_store():
-            # Record the order (unless the service did) and move it to VALIDATING at once.
-            recorded = await self.store(OrderStoreActivities.begin_order, order)
-        else:
-            recorded = await self.activity(
-                OrderStoreActivities.record_order, order, retry=self._until_done_retry
+        if not self.patch_store():
+            self._recorded(
+                await self.activity(
+                    OrderStoreActivities.record_order, order, retry=self._until_done_retry
+                )
             )
-        self._version, self._status = recorded.version, recorded.status
-        if recorded.status.cancelling:
-            self.note_stop(_POSTGRES_CANCEL)
+        elif not self._moves_in_steps:
+            # Record the order (unless the service did) and move it to VALIDATING at once.
+            self._recorded(await self.store(OrderStoreActivities.begin_order, order))
+        # else the validation records the order and moves it first, in one activity
         return await self.run_lifecycle(self._check_out, self._finish)
 
     async def _check_out(self) -> None:
         o = self._order
-        if self._status is not S.VALIDATING:
+        if not self._moves_in_steps and self._status is not S.VALIDATING:
             await self.move(S.VALIDATING)
         self._step = Step.VALIDATING
-        problems = (await self.activity(InventoryActivities.validate, o)).problems
-        if problems:
-            raise StepFailed("invalid order: " + "; ".join(problems))
+        validated = await self.activity(
+            InventoryActivities.validate, ValidateInput(order=o, begin=self._moves_in_steps)
+        )
+        if validated.begun is not None and not self._recorded(validated.begun):
+            return  # cancelled before the checkout began
+        if validated.problems:
+            raise StepFailed("invalid order: " + "; ".join(validated.problems))
 
         refund = refund_undo(o.order_id, self._id, f"order {o.order_id} did not complete")
-        await self._begin_step(S.CHARGING, Step.CHARGING, refund)
-        charge = await self.activity(
+        charge = await self._step_to(
+            S.CHARGING,
+            Step.CHARGING,
+            refund,
             PaymentActivities.charge,
             ChargeInput(
                 order_id=o.order_id,
@@ -173,8 +198,10 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         )
         self._charge_id = charge.charge_id
 
-        await self._begin_step(S.RESERVING, Step.RESERVING, release_undo(o.order_id, self._id))
-        reservation = await self.activity(
+        reservation = await self._step_to(
+            S.RESERVING,
+            Step.RESERVING,
+            release_undo(o.order_id, self._id),
             InventoryActivities.reserve,
             ReserveInput(
                 order_id=o.order_id, items=o.items, idempotency_key=step_key(self._id, "reserve")
@@ -185,12 +212,63 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         await self.move(S.COMPLETED)
         self._step = Step.DONE
 
-    async def _begin_step(self, status: OrderStatus, step: Step, undo: Undo) -> None:
-        """Move the row to ``status`` and register the step's undo before the step runs,
-        so that a step whose outcome is never known is undone too."""
-        await self.move(status)
+    def _recorded(self, row: OrderSnapshot) -> bool:
+        """Take where the order's first write left its row; False if it found it cancelled."""
+        self._version, self._status = row.version, row.status
+        if row.status.cancelling:
+            self.note_stop(_POSTGRES_CANCEL)
+            return False
+        return True
+
+    async def _step_to(
+        self,
+        status: OrderStatus,
+        step: Step,
+        undo: Undo,
+        method: ActivityMethod[StepInputT, StepResultT],
+        arg: StepInputT,
+    ) -> StepResultT:
+        """Move the row to ``status``, then run the step; its undo is registered before the
+        step runs, so that a step whose outcome is never known is undone too.
+
+        The move rides in the step's activity, which makes it before it calls the
+        provider; the workflow shows the row where the move takes it from the moment it
+        sends it. If the move was refused before any attempt applied it (a cancellation
+        got there first), the step never ran and its undo is dropped again. If the step
+        failed otherwise, the move may or may not have applied (a timeout says nothing):
+        the workflow reads the row before it moves it again.
+        """
+        if not self._moves_in_steps:
+            await self.move(status)
+            self._step = step
+            self._undo.append(undo)
+            return await self.activity(method, arg)
+        before = self._status
+        move = self.next_move(status)
         self._step = step
         self._undo.append(undo)
+        self.set_status(status, self._version + 1, sent=True)  # the gate adds one per write
+        try:
+            result = await self.activity(method, arg.model_copy(update={"move": move}))
+        except STEP_FAILURES as err:
+            if error_type(err) == self.stopped_error:
+                if not step_may_have_run(err):
+                    self._undo.pop()
+            elif not is_cancellation(err):
+                await self._read_row(before, status)
+            raise
+        assert result.moved is not None, "a step given a move reports where it left the row"
+        self.set_status(status, result.moved.version)
+        return result
+
+    async def _read_row(self, *expected: OrderStatus) -> None:
+        """Take where the row stands now, if it is where this workflow left or sent it.
+        Anywhere else, another writer moved it: the next move finds out and says who."""
+        row = await self.store(
+            OrderStoreActivities.read_order, ReadOrderInput(order_id=self._order.order_id)
+        )
+        if row.status in expected:
+            self.set_status(row.status, row.version)
 
     async def _finish(self) -> OrderResult:
         """Fail (compensating first) or cancel, or just report a completed checkout."""
@@ -268,9 +346,12 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         """Answer once the order is charged (RESERVING or later), failing or failed, or
         being cancelled: what a caller waits for before it tells its customer, while the
         checkout goes on. Every way the workflow ends passes one of these, so the
-        handler always finishes before the workflow does. It only waits and reads, so
-        histories without it replay unchanged."""
-        await workflow.wait_condition(lambda: self._status not in _BEFORE_CHARGED)
+        handler always finishes before the workflow does. A status only sent (a step's
+        activity is moving the row) does not count: the row must be there. It only waits
+        and reads, so histories without it replay unchanged."""
+        await workflow.wait_condition(
+            lambda: self._status not in _BEFORE_CHARGED and not self._sent
+        )
         return self.status()
 
     # --- plumbing ------------------------------------------------------------------

@@ -158,6 +158,15 @@ class DevicesResult(Model):
     devices: list[Device]
 
 
+class DispatchResult(Model):
+    """Where a delivery's first step left the row, and the recipient's devices (none read
+    when the row was found recalled)."""
+
+    status: MessageStatus
+    version: int
+    devices: list[Device] = []
+
+
 class PushInput(Model):
     """Fan one notification out to devices; keys are ``<prefix>:<device id>``."""
 
@@ -188,6 +197,13 @@ class DeviceFactInput(Model):
     message_id: str
     device_ids: list[str]
     fact: Literal["delivered", "read", "receipt"]
+
+
+class DeliverInput(Model):
+    """The per-device facts the signals brought, then the move to DELIVERED."""
+
+    facts: list[DeviceFactInput]
+    move: TransitionInput
 
 
 class ClearReadInput(Model):

@@ -12,7 +12,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from tollgate.ids import Reason, SafeId
-from tollgate.models import Model, RetrySettings, StopRequest, TransitionRequest
+from tollgate.models import (
+    Model,
+    RetrySettings,
+    StopRequest,
+    TransitionRequest,
+    TransitionResult,
+)
 from tollgate.orders.states import OrderStatus
 
 Sku = Annotated[str, Field(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")]
@@ -127,8 +133,18 @@ class BeginCancelResult(Model):
     cancel_reason: str | None = None
 
 
+class ValidateInput(Model):
+    order: OrderInput
+    #: Record the order (unless the service did) and move it to VALIDATING first: a
+    #: checkout's first step, in the same activity as the check.
+    begin: bool = False
+
+
 class ValidateResult(Model):
     problems: list[str] = []
+    #: Where ``begin`` left the row. Not VALIDATING (cancelled before the workflow ran):
+    #: nothing was checked.
+    begun: OrderSnapshot | None = None
 
 
 class ChargeInput(Model):
@@ -137,10 +153,14 @@ class ChargeInput(Model):
     amount_cents: int
     currency: str
     idempotency_key: str
+    #: The move to CHARGING the activity makes before it calls the gateway.
+    move: TransitionInput | None = None
 
 
 class ChargeResult(Model):
     charge_id: str
+    #: Where ``move`` left the row.
+    moved: TransitionResult | None = None
 
 
 class RefundInput(Model):
@@ -154,10 +174,14 @@ class ReserveInput(Model):
     order_id: str
     items: list[OrderItem]
     idempotency_key: str
+    #: The move to RESERVING the activity makes before it calls the inventory service.
+    move: TransitionInput | None = None
 
 
 class ReserveResult(Model):
     reservation_id: str
+    #: Where ``move`` left the row.
+    moved: TransitionResult | None = None
 
 
 class ReleaseInput(Model):
