@@ -31,6 +31,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
@@ -59,6 +60,20 @@ _RECIPIENTS = 20
 LOAD_RETRY = RetrySettings(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=2)
 )
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """What a load run drives: the services it starts lifecycles with, and the pool in
+    which its device player watches for pushes."""
+
+    orders: OrderService
+    messages: MessageService
+    pool: asyncpg.Pool
+
+    def device_player(self) -> DevicePlayer:
+        """A player that confirms this target's pushes, as the recipients' phones would."""
+        return DevicePlayer(self.pool, self.messages)
 
 
 class LoadSummary(BaseModel):
@@ -123,10 +138,8 @@ def percentile(values: list[float], p: float) -> float | None:
 
 async def run_load(
     kind: Literal["orders", "messages"],
+    target: LoadTarget,
     *,
-    orders: OrderService,
-    messages: MessageService,
-    pool: asyncpg.Pool,
     count: int,
     concurrency: int,
     rate: float | None,
@@ -142,7 +155,7 @@ async def run_load(
     waits: list[float] = []
     refused = errors = 0
     recipients: list[str] = []
-    player = DevicePlayer(pool, messages)
+    player = target.device_player()
 
     async def admitted() -> bool:
         """A place in flight, or False once the arrival waited ``max_wait`` for one."""
@@ -168,7 +181,7 @@ async def run_load(
         try:
             if kind == "orders":
                 order = load_order(f"load-{run_id}-{n}", n, customers="load")
-                status = (await (await orders.create(order)).result()).status.value
+                status = (await (await target.orders.create(order)).result()).status.value
             else:
                 recipient = recipients[n % len(recipients)]
                 message = message_to(
@@ -193,7 +206,9 @@ async def run_load(
 
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
-            recipients = await recipients_for(stack, messages, player, f"load-{run_id}", count)
+            recipients = await recipients_for(
+                stack, target.messages, player, f"load-{run_id}", count
+            )
         began = time.monotonic()
         with Progress(
             TextColumn(f"load {kind}"),

@@ -27,15 +27,11 @@ import uuid
 from collections import Counter
 from typing import Literal
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
-from tollgate.messages.service import MessageService
-from tollgate.orders.service import OrderService
 from tollgate_dev.api_client import ApiCaller, ApiGaveUp
-from tollgate_dev.devices import DevicePlayer
-from tollgate_dev.load import percentile, recipients_for
+from tollgate_dev.load import LoadTarget, percentile, recipients_for
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 
@@ -82,11 +78,9 @@ def _consumed(settled: asyncio.Future[str]) -> None:
 
 async def run_api_load(
     kind: Literal["orders", "messages"],
-    *,
     api: ApiCaller,
-    orders: OrderService,
-    messages: MessageService,
-    pool: asyncpg.Pool,
+    target: LoadTarget,
+    *,
     count: int,
     rate: float,
     concurrency: int,
@@ -97,7 +91,7 @@ async def run_api_load(
     admitted lifecycle to end."""
     run_id = uuid.uuid4().hex[:8]
     recipients: list[str] = []
-    player = DevicePlayer(pool, messages)
+    player = target.device_player()
     in_flight = asyncio.Semaphore(concurrency)
     admission: list[float] = []
     last_attempt: list[float] = []
@@ -155,9 +149,9 @@ async def run_api_load(
             player.settled(entity_id).add_done_callback(_consumed)
         try:
             if kind == "orders":
-                status = (await orders.handle(entity_id).result()).status.value
+                status = (await target.orders.handle(entity_id).result()).status.value
             else:
-                status = (await messages.handle(entity_id).result()).status.value
+                status = (await target.messages.handle(entity_id).result()).status.value
         except Exception as exc:  # a lifecycle that failed is counted, not fatal
             statuses[f"error:{type(exc).__name__}"] += 1
             return
@@ -168,7 +162,9 @@ async def run_api_load(
         console.print(f"load {kind} via the API: {count} at {rate:g}/s", highlight=False)
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
-            recipients = await recipients_for(stack, messages, player, f"api-load-{run_id}", count)
+            recipients = await recipients_for(
+                stack, target.messages, player, f"api-load-{run_id}", count
+            )
         await asyncio.gather(*(one(n) for n in range(count)))
     seconds = time.monotonic() - began
     answers = api.answers
