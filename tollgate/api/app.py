@@ -212,24 +212,118 @@ class _StopOutcome(Protocol):
 OutcomeT = TypeVar("OutcomeT", bound=_StopOutcome)
 
 
-@dataclass(frozen=True)
-class _Owned(Generic[RowT]):
-    """A kind of entity clients create and own, as the handlers reach it: named by the
-    path's ``<kind>_id``, read with ``get``, found at ``/v1/<kind>s/<id>``."""
+#: The header every answer that names a created or changed entity carries.
+_CREATED = ("Location",)
 
-    kind: str
+_IDEMPOTENCY = Param(
+    IDEMPOTENCY_HEADER,
+    "header",
+    {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+    "The same on every retry of this request; a new one for a new request",
+)
+
+
+@dataclass(frozen=True)
+class _Resource(Generic[RowT]):
+    """A kind of entity clients create and own, served under ``/v1/<name>s``: how the
+    handlers find one (the path's ``<name>_id``, read with ``get``, else ``not_found``),
+    and what its operations in the document share (paths, id parameter, view, tag)."""
+
+    name: str
+    view: type[BaseModel]
     get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]]
     not_found: Callable[[str], TollgateError]
 
     def location(self, entity_id: str) -> str:
         """Where the entity can be read."""
-        return f"/v1/{self.kind}s/{entity_id}"
+        return f"{self.collection}/{entity_id}"
+
+    @property
+    def id_param(self) -> Param:
+        return Param(
+            f"{self.name}_id",
+            "path",
+            {"type": "string", "pattern": SAFE_ID_PATTERN},
+            f"The {self.name}'s id",
+        )
+
+    @property
+    def collection(self) -> str:
+        return f"/v1/{self.name}s"
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return (f"{self.name}s",)
+
+    def create(
+        self,
+        operation_id: str,
+        summary: str,
+        handler: Handler,
+        body: type[BaseModel],
+        *params: Param,
+    ) -> Operation:
+        """``POST /v1/<name>s`` under an Idempotency-Key. It answers the entity (for a
+        retry too), or that the key was used with another body, or that nothing was
+        written at all."""
+        return Operation(
+            "POST",
+            self.collection,
+            operation_id,
+            summary,
+            handler,
+            params=(_IDEMPOTENCY, *params),
+            body=body,
+            answers=(
+                Answer(
+                    202,
+                    f"Accepted; the {self.name} as it stands (a replay too)",
+                    self.view,
+                    headers=_CREATED,
+                ),
+                problem(409, "The Idempotency-Key was used with another body"),
+                problem(
+                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
+                ),
+            ),
+            tags=self.tags,
+        )
+
+    def on_one(
+        self,
+        method: str,
+        suffix: str,
+        operation_id: str,
+        summary: str,
+        handler: Handler,
+        *answers: Answer,
+        body: type[BaseModel] | None = None,
+    ) -> Operation:
+        """An operation on one entity: ``/v1/<name>s/{<name>_id}`` and then ``suffix``."""
+        id_param = self.id_param
+        return Operation(
+            method,
+            f"{self.collection}/{{{id_param.name}}}{suffix}",
+            operation_id,
+            summary,
+            handler,
+            params=(id_param,),
+            body=body,
+            answers=answers,
+            tags=self.tags,
+        )
+
+    def read(self, operation_id: str, summary: str, handler: Handler) -> Operation:
+        """``GET /v1/<name>s/{<name>_id}``: the entity's view."""
+        return self.on_one(
+            "GET", "", operation_id, summary, handler, Answer(200, f"The {self.name}", self.view)
+        )
 
 
-_ORDERS = _Owned("order", order_store.get_order, OrderNotFound)
-_MESSAGES = _Owned("message", message_store.get_message, MessageNotFound)
+_ORDERS = _Resource("order", OrderView, order_store.get_order, OrderNotFound)
+_MESSAGES = _Resource("message", MessageView, message_store.get_message, MessageNotFound)
 # get_device raises DeviceNotFound itself; _mine's None check never fires for it.
-_DEVICES = _Owned("device", message_store.get_device, DeviceNotFound)
+_DEVICES = _Resource("device", DeviceView, message_store.get_device, DeviceNotFound)
 
 
 class Api:
@@ -348,7 +442,7 @@ class Api:
         entry: idem.IdempotencyRecord,
         start: Callable[[Any], Awaitable[object]],
         same: Callable[[RowT], bool],
-        owned: _Owned[RowT],
+        resource: _Resource[RowT],
     ) -> dict[str, str]:
         """Start the create unless its key was used before; the answer's headers. A
         create that finds its key used, or its id taken, answers with what is there if
@@ -357,11 +451,11 @@ class Api:
         if found is None:
             try:
                 await self._start(start, client, key, entry)
-                return _created_headers(owned.location(entry.entity_id), replayed=False)
+                return _created_headers(resource.location(entry.entity_id), replayed=False)
             except AlreadyExists:
-                found = await self._recover(client, key, entry, owned, same)
+                found = await self._recover(client, key, entry, resource, same)
         self._same_request(found, entry, key)
-        return _created_headers(owned.location(entry.entity_id), replayed=True)
+        return _created_headers(resource.location(entry.entity_id), replayed=True)
 
     async def _start(
         self,
@@ -409,7 +503,7 @@ class Api:
         client: str,
         key: str,
         entry: idem.IdempotencyRecord,
-        owned: _Owned[RowT],
+        resource: _Resource[RowT],
         same: Callable[[RowT], bool],
     ) -> idem.IdempotencyRecord:
         """The create found its id taken: by a concurrent request with the same key, or
@@ -419,7 +513,7 @@ class Api:
         found = await idem.find(self.deps.pool, client, key)
         if found is not None:
             return found
-        row = await owned.get(self.deps.pool, entry.entity_id)
+        row = await resource.get(self.deps.pool, entry.entity_id)
         if row is None:
             raise Problem.edge(
                 "still-starting",
@@ -447,21 +541,21 @@ class Api:
                 "a different request body; use a new key for a new request",
             )
 
-    async def _mine(self, request: Request, client: str, owned: _Owned[RowT]) -> RowT:
-        """The row the path's ``<kind>_id`` names, if ``client`` created it: otherwise 404,
+    async def _mine(self, request: Request, client: str, resource: _Resource[RowT]) -> RowT:
+        """The row the path's ``<name>_id`` names, if ``client`` created it: otherwise 404,
         the same answer as no row at all."""
-        entity_id = request.path_params[f"{owned.kind}_id"]
+        entity_id = request.path_params[resource.id_param.name]
         if not is_safe_id(entity_id):
-            raise owned.not_found(entity_id)
-        row = await owned.get(self.deps.pool, entity_id)
+            raise resource.not_found(entity_id)
+        row = await resource.get(self.deps.pool, entity_id)
         if row is None or row.client_id != client:
-            raise owned.not_found(entity_id)
+            raise resource.not_found(entity_id)
         return row
 
     async def _stop(
         self,
         request: Request,
-        owned: _Owned[Any],
+        resource: _Resource[Any],
         body_type: type[CancelRequest | RecallRequest],
         stop: Callable[..., Awaitable[OutcomeT]],
         view: type[View],
@@ -472,11 +566,11 @@ class Api:
         ``recorded`` (the entity is past stopping)."""
         client = await self.client(request)
         body = self.parse(request, await self.body(request), body_type)
-        row = await self._mine(request, client, owned)
+        row = await self._mine(request, client, resource)
         outcome = await stop(row.id, reason=body.reason, requested_by=client, actor=f"api:{client}")
         if not recorded(outcome):
             raise IllegalTransition(row.id, outcome.message)
-        return _json(view.of(outcome), 202, {"Location": owned.location(row.id)})
+        return _json(view.of(outcome), 202, {"Location": resource.location(row.id)})
 
     # --- orders ---------------------------------------------------------------------------
 
@@ -745,103 +839,6 @@ class Api:
         return Response(self.metrics.exposition(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
-#: The header every answer that names a created or changed entity carries.
-_CREATED = ("Location",)
-
-_IDEMPOTENCY = Param(
-    IDEMPOTENCY_HEADER,
-    "header",
-    {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-    "The same on every retry of this request; a new one for a new request",
-)
-
-
-@dataclass(frozen=True)
-class _Resource:
-    """A kind of entity the API serves under ``/v1/<name>s``: what its operations share
-    (the paths, the id parameter, the view, the tag)."""
-
-    name: str
-    view: type[BaseModel]
-
-    @property
-    def collection(self) -> str:
-        return f"/v1/{self.name}s"
-
-    @property
-    def tags(self) -> tuple[str, ...]:
-        return (f"{self.name}s",)
-
-    def create(
-        self,
-        operation_id: str,
-        summary: str,
-        handler: Handler,
-        body: type[BaseModel],
-        *params: Param,
-    ) -> Operation:
-        """``POST /v1/<name>s`` under an Idempotency-Key. It answers the entity (for a
-        retry too), or that the key was used with another body, or that nothing was
-        written at all."""
-        return Operation(
-            "POST",
-            self.collection,
-            operation_id,
-            summary,
-            handler,
-            params=(_IDEMPOTENCY, *params),
-            body=body,
-            answers=(
-                Answer(
-                    202,
-                    f"Accepted; the {self.name} as it stands (a replay too)",
-                    self.view,
-                    headers=_CREATED,
-                ),
-                problem(409, "The Idempotency-Key was used with another body"),
-                problem(
-                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
-                ),
-            ),
-            tags=self.tags,
-        )
-
-    def on_one(
-        self,
-        method: str,
-        suffix: str,
-        operation_id: str,
-        summary: str,
-        handler: Handler,
-        *answers: Answer,
-        body: type[BaseModel] | None = None,
-    ) -> Operation:
-        """An operation on one entity: ``/v1/<name>s/{<name>_id}`` and then ``suffix``."""
-        id_param = Param(
-            f"{self.name}_id",
-            "path",
-            {"type": "string", "pattern": SAFE_ID_PATTERN},
-            f"The {self.name}'s id",
-        )
-        return Operation(
-            method,
-            f"{self.collection}/{{{id_param.name}}}{suffix}",
-            operation_id,
-            summary,
-            handler,
-            params=(id_param,),
-            body=body,
-            answers=answers,
-            tags=self.tags,
-        )
-
-    def read(self, operation_id: str, summary: str, handler: Handler) -> Operation:
-        """``GET /v1/<name>s/{<name>_id}``: the entity's view."""
-        return self.on_one(
-            "GET", "", operation_id, summary, handler, Answer(200, f"The {self.name}", self.view)
-        )
-
-
 def _open(
     path: str, operation_id: str, summary: str, handler: Handler, *answers: Answer
 ) -> Operation:
@@ -851,9 +848,6 @@ def _open(
 
 def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operation]:
     """Every route of the API, with what it takes and answers."""
-    orders = _Resource("order", OrderView)
-    messages = _Resource("message", MessageView)
-    devices = _Resource("device", DeviceView)
     wait = Param(
         "wait",
         "query",
@@ -868,19 +862,19 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
         return Response(json.dumps(document), media_type="application/json")
 
     return [
-        orders.create(
+        _ORDERS.create(
             "createOrder",
             "Create an order and start its checkout",
             api.create_order,
             OrderCreate,
             wait,
         ),
-        orders.read(
+        _ORDERS.read(
             "getOrder",
             "An order: row, version, audited transitions, workflow status",
             api.get_order,
         ),
-        orders.on_one(
+        _ORDERS.on_one(
             "POST",
             "/cancel",
             "cancelOrder",
@@ -890,18 +884,18 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             problem(409, "The order has finished"),
             body=CancelRequest,
         ),
-        messages.create(
+        _MESSAGES.create(
             "sendMessage",
             "Send a message to every device of the recipient, email as the fallback",
             api.create_message,
             MessageCreate,
         ),
-        messages.read(
+        _MESSAGES.read(
             "getMessage",
             "A message: status, per-device facts, audited transitions, workflow",
             api.get_message,
         ),
-        messages.on_one(
+        _MESSAGES.on_one(
             "POST",
             "/recall",
             "recallMessage",
@@ -913,7 +907,7 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
         ),
         Operation(
             "POST",
-            devices.collection,
+            _DEVICES.collection,
             "registerDevice",
             "Register a device and its push token",
             api.create_device,
@@ -925,10 +919,10 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
                 Answer(201, "Registered", DeviceView, headers=_CREATED),
                 problem(409, "The device id or push token is taken, or the user has 10 devices"),
             ),
-            tags=devices.tags,
+            tags=_DEVICES.tags,
         ),
-        devices.read("getDevice", "A device (never its push token)", api.get_device),
-        devices.on_one(
+        _DEVICES.read("getDevice", "A device (never its push token)", api.get_device),
+        _DEVICES.on_one(
             "DELETE",
             "",
             "removeDevice",
