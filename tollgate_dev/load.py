@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tollgate.messages.models import MessageInput
 from tollgate.messages.service import MessageService
 from tollgate.models import RetrySettings
 from tollgate.orders.models import OrderInput
@@ -76,6 +77,12 @@ class LoadTarget:
         return DevicePlayer(self.pool, self.messages)
 
 
+#: A load message's deadline: its devices confirm well before it would fall back to email.
+LOAD_MESSAGE_DEADLINE = timedelta(seconds=10)
+#: A load message's read window, after which its workflow ends.
+LOAD_READ_WINDOW = timedelta(seconds=1)
+
+
 class LoadSummary(BaseModel):
     """What a load run did, as ``--json`` prints it."""
 
@@ -108,6 +115,19 @@ def load_order(order_id: str, n: int, *, customers: str) -> OrderInput:
         customer_id=f"{customers}-customer-{n % 50}",
         items=[{"sku": UNLIMITED_SKU, "quantity": 1}],
         amount_cents=100 + n % 900,
+        retry=LOAD_RETRY,
+    )
+
+
+def load_message(message_id: str, n: int, recipient: str) -> MessageInput:
+    """Message number ``n`` of a load run, from ``load`` to ``recipient``."""
+    return message_to(
+        recipient,
+        message_id=message_id,
+        sender_id="load",
+        body=f"load message {n}",
+        deadline=LOAD_MESSAGE_DEADLINE,
+        read_window=LOAD_READ_WINDOW,
         retry=LOAD_RETRY,
     )
 
@@ -183,16 +203,7 @@ async def run_load(
                 order = load_order(f"load-{run_id}-{n}", n, customers="load")
                 status = (await (await target.orders.create(order)).result()).status.value
             else:
-                recipient = recipients[n % len(recipients)]
-                message = message_to(
-                    recipient,
-                    message_id=f"load-{run_id}-{n}",
-                    sender_id="load",
-                    body=f"load message {n}",
-                    deadline=timedelta(seconds=10),
-                    read_window=timedelta(seconds=1),
-                    retry=LOAD_RETRY,
-                )
+                message = load_message(f"load-{run_id}-{n}", n, recipients[n % len(recipients)])
                 _, settled = await player.send(message)
                 status = await settled
         except Exception as exc:  # a failed start or lifecycle is counted, not fatal

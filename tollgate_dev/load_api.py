@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
 from tollgate_dev.api_client import ApiCaller, ApiGaveUp
-from tollgate_dev.load import LoadTarget, percentile, recipients_for
+from tollgate_dev.load import (
+    LOAD_MESSAGE_DEADLINE,
+    LOAD_READ_WINDOW,
+    LoadTarget,
+    percentile,
+    recipients_for,
+)
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 
@@ -127,9 +133,8 @@ async def run_api_load(
                             "recipient_id": recipient,
                             "recipient_email": f"{recipient}@example.com",
                             "body": f"load message {run_id} {n}",
-                            # devices confirm well before it falls back to email
-                            "deadline_seconds": 10,
-                            "read_window_seconds": 1,
+                            "deadline_seconds": int(LOAD_MESSAGE_DEADLINE.total_seconds()),
+                            "read_window_seconds": int(LOAD_READ_WINDOW.total_seconds()),
                         },
                         deadline=left,
                     )
