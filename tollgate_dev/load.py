@@ -119,15 +119,24 @@ def load_order(order_id: str, n: int, *, customers: str) -> OrderInput:
     )
 
 
-def load_message(message_id: str, n: int, recipient: str) -> MessageInput:
-    """Message number ``n`` of a load run, from ``load`` to ``recipient``."""
+def load_message(
+    message_id: str,
+    n: int,
+    recipient: str,
+    *,
+    sender: str = "load",
+    deadline: timedelta = LOAD_MESSAGE_DEADLINE,
+    read_window: timedelta = LOAD_READ_WINDOW,
+) -> MessageInput:
+    """Message number ``n`` of a load run (or of another run that measures delivery),
+    from ``sender`` to ``recipient``, whose devices confirm well before ``deadline``."""
     return message_to(
         recipient,
         message_id=message_id,
-        sender_id="load",
-        body=f"load message {n}",
-        deadline=LOAD_MESSAGE_DEADLINE,
-        read_window=LOAD_READ_WINDOW,
+        sender_id=sender,
+        body=f"{sender} message {n}",
+        deadline=deadline,
+        read_window=read_window,
         retry=LOAD_RETRY,
     )
 
