@@ -234,22 +234,23 @@ class _Resource(Generic[RowT]):
     get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]]
     not_found: Callable[[str], TollgateError]
 
+    @property
+    def collection(self) -> str:
+        return f"/v1/{self.name}s"
+
     def location(self, entity_id: str) -> str:
         """Where the entity can be read."""
         return f"{self.collection}/{entity_id}"
 
     @property
     def id_param(self) -> Param:
+        """The path parameter that names one entity."""
         return Param(
             f"{self.name}_id",
             "path",
             {"type": "string", "pattern": SAFE_ID_PATTERN},
             f"The {self.name}'s id",
         )
-
-    @property
-    def collection(self) -> str:
-        return f"/v1/{self.name}s"
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -440,9 +441,9 @@ class Api:
         client: str,
         key: str,
         entry: idem.IdempotencyRecord,
+        resource: _Resource[RowT],
         start: Callable[[Any], Awaitable[object]],
         same: Callable[[RowT], bool],
-        resource: _Resource[RowT],
     ) -> dict[str, str]:
         """Start the create unless its key was used before; the answer's headers. A
         create that finds its key used, or its id taken, answers with what is there if
@@ -601,7 +602,7 @@ class Api:
                 order.currency,
             )
 
-        headers = await self._create_once(client, key, entry, start, same, _ORDERS)
+        headers = await self._create_once(client, key, entry, _ORDERS, start, same)
         if wait and (await self.deps.orders.row(order_id)).status in _BEFORE_CHARGED:
             # Asked once the row is committed, for a new order as for a replay: the
             # update is accepted in a workflow task, and the order's first one records
@@ -680,7 +681,7 @@ class Api:
                 int(message.deadline.total_seconds() * 1000),
             )
 
-        headers = await self._create_once(client, key, entry, start, same, _MESSAGES)
+        headers = await self._create_once(client, key, entry, _MESSAGES, start, same)
         return _json(MessageView.of(await self.deps.messages.row(message_id)), 202, headers)
 
     async def get_message(self, request: Request) -> Response:
@@ -839,7 +840,7 @@ class Api:
         return Response(self.metrics.exposition(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
-def _open(
+def _public(
     path: str, operation_id: str, summary: str, handler: Handler, *answers: Answer
 ) -> Operation:
     """A ``GET`` that needs no credential: health, metrics, the document."""
@@ -944,10 +945,10 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             ),
             tags=("receipts",),
         ),
-        _open(
+        _public(
             "/healthz", "healthz", "The process answers", api.healthz, Answer(200, "Alive", Health)
         ),
-        _open(
+        _public(
             "/readyz",
             "readyz",
             "Temporal and Postgres are reachable",
@@ -955,14 +956,14 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             Answer(200, "Ready", Health),
             Answer(503, "Not ready", Health, headers=("Retry-After",)),
         ),
-        _open(
+        _public(
             "/metrics",
             "metrics",
             "Prometheus metrics",
             api.prometheus,
             Answer(200, "Prometheus text", media_type="text/plain"),
         ),
-        _open(
+        _public(
             "/v1/openapi.json",
             "openapi",
             "This document",
