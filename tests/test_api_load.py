@@ -9,6 +9,7 @@ import pytest
 from tests.api_support import ServedApi, serve_api
 from tests.conftest import Harness
 from tollgate_dev.api_client import ApiCaller
+from tollgate_dev.load import LoadTarget
 from tollgate_dev.load_api import ApiLoadSummary, run_api_load
 
 pytestmark = pytest.mark.e2e
@@ -28,10 +29,8 @@ async def _load(
     try:
         return await run_api_load(
             kind,
-            api=caller,
-            orders=h.service,
-            messages=h.messages,
-            pool=h.pool,
+            caller,
+            LoadTarget(h.service, h.messages, h.pool),
             count=count,
             rate=rate,
             concurrency=concurrency,

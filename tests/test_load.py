@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from tests.conftest import Harness
-from tollgate_dev.load import LoadSummary, percentile, run_load
+from tollgate_dev.load import LoadSummary, LoadTarget, percentile, run_load
 from tollgate_dev.sandbox import FaultSpec
 
 
@@ -34,9 +34,7 @@ async def _load(
     worker, printing nothing."""
     return await run_load(
         kind,
-        orders=h.service,
-        messages=h.messages,
-        pool=h.pool,
+        LoadTarget(h.service, h.messages, h.pool),
         count=count,
         concurrency=concurrency,
         rate=rate,

@@ -9,10 +9,13 @@ only where this package is installed (``starter.py`` looks for it).
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
+import asyncpg
+import httpx
 from cyclopts import Parameter
 from rich.table import Table
+from temporalio.client import Client
 
 from tollgate import access, gate
 from tollgate.errors import InputError
@@ -37,6 +40,9 @@ from tollgate.providers.client import build_http_client
 from tollgate.providers.inventory import Inventory
 from tollgate.settings import Settings
 from tollgate_dev.traces import TraceStore, waterfall
+
+if TYPE_CHECKING:
+    from tollgate_dev.load import LoadTarget
 
 #: Upper bounds of ``load``: past them a typo would run for hours.
 MAX_LOAD_COUNT = 100_000
@@ -101,9 +107,7 @@ async def load(
     ):
         summary = await run_load(
             kind,
-            orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
-            messages=MessageService(client, pool, settings.task_queue),
-            pool=pool,
+            _load_target(settings, client, pool, http),
             count=count,
             concurrency=concurrency,
             rate=rate,
@@ -140,6 +144,20 @@ async def load(
     )
 
 
+def _load_target(
+    settings: Settings, client: Client, pool: asyncpg.Pool, http: httpx.AsyncClient
+) -> LoadTarget:
+    """The services a load run starts lifecycles with, as the worker's task queue serves
+    them, and the pool they share."""
+    from tollgate_dev.load import LoadTarget
+
+    return LoadTarget(
+        OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
+        MessageService(client, pool, settings.task_queue),
+        pool,
+    )
+
+
 async def _load_via_api(
     kind: Literal["orders", "messages"],
     count: int,
@@ -164,10 +182,8 @@ async def _load_via_api(
         try:
             summary = await run_api_load(
                 kind,
-                api=api,
-                orders=OrderService(client, pool, settings.task_queue, inventory=Inventory(http)),
-                messages=MessageService(client, pool, settings.task_queue),
-                pool=pool,
+                api,
+                _load_target(settings, client, pool, http),
                 count=count,
                 rate=rate,
                 concurrency=concurrency,

@@ -31,6 +31,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tollgate.messages.models import MessageInput
 from tollgate.messages.service import MessageService
 from tollgate.models import RetrySettings
 from tollgate.orders.models import OrderInput
@@ -59,6 +61,26 @@ _RECIPIENTS = 20
 LOAD_RETRY = RetrySettings(
     initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=2)
 )
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """What a load run drives: the services it starts lifecycles with, and the pool in
+    which its device player watches for pushes."""
+
+    orders: OrderService
+    messages: MessageService
+    pool: asyncpg.Pool
+
+    def device_player(self) -> DevicePlayer:
+        """A player that confirms this target's pushes, as the recipients' phones would."""
+        return DevicePlayer(self.pool, self.messages)
+
+
+#: A load message's deadline: its devices confirm well before it would fall back to email.
+LOAD_MESSAGE_DEADLINE = timedelta(seconds=10)
+#: A load message's read window, after which its workflow ends.
+LOAD_READ_WINDOW = timedelta(seconds=1)
 
 
 class LoadSummary(BaseModel):
@@ -97,6 +119,28 @@ def load_order(order_id: str, n: int, *, customers: str) -> OrderInput:
     )
 
 
+def load_message(
+    message_id: str,
+    n: int,
+    recipient: str,
+    *,
+    sender: str = "load",
+    deadline: timedelta = LOAD_MESSAGE_DEADLINE,
+    read_window: timedelta = LOAD_READ_WINDOW,
+) -> MessageInput:
+    """Message number ``n`` of a load run (or of another run that measures delivery),
+    from ``sender`` to ``recipient``, whose devices confirm well before ``deadline``."""
+    return message_to(
+        recipient,
+        message_id=message_id,
+        sender_id=sender,
+        body=f"{sender} message {n}",
+        deadline=deadline,
+        read_window=read_window,
+        retry=LOAD_RETRY,
+    )
+
+
 async def recipients_for(
     stack: contextlib.AsyncExitStack,
     messages: MessageService,
@@ -123,10 +167,8 @@ def percentile(values: list[float], p: float) -> float | None:
 
 async def run_load(
     kind: Literal["orders", "messages"],
+    target: LoadTarget,
     *,
-    orders: OrderService,
-    messages: MessageService,
-    pool: asyncpg.Pool,
     count: int,
     concurrency: int,
     rate: float | None,
@@ -142,7 +184,7 @@ async def run_load(
     waits: list[float] = []
     refused = errors = 0
     recipients: list[str] = []
-    player = DevicePlayer(pool, messages)
+    player = target.device_player()
 
     async def admitted() -> bool:
         """A place in flight, or False once the arrival waited ``max_wait`` for one."""
@@ -168,18 +210,9 @@ async def run_load(
         try:
             if kind == "orders":
                 order = load_order(f"load-{run_id}-{n}", n, customers="load")
-                status = (await (await orders.create(order)).result()).status.value
+                status = (await (await target.orders.create(order)).result()).status.value
             else:
-                recipient = recipients[n % len(recipients)]
-                message = message_to(
-                    recipient,
-                    message_id=f"load-{run_id}-{n}",
-                    sender_id="load",
-                    body=f"load message {n}",
-                    deadline=timedelta(seconds=10),
-                    read_window=timedelta(seconds=1),
-                    retry=LOAD_RETRY,
-                )
+                message = load_message(f"load-{run_id}-{n}", n, recipients[n % len(recipients)])
                 _, settled = await player.send(message)
                 status = await settled
         except Exception as exc:  # a failed start or lifecycle is counted, not fatal
@@ -193,7 +226,9 @@ async def run_load(
 
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
-            recipients = await recipients_for(stack, messages, player, f"load-{run_id}", count)
+            recipients = await recipients_for(
+                stack, target.messages, player, f"load-{run_id}", count
+            )
         began = time.monotonic()
         with Progress(
             TextColumn(f"load {kind}"),

@@ -27,15 +27,17 @@ import uuid
 from collections import Counter
 from typing import Literal
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
-from tollgate.messages.service import MessageService
-from tollgate.orders.service import OrderService
 from tollgate_dev.api_client import ApiCaller, ApiGaveUp
-from tollgate_dev.devices import DevicePlayer
-from tollgate_dev.load import percentile, recipients_for
+from tollgate_dev.load import (
+    LOAD_MESSAGE_DEADLINE,
+    LOAD_READ_WINDOW,
+    LoadTarget,
+    percentile,
+    recipients_for,
+)
 from tollgate_dev.sandbox.models import UNLIMITED_SKU
 
 
@@ -82,11 +84,9 @@ def _consumed(settled: asyncio.Future[str]) -> None:
 
 async def run_api_load(
     kind: Literal["orders", "messages"],
-    *,
     api: ApiCaller,
-    orders: OrderService,
-    messages: MessageService,
-    pool: asyncpg.Pool,
+    target: LoadTarget,
+    *,
     count: int,
     rate: float,
     concurrency: int,
@@ -97,7 +97,7 @@ async def run_api_load(
     admitted lifecycle to end."""
     run_id = uuid.uuid4().hex[:8]
     recipients: list[str] = []
-    player = DevicePlayer(pool, messages)
+    player = target.device_player()
     in_flight = asyncio.Semaphore(concurrency)
     admission: list[float] = []
     last_attempt: list[float] = []
@@ -133,9 +133,8 @@ async def run_api_load(
                             "recipient_id": recipient,
                             "recipient_email": f"{recipient}@example.com",
                             "body": f"load message {run_id} {n}",
-                            # devices confirm well before it falls back to email
-                            "deadline_seconds": 10,
-                            "read_window_seconds": 1,
+                            "deadline_seconds": int(LOAD_MESSAGE_DEADLINE.total_seconds()),
+                            "read_window_seconds": int(LOAD_READ_WINDOW.total_seconds()),
                         },
                         deadline=left,
                     )
@@ -155,9 +154,9 @@ async def run_api_load(
             player.settled(entity_id).add_done_callback(_consumed)
         try:
             if kind == "orders":
-                status = (await orders.handle(entity_id).result()).status.value
+                status = (await target.orders.handle(entity_id).result()).status.value
             else:
-                status = (await messages.handle(entity_id).result()).status.value
+                status = (await target.messages.handle(entity_id).result()).status.value
         except Exception as exc:  # a lifecycle that failed is counted, not fatal
             statuses[f"error:{type(exc).__name__}"] += 1
             return
@@ -168,7 +167,9 @@ async def run_api_load(
         console.print(f"load {kind} via the API: {count} at {rate:g}/s", highlight=False)
     async with contextlib.AsyncExitStack() as stack:
         if kind == "messages":
-            recipients = await recipients_for(stack, messages, player, f"api-load-{run_id}", count)
+            recipients = await recipients_for(
+                stack, target.messages, player, f"api-load-{run_id}", count
+            )
         await asyncio.gather(*(one(n) for n in range(count)))
     seconds = time.monotonic() - began
     answers = api.answers

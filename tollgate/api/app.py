@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
@@ -70,11 +70,12 @@ from tollgate.api.models import (
     Receipt,
     ReceiptOutcome,
     Transition,
+    View,
     WorkflowView,
 )
 from tollgate.api.problems import EDGE, Problem
 from tollgate.api.signatures import SIGNATURE_HEADER, SignatureError, SignatureExpired, verify
-from tollgate.api.spec import Answer, Operation, Param, openapi_document, problem
+from tollgate.api.spec import Answer, Handler, Operation, Param, openapi_document, problem
 from tollgate.errors import (
     AlreadyExists,
     DeviceNotFound,
@@ -201,6 +202,131 @@ def _workflow_view(report: OrderReport | MessageReport) -> WorkflowView:
     )
 
 
+class _StopOutcome(Protocol):
+    """What a cancel or a recall answers: at least a sentence for people."""
+
+    @property
+    def message(self) -> str: ...
+
+
+OutcomeT = TypeVar("OutcomeT", bound=_StopOutcome)
+
+
+#: The header every answer that names a created or changed entity carries.
+_CREATED = ("Location",)
+
+_IDEMPOTENCY = Param(
+    IDEMPOTENCY_HEADER,
+    "header",
+    {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+    "The same on every retry of this request; a new one for a new request",
+)
+
+
+@dataclass(frozen=True)
+class _Resource(Generic[RowT]):
+    """A kind of entity clients create and own, served under ``/v1/<name>s``: how the
+    handlers find one (the path's ``<name>_id``, read with ``get``, else ``not_found``),
+    and what its operations in the document share (paths, id parameter, view, tag)."""
+
+    name: str
+    view: type[BaseModel]
+    get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]]
+    not_found: Callable[[str], TollgateError]
+
+    @property
+    def collection(self) -> str:
+        return f"/v1/{self.name}s"
+
+    def location(self, entity_id: str) -> str:
+        """Where the entity can be read."""
+        return f"{self.collection}/{entity_id}"
+
+    @property
+    def id_param(self) -> Param:
+        """The path parameter that names one entity."""
+        return Param(
+            f"{self.name}_id",
+            "path",
+            {"type": "string", "pattern": SAFE_ID_PATTERN},
+            f"The {self.name}'s id",
+        )
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return (f"{self.name}s",)
+
+    def create(
+        self,
+        operation_id: str,
+        summary: str,
+        handler: Handler,
+        body: type[BaseModel],
+        *params: Param,
+    ) -> Operation:
+        """``POST /v1/<name>s`` under an Idempotency-Key. It answers the entity (for a
+        retry too), or that the key was used with another body, or that nothing was
+        written at all."""
+        return Operation(
+            "POST",
+            self.collection,
+            operation_id,
+            summary,
+            handler,
+            params=(_IDEMPOTENCY, *params),
+            body=body,
+            answers=(
+                Answer(
+                    202,
+                    f"Accepted; the {self.name} as it stands (a replay too)",
+                    self.view,
+                    headers=_CREATED,
+                ),
+                problem(409, "The Idempotency-Key was used with another body"),
+                problem(
+                    503, "Unavailable, or still starting; nothing half-written", retry_after=True
+                ),
+            ),
+            tags=self.tags,
+        )
+
+    def on_one(
+        self,
+        method: str,
+        suffix: str,
+        operation_id: str,
+        summary: str,
+        handler: Handler,
+        *answers: Answer,
+        body: type[BaseModel] | None = None,
+    ) -> Operation:
+        """An operation on one entity: ``/v1/<name>s/{<name>_id}`` and then ``suffix``."""
+        id_param = self.id_param
+        return Operation(
+            method,
+            f"{self.collection}/{{{id_param.name}}}{suffix}",
+            operation_id,
+            summary,
+            handler,
+            params=(id_param,),
+            body=body,
+            answers=answers,
+            tags=self.tags,
+        )
+
+    def read(self, operation_id: str, summary: str, handler: Handler) -> Operation:
+        """``GET /v1/<name>s/{<name>_id}``: the entity's view."""
+        return self.on_one(
+            "GET", "", operation_id, summary, handler, Answer(200, f"The {self.name}", self.view)
+        )
+
+
+_ORDERS = _Resource("order", OrderView, order_store.get_order, OrderNotFound)
+_MESSAGES = _Resource("message", MessageView, message_store.get_message, MessageNotFound)
+# get_device raises DeviceNotFound itself; _mine's None check never fires for it.
+_DEVICES = _Resource("device", DeviceView, message_store.get_device, DeviceNotFound)
+
+
 class Api:
     """The handlers, over :class:`ApiDeps`."""
 
@@ -308,59 +434,37 @@ class Api:
         """503 with the settings' Retry-After."""
         return self.refuse("unavailable", "unavailable", detail, retry_after=self._retry_after)
 
-    # --- orders ---------------------------------------------------------------------------
+    # --- what creates, cancels and recalls share ----------------------------------------
 
-    async def create_order(self, request: Request) -> Response:
-        """``POST /v1/orders`` (``?wait=charged`` to wait for the charge's outcome)."""
-        client = await self.client(request)
-        key = self.idempotency_key(request)
-        wait = request.query_params.get("wait")
-        if wait not in (None, "charged"):
-            raise InputError("wait: the only value is 'charged'")
-        body = self.parse(request, await self.body(request), OrderCreate)
-        order_id = idem.entity_id_for("order", client, key)
-        order = parse_input(
-            OrderInput,
-            {**body.model_dump(), "order_id": order_id, "client_id": client},
-        )
-        entry = idem.IdempotencyRecord("order", idem.request_hash(body), order_id)
-        started = await self._start_once(
-            lambda also: self.deps.orders.create(order, actor=f"api:{client}", also=also),
-            client,
-            key,
-            entry,
-            lambda: self._recover_order(order, client, key, entry),
-        )
-        if wait and (await self.deps.orders.row(order_id)).status in _BEFORE_CHARGED:
-            # Asked once the row is committed, for a new order as for a replay: the
-            # update is accepted in a workflow task, and the order's first one records
-            # the order from that row.
-            await self._until_charged(self.deps.orders.until_charged(order_id))
-        row = await self.deps.orders.row(order_id)
-        location = f"/v1/orders/{order_id}"
-        return _json(OrderView.of(row), 202, _created_headers(location, started is None))
-
-    async def _start_once(
+    async def _create_once(
         self,
-        start: Any,
         client: str,
         key: str,
         entry: idem.IdempotencyRecord,
-        recover: Callable[[], Awaitable[idem.IdempotencyRecord]],
-    ) -> Any | None:
-        """Start the create unless its key was used before: the start's result, or None
-        when an earlier request with this key (checked to be this very request) created
-        the entity, and the answer is a replay."""
+        resource: _Resource[RowT],
+        start: Callable[[Any], Awaitable[object]],
+        same: Callable[[RowT], bool],
+    ) -> dict[str, str]:
+        """Start the create unless its key was used before; the answer's headers. A
+        create that finds its key used, or its id taken, answers with what is there if
+        that was this very request (a replay), else 409."""
         found = await idem.find(self.deps.pool, client, key)
         if found is None:
             try:
-                return await self._start(start, client, key, entry)
+                await self._start(start, client, key, entry)
+                return _created_headers(resource.location(entry.entity_id), replayed=False)
             except AlreadyExists:
-                found = await recover()
+                found = await self._recover(client, key, entry, resource, same)
         self._same_request(found, entry, key)
-        return None
+        return _created_headers(resource.location(entry.entity_id), replayed=True)
 
-    async def _start(self, start: Any, client: str, key: str, entry: idem.IdempotencyRecord) -> Any:
+    async def _start(
+        self,
+        start: Callable[[Any], Awaitable[object]],
+        client: str,
+        key: str,
+        entry: idem.IdempotencyRecord,
+    ) -> None:
         """Run one create under the backlog bound, the start-slot bound and the start
         timeout; the key is recorded in its transaction."""
         if await self.backlog.full(entry.kind):
@@ -381,11 +485,8 @@ class Api:
         self.metrics.starts_in_flight.add(1)
         try:
             async with asyncio.timeout(self.deps.settings.api_start_timeout_seconds):
-                started = await start(
-                    lambda conn: idem.record(conn, client, key, entry, must_be_new=True)
-                )
+                await start(lambda conn: idem.record(conn, client, key, entry, must_be_new=True))
             self.backlog.started(entry.kind)
-            return started
         except idem.IdempotencyKeyTaken:
             # A concurrent request with this key committed first: answer from its record.
             raise AlreadyExists(key) from None
@@ -398,28 +499,12 @@ class Api:
             self.slots.give_back()
             self.metrics.starts_in_flight.add(-1)
 
-    async def _recover_order(
-        self, order: OrderInput, client: str, key: str, entry: idem.IdempotencyRecord
-    ) -> idem.IdempotencyRecord:
-        """As :meth:`_recover`, for an order."""
-
-        def same(row: order_store.OrderRow) -> bool:
-            return (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
-                client,
-                order.customer_id,
-                order.items,
-                order.amount_cents,
-                order.currency,
-            )
-
-        return await self._recover(client, key, entry, order_store.get_order, same)
-
     async def _recover(
         self,
         client: str,
         key: str,
         entry: idem.IdempotencyRecord,
-        get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]],
+        resource: _Resource[RowT],
         same: Callable[[RowT], bool],
     ) -> idem.IdempotencyRecord:
         """The create found its id taken: by a concurrent request with the same key, or
@@ -429,7 +514,7 @@ class Api:
         found = await idem.find(self.deps.pool, client, key)
         if found is not None:
             return found
-        row = await get(self.deps.pool, entry.entity_id)
+        row = await resource.get(self.deps.pool, entry.entity_id)
         if row is None:
             raise Problem.edge(
                 "still-starting",
@@ -447,6 +532,84 @@ class Api:
             await idem.record(conn, client, key, entry, must_be_new=False)
         return entry
 
+    def _same_request(
+        self, found: idem.IdempotencyRecord, entry: idem.IdempotencyRecord, key: str
+    ) -> None:
+        if found.kind != entry.kind or found.request_sha256 != entry.request_sha256:
+            raise Problem.edge(
+                "idempotency-key-conflict",
+                f"{IDEMPOTENCY_HEADER} {key!r} was used for {found.kind} {found.entity_id} with "
+                "a different request body; use a new key for a new request",
+            )
+
+    async def _mine(self, request: Request, client: str, resource: _Resource[RowT]) -> RowT:
+        """The row the path's ``<name>_id`` names, if ``client`` created it: otherwise 404,
+        the same answer as no row at all."""
+        entity_id = request.path_params[resource.id_param.name]
+        if not is_safe_id(entity_id):
+            raise resource.not_found(entity_id)
+        row = await resource.get(self.deps.pool, entity_id)
+        if row is None or row.client_id != client:
+            raise resource.not_found(entity_id)
+        return row
+
+    async def _stop(
+        self,
+        request: Request,
+        resource: _Resource[Any],
+        body_type: type[CancelRequest | RecallRequest],
+        stop: Callable[..., Awaitable[OutcomeT]],
+        view: type[View],
+        recorded: Callable[[OutcomeT], bool],
+    ) -> Response:
+        """A cancel or a recall, recorded in Postgres first and then told to the
+        workflow: 202 with ``view`` of the outcome, or 409 when nothing was
+        ``recorded`` (the entity is past stopping)."""
+        client = await self.client(request)
+        body = self.parse(request, await self.body(request), body_type)
+        row = await self._mine(request, client, resource)
+        outcome = await stop(row.id, reason=body.reason, requested_by=client, actor=f"api:{client}")
+        if not recorded(outcome):
+            raise IllegalTransition(row.id, outcome.message)
+        return _json(view.of(outcome), 202, {"Location": resource.location(row.id)})
+
+    # --- orders ---------------------------------------------------------------------------
+
+    async def create_order(self, request: Request) -> Response:
+        """``POST /v1/orders`` (``?wait=charged`` to wait for the charge's outcome)."""
+        client = await self.client(request)
+        key = self.idempotency_key(request)
+        wait = request.query_params.get("wait")
+        if wait not in (None, "charged"):
+            raise InputError("wait: the only value is 'charged'")
+        body = self.parse(request, await self.body(request), OrderCreate)
+        order_id = idem.entity_id_for("order", client, key)
+        order = parse_input(
+            OrderInput,
+            {**body.model_dump(), "order_id": order_id, "client_id": client},
+        )
+        entry = idem.IdempotencyRecord("order", idem.request_hash(body), order_id)
+
+        def start(also: Any) -> Awaitable[object]:
+            return self.deps.orders.create(order, actor=f"api:{client}", also=also)
+
+        def same(row: order_store.OrderRow) -> bool:
+            return (row.client_id, row.customer_id, row.items, row.amount_cents, row.currency) == (
+                client,
+                order.customer_id,
+                order.items,
+                order.amount_cents,
+                order.currency,
+            )
+
+        headers = await self._create_once(client, key, entry, _ORDERS, start, same)
+        if wait and (await self.deps.orders.row(order_id)).status in _BEFORE_CHARGED:
+            # Asked once the row is committed, for a new order as for a replay: the
+            # update is accepted in a workflow task, and the order's first one records
+            # the order from that row.
+            await self._until_charged(self.deps.orders.until_charged(order_id))
+        return _json(OrderView.of(await self.deps.orders.row(order_id)), 202, headers)
+
     async def _until_charged(self, waiting: Any) -> None:
         """Wait for the ``charged`` answer up to API_WAIT_SECONDS; the row says the rest."""
         try:
@@ -458,58 +621,21 @@ class Api:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
 
-    def _same_request(
-        self, found: idem.IdempotencyRecord, entry: idem.IdempotencyRecord, key: str
-    ) -> None:
-        if found.kind != entry.kind or found.request_sha256 != entry.request_sha256:
-            raise Problem.edge(
-                "idempotency-key-conflict",
-                f"{IDEMPOTENCY_HEADER} {key!r} was used for {found.kind} {found.entity_id} with "
-                "a different request body; use a new key for a new request",
-            )
-
-    async def _mine(
-        self,
-        request: Request,
-        client: str,
-        id_param: str,
-        not_found: Callable[[str], TollgateError],
-        get: Callable[[asyncpg.Pool, str], Awaitable[RowT | None]],
-    ) -> RowT:
-        """The row the path's ``id_param`` names, if ``client`` created it: otherwise 404,
-        the same answer as no row at all."""
-        entity_id = request.path_params[id_param]
-        if not is_safe_id(entity_id):
-            raise not_found(entity_id)
-        row = await get(self.deps.pool, entity_id)
-        if row is None or row.client_id != client:
-            raise not_found(entity_id)
-        return row
-
-    async def _my_order(self, request: Request, client: str) -> order_store.OrderRow:
-        return await self._mine(request, client, "order_id", OrderNotFound, order_store.get_order)
-
     async def get_order(self, request: Request) -> Response:
         """``GET /v1/orders/{order_id}``."""
-        client = await self.client(request)
-        row = await self._my_order(request, client)
+        row = await self._mine(request, await self.client(request), _ORDERS)
         report = await self.deps.orders.report(row.id)
         return _json(OrderView.of(report.order, **_history(report)))
 
     async def cancel_order(self, request: Request) -> Response:
         """``POST /v1/orders/{order_id}/cancel``."""
-        client = await self.client(request)
-        body = self.parse(request, await self.body(request), CancelRequest)
-        row = await self._my_order(request, client)
-        outcome = await self.deps.orders.cancel(
-            row.id, reason=body.reason, requested_by=client, actor=f"api:{client}"
-        )
-        if not outcome.recorded:
-            raise IllegalTransition(row.id, outcome.message)
-        return _json(
-            CancelView.of(outcome),
-            202,
-            {"Location": f"/v1/orders/{row.id}"},
+        return await self._stop(
+            request,
+            _ORDERS,
+            CancelRequest,
+            self.deps.orders.cancel,
+            CancelView,
+            lambda o: o.recorded,
         )
 
     # --- messages -------------------------------------------------------------------------
@@ -534,21 +660,9 @@ class Api:
             },
         )
         entry = idem.IdempotencyRecord("message", idem.request_hash(body), message_id)
-        started = await self._start_once(
-            lambda also: self.deps.messages.send(message, actor=f"api:{client}", also=also),
-            client,
-            key,
-            entry,
-            lambda: self._recover_message(message, client, key, entry),
-        )
-        row = await self.deps.messages.row(message_id)
-        location = f"/v1/messages/{message_id}"
-        return _json(MessageView.of(row), 202, _created_headers(location, started is None))
 
-    async def _recover_message(
-        self, message: MessageInput, client: str, key: str, entry: idem.IdempotencyRecord
-    ) -> idem.IdempotencyRecord:
-        """As :meth:`_recover`, for a message."""
+        def start(also: Any) -> Awaitable[object]:
+            return self.deps.messages.send(message, actor=f"api:{client}", also=also)
 
         def same(row: message_store.MessageRow) -> bool:
             return (
@@ -567,17 +681,12 @@ class Api:
                 int(message.deadline.total_seconds() * 1000),
             )
 
-        return await self._recover(client, key, entry, message_store.get_message, same)
-
-    async def _my_message(self, request: Request, client: str) -> message_store.MessageRow:
-        return await self._mine(
-            request, client, "message_id", MessageNotFound, message_store.get_message
-        )
+        headers = await self._create_once(client, key, entry, _MESSAGES, start, same)
+        return _json(MessageView.of(await self.deps.messages.row(message_id)), 202, headers)
 
     async def get_message(self, request: Request) -> Response:
         """``GET /v1/messages/{message_id}``."""
-        client = await self.client(request)
-        row = await self._my_message(request, client)
+        row = await self._mine(request, await self.client(request), _MESSAGES)
         report = await self.deps.messages.report(row.id)
         return _json(
             MessageView.of(
@@ -589,18 +698,13 @@ class Api:
 
     async def recall_message(self, request: Request) -> Response:
         """``POST /v1/messages/{message_id}/recall``."""
-        client = await self.client(request)
-        body = self.parse(request, await self.body(request), RecallRequest)
-        row = await self._my_message(request, client)
-        outcome = await self.deps.messages.recall(
-            row.id, reason=body.reason, requested_by=client, actor=f"api:{client}"
-        )
-        if not outcome.recalled:
-            raise IllegalTransition(row.id, outcome.message)
-        return _json(
-            RecallView.of(outcome),
-            202,
-            {"Location": f"/v1/messages/{row.id}"},
+        return await self._stop(
+            request,
+            _MESSAGES,
+            RecallRequest,
+            self.deps.messages.recall,
+            RecallView,
+            lambda o: o.recalled,
         )
 
     # --- devices --------------------------------------------------------------------------
@@ -611,7 +715,7 @@ class Api:
         client = await self.client(request)
         body = self.parse(request, await self.body(request), DeviceCreate)
         device_id = body.device_id or f"dev-{uuid.uuid4().hex[:16]}"
-        headers = {"Location": f"/v1/devices/{device_id}"}
+        headers = {"Location": _DEVICES.location(device_id)}
         taken = AlreadyExists(f"device id {device_id} or its push token is already registered")
         try:
             existing = await message_store.get_device(self.deps.pool, device_id)
@@ -634,21 +738,14 @@ class Api:
             raise taken from None  # without naming the device that holds the token
         return _json(DeviceView.of(row), 201, headers)
 
-    async def _my_device(self, request: Request, client: str) -> message_store.DeviceRow:
-        # get_device raises DeviceNotFound itself; _mine's None check never fires for it.
-        return await self._mine(
-            request, client, "device_id", DeviceNotFound, message_store.get_device
-        )
-
     async def get_device(self, request: Request) -> Response:
         """``GET /v1/devices/{device_id}``."""
         client = await self.client(request)
-        return _json(DeviceView.of(await self._my_device(request, client)))
+        return _json(DeviceView.of(await self._mine(request, client, _DEVICES)))
 
     async def delete_device(self, request: Request) -> Response:
         """``DELETE /v1/devices/{device_id}``: stop pushing to it (again is harmless)."""
-        client = await self.client(request)
-        row = await self._my_device(request, client)
+        row = await self._mine(request, await self.client(request), _DEVICES)
         return _json(DeviceView.of(await self.deps.messages.remove_device(row.id)))
 
     # --- receipts -------------------------------------------------------------------------
@@ -743,121 +840,75 @@ class Api:
         return Response(self.metrics.exposition(), media_type=PROMETHEUS_MEDIA_TYPE)
 
 
-#: The header every answer that names a created or changed entity carries.
-_CREATED = ("Location",)
-
-
-def _id_param(name: str, what: str) -> Param:
-    return Param(
-        name,
-        "path",
-        {"type": "string", "pattern": SAFE_ID_PATTERN},
-        f"The {what}'s id",
-    )
-
-
-def _create_answers(what: str, view: type[BaseModel]) -> tuple[Answer, ...]:
-    """What a create under an Idempotency-Key answers: the entity (for a retry too), a
-    key reused with another body, or nothing written at all."""
-    return (
-        Answer(202, f"Accepted; the {what} as it stands (a replay too)", view, headers=_CREATED),
-        problem(409, "The Idempotency-Key was used with another body"),
-        problem(503, "Unavailable, or still starting; nothing half-written", retry_after=True),
-    )
+def _public(
+    path: str, operation_id: str, summary: str, handler: Handler, *answers: Answer
+) -> Operation:
+    """A ``GET`` that needs no credential: health, metrics, the document."""
+    return Operation("GET", path, operation_id, summary, handler, auth="none", answers=answers)
 
 
 def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operation]:
     """Every route of the API, with what it takes and answers."""
-    idempotency = Param(
-        IDEMPOTENCY_HEADER,
-        "header",
-        {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-        "The same on every retry of this request; a new one for a new request",
+    wait = Param(
+        "wait",
+        "query",
+        {"type": "string", "enum": ["charged"]},
+        "charged: answer once the order is charged, failing or cancelled "
+        "(at most API_WAIT_SECONDS); the checkout goes on",
+        required=False,
     )
-    ops = [
-        Operation(
-            "POST",
-            "/v1/orders",
+
+    async def openapi(request: Request) -> Response:
+        assert document is not None
+        return Response(json.dumps(document), media_type="application/json")
+
+    return [
+        _ORDERS.create(
             "createOrder",
             "Create an order and start its checkout",
             api.create_order,
-            params=(
-                idempotency,
-                Param(
-                    "wait",
-                    "query",
-                    {"type": "string", "enum": ["charged"]},
-                    "charged: answer once the order is charged, failing or cancelled "
-                    "(at most API_WAIT_SECONDS); the checkout goes on",
-                    required=False,
-                ),
-            ),
-            body=OrderCreate,
-            answers=_create_answers("order", OrderView),
-            tags=("orders",),
+            OrderCreate,
+            wait,
         ),
-        Operation(
-            "GET",
-            "/v1/orders/{order_id}",
+        _ORDERS.read(
             "getOrder",
             "An order: row, version, audited transitions, workflow status",
             api.get_order,
-            params=(_id_param("order_id", "order"),),
-            answers=(Answer(200, "The order", OrderView),),
-            tags=("orders",),
         ),
-        Operation(
+        _ORDERS.on_one(
             "POST",
-            "/v1/orders/{order_id}/cancel",
+            "/cancel",
             "cancelOrder",
             "Cancel an order: recorded in Postgres first, then the workflow is told",
             api.cancel_order,
-            params=(_id_param("order_id", "order"),),
+            Answer(202, "Cancellation recorded; compensating", CancelView, headers=_CREATED),
+            problem(409, "The order has finished"),
             body=CancelRequest,
-            answers=(
-                Answer(202, "Cancellation recorded; compensating", CancelView, headers=_CREATED),
-                problem(409, "The order has finished"),
-            ),
-            tags=("orders",),
         ),
-        Operation(
-            "POST",
-            "/v1/messages",
+        _MESSAGES.create(
             "sendMessage",
             "Send a message to every device of the recipient, email as the fallback",
             api.create_message,
-            params=(idempotency,),
-            body=MessageCreate,
-            answers=_create_answers("message", MessageView),
-            tags=("messages",),
+            MessageCreate,
         ),
-        Operation(
-            "GET",
-            "/v1/messages/{message_id}",
+        _MESSAGES.read(
             "getMessage",
             "A message: status, per-device facts, audited transitions, workflow",
             api.get_message,
-            params=(_id_param("message_id", "message"),),
-            answers=(Answer(200, "The message", MessageView),),
-            tags=("messages",),
         ),
-        Operation(
+        _MESSAGES.on_one(
             "POST",
-            "/v1/messages/{message_id}/recall",
+            "/recall",
             "recallMessage",
             "Recall a message: recorded in Postgres first, then the workflow is told",
             api.recall_message,
-            params=(_id_param("message_id", "message"),),
+            Answer(202, "Recalled", RecallView, headers=_CREATED),
+            problem(409, "The message was read or has ended"),
             body=RecallRequest,
-            answers=(
-                Answer(202, "Recalled", RecallView, headers=_CREATED),
-                problem(409, "The message was read or has ended"),
-            ),
-            tags=("messages",),
         ),
         Operation(
             "POST",
-            "/v1/devices",
+            _DEVICES.collection,
             "registerDevice",
             "Register a device and its push token",
             api.create_device,
@@ -869,27 +920,16 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
                 Answer(201, "Registered", DeviceView, headers=_CREATED),
                 problem(409, "The device id or push token is taken, or the user has 10 devices"),
             ),
-            tags=("devices",),
+            tags=_DEVICES.tags,
         ),
-        Operation(
-            "GET",
-            "/v1/devices/{device_id}",
-            "getDevice",
-            "A device (never its push token)",
-            api.get_device,
-            params=(_id_param("device_id", "device"),),
-            answers=(Answer(200, "The device", DeviceView),),
-            tags=("devices",),
-        ),
-        Operation(
+        _DEVICES.read("getDevice", "A device (never its push token)", api.get_device),
+        _DEVICES.on_one(
             "DELETE",
-            "/v1/devices/{device_id}",
+            "",
             "removeDevice",
             "Stop pushing to a device (it keeps its history)",
             api.delete_device,
-            params=(_id_param("device_id", "device"),),
-            answers=(Answer(200, "Removed", DeviceView),),
-            tags=("devices",),
+            Answer(200, "Removed", DeviceView),
         ),
         Operation(
             "POST",
@@ -905,54 +945,32 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             ),
             tags=("receipts",),
         ),
-        Operation(
-            "GET",
-            "/healthz",
-            "healthz",
-            "The process answers",
-            api.healthz,
-            auth="none",
-            answers=(Answer(200, "Alive", Health),),
+        _public(
+            "/healthz", "healthz", "The process answers", api.healthz, Answer(200, "Alive", Health)
         ),
-        Operation(
-            "GET",
+        _public(
             "/readyz",
             "readyz",
             "Temporal and Postgres are reachable",
             api.readyz,
-            auth="none",
-            answers=(
-                Answer(200, "Ready", Health),
-                Answer(503, "Not ready", Health, headers=("Retry-After",)),
-            ),
+            Answer(200, "Ready", Health),
+            Answer(503, "Not ready", Health, headers=("Retry-After",)),
         ),
-        Operation(
-            "GET",
+        _public(
             "/metrics",
             "metrics",
             "Prometheus metrics",
             api.prometheus,
-            auth="none",
-            answers=(Answer(200, "Prometheus text", media_type="text/plain"),),
+            Answer(200, "Prometheus text", media_type="text/plain"),
         ),
-    ]
-
-    async def openapi(request: Request) -> Response:
-        assert document is not None
-        return Response(json.dumps(document), media_type="application/json")
-
-    ops.append(
-        Operation(
-            "GET",
+        _public(
             "/v1/openapi.json",
             "openapi",
             "This document",
             openapi,
-            auth="none",
-            answers=(Answer(200, "The OpenAPI 3.1 document"),),
-        )
-    )
-    return ops
+            Answer(200, "The OpenAPI 3.1 document"),
+        ),
+    ]
 
 
 def _wrap(api: Api, op: Operation) -> Any:

@@ -58,8 +58,7 @@ from tollgate_dev.bench.models import (
 from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
 from tollgate_dev.bench.report import ratios
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
-from tollgate_dev.load import LOAD_RETRY, load_order
-from tollgate_dev.recipients import message_to
+from tollgate_dev.load import LOAD_RETRY, load_message, load_order
 
 #: Backoffs as a load run has them: nothing fails here, but if something did, a run
 #: should recover in seconds, not minutes.
@@ -263,14 +262,13 @@ def _scenarios(
     async def message(tag: str, n: int) -> str:
         message_id = _Scenario.business_id(run_id, tag, n)
         handle, settled = await player.send(
-            message_to(
+            load_message(
+                message_id,
+                n,
                 recipients[n % len(recipients)],
-                message_id=message_id,
-                sender_id="bench-sender",
-                body=f"bench message {n}",
+                sender="bench",
                 deadline=MESSAGE_DEADLINE,
                 read_window=READ_WINDOW,
-                retry=BENCH_RETRY,
             )
         )
         lingering.append(handle)
