@@ -238,6 +238,27 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
                 )
             raise
 
+    async def move_after_step(
+        self, entity_id: str, req: TransitionRequest[Any]
+    ) -> TransitionResult:
+        """The move a step activity makes once its provider call went through. Refused (a
+        cancellation was recorded meanwhile), the step did run: its undo must stay."""
+        return await self._move(entity_id, req)
+
+    async def finished_by(
+        self, entity_id: str, last: TransitionRequest[Any] | None
+    ) -> TransitionResult | None:
+        """On a retry of a step activity: where the row stands if the step's ``last`` move
+        already applied (an earlier attempt finished and its reply was lost); None on a
+        first attempt, or when it did not."""
+        if last is None or activity.info().attempt == 1:
+            return None
+        async with self._pool.acquire() as conn:
+            row = await gate.get_row(conn, self.rows.lifecycle, entity_id)
+        if row is None or row["last_transition_id"] != last.transition_id:
+            return None
+        return TransitionResult(version=row["version"], already_applied=True)
+
     async def _move(self, entity_id: str, req: TransitionRequest[Any]) -> TransitionResult:
         """One version-checked transition through the gate, logged with the entity's id."""
         lifecycle = self.rows.lifecycle

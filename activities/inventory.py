@@ -40,13 +40,21 @@ class InventoryActivities(StepActivities[Inventory]):
 
     @defn("reserve_inventory")
     async def reserve(self, req: ReserveInput) -> ReserveResult:
-        """Move the order to RESERVING (when asked), then reserve every item, or none."""
-        moved = await self._move_first(req.order_id, req.move)
+        """Move the order to RESERVING (when asked), reserve every item or none, then move
+        it on to COMPLETED (when asked).
+
+        A retry whose earlier attempt got as far as COMPLETED (its reply was lost) only
+        asks the reservation again: the same key answers with the same reservation.
+        """
+        finished = await self._rows.finished_by(req.order_id, req.then)
+        moved = finished or await self._move_first(req.order_id, req.move)
         answer = await self._provider.reserve(
             order_id=req.order_id,
             items=[i.model_dump() for i in req.items],
             idempotency_key=req.idempotency_key,
         )
+        if req.then is not None and finished is None:
+            moved = await self._rows.move_after_step(req.order_id, req.then)
         return ReserveResult(reservation_id=answer.reservation_id, moved=moved)
 
     @defn("release_inventory")

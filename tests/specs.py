@@ -277,6 +277,9 @@ class Carried:
     #: Whether the step goes on once the write answered (a begin that found the row
     #: cancelled stops the step short, and only the write's answer is returned).
     goes_on: Callable[[Any], bool] = lambda _: True
+    #: The input of a second write the step makes once its own work is done (the move to
+    #: COMPLETED after a reservation), or None.
+    after: Callable[[Any], Any] = lambda _: None
     #: Transition ids of writes that applied: a refused move says whether an earlier
     #: attempt applied it, as the real activity checks the audit.
     applied: set[str] | None = None
@@ -299,7 +302,11 @@ class Carried:
             self.applied.add(part.transition_id)
         if not self.goes_on(written):
             return self.merge(None, written)
-        return self.merge(await step.call(arg), written)
+        result = await step.call(arg)
+        then = self.after(arg)
+        if then is not None:
+            written = await self.write.call(then)
+        return self.merge(result, written)
 
 
 def devices_of(user_id: str) -> list[Device]:
@@ -375,6 +382,7 @@ class StandIns:
                     part=lambda a: a.move,
                     merge=lambda result, moved: result.model_copy(update={"moved": moved}),
                     applied=applied,
+                    after=lambda a: getattr(a, "then", None),
                 )
             )
         self[InventoryActivities.validate].carries(

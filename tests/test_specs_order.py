@@ -266,6 +266,22 @@ async def test_a_move_refused_after_an_earlier_attempt_applied_it_still_undoes_t
     assert result.status is S.CANCELLED and result.compensations == ["refund:refunded"]
 
 
+async def test_a_cancel_that_finds_the_stock_reserved_undoes_the_reservation_and_the_charge(
+    acts: StandIns,
+) -> None:
+    """The reservation went through, then its activity's move to COMPLETED found the
+    cancellation recorded: both steps ran, so both are undone."""
+    acts[OrderStoreActivities.transition_order].when(
+        lambda move: move.to_status is S.COMPLETED, Fail(OrderCancelled)
+    )
+
+    result = await check_out(acts, order())
+
+    assert acts.trail() == [*FORWARD, "transition_order:COMPLETED", *cancelled("release", "refund")]
+    assert result.status is S.CANCELLED
+    assert result.compensations == ["release:released", "refund:refunded"]
+
+
 async def test_a_temporal_cancel_compensates_and_ends_the_execution_canceled(
     acts: StandIns,
 ) -> None:

@@ -206,10 +206,12 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             ReserveInput(
                 order_id=o.order_id, items=o.items, idempotency_key=step_key(self._id, "reserve")
             ),
+            then=S.COMPLETED,
         )
         self._reservation_id = reservation.reservation_id
 
-        await self.move(S.COMPLETED)
+        if self._status is not S.COMPLETED:
+            await self.move(S.COMPLETED)
         self._step = Step.DONE
 
     def _recorded(self, row: OrderSnapshot) -> bool:
@@ -227,16 +229,20 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         undo: Undo,
         method: ActivityMethod[StepInputT, StepResultT],
         arg: StepInputT,
+        *,
+        then: OrderStatus | None = None,
     ) -> StepResultT:
-        """Move the row to ``status``, then run the step; its undo is registered before the
-        step runs, so that a step whose outcome is never known is undone too.
+        """Move the row to ``status``, then run the step (then move it on to ``then``); its
+        undo is registered before the step runs, so that a step whose outcome is never
+        known is undone too.
 
-        The move rides in the step's activity, which makes it before it calls the
-        provider; the workflow shows the row where the move takes it from the moment it
-        sends it. If the move was refused before any attempt applied it (a cancellation
-        got there first), the step never ran and its undo is dropped again. If the step
-        failed otherwise, the move may or may not have applied (a timeout says nothing):
-        the workflow reads the row before it moves it again.
+        The moves ride in the step's activity, which makes the first before it calls the
+        provider and ``then`` after; the workflow shows the row where the first takes it
+        from the moment it sends it. If the first move was refused before any attempt
+        applied it (a cancellation got there first), the step never ran and its undo is
+        dropped again. If the step failed otherwise, the moves may or may not have
+        applied (a timeout says nothing): the workflow reads the row before it moves it
+        again.
         """
         if not self._moves_in_steps:
             await self.move(status)
@@ -244,21 +250,26 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             self._undo.append(undo)
             return await self.activity(method, arg)
         before = self._status
-        move = self.next_move(status)
+        moves = {"move": self.next_move(status)}
         self._step = step
         self._undo.append(undo)
         self.set_status(status, self._version + 1, sent=True)  # the gate adds one per write
+        if then is not None:
+            moves["then"] = self.next_move(then)
         try:
-            result = await self.activity(method, arg.model_copy(update={"move": move}))
+            result = await self.activity(method, arg.model_copy(update=moves))
         except STEP_FAILURES as err:
             if error_type(err) == self.stopped_error:
                 if not step_may_have_run(err):
                     self._undo.pop()
             elif not is_cancellation(err):
-                await self._read_row(before, status)
+                await self._read_row(before, status, *([then] if then else []))
             raise
         assert result.moved is not None, "a step given a move reports where it left the row"
-        self.set_status(status, result.moved.version)
+        if then is None and result.moved.version == self._version:
+            self._sent = False  # arrived where it was sent: nothing new to show
+        else:
+            self.set_status(then or status, result.moved.version)
         return result
 
     async def _read_row(self, *expected: OrderStatus) -> None:

@@ -176,11 +176,13 @@ class ReserveInput(Model):
     idempotency_key: str
     #: The move to RESERVING the activity makes before it calls the inventory service.
     move: TransitionInput | None = None
+    #: The move to COMPLETED it makes once the stock is reserved.
+    then: TransitionInput | None = None
 
 
 class ReserveResult(Model):
     reservation_id: str
-    #: Where ``move`` left the row.
+    #: Where ``move``, then ``then``, left the row.
     moved: TransitionResult | None = None
 
 

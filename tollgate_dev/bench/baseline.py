@@ -35,13 +35,15 @@ PROVIDER_CALL_ACTIVITIES = 3
 MESSAGE_ACTIVITIES = 7
 
 #: What Tollgate's lifecycles run today (workflows/order.py, workflows/message.py):
-#: the provider calls are regular activities, the gate's reads and writes local ones.
-#: An order: begin (record + VALIDATING), validate, CHARGING, charge, RESERVING,
-#: reserve, COMPLETED. tests/test_round_trips.py checks an order's history has it.
-ORDER_STEPS = (3, 4)
-#: A message to 2 devices: begin (record + STORED), recipient_devices, DISPATCHED,
-#: push_to_devices, then after the confirmation record_device_fact and DELIVERED.
-MESSAGE_STEPS = (1, 5)
+#: the provider calls are regular activities, each making the move before it first;
+#: the other reads and writes of the gate are local ones. An order: validate (record +
+#: VALIDATING first), charge (CHARGING first), reserve (RESERVING first), then
+#: COMPLETED. tests/test_round_trips.py checks an order's history has it.
+ORDER_STEPS = (3, 1)
+#: A message to 2 devices: dispatch_message (record + STORED, recipient's devices,
+#: DISPATCHED), push_to_devices, then after the confirmation deliver_message (the
+#: delivered fact and DELIVERED).
+MESSAGE_STEPS = (1, 2)
 
 
 @dataclass(frozen=True)
