@@ -93,7 +93,7 @@ async def test_quick_bench_reports_every_figure(
         assert scenario["breakdown"]["samples"] == QUICK.one_at_a_time, name
         assert scenario["breakdown"]["total_ms"] > 0, name
     steps = {k: (v["activities"], v["local_activities"]) for k, v in data["scenarios"].items()}
-    assert [steps[k] for k in sorted(SCENARIOS)] == [(3, 0), (7, 0), (8, 0), (1, 5), (3, 4)]
+    assert [steps[k] for k in sorted(SCENARIOS)] == [(3, 0), (7, 0), (8, 0), (1, 2), (3, 0)]
     assert set(data["gate"]) >= {
         "guarded_transitions_per_s",
         "plain_transitions_per_s",
@@ -124,10 +124,10 @@ async def test_tracing_bench_counts_an_orders_spans_and_times_both_modes(
     assert [r.first for r in report.per_round] == ["on", "off"]
     assert report.p50_on_ms > 0 and report.p50_off_ms > 0 and report.ratio > 0
     assert report.worker_cpu_ms_on > 0 and report.worker_cpu_ms_off > 0
-    # The command's span, the workflow, two spans per activity (three regular, one
-    # local), its SQL and HTTP calls.
+    # The command's span, the workflow, two spans per activity (three), its SQL and HTTP
+    # calls.
     assert report.spans_min == report.spans_max >= 25
-    assert report.spans_by_kind["temporal"] == 2 + 2 * 4
+    assert report.spans_by_kind["temporal"] == 2 + 2 * 3
     assert report.spans_by_kind["sql"] >= 10 and report.spans_by_kind["http client"] == 4
     text = io.StringIO()
     tracing.print_report(report, Console(file=text, width=120))

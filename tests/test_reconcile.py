@@ -54,9 +54,12 @@ def now() -> Callable[..., ReconcileInput]:
     return options
 
 
-async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: bool = False) -> str:
-    """Start an order, let its provider call land, and terminate it mid-flight."""
-    slow = FaultSpec(latency_ms=1500, latency_phase="after")
+async def _terminate_at(
+    h: Harness, step: str, provider: str, *, cancel_first: bool = False, answer_ms: int = 1500
+) -> str:
+    """Start an order, let its provider call land, and terminate it mid-flight; the
+    provider answers ``answer_ms`` after it acted."""
+    slow = FaultSpec(latency_ms=answer_ms, latency_phase="after")
     order = h.order()
     if provider == "inventory":
         handle = await h.charging(order)
@@ -78,7 +81,11 @@ async def _terminate_at(h: Harness, step: str, provider: str, *, cancel_first: b
 async def test_terminated_orders_are_recovered_with_no_money_left_charged(
     h: Harness, now: Callable[..., ReconcileInput]
 ) -> None:
-    reserved = await _terminate_at(h, "reserving", "inventory")
+    # Terminating a workflow does not stop its activity in flight: once the stock is
+    # held, the reservation's activity moves the row to COMPLETED, a whole checkout,
+    # unless a recovery claimed the row first (the move then finds the version moved).
+    # Here the inventory answers after the recovery claimed it.
+    reserved = await _terminate_at(h, "reserving", "inventory", answer_ms=8000)
     charged = await _terminate_at(h, "charging", "payments")
     cancelling = await _terminate_at(h, "charging", "payments", cancel_first=True)
     ours = {reserved, charged, cancelling}

@@ -4,8 +4,8 @@ Every regular activity is a round trip through the Temporal server (scheduled, p
 up, completed) and every workflow task another; a local activity costs neither, but
 each still costs the worker a workflow activation. A happy-path order makes three
 activity round trips (its provider calls: validate, charge, reserve), each of which
-first moves the row (validate also records the order), in four workflow tasks, and
-one local activity (the move to COMPLETED).
+first moves the row (validate also records the order, and reserve completes it once
+the stock is held), in four workflow tasks, and no local activity.
 
 Validation stays a regular activity although it only reads: as a local activity it
 ran inside the workflow task that records the order, so while a slow catalog answered,
@@ -44,5 +44,5 @@ async def test_a_completed_order_makes_three_activity_round_trips_in_four_workfl
 
     assert scheduled == ["validate_order", "charge_payment", "reserve_inventory"]
     assert events[EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED] == 4
-    # COMPLETED (a local activity), and the two patches the code is at
-    assert events[EventType.EVENT_TYPE_MARKER_RECORDED] == 3
+    # no local activity: only the two patches the code is at
+    assert events[EventType.EVENT_TYPE_MARKER_RECORDED] == 2
