@@ -8,7 +8,8 @@ result models, ``ApplicationError``); the stores and providers they call do not.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
@@ -18,12 +19,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from tollgate import gate
-from tollgate.errors import TollgateError, VersionConflict
+from tollgate.errors import StoreUnavailable, TollgateError, VersionConflict
 from tollgate.gate import Lifecycle, Writer
 from tollgate.models import TransitionRequest, TransitionResult
 from tollgate.names import transition_id
 from tollgate.orders.models import CompensationResult
-from tollgate.postgres import Connection
+from tollgate.postgres import UNREACHABLE, Connection
 from tollgate.providers.client import UndoAnswer
 
 P = ParamSpec("P")
@@ -77,7 +78,20 @@ class StepActivities(ProviderActivities[ProviderT]):
     async def _move_first(
         self, entity_id: str, move: TransitionRequest[Any] | None
     ) -> TransitionResult | None:
-        return None if move is None else await self._rows.move_before_step(entity_id, move)
+        if move is None:
+            return None
+        with reaching_the_store():
+            return await self._rows.move_before_step(entity_id, move)
+
+
+@contextmanager
+def reaching_the_store() -> Iterator[None]:
+    """Around a step activity's moves: Postgres out of reach becomes
+    :class:`~tollgate.errors.StoreUnavailable`, which the workflow knows to wait out."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise StoreUnavailable(f"Postgres unreachable: {type(exc).__name__}") from exc
 
 
 def compensation_result(answer: UndoAnswer) -> CompensationResult:

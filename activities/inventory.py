@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from activities import StepActivities, compensation_result, defn
+from activities import StepActivities, compensation_result, defn, reaching_the_store
 from activities.orders import OrderStoreActivities
 from tollgate.orders.models import (
     CompensationResult,
@@ -30,7 +30,8 @@ class InventoryActivities(StepActivities[Inventory]):
         first step); a row found cancelled is reported and nothing is checked.
         """
         order = req.order
-        begun = await self._rows.begin_order(order) if req.begin else None
+        with reaching_the_store():
+            begun = await self._rows.begin_order(order) if req.begin else None
         if begun is not None and begun.status is not OrderStatus.VALIDATING:
             return ValidateResult(begun=begun)
         unknown = await self._provider.unknown_skus(i.sku for i in order.items)
@@ -46,7 +47,8 @@ class InventoryActivities(StepActivities[Inventory]):
         A retry whose earlier attempt got as far as COMPLETED (its reply was lost) only
         asks the reservation again: the same key answers with the same reservation.
         """
-        finished = await self._rows.finished_by(req.order_id, req.then)
+        with reaching_the_store():
+            finished = await self._rows.finished_by(req.order_id, req.then)
         moved = finished or await self._move_first(req.order_id, req.move)
         answer = await self._provider.reserve(
             order_id=req.order_id,
@@ -54,7 +56,8 @@ class InventoryActivities(StepActivities[Inventory]):
             idempotency_key=req.idempotency_key,
         )
         if req.then is not None and finished is None:
-            moved = await self._rows.move_after_step(req.order_id, req.then)
+            with reaching_the_store():
+                moved = await self._rows.move_after_step(req.order_id, req.then)
         return ReserveResult(reservation_id=answer.reservation_id, moved=moved)
 
     @defn("release_inventory")

@@ -18,7 +18,7 @@ import pytest
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from temporalio.testing import ActivityEnvironment
 
-from activities import to_application_error
+from activities import reaching_the_store, to_application_error
 from activities.email import EmailActivities
 from activities.inventory import InventoryActivities
 from activities.orders import OrderStoreActivities
@@ -457,3 +457,26 @@ async def test_without_a_breaker_nothing_is_refused() -> None:
         with pytest.raises(errors.ProviderError):
             await send(script)
     assert len(script.requests) == 5
+
+
+@pytest.mark.parametrize(
+    "unreachable",
+    [
+        ConnectionRefusedError("connection refused"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    ],
+    ids=type,
+)
+def test_postgres_out_of_reach_during_a_steps_move_is_store_unavailable(
+    unreachable: Exception,
+) -> None:
+    """What the workflow waits out with a local activity (tests/test_specs_order.py)."""
+    with pytest.raises(errors.StoreUnavailable) as caught, reaching_the_store():
+        raise unreachable
+    assert to_application_error(caught.value).non_retryable is False
+
+
+def test_a_statement_postgres_refuses_during_a_step_is_not_store_unavailable() -> None:
+    with pytest.raises(asyncpg.UniqueViolationError), reaching_the_store():
+        raise asyncpg.UniqueViolationError("duplicate key value violates unique constraint")

@@ -26,6 +26,7 @@ from tollgate.errors import (
     OutOfStock,
     PaymentDeclined,
     ProviderUnavailable,
+    StoreUnavailable,
     VersionConflict,
 )
 from tollgate.names import (
@@ -280,6 +281,51 @@ async def test_a_cancel_that_finds_the_stock_reserved_undoes_the_reservation_and
     assert acts.trail() == [*FORWARD, "transition_order:COMPLETED", *cancelled("release", "refund")]
     assert result.status is S.CANCELLED
     assert result.compensations == ["release:released", "refund:refunded"]
+
+
+async def test_a_postgres_outage_through_every_attempt_of_a_step_delays_the_order(
+    acts: StandIns,
+) -> None:
+    """Postgres was out for every attempt of the charge's activity, so its move never
+    reached the row. The workflow then makes the move as a local activity, which is
+    retried until Postgres is back, and charges: the outage delays the order, it does
+    not fail it."""
+    out = [Fail(StoreUnavailable)] * RETRY.maximum_attempts
+    acts[OrderStoreActivities.transition_order].when(
+        lambda move: move.to_status is S.CHARGING, *out
+    )
+
+    result = await check_out(acts, order())
+
+    assert result.status is S.COMPLETED and result.compensations == []
+    assert acts.trail() == [
+        *FORWARD[: IN_FLIGHT["charging"] - 2],
+        *["transition_order:CHARGING"] * (RETRY.maximum_attempts + 1),
+        *FORWARD[IN_FLIGHT["charging"] - 1 :],
+        "transition_order:COMPLETED",
+    ]
+    assert acts.moves(OrderStoreActivities.transition_order)[-3:] == [
+        (2, "CHARGING"),
+        (3, "RESERVING"),
+        (4, "COMPLETED"),
+    ]
+
+
+async def test_a_postgres_outage_through_every_attempt_of_validation_delays_the_order(
+    acts: StandIns,
+) -> None:
+    """The same for the first step: the order is recorded by a local activity that
+    waits the outage out, then validated alone."""
+    acts[OrderStoreActivities.begin_order].then(*[Fail(StoreUnavailable)] * RETRY.maximum_attempts)
+
+    result = await check_out(acts, order())
+
+    assert result.status is S.COMPLETED
+    assert acts.trail() == [
+        *["begin_order"] * (RETRY.maximum_attempts + 1),
+        *FORWARD[1:],
+        "transition_order:COMPLETED",
+    ]
 
 
 async def test_a_temporal_cancel_compensates_and_ends_the_execution_canceled(

@@ -12,6 +12,7 @@ are non-retryable and end the step.
     ├── ConfigError                     a setting is missing or malformed; the process refuses to run
     ├── LimitReached                    a per-user limit (active devices) is full      [permanent]
     ├── NotRunning                      the lifecycle already ended; a signal cannot reach it
+    ├── StoreUnavailable                Postgres unreachable for a step's move       [transient]
     ├── NotFound                        no such row                                  [permanent]
     │   ├── OrderNotFound
     │   ├── MessageNotFound
@@ -70,6 +71,14 @@ class LimitReached(TollgateError):
 
 class NotRunning(TollgateError):
     """The entity exists but its workflow has ended, so it can no longer be told anything."""
+
+
+class StoreUnavailable(TollgateError):
+    """Postgres could not be reached for the move a step's activity makes before (or
+    after) its provider call. Retried with the step; if every attempt fails so, the
+    workflow makes the move as a local activity, which waits the outage out."""
+
+    retryable = True
 
 
 class NotFound(TollgateError):

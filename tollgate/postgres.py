@@ -8,6 +8,17 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+#: What asyncpg raises when Postgres cannot be reached (down, restarting, refusing
+#: connections, or the connection dropped), as opposed to refusing a statement.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.OperatorInterventionError,
+)
+
 #: One connection, taken from the pool or made directly.
 Connection = asyncpg.Connection | PoolConnectionProxy
 #: Anything that runs a statement: a connection, a pooled connection, or the pool.

@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
     from activities.orders import OrderStoreActivities
     from activities.payments import PaymentActivities
-    from tollgate.errors import OrderCancelled
+    from tollgate.errors import OrderCancelled, StoreUnavailable
     from tollgate.models import TransitionResult
     from tollgate.names import (
         ORDER_CANCEL_SIGNAL,
@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         ReserveInput,
         TransitionInput,
         ValidateInput,
+        ValidateResult,
     )
     from tollgate.orders.states import OrderStatus
 
@@ -171,13 +172,9 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
     async def _check_out(self) -> None:
         o = self._order
-        if not self._moves_in_steps and self._status is not S.VALIDATING:
-            await self.move(S.VALIDATING)
         self._step = Step.VALIDATING
-        validated = await self.activity(
-            InventoryActivities.validate, ValidateInput(order=o, begin=self._moves_in_steps)
-        )
-        if validated.begun is not None and not self._recorded(validated.begun):
+        validated = await self._begin_and_validate()
+        if validated is None:
             return  # cancelled before the checkout began
         if validated.problems:
             raise StepFailed("invalid order: " + "; ".join(validated.problems))
@@ -214,6 +211,29 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             await self.move(S.COMPLETED)
         self._step = Step.DONE
 
+    async def _begin_and_validate(self) -> ValidateResult | None:
+        """Record the order (unless the service did), move it to VALIDATING and check it
+        against the catalog, in one activity; None if the row was found cancelled."""
+        o = self._order
+        if not self._moves_in_steps:
+            if self._status is not S.VALIDATING:
+                await self.move(S.VALIDATING)
+            return await self.activity(InventoryActivities.validate, ValidateInput(order=o))
+        try:
+            validated = await self.activity(
+                InventoryActivities.validate, ValidateInput(order=o, begin=True)
+            )
+        except STEP_FAILURES as err:
+            if error_type(err) != StoreUnavailable.__name__:
+                raise
+            # Postgres was out for every attempt: record the order as a local activity,
+            # which waits the outage out, then check it alone.
+            if not self._recorded(await self.store(OrderStoreActivities.begin_order, o)):
+                return None
+            return await self.activity(InventoryActivities.validate, ValidateInput(order=o))
+        assert validated.begun is not None, "a validation asked to begin says where it began"
+        return validated if self._recorded(validated.begun) else None
+
     def _recorded(self, row: OrderSnapshot) -> bool:
         """Take where the order's first write left its row; False if it found it cancelled."""
         self._version, self._status = row.version, row.status
@@ -249,7 +269,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             self._step = step
             self._undo.append(undo)
             return await self.activity(method, arg)
-        before = self._status
+        before, before_version = self._status, self._version
         moves = {"move": self.next_move(status)}
         self._step = step
         self._undo.append(undo)
@@ -259,6 +279,13 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         try:
             result = await self.activity(method, arg.model_copy(update=moves))
         except STEP_FAILURES as err:
+            if error_type(err) == StoreUnavailable.__name__:
+                # Postgres was out for every attempt: make the move as a local activity,
+                # which waits the outage out (it finds itself if an attempt applied
+                # it), then run the step alone; ``then`` is left to the caller.
+                self.set_status(before, before_version)
+                await self.move(status)
+                return await self.activity(method, arg)
             if error_type(err) == self.stopped_error:
                 if not step_may_have_run(err):
                     self._undo.pop()

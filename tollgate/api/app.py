@@ -95,6 +95,7 @@ from tollgate.orders import store as order_store
 from tollgate.orders.models import OrderInput
 from tollgate.orders.service import OrderReport, OrderService
 from tollgate.orders.states import OrderStatus
+from tollgate.postgres import UNREACHABLE
 from tollgate.settings import Settings
 from tollgate.telemetry import instrument_app
 
@@ -152,14 +153,6 @@ _UNAVAILABLE_RPC = frozenset(
         RPCStatusCode.UNKNOWN,
     }
 )
-_UNAVAILABLE_DB = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.OperatorInterventionError,
-)
 
 
 def unreachable(exc: BaseException) -> str | None:
@@ -170,7 +163,7 @@ def unreachable(exc: BaseException) -> str | None:
         return "temporal"
     if isinstance(exc, RuntimeError) and "client connect" in str(exc).lower():
         return "temporal"  # a lazy client that cannot connect
-    if isinstance(exc, _UNAVAILABLE_DB):
+    if isinstance(exc, UNREACHABLE):
         return "postgres"
     if isinstance(exc, TimeoutError):
         return "temporal or postgres"
