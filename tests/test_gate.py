@@ -309,6 +309,23 @@ async def test_retried_transition_recognises_its_own_committed_write(pool: async
     assert len(await order_store.list_transitions(pool, order_id)) == 2  # creation + one transition
 
 
+async def test_a_retried_transition_cancelled_since_it_applied_is_refused(
+    pool: asyncpg.Pool,
+) -> None:
+    """The stop keeps the row's last transition id, so the retry still finds its own id
+    there; the cancellation wins all the same (the step after the move must not run)."""
+    order_id = await _new_order(pool)
+    req = move(order_id, 1, S.VALIDATING, tid=f"order-{order_id}:v1:VALIDATING")
+    await apply_transition(pool, req)
+    await order_store.request_cancellation(pool, order_id, reason="stop", actor="cli:test")
+    with pytest.raises(OrderCancelled):
+        await apply_transition(pool, req)
+    # the cancellation's own moves still recognise themselves
+    done = move(order_id, 3, S.CANCELLED, tid=f"order-{order_id}:v3:CANCELLED")
+    await apply_transition(pool, done)
+    assert (await apply_transition(pool, done)).already_applied
+
+
 async def test_migrations_apply_once_and_refuse_edited_files(
     pool: asyncpg.Pool, owner_url: str, tmp_path: Path
 ) -> None:

@@ -251,9 +251,13 @@ async def _transition(
     )
     if current is None:
         raise lifecycle.not_found(move.entity_id)
-    if current["last_transition_id"] == move.transition_id:
+    stopped_since = current["status"] in lifecycle.stopped and current["status"] != move.to_status
+    if current["last_transition_id"] == move.transition_id and not stopped_since:
         # An earlier attempt of this activity committed and its reply was lost.
         return Moved(version=current["version"], already_applied=True)
+    # A stop keeps the row's last transition id, so a row stopped after this very move
+    # applied still shows its id: the stop wins all the same, and the writer is told
+    # that its move had applied (a step after it may have run).
     error = lifecycle.stopped_error if current["status"] in lifecycle.stopped else VersionConflict
     raise error(
         move.entity_id,
