@@ -467,6 +467,16 @@ class StandIns:
             return Fail(OrderNotFound)
         return OrderSnapshot(status=self.order_status, version=self.version)
 
+    def commits_then_fails(self, error: type[TollgateError]) -> Callable[[Any], Fail]:
+        """An answer for a transition stand-in: the move commits, then the attempt fails
+        with ``error`` (its answer lost)."""
+
+        def answer(move: Any) -> Fail:
+            self._moved(move)
+            return Fail(error)
+
+        return answer
+
     def _bump(self) -> int:
         self.version += 1
         return self.version

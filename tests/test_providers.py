@@ -15,6 +15,7 @@ from typing import Any, cast
 import asyncpg
 import httpx
 import pytest
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from temporalio.testing import ActivityEnvironment
 
@@ -26,7 +27,15 @@ from activities.payments import PaymentActivities
 from activities.push import PushActivities
 from tollgate import errors
 from tollgate.messages.models import Device, EmailInput, PushInput
-from tollgate.orders.models import ChargeInput, OrderItem, RefundInput, ReleaseInput, ReserveInput
+from tollgate.orders.models import (
+    ChargeInput,
+    OrderInput,
+    OrderItem,
+    RefundInput,
+    ReleaseInput,
+    ReserveInput,
+    ValidateInput,
+)
 from tollgate.providers.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from tollgate.providers.client import ProviderClient
 from tollgate.providers.email import EmailProvider
@@ -480,3 +489,14 @@ def test_postgres_out_of_reach_during_a_steps_move_is_store_unavailable(
 def test_a_statement_postgres_refuses_during_a_step_is_not_store_unavailable() -> None:
     with pytest.raises(asyncpg.UniqueViolationError), reaching_the_store():
         raise asyncpg.UniqueViolationError("duplicate key value violates unique constraint")
+
+
+def test_a_validation_scheduled_by_the_code_before_validate_input_still_decodes() -> None:
+    """A task left on the queue by a worker that sent the order itself (before the
+    validation began the order) decodes into today's input, and does not begin it."""
+    order = OrderInput(
+        order_id="o-1", customer_id="c", items=[OrderItem(sku="WIDGET", quantity=1)], amount_cents=1
+    )
+    converter = pydantic_data_converter.payload_converter
+    (decoded,) = converter.from_payloads(converter.to_payloads([order]), [ValidateInput])
+    assert decoded == ValidateInput(order=order, begin=False)

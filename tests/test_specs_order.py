@@ -287,9 +287,9 @@ async def test_a_postgres_outage_through_every_attempt_of_a_step_delays_the_orde
     acts: StandIns,
 ) -> None:
     """Postgres was out for every attempt of the charge's activity, so its move never
-    reached the row. The workflow then makes the move as a local activity, which is
-    retried until Postgres is back, and charges: the outage delays the order, it does
-    not fail it."""
+    reached the row. The workflow reads the row (still VALIDATING: the charge never
+    ran), makes the move as a local activity, which is retried until Postgres is back,
+    and charges: the outage delays the order, it does not fail it."""
     out = [Fail(StoreUnavailable)] * RETRY.maximum_attempts
     acts[OrderStoreActivities.transition_order].when(
         lambda move: move.to_status is S.CHARGING, *out
@@ -300,7 +300,9 @@ async def test_a_postgres_outage_through_every_attempt_of_a_step_delays_the_orde
     assert result.status is S.COMPLETED and result.compensations == []
     assert acts.trail() == [
         *FORWARD[: IN_FLIGHT["charging"] - 2],
-        *["transition_order:CHARGING"] * (RETRY.maximum_attempts + 1),
+        *["transition_order:CHARGING"] * RETRY.maximum_attempts,
+        "read_order",
+        "transition_order:CHARGING",
         *FORWARD[IN_FLIGHT["charging"] - 1 :],
         "transition_order:COMPLETED",
     ]
@@ -314,18 +316,60 @@ async def test_a_postgres_outage_through_every_attempt_of_a_step_delays_the_orde
 async def test_a_postgres_outage_through_every_attempt_of_validation_delays_the_order(
     acts: StandIns,
 ) -> None:
-    """The same for the first step: the order is recorded by a local activity that
-    waits the outage out, then validated alone."""
+    """The same for the first step: no row yet, so the order is recorded by a local
+    activity that waits the outage out, then validated alone."""
     acts[OrderStoreActivities.begin_order].then(*[Fail(StoreUnavailable)] * RETRY.maximum_attempts)
 
     result = await check_out(acts, order())
 
     assert result.status is S.COMPLETED
     assert acts.trail() == [
-        *["begin_order"] * (RETRY.maximum_attempts + 1),
+        *["begin_order"] * RETRY.maximum_attempts,
+        "read_order",
+        "begin_order",
         *FORWARD[1:],
         "transition_order:COMPLETED",
     ]
+
+
+async def test_a_validation_that_fails_for_good_after_the_order_began_fails_it_cleanly(
+    acts: StandIns,
+) -> None:
+    """Each attempt recorded the order and moved it to VALIDATING, then the catalog was
+    down. The workflow reads where the row stands before it moves it to FAILED."""
+    acts[InventoryActivities.validate].then(*[Fail(ProviderUnavailable)] * RETRY.maximum_attempts)
+
+    result = await check_out(acts, order())
+
+    assert acts.trail() == [
+        *["begin_order", "validate_order"] * RETRY.maximum_attempts,
+        "read_order",
+        "transition_order:FAILED",
+    ]
+    assert acts.moves(OrderStoreActivities.transition_order) == [(2, "FAILED")]
+    assert result.status is S.FAILED and result.compensations == []
+
+
+async def test_a_reservation_whose_completion_applied_but_whose_answers_were_lost_completes(
+    acts: StandIns,
+) -> None:
+    """Every attempt reserved and moved the order to COMPLETED, and every answer was lost.
+    The row says COMPLETED: the order completed, and nothing is undone."""
+    lost = acts.commits_then_fails(StoreUnavailable)
+    acts[OrderStoreActivities.transition_order].when(
+        lambda move: move.to_status is S.COMPLETED, *[lost] * RETRY.maximum_attempts
+    )
+
+    result = await check_out(acts, order())
+
+    assert acts.trail() == [
+        *FORWARD[: IN_FLIGHT["reserving"] - 2],
+        *[*FORWARD[IN_FLIGHT["reserving"] - 2 :], "transition_order:COMPLETED"]
+        * RETRY.maximum_attempts,
+        "read_order",
+    ]
+    assert result.status is S.COMPLETED and result.compensations == []
+    assert result.reservation_id is None  # its answer was lost with the attempts
 
 
 async def test_a_temporal_cancel_compensates_and_ends_the_execution_canceled(

@@ -61,7 +61,9 @@ async def eventually(
 
 
 async def order_step(service: OrderService, order_id: str, step: str) -> None:
-    """Wait until the order's workflow says it is at ``step`` (its progress query)."""
+    """Wait until the order's workflow says it is at ``step`` (its progress query) and,
+    for a forward step, until the row is there too: the step's activity moves the row
+    first, a moment after the workflow sent it."""
 
     async def at_step() -> bool:
         progress: OrderProgress = await service.handle(order_id).query(
@@ -70,6 +72,16 @@ async def order_step(service: OrderService, order_id: str, step: str) -> None:
         return progress.step == step
 
     await eventually(at_step, what=f"order {order_id} at step {step}")
+    if step in _MOVED_BY_STEP:
+        await order_status(service, order_id, _MOVED_BY_STEP[step], every=0.005)
+
+
+#: The forward steps, and where each one's activity moves the row before its call.
+_MOVED_BY_STEP = {
+    "validating": OrderStatus.VALIDATING,
+    "charging": OrderStatus.CHARGING,
+    "reserving": OrderStatus.RESERVING,
+}
 
 
 async def order_status(

@@ -204,18 +204,18 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         raise err
 
     async def _deliver(self) -> None:
-        devices = await self._dispatch()
-        if devices is None:
+        dispatched = await self._dispatch()
+        if dispatched is None:
             return  # recalled before the delivery began
-        deadline_at = workflow.now() + self._msg.deadline
+        devices, deadline_at = dispatched
         push_failure = await self._push_message(devices)
         if self._pushed and push_failure is None:
             await self._await_delivery(deadline_at)
         await self._settle_delivery(push_failure)
 
-    async def _dispatch(self) -> list[Device] | None:
+    async def _dispatch(self) -> tuple[list[Device], datetime] | None:
         """Record the message, find the recipient's devices, move it to DISPATCHED: the
-        devices, or None when the row was found recalled."""
+        devices and the delivery deadline, or None when the row was found recalled."""
         m = self._msg
         self._step = Step.DISPATCHING
         if self._moves_in_steps:
@@ -232,9 +232,10 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
             devices = found.devices
         self._devices = {d.device_id: d for d in devices}
         self._sort_signals()
+        deadline_at = workflow.now() + m.deadline
         if not self._moves_in_steps:
             await self.move(M.DISPATCHED)
-        return devices
+        return devices, deadline_at
 
     def _recorded(self, row: MessageSnapshot | DispatchResult) -> bool:
         """Take where the message's first write left its row; False if it found it recalled."""

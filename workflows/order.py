@@ -14,6 +14,7 @@ transition that finds CANCELLING in Postgres, or a Temporal cancel (e.g. the Web
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
@@ -36,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.inventory import InventoryActivities
     from activities.orders import OrderStoreActivities
     from activities.payments import PaymentActivities
-    from tollgate.errors import OrderCancelled, StoreUnavailable
+    from tollgate.errors import OrderCancelled, OrderNotFound, StoreUnavailable
     from tollgate.models import TransitionResult
     from tollgate.names import (
         ORDER_CANCEL_SIGNAL,
@@ -73,6 +74,7 @@ class _Moved(Protocol):
 
 
 #: A step's input: a model with a ``move`` field.
+T = TypeVar("T")
 StepInputT = TypeVar("StepInputT", bound=BaseModel)
 StepResultT = TypeVar("StepResultT", bound=_Moved)
 
@@ -193,7 +195,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
                 idempotency_key=step_key(self._id, "charge"),
             ),
         )
-        self._charge_id = charge.charge_id
+        self._charge_id = charge.charge_id if charge else None
 
         reservation = await self._step_to(
             S.RESERVING,
@@ -205,7 +207,8 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             ),
             then=S.COMPLETED,
         )
-        self._reservation_id = reservation.reservation_id
+        # None: an attempt finished the step (COMPLETED) and its answer was lost
+        self._reservation_id = reservation.reservation_id if reservation else None
 
         if self._status is not S.COMPLETED:
             await self.move(S.COMPLETED)
@@ -224,13 +227,18 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
                 InventoryActivities.validate, ValidateInput(order=o, begin=True)
             )
         except STEP_FAILURES as err:
-            if error_type(err) != StoreUnavailable.__name__:
+            if is_cancellation(err) or error_type(err) == self.stopped_error:
                 raise
-            # Postgres was out for every attempt: record the order as a local activity,
-            # which waits the outage out, then check it alone.
-            if not self._recorded(await self.store(OrderStoreActivities.begin_order, o)):
-                return None
-            return await self.activity(InventoryActivities.validate, ValidateInput(order=o))
+
+            async def record() -> bool:
+                return self._recorded(await self.store(OrderStoreActivities.begin_order, o))
+
+            async def alone() -> ValidateResult:
+                return await self.activity(InventoryActivities.validate, ValidateInput(order=o))
+
+            return await self._after_failed_step(
+                err, S.PENDING, 1, S.VALIDATING, make_move=record, step_alone=alone
+            )
         assert validated.begun is not None, "a validation asked to begin says where it began"
         return validated if self._recorded(validated.begun) else None
 
@@ -251,7 +259,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         arg: StepInputT,
         *,
         then: OrderStatus | None = None,
-    ) -> StepResultT:
+    ) -> StepResultT | None:
         """Move the row to ``status``, then run the step (then move it on to ``then``); its
         undo is registered before the step runs, so that a step whose outcome is never
         known is undone too.
@@ -260,9 +268,8 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         provider and ``then`` after; the workflow shows the row where the first takes it
         from the moment it sends it. If the first move was refused before any attempt
         applied it (a cancellation got there first), the step never ran and its undo is
-        dropped again. If the step failed otherwise, the moves may or may not have
-        applied (a timeout says nothing): the workflow reads the row before it moves it
-        again.
+        dropped again. If the step failed otherwise, see :meth:`_after_failed_step`.
+        None: an earlier attempt finished the step, and its answer was lost.
         """
         if not self._moves_in_steps:
             await self.move(status)
@@ -279,19 +286,23 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         try:
             result = await self.activity(method, arg.model_copy(update=moves))
         except STEP_FAILURES as err:
-            if error_type(err) == StoreUnavailable.__name__:
-                # Postgres was out for every attempt: make the move as a local activity,
-                # which waits the outage out (it finds itself if an attempt applied
-                # it), then run the step alone; ``then`` is left to the caller.
-                self.set_status(before, before_version)
-                await self.move(status)
-                return await self.activity(method, arg)
             if error_type(err) == self.stopped_error:
                 if not step_may_have_run(err):
                     self._undo.pop()
-            elif not is_cancellation(err):
-                await self._read_row(before, status, *([then] if then else []))
-            raise
+                raise
+            if is_cancellation(err):
+                raise
+
+            async def move() -> bool:
+                await self.move(status)
+                return True
+
+            async def alone() -> StepResultT:
+                return await self.activity(method, arg)
+
+            return await self._after_failed_step(
+                err, before, before_version, status, then, make_move=move, step_alone=alone
+            )
         assert result.moved is not None, "a step given a move reports where it left the row"
         if then is None and result.moved.version == self._version:
             self._sent = False  # arrived where it was sent: nothing new to show
@@ -299,14 +310,56 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             self.set_status(then or status, result.moved.version)
         return result
 
-    async def _read_row(self, *expected: OrderStatus) -> None:
-        """Take where the row stands now, if it is where this workflow left or sent it.
-        Anywhere else, another writer moved it: the next move finds out and says who."""
-        row = await self.store(
-            OrderStoreActivities.read_order, ReadOrderInput(order_id=self._order.order_id)
-        )
-        if row.status in expected:
-            self.set_status(row.status, row.version)
+    async def _after_failed_step(
+        self,
+        err: BaseException,
+        before: OrderStatus,
+        before_version: int,
+        status: OrderStatus,
+        then: OrderStatus | None = None,
+        *,
+        make_move: Callable[[], Awaitable[bool]],
+        step_alone: Callable[[], Awaitable[T]],
+    ) -> T | None:
+        """A step's activity failed for good, not stopped. Where its moves got to is not
+        known (a timeout says nothing of them), so read the row, and go on from there:
+
+        * at ``then``: the step finished, and its answer was lost. None: nothing to add.
+        * where the step moves it: the step may have run, and it failed. That stands
+          (compensation follows), unless what failed was Postgres (StoreUnavailable),
+          which a step waits out: then it runs again alone, under the same key.
+        * where it was: the move never applied, so the provider was never called, and
+          what failed was Postgres or the activity's time. The move is made as a local
+          activity (``make_move``), which waits an outage out, and the step runs alone.
+        * anywhere else (or gone): another writer moved it; the next move finds out.
+        """
+        row = await self._row_now()
+        if row is not None and then is not None and row.status is then:
+            self.set_status(then, row.version)
+            return None
+        if row is not None and row.status is status:
+            self.set_status(status, row.version)
+            if error_type(err) != StoreUnavailable.__name__:
+                raise err
+            return await step_alone()
+        self.set_status(before, before_version)
+        if row is None or (row.status is before and row.version == before_version):
+            if not await make_move():
+                return None
+            return await step_alone()
+        raise err
+
+    async def _row_now(self) -> OrderSnapshot | None:
+        """Where the order's row stands now (a local activity, retried until Postgres
+        answers); None if there is no row."""
+        try:
+            return await self.store(
+                OrderStoreActivities.read_order, ReadOrderInput(order_id=self._order.order_id)
+            )
+        except STEP_FAILURES as err:
+            if error_type(err) == OrderNotFound.__name__:
+                return None
+            raise
 
     async def _finish(self) -> OrderResult:
         """Fail (compensating first) or cancel, or just report a completed checkout."""
@@ -333,15 +386,21 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
 
     async def _cancel(self, request: CancelOrderRequest) -> OrderResult:
         self._step = Step.CANCELLING
-        state = await self.store(
-            OrderStoreActivities.begin_cancellation,
-            BeginCancelInput(
-                order_id=self._order.order_id,
-                reason=request.reason,
-                transition_id=step_key(self._id, "cancel"),
-                actor=f"workflow:{self._id}:{request.requested_by}",
-            ),
+        begin = BeginCancelInput(
+            order_id=self._order.order_id,
+            reason=request.reason,
+            transition_id=step_key(self._id, "cancel"),
+            actor=f"workflow:{self._id}:{request.requested_by}",
         )
+        try:
+            state = await self.store(OrderStoreActivities.begin_cancellation, begin)
+        except STEP_FAILURES as err:
+            if error_type(err) != OrderNotFound.__name__ or self._version:
+                raise
+            # Stopped before its first activity recorded the order, which the service
+            # did not record either: record it, so that the cancellation has a row.
+            await self.store(OrderStoreActivities.record_order, self._order)
+            state = await self.store(OrderStoreActivities.begin_cancellation, begin)
         self.set_status(state.status, state.version)
         if state.status.terminal:
             # The order ended before the cancellation could be recorded: nothing to undo.
