@@ -237,7 +237,9 @@ class GateMachine(RuleBasedStateMachine):
     # run, and Hypothesis needs the same draws to choose the same rules.
     @rule(order=st.integers(0, MAX_ORDERS - 1), pick=st.integers(0, 20))
     def replay_gate_write(self, order: int, pick: int) -> None:
-        """A retried activity: the same request again. Only the latest write is 'ours'."""
+        """A retried activity: the same request again. Only the latest write is 'ours',
+        and even that one yields to a cancellation recorded since it applied (a stop
+        keeps the row's last transition id)."""
         candidates = [o for o in self.order_ids if self.gate_writes[o]]
         if not candidates:
             return
@@ -246,7 +248,12 @@ class GateMachine(RuleBasedStateMachine):
         result = self.loop.run(self._replay(req))
         current = len(self.history[order_id])
         note(f"replay {req.transition_id} (v{req.expected_version}) -> {result!r}")
-        if req.transition_id == self.last_tid[order_id]:
+        now = self.history[order_id][-1]
+        if req.transition_id == self.last_tid[order_id] and now.cancelling and now != req.to_status:
+            assert result == ("cancelled", current), (
+                f"a replay of a request cancelled since it applied must yield: {result}"
+            )
+        elif req.transition_id == self.last_tid[order_id]:
             assert result == ("already_applied", current), (
                 f"a replay of the last accepted request must report it, writing nothing: {result}"
             )
