@@ -20,6 +20,7 @@ from tollgate.ops.reconcile import (
     ensure_schedule,
     scheduled_input,
 )
+from tollgate_dev.bench.run import reconciler_paused
 
 
 async def test_an_older_schedule_gets_todays_input_and_interval_and_keeps_its_pause(
@@ -55,5 +56,23 @@ async def test_an_older_schedule_gets_todays_input_and_interval_and_keeps_its_pa
         (payload,) = action.args
         sent = await h.client.data_converter.decode([payload], [ReconcileInput])
         assert sent == [scheduled_input(timedelta(minutes=5))]
+    finally:
+        await schedule.delete()
+
+
+async def test_the_bench_pauses_the_reconciler_while_it_measures_and_keeps_an_operators_pause(
+    h: Harness,
+) -> None:
+    await ensure_schedule(h.client, task_queue=h.task_queue, every=timedelta(minutes=5))
+    schedule = h.client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
+    try:
+        async with reconciler_paused(h.client, lambda _line: None):
+            assert (await schedule.describe()).schedule.state.paused
+        assert not (await schedule.describe()).schedule.state.paused, "resumed afterwards"
+
+        await schedule.pause(note="operator: reconciler off during the migration")
+        async with reconciler_paused(h.client, lambda _line: None):
+            pass
+        assert (await schedule.describe()).schedule.state.paused, "the operator's pause stays"
     finally:
         await schedule.delete()

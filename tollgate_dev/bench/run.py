@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError
 
 from tollgate import postgres
 from tollgate.messages.service import MessageService
 from tollgate.names import message_workflow_id, order_workflow_id
+from tollgate.ops.reconcile import RECONCILE_SCHEDULE_ID
 from tollgate.orders.service import OrderService
 from tollgate_dev.bench.baseline import (
     MESSAGE_ACTIVITIES,
@@ -173,6 +175,33 @@ async def _baseline_worker(
         await process.stop()
 
 
+@asynccontextmanager
+async def reconciler_paused(client: Client, say: Progress) -> AsyncIterator[None]:
+    """The reconciler's schedule paused while the bench measures, and its run in flight
+    waited out. Each of its runs looks at every row that came to rest since the run
+    before, and a bench leaves thousands: a sweep took 10 to 18 s of both the worker and
+    the server in the middle of a scenario. A pause an operator made is left as it is;
+    the bench undoes only its own."""
+    handle = client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
+    try:
+        described = await handle.describe()
+    except RPCError:  # no schedule on this namespace: nothing competes
+        yield
+        return
+    paused_here = not described.schedule.state.paused
+    if paused_here:
+        await handle.pause(note="paused while make bench measures")
+    try:
+        deadline = time.monotonic() + 120
+        while (await handle.describe()).info.running_actions and time.monotonic() < deadline:
+            say("waiting for the reconciler's run in flight to end")
+            await asyncio.sleep(2)
+        yield
+    finally:
+        if paused_here:
+            await handle.unpause(note="make bench is done")
+
+
 async def run_bench(
     target: BenchTarget,
     plan: BenchPlan,
@@ -197,6 +226,7 @@ async def run_bench(
     pool = await postgres.create_pool(target.database_url, max_size=2)
     try:
         async with (
+            reconciler_paused(baseline_client, say),
             _baseline_worker(target, baseline_client, task_queue, baseline_worker_log) as pid,
             DevicePlayer(pool, target.messages) as player,
         ):
