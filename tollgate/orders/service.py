@@ -8,6 +8,8 @@ its workflow started; a cancellation is recorded before the workflow is told.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from decimal import Decimal
 from typing import Any
@@ -95,6 +97,38 @@ class OrderReport(LifecycleReport[OrderStatus, OrderProgress]):
 ORDER_KIND = LifecycleKind(store.ORDER_STORE, ORDER_NAMES, OrderResult, OrderProgress)
 
 
+class KnownSkus:
+    """SKUs the catalog knew a moment ago, so that the door does not ask it about every
+    order. The door's check is an early refusal only: the workflow's validation asks the
+    catalog again, and decides. An unknown SKU is never remembered (it is asked again
+    next time, so a SKU added to the catalog is taken at once); a known one for
+    ``ttl_seconds``, and at most ``size`` of them."""
+
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float = 60.0,
+        size: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl, self._size, self._clock = ttl_seconds, size, clock
+        self._until: dict[str, float] = {}
+
+    def not_known(self, skus: Iterable[str]) -> list[str]:
+        """The SKUs to ask the catalog about, in the order given, each once."""
+        now = self._clock()
+        return [sku for sku in dict.fromkeys(skus) if self._until.get(sku, float("-inf")) <= now]
+
+    def learn(self, known: Iterable[str]) -> None:
+        """Remember SKUs the catalog just said it knows."""
+        until = self._clock() + self._ttl
+        for sku in known:
+            self._until.pop(sku, None)
+            self._until[sku] = until
+        while len(self._until) > self._size:  # the oldest learned go first
+            del self._until[next(iter(self._until))]
+
+
 class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult, OrderProgress]):
     """Order operations over one Temporal client and one Postgres pool."""
 
@@ -105,6 +139,7 @@ class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult, Ord
     ) -> None:
         super().__init__(client, pool, task_queue)
         self._inventory = inventory
+        self._known_skus = KnownSkus()
 
     async def create(
         self, order: OrderInput, *, actor: str = "cli:create", also: AlsoWrite | None = None
@@ -158,10 +193,12 @@ class OrderService(LifecycleService[OrderInput, store.OrderRow, OrderResult, Ord
         it does not refuse one.
         """
         problems = order_problems(order)
+        to_ask = self._known_skus.not_known(i.sku for i in order.items)
         try:
-            unknown = await self._inventory.unknown_skus(i.sku for i in order.items)
+            unknown = await self._inventory.unknown_skus(to_ask) if to_ask else []
         except ProviderError:
             unknown = []
+        self._known_skus.learn(sku for sku in to_ask if sku not in unknown)
         problems += [f"unknown SKU {sku}" for sku in unknown]
         if problems:
             raise InputError(f"order {order.order_id} refused: {'; '.join(problems)}")
