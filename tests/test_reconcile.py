@@ -315,3 +315,57 @@ async def test_a_message_at_rest_whose_workflow_was_terminated_is_reported(
     (mine,) = [f for f in report.findings if f.entity_id == msg.message_id]
     assert mine.finding == "failed_at_rest" and mine.workflow_status == "TERMINATED"
     assert mine.row_status == "DELIVERED" and mine.repair_workflow_id is None
+
+
+async def test_rows_at_rest_that_agree_with_their_completed_workflow_cost_no_describe(
+    h: Harness, now: Callable[..., ReconcileInput], owner_url: str
+) -> None:
+    """A scheduled run looks at every row that came to rest since the run before. Those
+    whose workflow completed with the row's own status are settled by one visibility
+    list call, not a describe and a history read each; the rest are still looked into."""
+    agreeing, fixed_by_hand = h.order(), h.order()
+    for order in (agreeing, fixed_by_hand):
+        assert (await (await h.service.create(order)).result()).status == S.COMPLETED
+    conn = await asyncpg.connect(owner_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE orders DISABLE TRIGGER orders_guard")
+            await conn.execute(
+                "UPDATE orders SET status = 'FAILED' WHERE id = $1", fixed_by_hand.order_id
+            )
+            await conn.execute("ALTER TABLE orders ENABLE TRIGGER orders_guard")
+    finally:
+        await conn.close()
+
+    async def listed_completed() -> bool:
+        ids = {order_workflow_id(o.order_id) for o in (agreeing, fixed_by_hand)}
+        query = "ExecutionStatus = 'Completed' AND WorkflowId IN ({})".format(
+            ", ".join(f"'{i}'" for i in sorted(ids))
+        )
+        return len([e async for e in h.client.list_workflows(query)]) == len(ids)
+
+    await eventually(listed_completed, what="visibility lists both workflows completed")
+    described: list[str] = []
+
+    class _Outbound(OutboundInterceptor):
+        async def describe_workflow(self, input: DescribeWorkflowInput) -> Any:
+            described.append(input.id)
+            return await super().describe_workflow(input)
+
+    class _Counting(Interceptor):
+        def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+            return _Outbound(next)
+
+    counting = Client(
+        h.client.service_client,
+        namespace=h.client.namespace,
+        data_converter=h.client.data_converter,
+        interceptors=[_Counting()],
+    )
+    report = await reconcile(counting, h.pool, task_queue=h.task_queue, options=now())
+
+    assert order_workflow_id(agreeing.order_id) not in described
+    assert described.count(order_workflow_id(fixed_by_hand.order_id)) == 1
+    mine = {f.entity_id: f.finding for f in report.findings}
+    assert agreeing.order_id not in mine
+    assert mine[fixed_by_hand.order_id] == "disagreement"
