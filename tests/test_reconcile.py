@@ -18,12 +18,13 @@ from temporalio.client import (
     ScheduleActionExecutionStartWorkflow,
     ScheduleActionResult,
 )
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from tests.conftest import FAST_RETRY, Harness
 from tests.waiting import eventually, order_step
 from tollgate.messages.states import MessageStatus
 from tollgate.names import order_workflow_id, recovery_workflow_id
+from tollgate.ops import reconcile as reconcile_module
 from tollgate.ops.reconcile import ReconcileInput, ReconcileReport, reconcile
 from tollgate.orders import store as order_store
 from tollgate.orders.models import RecoveryInput
@@ -369,3 +370,23 @@ async def test_rows_at_rest_that_agree_with_their_completed_workflow_cost_no_des
     mine = {f.entity_id: f.finding for f in report.findings}
     assert agreeing.order_id not in mine
     assert mine[fixed_by_hand.order_id] == "disagreement"
+
+
+async def test_a_cluster_that_cannot_answer_the_visibility_query_is_asked_row_by_row() -> None:
+    """Without advanced visibility the list query is refused; the run must not fail, and
+    every row at rest then goes the slow way (describe, result)."""
+
+    class _NoAdvancedVisibility:
+        def list_workflows(self, query: str) -> Any:
+            raise RPCError("unsupported query", RPCStatusCode.INVALID_ARGUMENT, b"")
+
+    rows = [
+        {"id": "o-1", "status": "COMPLETED", "version": 5, "workflow_id": "order-o-1"},
+        {"id": "o-2", "status": "FAILED", "version": 3, "workflow_id": "order-o-2"},
+    ]
+    agreed = await reconcile_module._completed_as_recorded(
+        _NoAdvancedVisibility(),  # type: ignore[arg-type]
+        reconcile_module._ORDERS,
+        rows,  # type: ignore[arg-type]
+    )
+    assert agreed == set()

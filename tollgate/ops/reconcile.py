@@ -226,10 +226,18 @@ async def _completed_as_recorded(
             f" AND WorkflowId IN ({quoted})"
         )
         latest: dict[str, WorkflowExecution] = {}
-        async for execution in client.list_workflows(query):
-            seen = latest.get(execution.id)
-            if seen is None or execution.start_time > seen.start_time:
-                latest[execution.id] = execution
+        try:
+            async for execution in client.list_workflows(query):
+                seen = latest.get(execution.id)
+                if seen is None or execution.start_time > seen.start_time:
+                    latest[execution.id] = execution
+        except RPCError as exc:
+            if exc.status not in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.UNIMPLEMENTED):
+                raise
+            # A cluster without advanced visibility cannot answer such a query: every
+            # row then takes the slow path, as it did before.
+            _log.warning("reconciler cannot query visibility", extra={"error": str(exc)})
+            return agreed
         for workflow_id, execution in latest.items():
             entity_id, status = holds[workflow_id]
             if execution.typed_search_attributes.get(kind.status_attr) == status:
