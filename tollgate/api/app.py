@@ -89,11 +89,11 @@ from tollgate.errors import (
 from tollgate.ids import SAFE_ID_PATTERN, is_safe_id
 from tollgate.messages import store as message_store
 from tollgate.messages.models import MessageInput
-from tollgate.messages.service import MessageReport, MessageService
+from tollgate.messages.service import MessageReport, MessageService, RecallOutcome
 from tollgate.models import parse_input
 from tollgate.orders import store as order_store
 from tollgate.orders.models import OrderInput
-from tollgate.orders.service import OrderReport, OrderService
+from tollgate.orders.service import CancelOutcome, OrderReport, OrderService
 from tollgate.orders.states import OrderStatus
 from tollgate.postgres import UNREACHABLE
 from tollgate.settings import Settings
@@ -318,6 +318,43 @@ _ORDERS = _Resource("order", OrderView, order_store.get_order, OrderNotFound)
 _MESSAGES = _Resource("message", MessageView, message_store.get_message, MessageNotFound)
 # get_device raises DeviceNotFound itself; _mine's None check never fires for it.
 _DEVICES = _Resource("device", DeviceView, message_store.get_device, DeviceNotFound)
+
+
+@dataclass(frozen=True)
+class _Stop(Generic[OutcomeT]):
+    """How a client stops one of its entities (cancels an order, recalls a message):
+    ``POST /v1/<name>s/{<name>_id}/<verb>`` with a ``body`` that gives the reason. The
+    stop is recorded in Postgres first and then told to the workflow: 202 with ``view``
+    of the outcome, or 409 when nothing was ``recorded`` (the entity is past stopping)."""
+
+    resource: _Resource[Any]
+    verb: str
+    body: type[CancelRequest | RecallRequest]
+    view: type[View]
+    recorded: Callable[[OutcomeT], bool]
+
+    def operation(
+        self, summary: str, handler: Handler, *, accepted: str, refused: str
+    ) -> Operation:
+        """The stop in the document; its operation id is ``<verb><Name>``."""
+        return self.resource.on_one(
+            "POST",
+            f"/{self.verb}",
+            f"{self.verb}{self.resource.name.capitalize()}",
+            summary,
+            handler,
+            Answer(202, accepted, self.view, headers=_CREATED),
+            problem(409, refused),
+            body=self.body,
+        )
+
+
+_CANCEL_ORDER: _Stop[CancelOutcome] = _Stop(
+    _ORDERS, "cancel", CancelRequest, CancelView, lambda outcome: outcome.recorded
+)
+_RECALL_MESSAGE: _Stop[RecallOutcome] = _Stop(
+    _MESSAGES, "recall", RecallRequest, RecallView, lambda outcome: outcome.recalled
+)
 
 
 class Api:
@@ -549,22 +586,17 @@ class Api:
     async def _stop(
         self,
         request: Request,
-        resource: _Resource[Any],
-        body_type: type[CancelRequest | RecallRequest],
+        how: _Stop[OutcomeT],
         stop: Callable[..., Awaitable[OutcomeT]],
-        view: type[View],
-        recorded: Callable[[OutcomeT], bool],
     ) -> Response:
-        """A cancel or a recall, recorded in Postgres first and then told to the
-        workflow: 202 with ``view`` of the outcome, or 409 when nothing was
-        ``recorded`` (the entity is past stopping)."""
+        """A cancel or a recall, as ``how`` describes it, through the service's ``stop``."""
         client = await self.client(request)
-        body = self.parse(request, await self.body(request), body_type)
-        row = await self._mine(request, client, resource)
+        body = self.parse(request, await self.body(request), how.body)
+        row = await self._mine(request, client, how.resource)
         outcome = await stop(row.id, reason=body.reason, requested_by=client, actor=f"api:{client}")
-        if not recorded(outcome):
+        if not how.recorded(outcome):
             raise IllegalTransition(row.id, outcome.message)
-        return _json(view.of(outcome), 202, {"Location": resource.location(row.id)})
+        return _json(how.view.of(outcome), 202, {"Location": how.resource.location(row.id)})
 
     # --- orders ---------------------------------------------------------------------------
 
@@ -622,14 +654,7 @@ class Api:
 
     async def cancel_order(self, request: Request) -> Response:
         """``POST /v1/orders/{order_id}/cancel``."""
-        return await self._stop(
-            request,
-            _ORDERS,
-            CancelRequest,
-            self.deps.orders.cancel,
-            CancelView,
-            lambda o: o.recorded,
-        )
+        return await self._stop(request, _CANCEL_ORDER, self.deps.orders.cancel)
 
     # --- messages -------------------------------------------------------------------------
 
@@ -691,14 +716,7 @@ class Api:
 
     async def recall_message(self, request: Request) -> Response:
         """``POST /v1/messages/{message_id}/recall``."""
-        return await self._stop(
-            request,
-            _MESSAGES,
-            RecallRequest,
-            self.deps.messages.recall,
-            RecallView,
-            lambda o: o.recalled,
-        )
+        return await self._stop(request, _RECALL_MESSAGE, self.deps.messages.recall)
 
     # --- devices --------------------------------------------------------------------------
 
@@ -868,15 +886,11 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             "An order: row, version, audited transitions, workflow status",
             api.get_order,
         ),
-        _ORDERS.on_one(
-            "POST",
-            "/cancel",
-            "cancelOrder",
+        _CANCEL_ORDER.operation(
             "Cancel an order: recorded in Postgres first, then the workflow is told",
             api.cancel_order,
-            Answer(202, "Cancellation recorded; compensating", CancelView, headers=_CREATED),
-            problem(409, "The order has finished"),
-            body=CancelRequest,
+            accepted="Cancellation recorded; compensating",
+            refused="The order has finished",
         ),
         _MESSAGES.create(
             "sendMessage",
@@ -889,15 +903,11 @@ def operations(api: Api, document: dict[str, Any] | None = None) -> list[Operati
             "A message: status, per-device facts, audited transitions, workflow",
             api.get_message,
         ),
-        _MESSAGES.on_one(
-            "POST",
-            "/recall",
-            "recallMessage",
+        _RECALL_MESSAGE.operation(
             "Recall a message: recorded in Postgres first, then the workflow is told",
             api.recall_message,
-            Answer(202, "Recalled", RecallView, headers=_CREATED),
-            problem(409, "The message was read or has ended"),
-            body=RecallRequest,
+            accepted="Recalled",
+            refused="The message was read or has ended",
         ),
         Operation(
             "POST",

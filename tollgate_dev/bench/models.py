@@ -28,26 +28,26 @@ class _Frozen(BaseModel):
 
 
 class BenchPlan(_Frozen):
-    """How much a run does."""
+    """How much a run does; the defaults are the full run (``FULL``)."""
 
-    mode: Literal["full", "quick"]
+    mode: Literal["full", "quick"] = "full"
     #: In-flight levels of the closed loops; 1 is "one at a time".
-    levels: tuple[int, ...]
+    levels: tuple[int, ...] = (1, 5, 10, 20, 40)
     #: Runs at level 1 (where p99 is read).
-    one_at_a_time: int
+    one_at_a_time: int = 100
     #: Runs at a higher level: ``in_flight * runs_per_slot``, within the bounds below.
-    runs_per_slot: int
-    level_minimum: int
+    runs_per_slot: int = 5
+    level_minimum: int = 40
     #: Caps the runs of a level (quick mode): fewer runs than the level means fewer in
     #: flight, so such figures only show that the level ran.
     level_maximum: int | None = None
     #: Unmeasured runs of each scenario before the first measured one.
-    warm_up: int
+    warm_up: int = 10
     #: The gate: concurrent writers, orders per table per round, rounds (alternating
     #: the guarded and the plain table, so drift hits both alike).
-    gate_writers: int
-    gate_orders: int
-    gate_rounds: int
+    gate_writers: int = 8
+    gate_orders: int = 500
+    gate_rounds: int = 2
 
     def runs_at(self, in_flight: int) -> int:
         """How many lifecycles the closed loop at ``in_flight`` runs."""
@@ -57,20 +57,10 @@ class BenchPlan(_Frozen):
         return runs if self.level_maximum is None else min(runs, self.level_maximum)
 
 
-FULL = BenchPlan(
-    mode="full",
-    levels=(1, 5, 10, 20, 40),
-    one_at_a_time=100,
-    runs_per_slot=5,
-    level_minimum=40,
-    warm_up=10,
-    gate_writers=8,
-    gate_orders=500,
-    gate_rounds=2,
-)
+FULL = BenchPlan()
+#: The smoke test (``--quick``): every scenario at every level, with tiny counts.
 QUICK = BenchPlan(
     mode="quick",
-    levels=(1, 5, 10, 20, 40),
     one_at_a_time=2,
     runs_per_slot=1,
     level_minimum=1,
