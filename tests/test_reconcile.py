@@ -181,6 +181,26 @@ async def test_the_schedule_is_created_once_and_its_run_reconciles(h: Harness) -
         await schedule.delete()
 
 
+def _client_seeing_describes(h: Harness, on_describe: Callable[[str], Awaitable[None]]) -> Client:
+    """The harness's client, but every describe first awaits ``on_describe(workflow_id)``."""
+
+    class _Outbound(OutboundInterceptor):
+        async def describe_workflow(self, input: DescribeWorkflowInput) -> Any:
+            await on_describe(input.id)
+            return await super().describe_workflow(input)
+
+    class _Interceptor(Interceptor):
+        def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+            return _Outbound(next)
+
+    return Client(
+        h.client.service_client,
+        namespace=h.client.namespace,
+        data_converter=h.client.data_converter,
+        interceptors=[_Interceptor()],
+    )
+
+
 async def _reconcile_read_rows_then_described(
     h: Harness,
     options: ReconcileInput,
@@ -190,22 +210,11 @@ async def _reconcile_read_rows_then_described(
     """Run the reconciler with a client that, when it describes ``order_id``'s workflow,
     first lets ``on_describe`` happen: the row was read before, the describe sees after."""
 
-    class _Outbound(OutboundInterceptor):
-        async def describe_workflow(self, input: DescribeWorkflowInput) -> Any:
-            if input.id == order_workflow_id(order_id):
-                await on_describe()
-            return await super().describe_workflow(input)
+    async def racing_on(workflow_id: str) -> None:
+        if workflow_id == order_workflow_id(order_id):
+            await on_describe()
 
-    class _Interceptor(Interceptor):
-        def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
-            return _Outbound(next)
-
-    racing = Client(
-        h.client.service_client,
-        namespace=h.client.namespace,
-        data_converter=h.client.data_converter,
-        interceptors=[_Interceptor()],
-    )
+    racing = _client_seeing_describes(h, racing_on)
     return await reconcile(racing, h.pool, task_queue=h.task_queue, options=options)
 
 
@@ -348,21 +357,10 @@ async def test_rows_at_rest_that_agree_with_their_completed_workflow_cost_no_des
     await eventually(listed_completed, what="visibility lists both workflows completed")
     described: list[str] = []
 
-    class _Outbound(OutboundInterceptor):
-        async def describe_workflow(self, input: DescribeWorkflowInput) -> Any:
-            described.append(input.id)
-            return await super().describe_workflow(input)
+    async def count(workflow_id: str) -> None:
+        described.append(workflow_id)
 
-    class _Counting(Interceptor):
-        def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
-            return _Outbound(next)
-
-    counting = Client(
-        h.client.service_client,
-        namespace=h.client.namespace,
-        data_converter=h.client.data_converter,
-        interceptors=[_Counting()],
-    )
+    counting = _client_seeing_describes(h, count)
     report = await reconcile(counting, h.pool, task_queue=h.task_queue, options=now())
 
     assert order_workflow_id(agreeing.order_id) not in described
