@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from temporalio import workflow
 
 from workflows._lifecycle import (
     STEP_FAILURES,
     ActivityMethod,
+    Frame,
     LifecycleWorkflow,
     StepFailed,
     Undo,
@@ -124,9 +125,18 @@ def release_undo(order_id: str, owner: str) -> Undo:
     )
 
 
-_TEMPORAL_CANCEL = CancelOrderRequest(reason="cancelled in Temporal", requested_by="temporal")
-_POSTGRES_CANCEL = CancelOrderRequest(
-    reason="cancellation recorded in Postgres", requested_by="postgres"
+#: What the lifecycle frame knows of a checkout.
+CHECKOUT: Frame[OrderStatus, CancelOrderRequest] = Frame(
+    initial=S.PENDING,
+    status_attr=ORDER_STATUS_ATTR,
+    stopped_error=OrderCancelled.__name__,
+    stopped_status=S.CANCELLED,
+    transition=OrderStoreActivities.transition_order,
+    transition_input=lambda order_id, **move: TransitionInput(order_id=order_id, **move),
+    stop_from_postgres=CancelOrderRequest(
+        reason="cancellation recorded in Postgres", requested_by="postgres"
+    ),
+    stop_from_temporal=CancelOrderRequest(reason="cancelled in Temporal", requested_by="temporal"),
 )
 
 
@@ -134,21 +144,10 @@ _POSTGRES_CANCEL = CancelOrderRequest(
 class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
     """One order's checkout, from PENDING to COMPLETED, FAILED or CANCELLED."""
 
-    status_attr = ORDER_STATUS_ATTR
-    stopped_error = OrderCancelled.__name__
-    stopped_status = S.CANCELLED
-    transition_activity = staticmethod(OrderStoreActivities.transition_order)
-
     @workflow.init
     def __init__(self, order: OrderInput) -> None:
         self._order = order
-        self._init_lifecycle(
-            S.PENDING,
-            order.retry,
-            step=Step.STARTING,
-            from_postgres=_POSTGRES_CANCEL,
-            from_temporal=_TEMPORAL_CANCEL,
-        )
+        super().__init__(CHECKOUT, order.order_id, order.retry, step=Step.STARTING)
         #: Compensations, registered before their step runs; run last-in first-out.
         self._undo: list[Undo] = []
         self._compensations_done: list[str] = []
@@ -227,7 +226,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
                 InventoryActivities.validate, ValidateInput(order=o, begin=True)
             )
         except STEP_FAILURES as err:
-            if is_cancellation(err) or error_type(err) == self.stopped_error:
+            if is_cancellation(err) or self.found_stopped(err):
                 raise
 
             async def record() -> bool:
@@ -246,7 +245,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         """Take where the order's first write left its row; False if it found it cancelled."""
         self._version, self._status = row.version, row.status
         if row.status.cancelling:
-            self.note_stop(_POSTGRES_CANCEL)
+            self.note_stopped_in_postgres()
             return False
         return True
 
@@ -286,7 +285,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         try:
             result = await self.activity(method, arg.model_copy(update=moves))
         except STEP_FAILURES as err:
-            if error_type(err) == self.stopped_error:
+            if self.found_stopped(err):
                 if not step_may_have_run(err):
                     self._undo.pop()
                 raise
@@ -367,9 +366,9 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             try:
                 return await self._fail(self._failure_reason)
             except STEP_FAILURES as err:
-                if error_type(err) != OrderCancelled.__name__:
+                if not self.found_stopped(err):
                     raise
-                self.note_stop(_POSTGRES_CANCEL)
+                self.note_stopped_in_postgres()
         if self._stop is not None:
             return await self._cancel(self._stop)
         return self._result()
@@ -452,9 +451,6 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         return self.status()
 
     # --- plumbing ------------------------------------------------------------------
-
-    def transition_input(self, **fields: Any) -> TransitionInput:
-        return TransitionInput(order_id=self._order.order_id, **fields)
 
     def _result(self) -> OrderResult:
         return OrderResult(
