@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from temporalio import workflow
 
@@ -97,31 +97,34 @@ class Step(StrEnum):
     CANCELLED = "cancelled"
 
 
-def refund_undo(order_id: str, owner: str, reason: str) -> Undo:
-    """The undo of an order's charge: refund what the key ``<owner>:charge`` captured
-    (a void when nothing was, so a late charge with that key is refused)."""
-    return Undo(
-        "refund",
-        PaymentActivities.refund,
-        RefundInput(
-            order_id=order_id,
-            charge_idempotency_key=step_key(owner, "charge"),
-            idempotency_key=step_key(owner, "refund"),
-            reason=reason,
-        ),
+class CheckoutUndos(NamedTuple):
+    """The undos of a checkout's steps, in the order the steps run."""
+
+    #: Refund what the charge captured (a void when nothing was, so that a late charge
+    #: with that key is refused).
+    refund: Undo
+    #: Release what the reservation held.
+    release: Undo
+
+
+def checkout_undos(order_id: str, owner: str, reason: str) -> CheckoutUndos:
+    """The undos of the checkout that the workflow ``owner`` runs: each finds the step it
+    undoes by that step's idempotency key, ``<owner>:charge`` or ``<owner>:reserve``.
+    The recovery passes the original workflow's id, and so undoes with its keys."""
+    refund = RefundInput(
+        order_id=order_id,
+        charge_idempotency_key=step_key(owner, "charge"),
+        idempotency_key=step_key(owner, "refund"),
+        reason=reason,
     )
-
-
-def release_undo(order_id: str, owner: str) -> Undo:
-    """The undo of an order's reservation: release what the key ``<owner>:reserve`` held."""
-    return Undo(
-        "release",
-        InventoryActivities.release,
-        ReleaseInput(
-            order_id=order_id,
-            reservation_idempotency_key=step_key(owner, "reserve"),
-            idempotency_key=step_key(owner, "release"),
-        ),
+    release = ReleaseInput(
+        order_id=order_id,
+        reservation_idempotency_key=step_key(owner, "reserve"),
+        idempotency_key=step_key(owner, "release"),
+    )
+    return CheckoutUndos(
+        refund=Undo("refund", PaymentActivities.refund, refund),
+        release=Undo("release", InventoryActivities.release, release),
     )
 
 
@@ -180,11 +183,11 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         if validated.problems:
             raise StepFailed("invalid order: " + "; ".join(validated.problems))
 
-        refund = refund_undo(o.order_id, self._id, f"order {o.order_id} did not complete")
+        undos = checkout_undos(o.order_id, self._id, f"order {o.order_id} did not complete")
         charge = await self._step_to(
             S.CHARGING,
             Step.CHARGING,
-            refund,
+            undos.refund,
             PaymentActivities.charge,
             ChargeInput(
                 order_id=o.order_id,
@@ -199,7 +202,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         reservation = await self._step_to(
             S.RESERVING,
             Step.RESERVING,
-            release_undo(o.order_id, self._id),
+            undos.release,
             InventoryActivities.reserve,
             ReserveInput(
                 order_id=o.order_id, items=o.items, idempotency_key=step_key(self._id, "reserve")
