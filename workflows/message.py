@@ -21,11 +21,11 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 from workflows._lifecycle import Frame, LifecycleWorkflow, describe, is_cancellation
+from workflows._push import fan_out
 
 with workflow.unsafe.imports_passed_through():
     from activities.email import EmailActivities
     from activities.messages import MessageStoreActivities
-    from activities.push import PushActivities
     from tollgate.errors import MessageRecalled
     from tollgate.messages.models import (
         DeliverInput,
@@ -302,8 +302,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         if not devices:
             return None
         try:
-            result = await workflow.execute_activity_method(
-                PushActivities.push,
+            result = await fan_out(
                 PushInput(
                     message_id=self._msg.message_id,
                     devices=devices,
@@ -311,9 +310,9 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
                     payload={"sender": self._msg.sender_id, "preview": self._msg.body[:80]},
                     idempotency_prefix=step_key(self._id, "push"),
                 ),
-                start_to_close_timeout=self._msg.retry.activity_timeout * max(1, len(devices)),
-                heartbeat_timeout=self._msg.push_heartbeat_timeout,
-                retry_policy=self._step_retry,
+                per_device=self._msg.retry.activity_timeout,
+                heartbeat=self._msg.push_heartbeat_timeout,
+                retry=self._step_retry,
             )
         except ActivityError as err:
             if self.found_stopped(err) or is_cancellation(err):
