@@ -20,32 +20,19 @@ from temporalio.exceptions import ApplicationError
 
 from tollgate import gate
 from tollgate.errors import StoreUnavailable, TollgateError, VersionConflict
-from tollgate.gate import Lifecycle, Writer
+from tollgate.gate import Lifecycle, Store, Writer
+from tollgate.lifecycle import EntityRow
 from tollgate.models import TransitionRequest, TransitionResult
 from tollgate.names import transition_id
 from tollgate.orders.models import CompensationResult
-from tollgate.postgres import UNREACHABLE, Connection
+from tollgate.postgres import UNREACHABLE
 from tollgate.providers.client import UndoAnswer
 
 P = ParamSpec("P")
 R = TypeVar("R")
 E = TypeVar("E")
-RowT = TypeVar("RowT", covariant=True)
-EntityT = TypeVar("EntityT", contravariant=True)
-
-
-class Insert(Protocol[EntityT, RowT]):
-    """A store's insert-or-match of an entity's first row."""
-
-    def __call__(
-        self,
-        conn: Connection,
-        entity: EntityT,
-        /,
-        *,
-        workflow_id: str,
-        actor: str,
-    ) -> Awaitable[RowT]: ...
+#: A lifecycle's row model (``OrderRow``, ``MessageRow``).
+RowT = TypeVar("RowT", bound=EntityRow[Any])
 
 
 class StoreActivities:
@@ -71,7 +58,7 @@ class StepActivities(ProviderActivities[ProviderT]):
     provider. One activity, so one round trip through Temporal, and the row has moved
     before the provider is called."""
 
-    def __init__(self, provider: ProviderT, rows: LifecycleStoreActivities[Any, Any]) -> None:
+    def __init__(self, provider: ProviderT, rows: LifecycleStoreActivities[Any, Any, Any]) -> None:
         super().__init__(provider)
         self._rows = rows
 
@@ -167,31 +154,45 @@ SnapshotT = TypeVar("SnapshotT")
 
 
 @dataclass(frozen=True)
-class Rows(Generic[E, SnapshotT]):
-    """One lifecycle's rows as its activities see them: the gate's description of the
-    table, the store's insert-or-match of a first row, and the snapshot activities return."""
+class Rows(Generic[E, RowT, SnapshotT]):
+    """One lifecycle's rows as its activities see them: the area's face of the gate
+    (``ORDER_STORE``) and the snapshot activities return."""
 
-    lifecycle: Lifecycle
-    insert: Insert[E, _Standing]
+    store: Store[E, RowT, Any]
     #: Built as ``snapshot(status=..., version=...)``.
     snapshot: Callable[..., SnapshotT]
 
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The gate's description of the lifecycle's table."""
+        return self.store.lifecycle
 
-class LifecycleStoreActivities(StoreActivities, Generic[E, SnapshotT]):
-    """Base of the store activities of one lifecycle: its first row and its moves.
+
+class LifecycleStoreActivities(StoreActivities, Generic[E, RowT, SnapshotT]):
+    """Base of the store activities of one lifecycle: its first row, its moves, and a
+    person's stop.
 
     A subclass names its :class:`Rows`; its activities (named for their lifecycle, as
     recorded histories know them) call the helpers here.
     """
 
-    rows: Rows[E, SnapshotT]
+    rows: Rows[E, RowT, SnapshotT]
 
-    async def _insert(self, entity: E, workflow_id: str) -> _Standing:
+    async def _insert(self, entity: E, workflow_id: str) -> RowT:
         """Insert the entity's first row, naming its workflow, or match the one there."""
         async with self._pool.acquire() as conn:
-            return await self.rows.insert(
+            return await self.rows.store.insert(
                 conn, entity, workflow_id=workflow_id, actor=current_actor()
             )
+
+    async def _stop(
+        self, entity_id: str, *, reason: str, actor: str, transition_id: str | None = None
+    ) -> RowT:
+        """Record a person's cancel or recall unless the row is past it; the row as it
+        stands then (:func:`tollgate.gate.stop`)."""
+        return await self.rows.store.stop(
+            self._pool, entity_id, reason=reason, actor=actor, transition_id=transition_id
+        )
 
     async def _record(self, entity: E) -> SnapshotT:
         """Ensure the entity's first row exists, written by (and naming) this workflow, and

@@ -17,14 +17,14 @@ from tollgate.messages.models import (
     TransitionInput,
 )
 from tollgate.messages.states import MessageStatus
-from tollgate.messages.store import MESSAGES
+from tollgate.messages.store import MESSAGE_STORE, MessageRow
 from tollgate.models import TransitionResult
 
 
-class MessageStoreActivities(LifecycleStoreActivities[MessageInput, MessageSnapshot]):
+class MessageStoreActivities(LifecycleStoreActivities[MessageInput, MessageRow, MessageSnapshot]):
     """Activities that read and write ``messages``, ``devices`` and ``message_deliveries``."""
 
-    rows = Rows(MESSAGES, store.insert_message, MessageSnapshot)
+    rows = Rows(MESSAGE_STORE, MessageSnapshot)
 
     @defn("begin_message")
     async def begin_message(self, message: MessageInput) -> MessageSnapshot:
@@ -66,11 +66,8 @@ class MessageStoreActivities(LifecycleStoreActivities[MessageInput, MessageSnaps
     @defn("recall_message")
     async def recall_message(self, req: RecallMessageInput) -> MessageSnapshot:
         """Record CANCELLED (unless already recorded, read or ended); return where it stands."""
-        row = await store.recall_message(
-            self._pool,
-            req.message_id,
-            reason=req.reason,
-            actor=f"{current_actor()}:{req.requested_by}",
+        row = await self._stop(
+            req.message_id, reason=req.reason, actor=f"{current_actor()}:{req.requested_by}"
         )
         return MessageSnapshot(status=row.status, version=row.version)
 

@@ -15,13 +15,13 @@ from tollgate.orders.models import (
     TransitionInput,
 )
 from tollgate.orders.states import OrderStatus
-from tollgate.orders.store import ORDERS
+from tollgate.orders.store import ORDER_STORE, OrderRow
 
 
-class OrderStoreActivities(LifecycleStoreActivities[OrderInput, OrderSnapshot]):
+class OrderStoreActivities(LifecycleStoreActivities[OrderInput, OrderRow, OrderSnapshot]):
     """Activities that read and write the ``orders`` table through the gate."""
 
-    rows = Rows(ORDERS, store.insert_order, OrderSnapshot)
+    rows = Rows(ORDER_STORE, OrderSnapshot)
 
     @defn("read_order")
     async def read_order(self, req: ReadOrderInput) -> OrderSnapshot:
@@ -44,12 +44,8 @@ class OrderStoreActivities(LifecycleStoreActivities[OrderInput, OrderSnapshot]):
     @defn("begin_order_cancellation")
     async def begin_cancellation(self, req: BeginCancelInput) -> BeginCancelResult:
         """Record CANCELLING unless it is already recorded or the order has ended."""
-        row = await store.request_cancellation(
-            self._pool,
-            req.order_id,
-            reason=req.reason,
-            actor=req.actor,
-            transition_id=req.transition_id,
+        row = await self._stop(
+            req.order_id, reason=req.reason, actor=req.actor, transition_id=req.transition_id
         )
         return BeginCancelResult(
             status=row.status, version=row.version, cancel_reason=row.cancel_reason

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any, ClassVar, Generic, Protocol, TypeAlias, TypeVar
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 from temporalio import workflow
 from temporalio.common import MetricCounter, RetryPolicy, SearchAttributeKey
@@ -38,7 +38,7 @@ from temporalio.exceptions import CancelledError as TemporalCancelledError
 
 with workflow.unsafe.imports_passed_through():
     from tollgate.errors import PERMANENT_ERROR_TYPES
-    from tollgate.models import RetrySettings
+    from tollgate.models import RetrySettings, TransitionRequest, TransitionResult
     from tollgate.names import ALERT_ATTR, COMPENSATION_STUCK, transition_id
 
 T = TypeVar("T")
@@ -258,34 +258,51 @@ class StopRequest(Protocol):
 StopT = TypeVar("StopT", bound=StopRequest)
 
 
+@dataclass(frozen=True)
+class Frame(Generic[StatusT, StopT]):
+    """What the frame knows of one lifecycle, the same for every run of it: one per
+    lifecycle (``CHECKOUT``, ``DELIVERY``), as :class:`tollgate.gate.Lifecycle` is one per
+    table on the SQL side."""
+
+    #: Where a new row starts (version 0 until the first write says otherwise).
+    initial: StatusT
+    #: The search attribute that shows the status.
+    status_attr: SearchAttributeKey[str]
+    #: ``ApplicationError.type`` of a transition that found the row stopped in Postgres.
+    stopped_error: str
+    #: The status a stopped lifecycle ends in.
+    stopped_status: StatusT
+    #: The activity that moves the row.
+    transition: ActivityMethod[Any, TransitionResult]
+    #: That activity's input, as ``transition_input(entity_id, **move)``: the entity's
+    #: id under its own name, and one move's fields.
+    transition_input: Callable[..., TransitionRequest[StatusT]]
+    #: The stop a transition stands for when it found the row stopped in Postgres.
+    stop_from_postgres: StopT
+    #: The stop a Temporal cancel (the Web UI's button) stands for.
+    stop_from_temporal: StopT
+
+
 class LifecycleWorkflow(Generic[StatusT, StopT]):
     """Base of a lifecycle workflow: its row's state, its moves, and its stop frame.
 
-    A subclass names its status search attribute, the error type a stopped row raises,
-    the status a stop ends in, and the activity that moves its row; it builds that
-    activity's input (:meth:`transition_input`) and passes the stop requests that stand
-    for Postgres and for Temporal to :meth:`_init_lifecycle`.
+    A subclass describes its lifecycle once, in a :class:`Frame`, hands it over with its
+    entity's id when it is built (``super().__init__(CHECKOUT, order_id, ...)``), and
+    keeps only its business steps.
     """
 
-    status_attr: ClassVar[SearchAttributeKey[str]]
-    #: ``ApplicationError.type`` of a transition that found the row stopped in Postgres.
-    stopped_error: ClassVar[str]
-    #: The status a stopped lifecycle ends in.
-    stopped_status: ClassVar[StrEnum]
-    #: The activity that moves this lifecycle's row (as a ``staticmethod``).
-    transition_activity: ClassVar[Any]
-
-    def _init_lifecycle(
+    def __init__(
         self,
-        status: StatusT,
+        frame: Frame[StatusT, StopT],
+        entity_id: str,
         retry: RetrySettings,
         *,
         step: StrEnum,
-        from_postgres: StopT,
-        from_temporal: StopT,
     ) -> None:
+        self._frame = frame
+        self._entity_id = entity_id
         self._id = workflow.info().workflow_id
-        self._status: StatusT = status
+        self._status: StatusT = frame.initial
         self._version = 0
         #: What the lifecycle is doing, from the workflow's own ``Step`` enum.
         self._step: StrEnum = step
@@ -294,8 +311,6 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         self._until_done_retry = until_done_retry(retry)
         self._stop: StopT | None = None
         self._temporal_stopped = False
-        self._stop_from_postgres = from_postgres
-        self._stop_from_temporal = from_temporal
         self._main: asyncio.Task[None] | None = None
         self._failure_reason: str | None = None
         self._local_store = False
@@ -344,21 +359,19 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
             try:
                 await self._main
             except asyncio.CancelledError:
-                self.note_stop(self._stop_from_temporal, from_temporal=True)
+                self._note_stopped_in_temporal()
             except StepFailed as failed:
                 self._failure_reason = str(failed)
             except STEP_FAILURES as err:
-                if error_type(err) == self.stopped_error:
-                    self.note_stop(self._stop_from_postgres)
+                if self.found_stopped(err):
+                    self.note_stopped_in_postgres()
                 elif is_cancellation(err):
-                    self.note_stop(self._stop_from_temporal, from_temporal=True)
+                    self._note_stopped_in_temporal()
                 else:
                     self.on_step_failure(err)
-        result = await run_to_completion(
-            ending(), lambda: self.note_stop(self._stop_from_temporal, from_temporal=True)
-        )
+        result = await run_to_completion(ending(), self._note_stopped_in_temporal)
         await workflow.wait_condition(workflow.all_handlers_finished)
-        if self._temporal_stopped and self._status == self.stopped_status:
+        if self._temporal_stopped and self._status == self._frame.stopped_status:
             # Let Temporal record the execution as Canceled, matching the row.
             raise asyncio.CancelledError(self._stop.reason if self._stop else None)
         return result
@@ -373,6 +386,17 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
             self._stop = request
             self._temporal_stopped = from_temporal
 
+    def found_stopped(self, err: BaseException) -> bool:
+        """Whether a failed activity is a transition that found the row stopped in Postgres."""
+        return error_type(err) == self._frame.stopped_error
+
+    def note_stopped_in_postgres(self) -> None:
+        """A write found the row stopped (cancelled, recalled) before this workflow knew."""
+        self.note_stop(self._frame.stop_from_postgres)
+
+    def _note_stopped_in_temporal(self) -> None:
+        self.note_stop(self._frame.stop_from_temporal, from_temporal=True)
+
     def interrupt(self, request: StopT) -> None:
         """A person's stop, by signal: note it and cancel the step in flight."""
         self.note_stop(request)
@@ -385,7 +409,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
         self._status, self._version = status, version
         #: Whether the status is where the row was sent, not yet known to have arrived.
         self._sent = sent
-        workflow.upsert_search_attributes([self.status_attr.value_set(status.value)])
+        workflow.upsert_search_attributes([self._frame.status_attr.value_set(status.value)])
         workflow.set_current_details(f"**{status.value}** (v{version})")
 
     async def move(
@@ -393,7 +417,7 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
     ) -> None:
         """One version-checked transition from where this workflow last left the row."""
         result = await self.store(
-            self.transition_activity,
+            self._frame.transition,
             self.next_move(to, reason=reason, failure_reason=failure_reason),
         )
         self.set_status(to, result.version)
@@ -403,7 +427,8 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
     ) -> Any:
         """The transition activity's input for a move to ``to`` from where this workflow
         last left the row, with its deterministic transition id."""
-        return self.transition_input(
+        return self._frame.transition_input(
+            self._entity_id,
             expected_version=self._version,
             to_status=to,
             transition_id=transition_id(self._id, self._version, to.value),
@@ -411,10 +436,6 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
             reason=reason,
             failure_reason=failure_reason,
         )
-
-    def transition_input(self, **fields: Any) -> Any:
-        """The transition activity's input: ``fields`` plus the entity's id."""
-        raise NotImplementedError
 
     async def activity(
         self, method: ActivityMethod[ArgT, ResultT], arg: ArgT, *, retry: RetryPolicy | None = None

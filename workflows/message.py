@@ -15,17 +15,17 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
-from workflows._lifecycle import LifecycleWorkflow, describe, error_type, is_cancellation
+from workflows._lifecycle import Frame, LifecycleWorkflow, describe, is_cancellation
+from workflows._push import fan_out
 
 with workflow.unsafe.imports_passed_through():
     from activities.email import EmailActivities
     from activities.messages import MessageStoreActivities
-    from activities.push import PushActivities
     from tollgate.errors import MessageRecalled
     from tollgate.messages.models import (
         DeliverInput,
@@ -109,29 +109,27 @@ class _ContinueAsNew(Exception):
         self.phase, self.deadline_at, self.window_ends = phase, deadline_at, window_ends
 
 
-_TEMPORAL_RECALL = RecallRequest(reason="cancelled in Temporal", requested_by="temporal")
-_POSTGRES_RECALL = RecallRequest(reason="recall recorded in Postgres", requested_by="postgres")
+#: What the lifecycle frame knows of a delivery.
+DELIVERY: Frame[MessageStatus, RecallRequest] = Frame(
+    initial=M.INITIATED,
+    status_attr=MESSAGE_STATUS_ATTR,
+    stopped_error=MessageRecalled.__name__,
+    stopped_status=M.CANCELLED,
+    transition=MessageStoreActivities.transition_message,
+    transition_input=lambda message_id, **move: TransitionInput(message_id=message_id, **move),
+    stop_from_postgres=RecallRequest(reason="recall recorded in Postgres", requested_by="postgres"),
+    stop_from_temporal=RecallRequest(reason="cancelled in Temporal", requested_by="temporal"),
+)
 
 
 @workflow.defn(name=MESSAGE_WORKFLOW)
 class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
     """One message's delivery, from INITIATED to READ, EMAILED, FAILED or CANCELLED."""
 
-    status_attr = MESSAGE_STATUS_ATTR
-    stopped_error = MessageRecalled.__name__
-    stopped_status = M.CANCELLED
-    transition_activity = staticmethod(MessageStoreActivities.transition_message)
-
     @workflow.init
     def __init__(self, message: MessageInput) -> None:
         self._msg = message
-        self._init_lifecycle(
-            M.INITIATED,
-            message.retry,
-            step=Step.STARTING,
-            from_postgres=_POSTGRES_RECALL,
-            from_temporal=_TEMPORAL_RECALL,
-        )
+        super().__init__(DELIVERY, message.message_id, message.retry, step=Step.STARTING)
         #: The recipient's devices when the message was dispatched; None until then.
         self._devices: dict[str, Device] | None = None
         self._pushed: dict[str, str] = {}
@@ -241,7 +239,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         """Take where the message's first write left its row; False if it found it recalled."""
         self.set_status(row.status, row.version)
         if row.status is M.CANCELLED:
-            self.note_stop(_POSTGRES_RECALL)
+            self.note_stopped_in_postgres()
             return False
         return True
 
@@ -304,8 +302,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
         if not devices:
             return None
         try:
-            result = await workflow.execute_activity_method(
-                PushActivities.push,
+            result = await fan_out(
                 PushInput(
                     message_id=self._msg.message_id,
                     devices=devices,
@@ -313,12 +310,12 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
                     payload={"sender": self._msg.sender_id, "preview": self._msg.body[:80]},
                     idempotency_prefix=step_key(self._id, "push"),
                 ),
-                start_to_close_timeout=self._msg.retry.activity_timeout * max(1, len(devices)),
-                heartbeat_timeout=self._msg.push_heartbeat_timeout,
-                retry_policy=self._step_retry,
+                per_device=self._msg.retry.activity_timeout,
+                heartbeat=self._msg.push_heartbeat_timeout,
+                retry=self._step_retry,
             )
         except ActivityError as err:
-            if error_type(err) == MessageRecalled.__name__ or is_cancellation(err):
+            if self.found_stopped(err) or is_cancellation(err):
                 raise
             return describe(err)
         self._pushed, self._removed = result.pushed, result.removed
@@ -574,9 +571,6 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
 
     def _next_reader(self) -> str | None:
         return self._reads[0] if self._reads else None
-
-    def transition_input(self, **fields: Any) -> TransitionInput:
-        return TransitionInput(message_id=self._msg.message_id, **fields)
 
     def _result(self) -> MessageResult:
         return MessageResult(

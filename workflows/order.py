@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from temporalio import workflow
 
 from workflows._lifecycle import (
     STEP_FAILURES,
     ActivityMethod,
+    Frame,
     LifecycleWorkflow,
     StepFailed,
     Undo,
@@ -96,37 +97,49 @@ class Step(StrEnum):
     CANCELLED = "cancelled"
 
 
-def refund_undo(order_id: str, owner: str, reason: str) -> Undo:
-    """The undo of an order's charge: refund what the key ``<owner>:charge`` captured
-    (a void when nothing was, so a late charge with that key is refused)."""
-    return Undo(
-        "refund",
-        PaymentActivities.refund,
-        RefundInput(
-            order_id=order_id,
-            charge_idempotency_key=step_key(owner, "charge"),
-            idempotency_key=step_key(owner, "refund"),
-            reason=reason,
-        ),
+class CheckoutUndos(NamedTuple):
+    """The undos of a checkout's steps, in the order the steps run."""
+
+    #: Refund what the charge captured (a void when nothing was, so that a late charge
+    #: with that key is refused).
+    refund: Undo
+    #: Release what the reservation held.
+    release: Undo
+
+
+def checkout_undos(order_id: str, owner: str, reason: str) -> CheckoutUndos:
+    """The undos of the checkout that the workflow ``owner`` runs: each finds the step it
+    undoes by that step's idempotency key, ``<owner>:charge`` or ``<owner>:reserve``.
+    The recovery passes the original workflow's id, and so undoes with its keys."""
+    refund = RefundInput(
+        order_id=order_id,
+        charge_idempotency_key=step_key(owner, "charge"),
+        idempotency_key=step_key(owner, "refund"),
+        reason=reason,
+    )
+    release = ReleaseInput(
+        order_id=order_id,
+        reservation_idempotency_key=step_key(owner, "reserve"),
+        idempotency_key=step_key(owner, "release"),
+    )
+    return CheckoutUndos(
+        refund=Undo("refund", PaymentActivities.refund, refund),
+        release=Undo("release", InventoryActivities.release, release),
     )
 
 
-def release_undo(order_id: str, owner: str) -> Undo:
-    """The undo of an order's reservation: release what the key ``<owner>:reserve`` held."""
-    return Undo(
-        "release",
-        InventoryActivities.release,
-        ReleaseInput(
-            order_id=order_id,
-            reservation_idempotency_key=step_key(owner, "reserve"),
-            idempotency_key=step_key(owner, "release"),
-        ),
-    )
-
-
-_TEMPORAL_CANCEL = CancelOrderRequest(reason="cancelled in Temporal", requested_by="temporal")
-_POSTGRES_CANCEL = CancelOrderRequest(
-    reason="cancellation recorded in Postgres", requested_by="postgres"
+#: What the lifecycle frame knows of a checkout.
+CHECKOUT: Frame[OrderStatus, CancelOrderRequest] = Frame(
+    initial=S.PENDING,
+    status_attr=ORDER_STATUS_ATTR,
+    stopped_error=OrderCancelled.__name__,
+    stopped_status=S.CANCELLED,
+    transition=OrderStoreActivities.transition_order,
+    transition_input=lambda order_id, **move: TransitionInput(order_id=order_id, **move),
+    stop_from_postgres=CancelOrderRequest(
+        reason="cancellation recorded in Postgres", requested_by="postgres"
+    ),
+    stop_from_temporal=CancelOrderRequest(reason="cancelled in Temporal", requested_by="temporal"),
 )
 
 
@@ -134,21 +147,10 @@ _POSTGRES_CANCEL = CancelOrderRequest(
 class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
     """One order's checkout, from PENDING to COMPLETED, FAILED or CANCELLED."""
 
-    status_attr = ORDER_STATUS_ATTR
-    stopped_error = OrderCancelled.__name__
-    stopped_status = S.CANCELLED
-    transition_activity = staticmethod(OrderStoreActivities.transition_order)
-
     @workflow.init
     def __init__(self, order: OrderInput) -> None:
         self._order = order
-        self._init_lifecycle(
-            S.PENDING,
-            order.retry,
-            step=Step.STARTING,
-            from_postgres=_POSTGRES_CANCEL,
-            from_temporal=_TEMPORAL_CANCEL,
-        )
+        super().__init__(CHECKOUT, order.order_id, order.retry, step=Step.STARTING)
         #: Compensations, registered before their step runs; run last-in first-out.
         self._undo: list[Undo] = []
         self._compensations_done: list[str] = []
@@ -181,11 +183,11 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         if validated.problems:
             raise StepFailed("invalid order: " + "; ".join(validated.problems))
 
-        refund = refund_undo(o.order_id, self._id, f"order {o.order_id} did not complete")
+        undos = checkout_undos(o.order_id, self._id, f"order {o.order_id} did not complete")
         charge = await self._step_to(
             S.CHARGING,
             Step.CHARGING,
-            refund,
+            undos.refund,
             PaymentActivities.charge,
             ChargeInput(
                 order_id=o.order_id,
@@ -200,7 +202,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         reservation = await self._step_to(
             S.RESERVING,
             Step.RESERVING,
-            release_undo(o.order_id, self._id),
+            undos.release,
             InventoryActivities.reserve,
             ReserveInput(
                 order_id=o.order_id, items=o.items, idempotency_key=step_key(self._id, "reserve")
@@ -227,7 +229,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
                 InventoryActivities.validate, ValidateInput(order=o, begin=True)
             )
         except STEP_FAILURES as err:
-            if is_cancellation(err) or error_type(err) == self.stopped_error:
+            if is_cancellation(err) or self.found_stopped(err):
                 raise
 
             async def record() -> bool:
@@ -246,7 +248,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         """Take where the order's first write left its row; False if it found it cancelled."""
         self._version, self._status = row.version, row.status
         if row.status.cancelling:
-            self.note_stop(_POSTGRES_CANCEL)
+            self.note_stopped_in_postgres()
             return False
         return True
 
@@ -286,7 +288,7 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         try:
             result = await self.activity(method, arg.model_copy(update=moves))
         except STEP_FAILURES as err:
-            if error_type(err) == self.stopped_error:
+            if self.found_stopped(err):
                 if not step_may_have_run(err):
                     self._undo.pop()
                 raise
@@ -367,9 +369,9 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
             try:
                 return await self._fail(self._failure_reason)
             except STEP_FAILURES as err:
-                if error_type(err) != OrderCancelled.__name__:
+                if not self.found_stopped(err):
                     raise
-                self.note_stop(_POSTGRES_CANCEL)
+                self.note_stopped_in_postgres()
         if self._stop is not None:
             return await self._cancel(self._stop)
         return self._result()
@@ -452,9 +454,6 @@ class OrderWorkflow(LifecycleWorkflow[OrderStatus, CancelOrderRequest]):
         return self.status()
 
     # --- plumbing ------------------------------------------------------------------
-
-    def transition_input(self, **fields: Any) -> TransitionInput:
-        return TransitionInput(order_id=self._order.order_id, **fields)
 
     def _result(self) -> OrderResult:
         return OrderResult(

@@ -15,6 +15,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 from workflows._lifecycle import describe, error_type, step_retry, until_done_retry, until_undone
+from workflows._push import fan_out
 
 with workflow.unsafe.imports_passed_through():
     from activities.messages import MessageStoreActivities
@@ -77,8 +78,7 @@ class ReadReceiptSyncWorkflow:
 
         # 2. receipts to the other devices
         try:
-            pushed = await workflow.execute_activity_method(
-                PushActivities.push,
+            pushed = await fan_out(
                 PushInput(
                     message_id=inp.message_id,
                     devices=inp.other_devices,
@@ -86,9 +86,9 @@ class ReadReceiptSyncWorkflow:
                     payload={"read_on": inp.reader_device_id},
                     idempotency_prefix=step_key(owner, "receipt", inp.reader_device_id),
                 ),
-                start_to_close_timeout=timeout * max(1, len(inp.other_devices)),
-                heartbeat_timeout=timeout,
-                retry_policy=step,
+                per_device=timeout,
+                heartbeat=timeout,
+                retry=step,
             )
         except ActivityError as err:
             if error_type(err) == MessageRecalled.__name__:

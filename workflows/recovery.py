@@ -38,7 +38,7 @@ from workflows._lifecycle import (
     run_undo,
     until_done_retry,
 )
-from workflows.order import refund_undo, release_undo
+from workflows.order import checkout_undos
 
 with workflow.unsafe.imports_passed_through():
     from activities.orders import OrderStoreActivities
@@ -121,13 +121,8 @@ class OrderRecoveryWorkflow:
         """Undo with the original workflow's keys: replayed if done, voided if never run."""
         order_id = self._inp.order_id
         original = order_workflow_id(order_id)
-        return [
-            await run_undo(undo, self._inp.retry)
-            for undo in (
-                refund_undo(order_id, original, self._inp.reason),
-                release_undo(order_id, original),
-            )
-        ]
+        undos = checkout_undos(order_id, original, self._inp.reason)
+        return [await run_undo(undo, self._inp.retry) for undo in undos]
 
     async def _move(self, row: OrderSnapshot, to: OrderStatus) -> OrderSnapshot:
         """One version-checked write from where ``row`` stands (to the same status: a claim)."""
