@@ -101,6 +101,7 @@ async def test_quick_bench_reports_every_figure(
         "guarded_server_us",
         "plain_server_us",
     }
+    assert len(data["gate"]["round_overheads_pct"]) == data["gate"]["rounds"] == QUICK.gate_rounds
     assert set(data["ratios"]) == set(RATIOS)
     assert data["server"]["server_pid_found"] and data["server"]["in_memory"]
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]

@@ -142,8 +142,8 @@ class Gate(_Frozen):
     #: Rounds, each moving its own orders through both tables back to back.
     rounds: int = 1
     transitions: int
-    guarded_seconds: float
-    plain_seconds: float
+    #: Each round's overhead, in percent, in the order they ran.
+    round_overheads_pct: list[float] = []
     #: Medians over the rounds.
     guarded_transitions_per_s: float
     plain_transitions_per_s: float

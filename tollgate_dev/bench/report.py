@@ -193,7 +193,8 @@ def print_report(report: BenchReport, console: Console) -> None:
     console.print(
         f"gate: {g.transitions} transitions each way, {g.writers} writers: "
         f"{g.guarded_transitions_per_s:,.0f}/s with trigger + audit, "
-        f"{g.plain_transitions_per_s:,.0f}/s plain; overhead {g.overhead_pct:.1f}%; "
+        f"{g.plain_transitions_per_s:,.0f}/s plain (medians of {g.rounds} rounds); "
+        f"overhead {g.overhead_pct:.1f}% ({_spread(g.round_overheads_pct)}); "
         f"server time per transition {g.guarded_server_us:.0f} us guarded, "
         f"{g.plain_server_us:.0f} us plain"
     )
@@ -275,3 +276,10 @@ def write_results(report: BenchReport, directory: Path) -> tuple[Path, Path]:
     shutil.copyfile(data, directory / "latest.json")
     shutil.copyfile(chart, directory / "latest.png")
     return data, chart
+
+
+def _spread(values: list[float]) -> str:
+    """``from a to b`` over the rounds' figures (one round: ``one round``)."""
+    if len(values) < 2:
+        return "one round"
+    return f"rounds from {min(values):.0f}% to {max(values):.0f}%"
