@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import (
     Client,
     DescribeWorkflowInput,
@@ -368,6 +372,48 @@ async def test_rows_at_rest_that_agree_with_their_completed_workflow_cost_no_des
     mine = {f.entity_id: f.finding for f in report.findings}
     assert agreeing.order_id not in mine
     assert mine[fixed_by_hand.order_id] == "disagreement"
+
+
+async def test_an_order_reset_after_it_completed_whose_new_run_was_terminated_is_reported(
+    h: Harness, now: Callable[..., ReconcileInput]
+) -> None:
+    """An operator resets a completed order (the Web UI allows it) and its new run is
+    terminated: the order's latest run ended badly, though an older one completed with
+    the row's status. Visibility lists both; only a single completed run settles a row."""
+    order = h.order()
+    handle = await h.service.create(order)
+    assert (await handle.result()).status == S.COMPLETED
+    history = await handle.fetch_history()
+    first_task = next(
+        e.event_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    )
+    # The new run's validation waits on the catalog while it is terminated.
+    await h.sandbox.set_fault("inventory", FaultSpec(latency_ms=5000))
+    try:
+        await h.client.workflow_service.reset_workflow_execution(
+            ResetWorkflowExecutionRequest(
+                namespace=h.client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=handle.id),
+                reason="operator reset",
+                workflow_task_finish_event_id=first_task,
+                request_id=str(uuid.uuid4()),
+            )
+        )
+        await h.client.get_workflow_handle(handle.id).terminate("the reset went wrong")
+    finally:
+        await h.sandbox.clear_faults()
+
+    async def both_runs_listed() -> bool:
+        runs = [e async for e in h.client.list_workflows(f"WorkflowId = '{handle.id}'")]
+        return sorted(r.status.name for r in runs if r.status) == ["COMPLETED", "TERMINATED"]
+
+    await eventually(both_runs_listed, what="visibility lists the completed and the reset run")
+    report = await reconcile(h.client, h.pool, task_queue=h.task_queue, options=now())
+    (mine,) = [f for f in report.findings if f.entity_id == order.order_id]
+    assert mine.finding == "failed_at_rest" and mine.workflow_status == "TERMINATED"
+    assert mine.row_status == "COMPLETED"
 
 
 async def test_a_cluster_that_cannot_answer_the_visibility_query_is_asked_row_by_row() -> None:

@@ -208,8 +208,11 @@ async def _completed_as_recorded(
     per :data:`_LISTED_PER_CALL` rows instead of a describe and a history read each.
 
     Only agreement is taken from visibility, which lags and keeps only what the
-    workflow last set: every other row (not listed yet, ended another way, another
-    status, a later run under the same id) goes through :func:`_check` as before.
+    workflow last set. A row is settled only when its workflow id has exactly one run
+    besides those that continued as new, and that run completed with the row's status;
+    every other row (not listed yet, ended another way, another status, a reset or any
+    other second run under the id) goes through :func:`_check` as before. The list is
+    only a shortcut: when visibility cannot answer, every row takes the slow path.
     """
     holds = {
         row["workflow_id"]: (row["id"], row["status"])
@@ -221,26 +224,24 @@ async def _completed_as_recorded(
     for start in range(0, len(ids), _LISTED_PER_CALL):
         batch = ids[start : start + _LISTED_PER_CALL]
         quoted = ", ".join(f"'{workflow_id}'" for workflow_id in batch)
-        query = (
-            f"WorkflowType = '{kind.workflow_type}' AND ExecutionStatus = 'Completed'"
-            f" AND WorkflowId IN ({quoted})"
-        )
-        latest: dict[str, WorkflowExecution] = {}
+        query = f"WorkflowType = '{kind.workflow_type}' AND WorkflowId IN ({quoted})"
+        runs: dict[str, list[WorkflowExecution]] = {}
         try:
             async for execution in client.list_workflows(query):
-                seen = latest.get(execution.id)
-                if seen is None or execution.start_time > seen.start_time:
-                    latest[execution.id] = execution
+                if execution.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                    runs.setdefault(execution.id, []).append(execution)
         except RPCError as exc:
-            if exc.status not in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.UNIMPLEMENTED):
-                raise
-            # A cluster without advanced visibility cannot answer such a query: every
-            # row then takes the slow path, as it did before.
+            # No advanced visibility, no permission to list, a slow index: the rows
+            # are described one by one, as they were before the shortcut.
             _log.warning("reconciler cannot query visibility", extra={"error": str(exc)})
-            return agreed
-        for workflow_id, execution in latest.items():
+            return set()
+        for workflow_id, (only, *others) in runs.items():
             entity_id, status = holds[workflow_id]
-            if execution.typed_search_attributes.get(kind.status_attr) == status:
+            if (
+                not others
+                and only.status == WorkflowExecutionStatus.COMPLETED
+                and only.typed_search_attributes.get(kind.status_attr) == status
+            ):
                 agreed.add(entity_id)
     return agreed
 
