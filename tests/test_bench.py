@@ -75,7 +75,7 @@ async def test_quick_bench_reports_every_figure(
     assert (tmp_path / "bench" / "latest.png").stat().st_size == chart_path.stat().st_size
 
     assert _nulls(data) == []
-    assert data["format"] == "tollgate-bench/1"
+    assert data["format"] == "tollgate-bench/2"
     assert set(data["scenarios"]) == SCENARIOS
     for name, scenario in data["scenarios"].items():
         assert set(scenario["levels"]) == {"1", "5", "10", "20", "40"}, name

@@ -13,7 +13,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict
 
 #: Bumped when a figure is renamed or its meaning changes.
-REPORT_FORMAT: Final = "tollgate-bench/1"
+REPORT_FORMAT: Final = "tollgate-bench/2"
 
 #: Scenario keys, in the order they run at each level and appear in the table.
 ORDERS = "orders"
@@ -144,11 +144,10 @@ class Gate(_Frozen):
     transitions: int
     #: Each round's overhead, in percent, in the order they ran.
     round_overheads_pct: list[float] = []
-    #: Medians over the rounds.
+    #: The median round's (by its overhead): its rates, and how much longer a guarded
+    #: transition took than a plain one, in percent.
     guarded_transitions_per_s: float
     plain_transitions_per_s: float
-    #: How much longer a guarded transition takes than a plain one, in percent: the
-    #: median of the rounds' own ratios.
     overhead_pct: float
     #: Server time of one single-row transition (one connection, no client, no commit).
     guarded_server_us: float
@@ -195,7 +194,7 @@ class Server(_Frozen):
 class BenchReport(_Frozen):
     """Everything one run measured."""
 
-    format: Literal["tollgate-bench/1"] = REPORT_FORMAT
+    format: Literal["tollgate-bench/2"] = REPORT_FORMAT
     plan: BenchPlan
     started_at: datetime
     seconds: float

@@ -193,7 +193,7 @@ def print_report(report: BenchReport, console: Console) -> None:
     console.print(
         f"gate: {g.transitions} transitions each way, {g.writers} writers: "
         f"{g.guarded_transitions_per_s:,.0f}/s with trigger + audit, "
-        f"{g.plain_transitions_per_s:,.0f}/s plain (medians of {g.rounds} rounds); "
+        f"{g.plain_transitions_per_s:,.0f}/s plain (the median of {g.rounds} rounds); "
         f"overhead {g.overhead_pct:.1f}% ({_spread(g.round_overheads_pct)}); "
         f"server time per transition {g.guarded_server_us:.0f} us guarded, "
         f"{g.plain_server_us:.0f} us plain"
