@@ -21,6 +21,7 @@ from tollgate import postgres
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.bench import tracing
+from tollgate_dev.bench.loop import steady_rate
 from tollgate_dev.bench.models import QUICK, BenchReport
 from tollgate_dev.bench.procs import listener_pid
 from tollgate_dev.bench.report import RATIOS, print_report, write_results
@@ -29,7 +30,15 @@ from tollgate_dev.bench.run import BenchTarget, run_bench
 pytestmark = pytest.mark.e2e
 
 SCENARIOS = {"orders", "messages", "baseline_8", "baseline_3", "baseline_7"}
-LEVEL_FIGURES = {"in_flight", "runs", "ok", "outcomes", "seconds", "throughput_per_s"}
+LEVEL_FIGURES = {
+    "in_flight",
+    "runs",
+    "ok",
+    "outcomes",
+    "seconds",
+    "throughput_per_s",
+    "loop_throughput_per_s",
+}
 LEVEL_FIGURES |= {"p50_ms", "p95_ms", "p99_ms"}
 
 
@@ -133,3 +142,14 @@ async def test_tracing_bench_counts_an_orders_spans_and_times_both_modes(
     text = io.StringIO()
     tracing.print_report(report, Console(file=text, width=120))
     assert "Spans per order: median" in text.getvalue()
+
+
+def test_throughput_is_read_while_the_loop_is_full_not_during_its_drain() -> None:
+    """20 in flight, a run ending every 0.1 s from t=1 s, the last run started at 10 s:
+    10/s, whether the last runs end promptly or one straggles for seconds."""
+    prompt = [1.0 + 0.1 * n for n in range(100)]
+    straggling = [*prompt[:-1], 14.0]
+    assert steady_rate(prompt, 20, last_start=10.0) == pytest.approx(10.0, rel=0.05)
+    assert steady_rate(straggling, 20, last_start=10.0) == pytest.approx(10.0, rel=0.05)
+    # Too short a loop to have a full stretch: the whole loop's figure is used instead.
+    assert steady_rate(prompt[:25], 20, last_start=1.5) is None

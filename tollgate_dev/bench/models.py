@@ -36,7 +36,7 @@ class BenchPlan(_Frozen):
     #: Runs at level 1 (where p99 is read).
     one_at_a_time: int = 100
     #: Runs at a higher level: ``in_flight * runs_per_slot``, within the bounds below.
-    runs_per_slot: int = 5
+    runs_per_slot: int = 10
     level_minimum: int = 40
     #: Caps the runs of a level (quick mode): fewer runs than the level means fewer in
     #: flight, so such figures only show that the level ran.
@@ -82,7 +82,12 @@ class Level(_Frozen):
     #: Final statuses (``error:<type>`` for a run that raised).
     outcomes: dict[str, int]
     seconds: float
+    #: Runs ended as expected per second while ``in_flight`` were going (the loop's
+    #: start and drain left out; see ``tollgate_dev.bench.loop.steady_rate``), or
+    #: over the whole loop when it was too short to tell.
     throughput_per_s: float
+    #: Over the whole loop, its drain included.
+    loop_throughput_per_s: float = 0.0
     p50_ms: float
     p95_ms: float
     p99_ms: float

@@ -425,6 +425,6 @@ async def _measure(
                 s.breakdown = await breakdown(client, ids, end_after_activity=s.end_after_activity)
             say(
                 f"{s.title:<38} {in_flight:>3} in flight: {level.ok}/{level.runs} ok, "
-                f"{level.throughput_per_s:7.2f}/s, p50 {level.p50_ms:6.1f} ms, "
-                f"p95 {level.p95_ms:6.1f} ms"
+                f"{level.throughput_per_s:7.2f}/s (whole loop {level.loop_throughput_per_s:.2f}/s), "
+                f"p50 {level.p50_ms:6.1f} ms, p95 {level.p95_ms:6.1f} ms"
             )
