@@ -119,6 +119,7 @@ def build_worker(
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_cached_workflows=settings.max_cached_workflows,
         max_concurrent_workflow_task_polls=settings.workflow_task_pollers,
+        nonsticky_to_sticky_poll_ratio=settings.workflow_task_nonsticky_ratio,
         max_concurrent_activity_task_polls=settings.activity_task_pollers,
         max_task_queue_activities_per_second=settings.task_queue_activities_per_second,
         workflow_runner=workflow_runner(settings),
