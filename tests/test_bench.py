@@ -15,12 +15,15 @@ from urllib.parse import urlsplit
 
 import pytest
 from rich.console import Console
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 
 from tests.conftest import Harness
 from tollgate import postgres
 from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.bench import tracing
+from tollgate_dev.bench.breakdown import _first_task_wait
 from tollgate_dev.bench.loop import steady_rate
 from tollgate_dev.bench.models import QUICK, BenchReport
 from tollgate_dev.bench.procs import listener_pid
@@ -38,6 +41,8 @@ LEVEL_FIGURES = {
     "seconds",
     "throughput_per_s",
     "loop_throughput_per_s",
+    "first_task_wait_p50_ms",
+    "first_task_wait_p95_ms",
 }
 LEVEL_FIGURES |= {"p50_ms", "p95_ms", "p99_ms"}
 
@@ -153,3 +158,23 @@ def test_throughput_is_read_while_the_loop_is_full_not_during_its_drain() -> Non
     assert steady_rate(straggling, 20, last_start=10.0) == pytest.approx(10.0, rel=0.05)
     # Too short a loop to have a full stretch: the whole loop's figure is used instead.
     assert steady_rate(prompt[:25], 20, last_start=1.5) is None
+
+
+def test_a_first_task_wait_is_read_from_its_scheduled_and_started_events() -> None:
+    """The wait is the first task's alone: a later, longer one does not count."""
+
+    def event(kind: int, at_ms: int) -> HistoryEvent:
+        stamped = HistoryEvent(event_type=kind)  # type: ignore[arg-type]
+        stamped.event_time.FromMilliseconds(1_700_000_000_000 + at_ms)
+        return stamped
+
+    events = [
+        event(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, 0),
+        event(EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 0),
+        event(EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED, 120),
+        event(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 150),
+        event(EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 200),
+        event(EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED, 900),
+    ]
+    assert _first_task_wait(events) == pytest.approx(120.0)
+    assert _first_task_wait(events[:2]) is None

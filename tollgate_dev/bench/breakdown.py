@@ -96,3 +96,31 @@ async def breakdown(
         workflow_tasks_ms=tasks,
         other_ms=round(total - in_activities - queued - tasks, 1),
     )
+
+
+def _first_task_wait(events: Sequence[HistoryEvent]) -> float | None:
+    """Milliseconds the run's first workflow task waited to be picked up."""
+    scheduled: datetime | None = None
+    for event in events:
+        if event.event_type == _E.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            scheduled = _at(event)
+        elif event.event_type == _E.EVENT_TYPE_WORKFLOW_TASK_STARTED and scheduled is not None:
+            return _ms((_at(event) - scheduled).total_seconds())
+    return None
+
+
+async def first_task_waits(client: Client, workflow_ids: Sequence[str]) -> list[float]:
+    """How long each workflow's first task waited on the task queue for a poller, in ms.
+
+    A new workflow's first task is on the task queue, which only some of a worker's
+    pollers poll; every later task goes to the sticky queue of the worker that has the
+    workflow cached. Too few task-queue pollers on a busy worker show here first: new
+    lifecycles queue while the ones in flight do not (README, Speed).
+    """
+    waits = []
+    for workflow_id in workflow_ids:
+        history = await client.get_workflow_handle(workflow_id).fetch_history()
+        wait = _first_task_wait(history.events)
+        if wait is not None:
+            waits.append(round(wait, 1))
+    return waits

@@ -91,6 +91,10 @@ class Level(_Frozen):
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    #: How long the first workflow task of runs in the loop's middle waited for a
+    #: poller (history timestamps; None: not sampled).
+    first_task_wait_p50_ms: float | None = None
+    first_task_wait_p95_ms: float | None = None
 
 
 class Cpu(_Frozen):

@@ -131,6 +131,7 @@ def print_report(report: BenchReport, console: Console) -> None:
         loops.add_column(column, justify="left" if column == "scenario" else "right")
     loops.add_column("p50 / baseline", justify="right")
     loops.add_column("per s / baseline", justify="right")
+    loops.add_column("first task wait p50/p95 ms", justify="right")
     for key, scenario in report.scenarios.items():
         baseline = report.scenarios.get(_BASELINE_OF.get(key, ""))
         for level_key, level in scenario.levels.items():
@@ -149,6 +150,7 @@ def print_report(report: BenchReport, console: Console) -> None:
                 f"{level.p99_ms:.0f}",
                 p50_ratio,
                 thr_ratio,
+                _waits(level.first_task_wait_p50_ms, level.first_task_wait_p95_ms),
                 end_section=level_key == list(scenario.levels)[-1],
             )
     console.print(loops)
@@ -283,3 +285,10 @@ def _spread(values: list[float]) -> str:
     if len(values) < 2:
         return "one round"
     return f"rounds from {min(values):.0f}% to {max(values):.0f}%"
+
+
+def _waits(p50: float | None, p95: float | None) -> str:
+    """``p50/p95`` in whole ms, or empty when the level was not sampled."""
+    if p50 is None or p95 is None:
+        return ""
+    return f"{p50:.0f}/{p95:.0f}"

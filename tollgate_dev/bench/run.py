@@ -40,7 +40,7 @@ from tollgate_dev.bench.baseline import (
     BaselineWorkflow,
 )
 from tollgate_dev.bench.baseline_worker import BaselineWorkerProcess, baseline_worker
-from tollgate_dev.bench.breakdown import breakdown
+from tollgate_dev.bench.breakdown import breakdown, first_task_waits
 from tollgate_dev.bench.gatebench import measure_gate
 from tollgate_dev.bench.loop import closed_loop
 from tollgate_dev.bench.models import (
@@ -60,7 +60,7 @@ from tollgate_dev.bench.models import (
 from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
 from tollgate_dev.bench.report import ratios
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
-from tollgate_dev.load import LOAD_RETRY, load_message, load_order
+from tollgate_dev.load import LOAD_RETRY, load_message, load_order, percentile
 
 #: Backoffs as a load run has them: nothing fails here, but if something did, a run
 #: should recover in seconds, not minutes.
@@ -384,6 +384,28 @@ def _scenarios(
     ]
 
 
+#: Runs of each loop whose first workflow task's wait is read: those in its middle,
+#: started while every lane was busy.
+FIRST_TASK_SAMPLES = 40
+
+
+async def _with_first_task_waits(client: Client, s: _Scenario, run_id: str, level: Level) -> Level:
+    """``level`` with its runs' first-task waits (see :func:`first_task_waits`)."""
+    middle = level.runs // 2
+    sampled = range(
+        max(0, middle - FIRST_TASK_SAMPLES // 2), min(level.runs, middle + FIRST_TASK_SAMPLES // 2)
+    )
+    tag = f"{s.key}-c{level.in_flight}"
+    ids = [s.workflow_id(s.business_id(run_id, tag, n)) for n in sampled]
+    waits = await first_task_waits(client, ids)
+    return level.model_copy(
+        update={
+            "first_task_wait_p50_ms": percentile(waits, 50),
+            "first_task_wait_p95_ms": percentile(waits, 95),
+        }
+    )
+
+
 async def _measure(
     scenarios: list[_Scenario],
     plan: BenchPlan,
@@ -417,6 +439,7 @@ async def _measure(
             s.worker_seconds += s.worker.seconds() - worker_before
             s.server_seconds += server.seconds() - server_before
             s.ok_runs += level.ok
+            level = await _with_first_task_waits(client, s, run_id, level)
             s.levels[str(in_flight)] = level
             if in_flight == 1:
                 last = range(max(0, level.runs - BREAKDOWN_SAMPLES), level.runs)
