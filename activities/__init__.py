@@ -247,10 +247,9 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, RowT, SnapshotT]):
         try:
             return await self._move(entity_id, req)
         except VersionConflict as refused:
-            async with self._pool.acquire() as conn:
-                refused.step_may_have_run = await gate.applied(
-                    conn, self.rows.lifecycle, entity_id, req.transition_id
-                )
+            refused.step_may_have_run = await gate.applied(
+                self._pool, self.rows.lifecycle, entity_id, req.transition_id
+            )
             raise
 
     async def move_after_step(
@@ -268,8 +267,7 @@ class LifecycleStoreActivities(StoreActivities, Generic[E, RowT, SnapshotT]):
         first attempt, or when it did not."""
         if last is None or activity.info().attempt == 1:
             return None
-        async with self._pool.acquire() as conn:
-            row = await gate.get_row(conn, self.rows.lifecycle, entity_id)
+        row = await gate.get_row(self._pool, self.rows.lifecycle, entity_id)
         if row is None or row["last_transition_id"] != last.transition_id:
             return None
         return TransitionResult(version=row["version"], already_applied=True)

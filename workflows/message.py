@@ -34,7 +34,6 @@ with workflow.unsafe.imports_passed_through():
         DeviceFactInput,
         DeviceSignal,
         DevicesInput,
-        DispatchResult,
         EmailInput,
         MessageInput,
         MessageProgress,
@@ -235,7 +234,7 @@ class MessageDeliveryWorkflow(LifecycleWorkflow[MessageStatus, RecallRequest]):
             await self.move(M.DISPATCHED)
         return devices, deadline_at
 
-    def _recorded(self, row: MessageSnapshot | DispatchResult) -> bool:
+    def _recorded(self, row: MessageSnapshot) -> bool:
         """Take where the message's first write left its row; False if it found it recalled."""
         self.set_status(row.status, row.version)
         if row.status is M.CANCELLED:

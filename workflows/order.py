@@ -70,12 +70,14 @@ S = OrderStatus
 
 
 class _Moved(Protocol):
+    """A step's result: it says where the step's moves left the row."""
+
     @property
     def moved(self) -> TransitionResult | None: ...
 
 
-#: A step's input: a model with a ``move`` field.
 T = TypeVar("T")
+#: A step's input: a model with a ``move`` field.
 StepInputT = TypeVar("StepInputT", bound=BaseModel)
 StepResultT = TypeVar("StepResultT", bound=_Moved)
 

@@ -158,12 +158,10 @@ class DevicesResult(Model):
     devices: list[Device]
 
 
-class DispatchResult(Model):
+class DispatchResult(MessageSnapshot):
     """Where a delivery's first step left the row, and the recipient's devices (none read
     when the row was found recalled)."""
 
-    status: MessageStatus
-    version: int
     devices: list[Device] = []
 
 
