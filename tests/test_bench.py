@@ -24,8 +24,8 @@ from tollgate.messages.service import MessageService
 from tollgate.orders.service import OrderService
 from tollgate_dev.bench import tracing
 from tollgate_dev.bench.breakdown import _first_task_wait
-from tollgate_dev.bench.loop import steady_rate
-from tollgate_dev.bench.models import QUICK, BenchReport
+from tollgate_dev.bench.loop import Pass, level_of, steady_rate
+from tollgate_dev.bench.models import FULL, QUICK, BenchPlan, BenchReport
 from tollgate_dev.bench.procs import listener_pid
 from tollgate_dev.bench.report import RATIOS, print_report, write_results
 from tollgate_dev.bench.run import BenchTarget, run_bench
@@ -36,6 +36,7 @@ SCENARIOS = {"orders", "messages", "baseline_8", "baseline_3", "baseline_7"}
 LEVEL_FIGURES = {
     "in_flight",
     "runs",
+    "passes",
     "ok",
     "outcomes",
     "seconds",
@@ -89,12 +90,13 @@ async def test_quick_bench_reports_every_figure(
     assert (tmp_path / "bench" / "latest.png").stat().st_size == chart_path.stat().st_size
 
     assert _nulls(data) == []
-    assert data["format"] == "tollgate-bench/2"
+    assert data["format"] == "tollgate-bench/3"
     assert set(data["scenarios"]) == SCENARIOS
     for name, scenario in data["scenarios"].items():
         assert set(scenario["levels"]) == {"1", "5", "10", "20", "40"}, name
         for level in scenario["levels"].values():
             assert set(level) == LEVEL_FIGURES
+            assert level["passes"] == len(QUICK.passes_at(level["in_flight"])) == 2
             # every run ended as its scenario expects: figures of failures would mislead
             assert level["ok"] == level["runs"], (name, level["outcomes"])
         assert set(scenario["cpu"]) == {
@@ -158,6 +160,35 @@ def test_throughput_is_read_while_the_loop_is_full_not_during_its_drain() -> Non
     assert steady_rate(straggling, 20, last_start=10.0) == pytest.approx(10.0, rel=0.05)
     # Too short a loop to have a full stretch: the whole loop's figure is used instead.
     assert steady_rate(prompt[:25], 20, last_start=1.5) is None
+
+
+def test_a_level_splits_its_runs_into_passes_more_of_them_one_at_a_time() -> None:
+    assert FULL.passes_at(1) == [10] * 10
+    assert FULL.passes_at(5) == [25, 25]
+    assert FULL.passes_at(20) == [100, 100]
+    assert BenchPlan(runs_per_slot=1, level_minimum=5).passes_at(5) == [3, 2]
+    # never a pass with nothing to run
+    assert QUICK.passes_at(1) == QUICK.passes_at(40) == [1, 1]
+
+
+def test_a_levels_passes_are_read_together() -> None:
+    """Latencies are pooled; throughput is the passes' steady runs over their steady
+    time together, so a slow pass weighs by how long it lasted, not as half."""
+    fast = Pass(in_flight=20, runs=100, seconds=6.0, latencies=[100.0] * 100)
+    fast.outcomes["COMPLETED"] = 100
+    fast.steady_runs, fast.steady_seconds = 80, 4.0  # 20/s
+    slow = Pass(in_flight=20, runs=100, seconds=12.0, latencies=[300.0] * 99)
+    slow.outcomes.update({"COMPLETED": 99, "error:RPCError": 1})
+    slow.steady_runs, slow.steady_seconds = 80, 16.0  # 5/s
+    level = level_of([fast, slow])
+    assert (level.runs, level.passes, level.ok) == (200, 2, 199)
+    assert level.outcomes == {"COMPLETED": 199, "error:RPCError": 1}
+    assert level.throughput_per_s == pytest.approx(8.0)  # 160 runs in 20 s, not (20+5)/2
+    assert level.loop_throughput_per_s == pytest.approx(199 / 18.0, abs=0.01)
+    assert (level.p50_ms, level.p99_ms) == (100.0, 300.0)  # 100 fast and 99 slow ones
+    # passes too short to have a steady stretch: the whole loops' rate stands in
+    short = Pass(in_flight=5, runs=2, seconds=0.5, latencies=[50.0, 60.0])
+    assert level_of([short, short]).throughput_per_s == pytest.approx(4.0)
 
 
 def test_a_first_task_wait_is_read_from_its_scheduled_and_started_events() -> None:

@@ -13,7 +13,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict
 
 #: Bumped when a figure is renamed or its meaning changes.
-REPORT_FORMAT: Final = "tollgate-bench/2"
+REPORT_FORMAT: Final = "tollgate-bench/3"
 
 #: Scenario keys, in the order they run at each level and appear in the table.
 ORDERS = "orders"
@@ -41,6 +41,12 @@ class BenchPlan(_Frozen):
     #: Caps the runs of a level (quick mode): fewer runs than the level means fewer in
     #: flight, so such figures only show that the level ran.
     level_maximum: int | None = None
+    #: Passes a level's runs are split into, taken in turns with the other scenarios',
+    #: forwards then backwards (A B C, C B A, ...): the machine's drift during a level
+    #: then falls on every scenario alike instead of on whichever ran last. One at a
+    #: time a pass costs nothing, so there are more of them.
+    passes: int = 2
+    passes_one_at_a_time: int = 10
     #: Unmeasured runs of each scenario before the first measured one.
     warm_up: int = 10
     #: The gate: concurrent writers, orders per table per round, rounds (alternating
@@ -55,6 +61,13 @@ class BenchPlan(_Frozen):
             return self.one_at_a_time
         runs = max(self.level_minimum, in_flight * self.runs_per_slot)
         return runs if self.level_maximum is None else min(runs, self.level_maximum)
+
+    def passes_at(self, in_flight: int) -> list[int]:
+        """How many runs each pass of the level at ``in_flight`` makes (as even as they
+        divide; never an empty pass)."""
+        runs = self.runs_at(in_flight)
+        passes = min(runs, self.passes_one_at_a_time if in_flight == 1 else self.passes)
+        return [runs // passes + (1 if k < runs % passes else 0) for k in range(passes)]
 
 
 FULL = BenchPlan()
@@ -73,17 +86,19 @@ QUICK = BenchPlan(
 
 
 class Level(_Frozen):
-    """One closed loop: ``in_flight`` lifecycles at all times until ``runs`` were started."""
+    """One level: closed loops of ``in_flight`` lifecycles at all times, in ``passes``
+    that together started ``runs``."""
 
     in_flight: int
     runs: int
+    passes: int = 1
     #: How many ended as the scenario expects; only they count in rates and latencies.
     ok: int
     #: Final statuses (``error:<type>`` for a run that raised).
     outcomes: dict[str, int]
     seconds: float
     #: Runs ended as expected per second while ``in_flight`` were going (the loop's
-    #: start and drain left out; see ``tollgate_dev.bench.loop.steady_rate``), or
+    #: start and drain of each pass left out; see ``tollgate_dev.bench.loop``), or
     #: over the whole loop when it was too short to tell.
     throughput_per_s: float
     #: Over the whole loop, its drain included.
@@ -203,7 +218,7 @@ class Server(_Frozen):
 class BenchReport(_Frozen):
     """Everything one run measured."""
 
-    format: Literal["tollgate-bench/2"] = REPORT_FORMAT
+    format: Literal["tollgate-bench/3"] = REPORT_FORMAT
     plan: BenchPlan
     started_at: datetime
     seconds: float

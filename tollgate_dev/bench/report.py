@@ -126,7 +126,13 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"store {store}, dynamic config: {', '.join(s.dynamic_config) or 'none'}"
         f"{'' if s.server_pid_found else ' (its process was not found: no server CPU)'}"
     )
-    loops = Table(title="closed loops (latency: start call to the expected end)")
+    passes = ", ".join(
+        f"{lv} in flight {len(report.plan.passes_at(lv))}" for lv in report.plan.levels
+    )
+    loops = Table(
+        title="closed loops (latency: start call to the expected end); each level in passes "
+        f"taken in turns, forwards then backwards ({passes})"
+    )
     for column in ("scenario", "in flight", "ok/runs", "per s", "p50 ms", "p95 ms", "p99 ms"):
         loops.add_column(column, justify="left" if column == "scenario" else "right")
     loops.add_column("p50 / baseline", justify="right")

@@ -42,7 +42,7 @@ from tollgate_dev.bench.baseline import (
 from tollgate_dev.bench.baseline_worker import BaselineWorkerProcess, baseline_worker
 from tollgate_dev.bench.breakdown import breakdown, first_task_waits
 from tollgate_dev.bench.gatebench import measure_gate
-from tollgate_dev.bench.loop import closed_loop
+from tollgate_dev.bench.loop import Pass, closed_loop, level_of
 from tollgate_dev.bench.models import (
     BASELINE_MESSAGE,
     BASELINE_ORDER,
@@ -389,12 +389,20 @@ def _scenarios(
 FIRST_TASK_SAMPLES = 40
 
 
-async def _with_first_task_waits(client: Client, s: _Scenario, run_id: str, level: Level) -> Level:
-    """``level`` with its runs' first-task waits (see :func:`first_task_waits`)."""
-    middle = level.runs // 2
-    sampled = range(
-        max(0, middle - FIRST_TASK_SAMPLES // 2), min(level.runs, middle + FIRST_TASK_SAMPLES // 2)
-    )
+async def _with_first_task_waits(
+    client: Client, s: _Scenario, run_id: str, level: Level, sizes: list[int]
+) -> Level:
+    """``level`` with the first-task waits (see :func:`first_task_waits`) of runs from
+    the middle of each of its passes (``sizes``: the runs of each)."""
+    share = max(1, FIRST_TASK_SAMPLES // len(sizes))
+    sampled: list[int] = []
+    first = 0
+    for size in sizes:
+        middle = first + size // 2
+        sampled += range(
+            max(first, middle - share // 2), min(first + size, middle + share - share // 2)
+        )
+        first += size
     tag = f"{s.key}-c{level.in_flight}"
     ids = [s.workflow_id(s.business_id(run_id, tag, n)) for n in sampled]
     waits = await first_task_waits(client, ids)
@@ -406,6 +414,25 @@ async def _with_first_task_waits(client: Client, s: _Scenario, run_id: str, leve
     )
 
 
+async def _one_pass(
+    s: _Scenario, server: ProcessClock, in_flight: int, runs: int, first: int
+) -> Pass:
+    """One pass of ``s`` at ``in_flight``: runs ``first`` on, then what they left
+    running settled; its worker's and the server's CPU go to ``s``."""
+    worker_before, server_before = s.worker.seconds(), server.seconds()
+    loop = await closed_loop(
+        s.runner(f"{s.key}-c{in_flight}"),
+        runs=runs,
+        in_flight=in_flight,
+        expected=s.expected,
+        first=first,
+    )
+    await s.settle()
+    s.worker_seconds += s.worker.seconds() - worker_before
+    s.server_seconds += server.seconds() - server_before
+    return loop
+
+
 async def _measure(
     scenarios: list[_Scenario],
     plan: BenchPlan,
@@ -414,8 +441,9 @@ async def _measure(
     run_id: str,
     say: Progress,
 ) -> None:
-    """Warm up, then every level of every scenario, recording levels and CPU; after
-    the runs one at a time, read the breakdown from the last ones' histories."""
+    """Warm up, then every level of every scenario, in passes taken in turns (forwards,
+    then backwards), recording levels and CPU; after the runs one at a time, read the
+    breakdown from the last ones' histories."""
     if plan.warm_up:
         say(f"warming up: {plan.warm_up} of each")
         for s in scenarios:
@@ -427,19 +455,17 @@ async def _measure(
             )
             await s.settle()
     for in_flight in plan.levels:
+        sizes = plan.passes_at(in_flight)
+        passes: dict[str, list[Pass]] = {s.key: [] for s in scenarios}
+        first = 0
+        for k, size in enumerate(sizes):
+            for s in scenarios if k % 2 == 0 else reversed(scenarios):
+                passes[s.key].append(await _one_pass(s, server, in_flight, size, first))
+            first += size
         for s in scenarios:
-            worker_before, server_before = s.worker.seconds(), server.seconds()
-            level = await closed_loop(
-                s.runner(f"{s.key}-c{in_flight}"),
-                runs=plan.runs_at(in_flight),
-                in_flight=in_flight,
-                expected=s.expected,
-            )
-            await s.settle()
-            s.worker_seconds += s.worker.seconds() - worker_before
-            s.server_seconds += server.seconds() - server_before
+            level = level_of(passes[s.key])
             s.ok_runs += level.ok
-            level = await _with_first_task_waits(client, s, run_id, level)
+            level = await _with_first_task_waits(client, s, run_id, level, sizes)
             s.levels[str(in_flight)] = level
             if in_flight == 1:
                 last = range(max(0, level.runs - BREAKDOWN_SAMPLES), level.runs)
