@@ -29,6 +29,7 @@ from tollgate_dev.bench.models import FULL, QUICK, BenchPlan, BenchReport
 from tollgate_dev.bench.procs import listener_pid
 from tollgate_dev.bench.report import RATIOS, print_report, write_results
 from tollgate_dev.bench.run import BenchTarget, run_bench
+from tollgate_dev.devices import poll_interval
 
 pytestmark = pytest.mark.e2e
 
@@ -189,6 +190,14 @@ def test_a_levels_passes_are_read_together() -> None:
     # passes too short to have a steady stretch: the whole loops' rate stands in
     short = Pass(in_flight=5, runs=2, seconds=0.5, latencies=[50.0, 60.0])
     assert level_of([short, short]).throughput_per_s == pytest.approx(4.0)
+
+
+def test_the_device_player_polls_less_often_the_more_messages_it_watches() -> None:
+    """One at a time it looks every 5 ms; at 20 in flight every 20 ms, where a message
+    takes over a second; never slower than every 25 ms."""
+    assert poll_interval(1) == poll_interval(5) == pytest.approx(0.005)
+    assert poll_interval(20) == pytest.approx(0.020)
+    assert poll_interval(40) == poll_interval(10_000) == pytest.approx(0.025)
 
 
 def test_a_first_task_wait_is_read_from_its_scheduled_and_started_events() -> None:
