@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 #: Bumped when a figure is renamed or its meaning changes.
 REPORT_FORMAT: Final = "tollgate-bench/3"
 
-#: Scenario keys, in the order they run at each level and appear in the table.
+#: Scenario keys, in the order they run in a level's first pass and appear in the table.
 ORDERS = "orders"
 MESSAGES = "messages"
 BASELINE_ORDER = "baseline_8"
@@ -101,7 +101,7 @@ class Level(_Frozen):
     #: start and drain of each pass left out; see ``tollgate_dev.bench.loop``), or
     #: over the whole loop when it was too short to tell.
     throughput_per_s: float
-    #: Over the whole loop, its drain included.
+    #: Over the whole loops of its passes, their drains included.
     loop_throughput_per_s: float = 0.0
     p50_ms: float
     p95_ms: float
