@@ -1,6 +1,9 @@
-"""Push notifications: fan a notification out to devices, heartbeating per device."""
+"""Push notifications: fan a notification out to devices, heartbeating a slow fan-out."""
 
 from __future__ import annotations
+
+import time
+from datetime import timedelta
 
 import asyncpg
 from temporalio import activity
@@ -21,15 +24,32 @@ class PushActivities:
 
     @defn("push_to_devices")
     async def push(self, req: PushInput) -> PushResult:
-        """Push to every device in order, heartbeating the devices done after each one.
+        """Push to every device in order; once the attempt has run for a while, heartbeat
+        the devices done after each one.
 
-        A retried attempt (the worker died, a provider call failed) starts from the last
-        heartbeat's details and skips devices already reached; the per-device idempotency
-        key covers the one device that may have been pushed after the last heartbeat.
-        A token the provider no longer knows (410) deactivates that device; it is not an
-        error and is not retried.
+        A retried attempt (the worker died, a provider call failed) skips the devices an
+        earlier attempt reached: those its heartbeats named and, for a message, those
+        recorded as pushed in Postgres. The per-device idempotency key covers a device
+        pushed after both. A token the provider no longer knows (410) deactivates that
+        device; it is not an error and is not retried.
+
+        Heartbeats begin once the attempt has run for a quarter of its heartbeat timeout
+        (:func:`_quiet_for`). A fan-out that ends sooner, the usual one at a few
+        milliseconds a device, sends none: the SDK sends a first heartbeat at once, and
+        that server write under the workflow's lock came just as the first device
+        confirmed delivery, slowing the signal and the activity's completion. A stalled
+        fan-out still heartbeats, or times out, well within its heartbeat timeout.
         """
-        progress = _resume(activity.info().heartbeat_details)
+        info = activity.info()
+        progress = _resume(info.heartbeat_details)
+        if req.kind == "message" and info.attempt > 1:
+            recorded = {
+                row.device_id: row.push_id
+                for row in await store.deliveries(self._pool, req.message_id)
+                if row.pushed_at is not None and row.push_id is not None
+            }
+            progress = progress.model_copy(update={"pushed": {**recorded, **progress.pushed}})
+        heartbeat_from = time.monotonic() + _quiet_for(info.heartbeat_timeout)
         for device in req.devices:
             if device.device_id in progress.pushed or device.device_id in progress.removed:
                 continue
@@ -56,8 +76,21 @@ class PushActivities:
                 progress = progress.model_copy(
                     update={"pushed": {**progress.pushed, device.device_id: answer.push_id}}
                 )
-            activity.heartbeat(progress.model_dump())
+            if time.monotonic() >= heartbeat_from:
+                activity.heartbeat(progress.model_dump())
         return PushResult(pushed=progress.pushed, removed=progress.removed)
+
+
+#: Without a heartbeat timeout, how long an attempt runs before it heartbeats.
+_QUIET_WITHOUT_TIMEOUT = timedelta(seconds=1)
+
+
+def _quiet_for(heartbeat_timeout: timedelta | None) -> float:
+    """Seconds an attempt pushes before its first heartbeat: a quarter of its heartbeat
+    timeout, so the heartbeats that follow still come well within it."""
+    if heartbeat_timeout is None:
+        return _QUIET_WITHOUT_TIMEOUT.total_seconds()
+    return heartbeat_timeout.total_seconds() / 4
 
 
 def _resume(details: object) -> PushProgress:

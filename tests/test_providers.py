@@ -7,6 +7,7 @@ How an answer is classified is a unit of logic: a scripted transport shows every
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -500,3 +501,51 @@ def test_a_validation_scheduled_by_the_code_before_validate_input_still_decodes(
     converter = pydantic_data_converter.payload_converter
     (decoded,) = converter.from_payloads(converter.to_payloads([order]), [ValidateInput])
     assert decoded == ValidateInput(order=order, begin=False)
+
+
+# --- the push fan-out's heartbeats -----------------------------------------------------
+
+
+async def _fan_out(latency: float, heartbeat_timeout: timedelta) -> list[dict[str, Any]]:
+    """Push a read receipt to 3 devices whose provider answers after ``latency`` s;
+    returns the heartbeats the attempt sent, in order."""
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(latency)
+        return answer(201, {"push_id": f"pu-{json.loads(request.content)['token']}"})
+
+    req = PushInput(
+        message_id="m-1",
+        devices=[
+            Device(device_id=f"d-{n}", user_id="u", push_token=f"t{n}", platform="ios")
+            for n in range(3)
+        ],
+        kind="read_receipt",
+        idempotency_prefix="p",
+    )
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, heartbeat_timeout=heartbeat_timeout)
+    beats: list[dict[str, Any]] = []
+    env.on_heartbeat = lambda *details: beats.append(details[0])
+    async with Script(slow).http() as http:
+        acts = PushActivities(cast(asyncpg.Pool, None), PushProvider(http, None))
+        result = await env.run(acts.push, req)
+    assert result.pushed == {"d-0": "pu-t0", "d-1": "pu-t1", "d-2": "pu-t2"}
+    return beats
+
+
+async def test_a_fan_out_that_ends_within_a_quarter_of_its_heartbeat_timeout_sends_no_heartbeat() -> (
+    None
+):
+    """Each heartbeat is a write under the workflow's lock on the server, and the first
+    one went out just as the first device confirmed delivery."""
+    assert await _fan_out(0.001, timedelta(seconds=5)) == []
+
+
+async def test_a_slow_fan_out_heartbeats_the_devices_done_once_past_a_quarter_of_its_timeout() -> (
+    None
+):
+    """0.3 s a device against a 0.8 s timeout: quiet for the first 0.2 s, then a
+    heartbeat after each device, naming all the devices done so far."""
+    beats = await _fan_out(0.3, timedelta(seconds=0.8))
+    assert [sorted(b["pushed"]) for b in beats] == [["d-0"], ["d-0", "d-1"], ["d-0", "d-1", "d-2"]]
