@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 #: Bumped when a figure is renamed or its meaning changes.
 REPORT_FORMAT: Final = "tollgate-bench/3"
 
-#: Scenario keys, in the order they run in a level's first pass and appear in the table.
+#: Scenario keys. They run in the order ``run._scenarios`` lists them.
 ORDERS = "orders"
 MESSAGES = "messages"
 BASELINE_ORDER = "baseline_8"
@@ -66,7 +66,7 @@ class BenchPlan(_Frozen):
         """How many runs each pass of the level at ``in_flight`` makes (as even as they
         divide; never an empty pass)."""
         runs = self.runs_at(in_flight)
-        passes = min(runs, self.passes_one_at_a_time if in_flight == 1 else self.passes)
+        passes = max(1, min(runs, self.passes_one_at_a_time if in_flight == 1 else self.passes))
         return [runs // passes + (1 if k < runs % passes else 0) for k in range(passes)]
 
 
@@ -99,15 +99,16 @@ class Level(_Frozen):
     seconds: float
     #: Runs ended as expected per second while ``in_flight`` were going (the loop's
     #: start and drain of each pass left out; see ``tollgate_dev.bench.loop``), or
-    #: over the whole loop when it was too short to tell.
+    #: over the whole loops when they were too short to tell, as they always are one
+    #: at a time (where nothing ramps up or drains anyway).
     throughput_per_s: float
     #: Over the whole loops of its passes, their drains included.
     loop_throughput_per_s: float = 0.0
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    #: How long the first workflow task of runs in the loop's middle waited for a
-    #: poller (history timestamps; None: not sampled).
+    #: How long the first workflow task of runs from the middle of each pass waited for
+    #: a poller (history timestamps; None: not sampled).
     first_task_wait_p50_ms: float | None = None
     first_task_wait_p95_ms: float | None = None
 

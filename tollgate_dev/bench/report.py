@@ -127,11 +127,11 @@ def print_report(report: BenchReport, console: Console) -> None:
         f"{'' if s.server_pid_found else ' (its process was not found: no server CPU)'}"
     )
     passes = ", ".join(
-        f"{lv} in flight {len(report.plan.passes_at(lv))}" for lv in report.plan.levels
+        f"{len(report.plan.passes_at(lv))} at {lv} in flight" for lv in report.plan.levels
     )
     loops = Table(
         title="closed loops (latency: start call to the expected end); each level in passes "
-        f"taken in turns, forwards then backwards ({passes})"
+        f"taken in turns, forwards then backwards (passes: {passes})"
     )
     for column in ("scenario", "in flight", "ok/runs", "per s", "p50 ms", "p95 ms", "p99 ms"):
         loops.add_column(column, justify="left" if column == "scenario" else "right")

@@ -384,8 +384,8 @@ def _scenarios(
     ]
 
 
-#: Runs of each loop whose first workflow task's wait is read: those in its middle,
-#: started while every lane was busy.
+#: Runs of each level whose first workflow task's wait is read, shared out over its
+#: passes: from the middle of each, started while every lane was busy.
 FIRST_TASK_SAMPLES = 40
 
 
@@ -399,8 +399,10 @@ async def _with_first_task_waits(
     first = 0
     for size in sizes:
         middle = first + size // 2
+        # never one of the pass's first wave, started all at once
+        earliest = first + min(level.in_flight, size - 1)
         sampled += range(
-            max(first, middle - share // 2), min(first + size, middle + share - share // 2)
+            max(earliest, middle - share // 2), min(first + size, middle + share - share // 2)
         )
         first += size
     tag = f"{s.key}-c{level.in_flight}"
