@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-stamp
 # by the waterfall's JSON).
 VULTURE_PATHS := tollgate tollgate_dev workflows activities tests worker.py starter.py
 VULTURE_FRAMEWORK_DECORATORS := @*app.command,@*_app.command,@field_validator,@model_validator,@activity.defn,@workflow.*,@pytest.fixture,@rule,@invariant,@initialize,@precondition
-VULTURE_NAMES := __call__,pycache_prefix,model_config,checked_at,updated_at,registered_at,removed_at,compensations_done,exc_type,tb,should_exit,pytestmark,intercept_client,interceptors,time_ns
+VULTURE_NAMES := __call__,pycache_prefix,model_config,checked_at,updated_at,registered_at,removed_at,compensations_done,exc_type,tb,should_exit,pytestmark,intercept_client,interceptors,time_ns,on_heartbeat
 
 # The virtualenv is (re)built when pyproject.toml changes.
 $(STAMP): pyproject.toml
