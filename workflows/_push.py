@@ -18,8 +18,9 @@ async def fan_out(
     """Push to every device of ``push`` in one activity.
 
     The activity calls the provider once per device, so its time grows with them
-    (``per_device`` each, at least one); it heartbeats after each device, so a stalled
-    one is noticed within ``heartbeat`` and the retry skips the devices already reached.
+    (``per_device`` each, at least one). Once it has run for a quarter of ``heartbeat``
+    it heartbeats after each device, so a stalled fan-out is noticed within
+    ``heartbeat``; a retry skips the devices already reached (see ``PushActivities.push``).
     """
     return await workflow.execute_activity_method(
         PushActivities.push,
