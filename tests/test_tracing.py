@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import os
 import sys
 import uuid
@@ -31,6 +32,8 @@ from tollgate.messages.states import MessageStatus
 from tollgate.ops.cli import console
 from tollgate.orders import store as order_store
 from tollgate.orders.states import OrderStatus
+from tollgate.settings import Settings
+from tollgate.telemetry import configure_logging
 from tollgate.tracing import parse_traceparent
 from tollgate_dev.commands import order_trace
 from tollgate_dev.sandbox import FaultSpec
@@ -350,3 +353,25 @@ def test_a_span_closed_by_the_garbage_collector_logs_nothing(
     otel_context.detach(token)
     otel_context.detach(token)  # a real mistake: the token was used already
     assert [r.getMessage() for r in caplog.records] == ["Failed to detach context"]
+
+
+@pytest.mark.parametrize(("level", "logged"), [("INFO", False), ("DEBUG", True)])
+def test_provider_requests_reach_the_log_only_at_debug(
+    level: str, logged: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """httpx logs each request at INFO; its span already says as much, so a worker at
+    INFO leaves the line out (half its log volume), and one at DEBUG keeps it."""
+    root, httpx_logger = logging.getLogger(), logging.getLogger("httpx")
+    saved = (root.handlers[:], root.level, httpx_logger.level)
+    try:
+        configure_logging(Settings(log_level=level))
+        httpx_logger.info("HTTP Request: GET http://provider/ok")
+        httpx_logger.warning("provider answered slowly")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], _, _ = saved
+        root.setLevel(saved[1])
+        httpx_logger.setLevel(saved[2])
+    messages = [line["message"] for line in lines if line["logger"] == "httpx"]
+    expected = ["HTTP Request: GET http://provider/ok"] if logged else []
+    assert messages == [*expected, "provider answered slowly"]
