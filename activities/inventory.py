@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from activities import StepActivities, compensation_result, defn, reaching_the_store
 from activities.orders import OrderStoreActivities
 from tollgate.orders.models import (
     CompensationResult,
+    OrderInput,
+    OrderSnapshot,
     ReleaseInput,
     ReserveInput,
     ReserveResult,
@@ -26,18 +30,34 @@ class InventoryActivities(StepActivities[Inventory]):
     async def validate(self, req: ValidateInput) -> ValidateResult:
         """Business checks an order must pass before money moves: every problem is listed.
 
-        With ``begin``, first record the order and move it to VALIDATING (a checkout's
-        first step); a row found cancelled is reported and nothing is checked.
+        With ``begin``, also record the order and move it to VALIDATING (a checkout's
+        first step); a row found cancelled is reported, and the catalog's answer dropped.
         """
         order = req.order
-        with reaching_the_store():
-            begun = await self._rows.begin_order(order) if req.begin else None
-        if begun is not None and begun.status is not OrderStatus.VALIDATING:
+        skus = [i.sku for i in order.items]
+        if not req.begin:
+            return self._problems(order, await self._provider.unknown_skus(skus))
+        # Asking the catalog changes nothing, so it need not wait for the move: it runs
+        # while the row is recorded and moved (one round trip less of waiting per order),
+        # and its answer is dropped if the row was found cancelled or the move failed.
+        asking = asyncio.ensure_future(self._provider.unknown_skus(skus))
+        try:
+            with reaching_the_store():
+                begun = await self._rows.begin_order(order)
+        except BaseException:
+            await _drop(asking)
+            raise
+        if begun.status is not OrderStatus.VALIDATING:
+            await _drop(asking)
             return ValidateResult(begun=begun)
-        unknown = await self._provider.unknown_skus(i.sku for i in order.items)
-        return ValidateResult(
-            problems=order_problems(order) + [f"unknown SKU {s}" for s in unknown], begun=begun
-        )
+        return self._problems(order, await asking, begun)
+
+    @staticmethod
+    def _problems(
+        order: OrderInput, unknown: list[str], begun: OrderSnapshot | None = None
+    ) -> ValidateResult:
+        problems = order_problems(order) + [f"unknown SKU {s}" for s in unknown]
+        return ValidateResult(problems=problems, begun=begun)
 
     @defn("reserve_inventory")
     async def reserve(self, req: ReserveInput) -> ReserveResult:
@@ -69,3 +89,9 @@ class InventoryActivities(StepActivities[Inventory]):
             idempotency_key=req.idempotency_key,
         )
         return compensation_result(answer)
+
+
+async def _drop(asking: asyncio.Future[list[str]]) -> None:
+    """Cancel a catalog question whose answer is no longer wanted, and let it end."""
+    asking.cancel()
+    await asyncio.gather(asking, return_exceptions=True)

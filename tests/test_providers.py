@@ -34,11 +34,14 @@ from tollgate.orders.models import (
     ChargeInput,
     OrderInput,
     OrderItem,
+    OrderSnapshot,
     RefundInput,
     ReleaseInput,
     ReserveInput,
     ValidateInput,
+    ValidateResult,
 )
+from tollgate.orders.states import OrderStatus
 from tollgate.providers.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from tollgate.providers.client import ProviderClient
 from tollgate.providers.email import EmailProvider
@@ -503,6 +506,82 @@ def test_a_validation_scheduled_by_the_code_before_validate_input_still_decodes(
     converter = pydantic_data_converter.payload_converter
     (decoded,) = converter.from_payloads(converter.to_payloads([order]), [ValidateInput])
     assert decoded == ValidateInput(order=order, begin=False)
+
+
+# --- validation: the catalog is asked while the order moves ---------------------------
+
+
+class _Begins(OrderStoreActivities):
+    """Stand-in rows whose begin waits for ``go``, then answers ``outcome`` (or raises it)."""
+
+    def __init__(self, outcome: OrderSnapshot | Exception) -> None:
+        super().__init__(cast(asyncpg.Pool, None))
+        self.go = asyncio.Event()
+        self.outcome = outcome
+
+    async def begin_order(self, order: OrderInput) -> OrderSnapshot:  # type: ignore[override]
+        await self.go.wait()
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+_ORDER = OrderInput(
+    order_id="o-1", customer_id="c-1", items=[OrderItem(sku="WIDGET", quantity=1)], amount_cents=5
+)
+
+
+async def _validate(rows: _Begins, catalog: Handler) -> ValidateResult:
+    async with Script(catalog).http() as http:
+        acts = InventoryActivities(Inventory(http, None), rows)
+        run = ActivityEnvironment().run(acts.validate, ValidateInput(order=_ORDER, begin=True))
+        return await asyncio.wait_for(run, timeout=5)
+
+
+async def test_a_validation_asks_the_catalog_while_the_order_moves() -> None:
+    """The catalog question is a read: it need not wait for the move to VALIDATING. Here
+    the move only ends once the catalog was asked, which waiting for it would deadlock."""
+    rows = _Begins(OrderSnapshot(status=OrderStatus.VALIDATING, version=2))
+
+    async def known(request: httpx.Request) -> httpx.Response:
+        rows.go.set()
+        return answer(200, {"sku": "WIDGET"})
+
+    result = await _validate(rows, known)
+    assert result == ValidateResult(
+        problems=[], begun=OrderSnapshot(status=OrderStatus.VALIDATING, version=2)
+    )
+
+
+async def test_a_validation_that_finds_the_order_cancelled_drops_the_catalogs_answer() -> None:
+    rows = _Begins(OrderSnapshot(status=OrderStatus.CANCELLING, version=2))
+    dropped = asyncio.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        rows.go.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            dropped.set()
+        raise AssertionError("unreachable")
+
+    result = await _validate(rows, never)
+    assert result == ValidateResult(begun=OrderSnapshot(status=OrderStatus.CANCELLING, version=2))
+    assert dropped.is_set()
+
+
+async def test_when_postgres_and_the_catalog_both_fail_a_validation_reports_postgres() -> None:
+    """The workflow waits a Postgres outage out (StoreUnavailable), whatever the catalog
+    said meanwhile."""
+    rows = _Begins(ConnectionRefusedError("connection refused"))
+
+    async def down(request: httpx.Request) -> httpx.Response:
+        rows.go.set()
+        return answer(503, {"error": {"code": "unavailable"}})
+
+    with pytest.raises(ApplicationError) as failed:
+        await _validate(rows, down)
+    assert failed.value.type == errors.StoreUnavailable.__name__
 
 
 # --- the push fan-out's heartbeats -----------------------------------------------------
