@@ -338,6 +338,35 @@ async def test_migrations_apply_once_and_refuse_edited_files(
         await apply_migrations(owner_url, edited)
 
 
+async def test_an_insert_that_waits_on_anothers_uncommitted_insert_matches_it(
+    pool: asyncpg.Pool,
+) -> None:
+    """The service's insert is still uncommitted when the workflow's first activity
+    inserts the same order: the activity waits, then finds the row that committed
+    meanwhile (outside the snapshot its own statement started with) and matches it."""
+    order = OrderInput(
+        order_id=f"r-{uuid.uuid4().hex[:12]}",
+        customer_id="alice",
+        items=[{"sku": "WIDGET", "quantity": 1}],
+        amount_cents=100,
+    )
+    workflow_id = f"order-{order.order_id}"
+    async with pool.acquire() as service, pool.acquire() as activity:
+        committing = service.transaction()
+        await committing.start()
+        await order_store.insert_order(service, order, workflow_id=workflow_id, actor="service")
+        second = asyncio.ensure_future(
+            order_store.insert_order(activity, order, workflow_id=workflow_id, actor="activity")
+        )
+        await asyncio.sleep(0.2)
+        assert not second.done(), "the second insert waits for the first to commit"
+        await committing.commit()
+        found = await asyncio.wait_for(second, timeout=10)
+    assert (found.status, found.version, found.customer_id) == (OrderStatus.PENDING, 1, "alice")
+    audit = await order_store.list_transitions(pool, order.order_id)
+    assert [a.actor for a in audit] == ["service"]
+
+
 async def test_a_second_insert_matches_an_identical_row_and_refuses_a_different_one(
     pool: asyncpg.Pool,
 ) -> None:

@@ -331,21 +331,29 @@ async def insert_or_match(
     values = {**values, "trace_parent": current_traceparent()}
     names = list(values)
     placeholders = ", ".join(f"${n}" for n in range(4, len(names) + 4))
-    # One round trip for a new entity, as in transition() (see _AS_WRITER).
+    id_placeholder = f"${names.index('id') + 4}"
+    # One round trip, as in transition() (see _AS_WRITER): the row inserted, or else the
+    # one there. A row whose insert committed while this statement waited on the
+    # conflict is not in the statement's snapshot; only then is it read again.
     row = await conn.fetchrow(
         f"""
-        {_AS_WRITER}
-        INSERT INTO {lifecycle.table} ({", ".join(names)})
-        SELECT {placeholders} WHERE EXISTS (SELECT FROM writer)
-        ON CONFLICT (id) DO NOTHING
-        RETURNING *
+        {_AS_WRITER},
+        inserted AS (
+            INSERT INTO {lifecycle.table} ({", ".join(names)})
+            SELECT {placeholders} WHERE EXISTS (SELECT FROM writer)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING *
+        )
+        SELECT * FROM inserted
+        UNION ALL
+        SELECT * FROM {lifecycle.table}
+         WHERE id = {id_placeholder} AND NOT EXISTS (SELECT FROM inserted)
         """,
         *_described(writer),
         *values.values(),
     )
-    if row is not None:
-        return row
-    row = await get_row(conn, lifecycle, values["id"])
+    if row is None:
+        row = await get_row(conn, lifecycle, values["id"])
     assert row is not None
     if any(row[column] != values[column] for column in lifecycle.identity):
         raise VersionConflict(values["id"], 1, row["status"], row["version"], kind=lifecycle.kind)
