@@ -29,6 +29,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
+import tollgate_dev.stack._process as stack_process
 import tollgate_dev.stack.temporal as stack_temporal
 from tests.waiting import eventually
 from tollgate.migrate import SCHEMA_DIR
@@ -566,6 +567,38 @@ async def test_log_files_are_created_private_and_old_ones_tightened(tmp_path: Pa
             assert _mode(log) == 0o600, log
     assert _mode(fresh.parent) == 0o700, "a directory made for a log is private too"
     assert "a line from an earlier run" in earlier.read_text(), "appended, not replaced"
+
+
+async def test_a_log_past_its_bound_is_set_aside_when_its_process_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack left running for days restarts its worker now and then; the worker's log
+    does not grow without end: past the bound it becomes ``worker.log.1``."""
+    monkeypatch.setattr(stack_process, "LOG_ROTATE_BYTES", 1000)
+    project = _fake_worker(
+        tmp_path / "project",
+        """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print("worker ready")
+        time.sleep(60)
+        """,
+    )
+    log = tmp_path / "logs" / "worker.log"
+    log.parent.mkdir()
+    log.write_text("a short earlier run\n")
+    worker = WorkerProcess({}, project, log_file=log)
+    async with _running(worker):
+        pass
+    assert log.read_text().startswith("a short earlier run"), "under the bound: appended"
+    with log.open("a") as fh:
+        fh.write("a long earlier run\n" * 100)
+    async with _running(worker):
+        pass
+    aside = log.with_name("worker.log.1")
+    assert "a long earlier run" in aside.read_text()
+    assert "a long earlier run" not in log.read_text() and "worker ready" in log.read_text()
+    assert _mode(log) == 0o600
 
 
 def _stack(tmp_path: Path, **overrides: object) -> LocalStack:

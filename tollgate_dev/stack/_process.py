@@ -140,18 +140,27 @@ def _read_log_tail(path: Path, start: int, lines: int) -> str:
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
+#: A log past this size when its process (re)starts is moved to ``<name>.1`` (replacing
+#: the one there) and begun afresh: a stack that runs for days keeps at most about twice
+#: this per process, plus what its current run wrote.
+LOG_ROTATE_BYTES = 64 * 1024 * 1024
+
+
 def _open_log_for_child(path: Path, argv: Sequence[str]) -> tuple[int, int]:
     """Open ``path`` for appending, write a start banner, return ``(fd, offset)``.
 
-    Appending (``O_APPEND``) keeps the history of every restart in one file; ``offset`` is
-    where this run's output begins, so readiness checks and error messages only look at
-    the current run.
+    Appending (``O_APPEND``) keeps the history of every restart in one file, until it
+    passes :data:`LOG_ROTATE_BYTES`; ``offset`` is where this run's output begins, so
+    readiness checks and error messages only look at the current run.
 
     The log is created 0600 (and a directory made for it 0700): a log quotes requests,
     errors and connection details that are nobody else's business on a shared machine.
     A log an earlier run left readable to others is tightened here too.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
