@@ -45,7 +45,7 @@ from tollgate.orders.states import OrderStatus
 from tollgate.providers.breaker import BreakerConfig, Breakers, BreakerState, CircuitBreaker
 from tollgate.providers.client import ProviderClient
 from tollgate.providers.email import EmailProvider
-from tollgate.providers.inventory import Inventory
+from tollgate.providers.inventory import ASKED_AT_ONCE, Inventory
 from tollgate.providers.payments import PaymentGateway
 from tollgate.providers.push import PushProvider
 
@@ -577,11 +577,51 @@ async def test_when_postgres_and_the_catalog_both_fail_a_validation_reports_post
 
     async def down(request: httpx.Request) -> httpx.Response:
         rows.go.set()
-        return answer(503, {"error": {"code": "unavailable"}})
+        return answer(503, {"error": "unavailable"})
 
     with pytest.raises(ApplicationError) as failed:
         await _validate(rows, down)
     assert failed.value.type == errors.StoreUnavailable.__name__
+
+
+async def test_the_catalog_is_asked_about_many_skus_at_once_and_answers_in_order() -> None:
+    """An order of 20 SKUs is not 20 round trips one after another: up to
+    ``ASKED_AT_ONCE`` are in flight together, and the unknown ones come back in the
+    order given."""
+    in_flight, most = 0, 0
+
+    async def catalog(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        sku = request.url.path.rsplit("/", 1)[1]
+        if int(sku.removeprefix("S")) % 7 == 3:
+            return answer(404, {"error": "unknown_sku"})
+        return answer(200, {"sku": sku})
+
+    async with Script(catalog).http() as http:
+        unknown = await Inventory(http, None).unknown_skus(f"S{n}" for n in range(20))
+    assert unknown == ["S3", "S10", "S17"]
+    assert most == ASKED_AT_ONCE
+
+
+async def test_a_catalog_failure_is_raised_after_every_question_ended() -> None:
+    asked: list[str] = []
+
+    async def catalog(request: httpx.Request) -> httpx.Response:
+        sku = request.url.path.rsplit("/", 1)[1]
+        asked.append(sku)
+        await asyncio.sleep(0.01 if sku == "B" else 0)
+        if sku == "B":
+            return answer(503, {"error": "unavailable"})
+        return answer(200, {"sku": sku})
+
+    async with Script(catalog).http() as http:
+        with pytest.raises(errors.ProviderUnavailable):
+            await Inventory(http, None).unknown_skus(["A", "B", "C"])
+    assert sorted(asked) == ["A", "B", "C"]
 
 
 # --- the push fan-out's heartbeats -----------------------------------------------------

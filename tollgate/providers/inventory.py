@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any, Literal
 
 from tollgate.errors import UnknownSku
 from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer, UndoAnswer
+
+#: Catalog questions one order's validation has in flight at most.
+ASKED_AT_ONCE = 8
 
 
 class ReservationAnswer(ProviderAnswer):
@@ -31,14 +35,28 @@ class Inventory(Provider):
     name = "inventory"
 
     async def unknown_skus(self, skus: Iterable[str]) -> list[str]:
-        """The SKUs the inventory does not know, in the order given."""
-        unknown: list[str] = []
-        for sku in skus:
-            try:
-                await self._client.call("GET", f"/inventory/skus/{sku}")
-            except UnknownSku:
-                unknown.append(sku)
-        return unknown
+        """The SKUs the inventory does not know, in the order given.
+
+        They are asked :data:`ASKED_AT_ONCE` at a time rather than one after another (an
+        order may hold a hundred). Any other failure is raised once every question has
+        ended, the first in the order given.
+        """
+        room = asyncio.Semaphore(ASKED_AT_ONCE)
+
+        async def known(sku: str) -> bool:
+            async with room:
+                try:
+                    await self._client.call("GET", f"/inventory/skus/{sku}")
+                except UnknownSku:
+                    return False
+                return True
+
+        asked = list(skus)
+        answers = await asyncio.gather(*map(known, asked), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return [sku for sku, answer in zip(asked, answers, strict=True) if answer is False]
 
     async def reserve(
         self, *, order_id: str, items: list[dict[str, Any]], idempotency_key: str
