@@ -56,7 +56,8 @@ class StepActivities(ProviderActivities[ProviderT]):
     """Base of the provider activities that are a lifecycle's forward steps: each first
     moves its row through the gate (when its input carries the move), then calls the
     provider. One activity, so one round trip through Temporal, and the row has moved
-    before the provider is called."""
+    before the provider is called. (Validation's call is a read, the catalog's: it may
+    run while the row moves.)"""
 
     def __init__(self, provider: ProviderT, rows: LifecycleStoreActivities[Any, Any, Any]) -> None:
         super().__init__(provider)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from temporalio import activity
+
 from activities import StepActivities, compensation_result, defn, reaching_the_store
 from activities.orders import OrderStoreActivities
 from tollgate.orders.models import (
@@ -37,10 +39,13 @@ class InventoryActivities(StepActivities[Inventory]):
         skus = [i.sku for i in order.items]
         if not req.begin:
             return self._problems(order, await self._provider.unknown_skus(skus))
-        # Asking the catalog changes nothing, so it need not wait for the move: it runs
-        # while the row is recorded and moved (one round trip less of waiting per order),
-        # and its answer is dropped if the row was found cancelled or the move failed.
-        asking = asyncio.ensure_future(self._provider.unknown_skus(skus))
+        # Asking the catalog changes nothing, so on a first attempt it need not wait for
+        # the move: it runs while the row is recorded and moved (one round trip less of
+        # waiting per order), and its answer is dropped if the row was found cancelled
+        # or the move failed. A retry, which may be waiting Postgres out, moves first.
+        asking = None
+        if activity.info().attempt == 1:
+            asking = asyncio.ensure_future(self._provider.unknown_skus(skus))
         try:
             with reaching_the_store():
                 begun = await self._rows.begin_order(order)
@@ -50,7 +55,8 @@ class InventoryActivities(StepActivities[Inventory]):
         if begun.status is not OrderStatus.VALIDATING:
             await _drop(asking)
             return ValidateResult(begun=begun)
-        return self._problems(order, await asking, begun)
+        unknown = await (asking if asking is not None else self._provider.unknown_skus(skus))
+        return self._problems(order, unknown, begun)
 
     @staticmethod
     def _problems(
@@ -91,7 +97,8 @@ class InventoryActivities(StepActivities[Inventory]):
         return compensation_result(answer)
 
 
-async def _drop(asking: asyncio.Future[list[str]]) -> None:
+async def _drop(asking: asyncio.Future[list[str]] | None) -> None:
     """Cancel a catalog question whose answer is no longer wanted, and let it end."""
-    asking.cancel()
-    await asyncio.gather(asking, return_exceptions=True)
+    if asking is not None:
+        asking.cancel()
+        await asyncio.gather(asking, return_exceptions=True)

@@ -518,9 +518,12 @@ class _Begins(OrderStoreActivities):
         super().__init__(cast(asyncpg.Pool, None))
         self.go = asyncio.Event()
         self.outcome = outcome
+        self.done = False
 
-    async def begin_order(self, order: OrderInput) -> OrderSnapshot:  # type: ignore[override]
+    async def begin_order(self, order: OrderInput) -> OrderSnapshot:
         await self.go.wait()
+        await asyncio.sleep(0.02)  # a round trip's worth
+        self.done = True
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return self.outcome
@@ -531,10 +534,12 @@ _ORDER = OrderInput(
 )
 
 
-async def _validate(rows: _Begins, catalog: Handler) -> ValidateResult:
+async def _validate(rows: _Begins, catalog: Handler, *, attempt: int = 1) -> ValidateResult:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=attempt)
     async with Script(catalog).http() as http:
         acts = InventoryActivities(Inventory(http, None), rows)
-        run = ActivityEnvironment().run(acts.validate, ValidateInput(order=_ORDER, begin=True))
+        run = env.run(acts.validate, ValidateInput(order=_ORDER, begin=True))
         return await asyncio.wait_for(run, timeout=5)
 
 
@@ -624,6 +629,32 @@ async def test_a_catalog_failure_is_raised_after_every_question_ended() -> None:
     assert sorted(asked) == ["A", "B", "C"]
 
 
+async def test_a_retried_validation_moves_the_order_before_it_asks_the_catalog() -> None:
+    """A retry may be waiting a Postgres outage out: it asks nothing of the catalog
+    until the move went through, and nothing at all while Postgres is out of reach."""
+    down = _Begins(ConnectionRefusedError("connection refused"))
+    down.go.set()
+    asked = Script(answer(200, {"sku": "WIDGET"}))
+    with pytest.raises(ApplicationError) as failed:
+        await _validate(down, asked, attempt=2)
+    assert failed.value.type == errors.StoreUnavailable.__name__
+    assert asked.requests == []
+
+    for attempt, begun_before_asking in ((1, False), (2, True)):
+        rows = _Begins(OrderSnapshot(status=OrderStatus.VALIDATING, version=2))
+        rows.go.set()
+        seen: list[bool] = []
+
+        async def known(
+            request: httpx.Request, rows: _Begins = rows, seen: list[bool] = seen
+        ) -> httpx.Response:
+            seen.append(rows.done)
+            return answer(200, {"sku": "WIDGET"})
+
+        result = await _validate(rows, known, attempt=attempt)
+        assert result.problems == [] and seen == [begun_before_asking], attempt
+
+
 # --- the push fan-out's heartbeats -----------------------------------------------------
 
 
@@ -687,7 +718,7 @@ async def test_a_provider_call_looks_for_no_missing_module(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """httpcore imports ``sniffio`` on every request; when it was not installed, each call
-    paid four failed imports, each a scan of ``sys.path``: a quarter of the worker's CPU
+    paid four failed imports, each a scan of ``sys.path``: a quarter of the client's CPU
     per provider call. Over a real socket, a warmed-up client imports nothing."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

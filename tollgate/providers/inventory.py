@@ -9,7 +9,8 @@ from typing import Any, Literal
 from tollgate.errors import UnknownSku
 from tollgate.providers.client import NonEmptyStr, Provider, ProviderAnswer, UndoAnswer
 
-#: Catalog questions one order's validation has in flight at most.
+#: Catalog questions in flight at most in one :meth:`Inventory.unknown_skus` (the door's
+#: check of an order, or its validation).
 ASKED_AT_ONCE = 8
 
 
