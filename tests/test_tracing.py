@@ -16,6 +16,7 @@ import os
 import sys
 import uuid
 from collections.abc import Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -355,16 +356,29 @@ def test_a_span_closed_by_the_garbage_collector_logs_nothing(
     assert [r.getMessage() for r in caplog.records] == ["Failed to detach context"]
 
 
-@pytest.mark.parametrize(("level", "logged"), [("INFO", False), ("DEBUG", True)])
-def test_provider_requests_reach_the_log_only_at_debug(
-    level: str, logged: bool, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("level", "endpoint", "logged"),
+    [
+        ("INFO", "http://127.0.0.1:4318", False),
+        ("DEBUG", "http://127.0.0.1:4318", True),
+        ("INFO", None, True),
+    ],
+)
+def test_provider_requests_are_logged_unless_their_spans_say_as_much(
+    level: str,
+    endpoint: str | None,
+    logged: bool,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
-    """httpx logs each request at INFO; its span already says as much, so a worker at
-    INFO leaves the line out (half its log volume), and one at DEBUG keeps it."""
+    """httpx logs each request at INFO. Where spans are exported, each request's span
+    says as much, so a worker at INFO leaves the line out (half its log volume); one at
+    DEBUG keeps it, and so does one that exports no spans."""
     root, httpx_logger = logging.getLogger(), logging.getLogger("httpx")
     saved = (root.handlers[:], root.level, httpx_logger.level)
+    settings = Settings(log_level=level, otel_exporter_otlp_endpoint=endpoint, state_dir=tmp_path)
     try:
-        configure_logging(Settings(log_level=level))
+        configure_logging(settings)
         httpx_logger.info("HTTP Request: GET http://provider/ok")
         httpx_logger.warning("provider answered slowly")
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]

@@ -121,11 +121,12 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    # httpx logs every request at INFO. Each provider call already has its span, with
-    # method, URL and status, so below DEBUG the line would only repeat it: about half of
-    # a worker's log volume, and a JSON line formatted per call.
-    quiet = logging.WARNING if root.getEffectiveLevel() > logging.DEBUG else logging.NOTSET
-    logging.getLogger("httpx").setLevel(quiet)
+    # httpx logs every request at INFO. Where spans are exported, each provider call has
+    # its span, with method, URL and status, and below DEBUG the line would only repeat
+    # it: about half of a worker's log volume, and a JSON line formatted per call.
+    spans = settings.otlp_endpoint is not None
+    quiet = spans and root.getEffectiveLevel() > logging.DEBUG
+    logging.getLogger("httpx").setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def configure_metrics(settings: Settings) -> MeterProvider:
