@@ -140,9 +140,10 @@ def _read_log_tail(path: Path, start: int, lines: int) -> str:
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
-#: A log past this size when its process (re)starts is moved to ``<name>.1`` (replacing
-#: the one there) and begun afresh: a stack that runs for days keeps at most about twice
-#: this per process, plus what its current run wrote.
+#: A log past this size when its process (re)starts is moved, whole, to ``<name>.1``
+#: (replacing the one there) and begun afresh. A process's logs are then its current
+#: file and one set aside, each this much at most plus one run's output: restarts no
+#: longer pile up, though a single run that never restarts still grows its file.
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
 
 
@@ -160,6 +161,7 @@ def _open_log_for_child(path: Path, argv: Sequence[str]) -> tuple[int, int]:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with suppress(FileNotFoundError):
         if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.chmod(path, 0o600)  # an earlier run's may be readable to others
             os.replace(path, path.with_name(path.name + ".1"))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

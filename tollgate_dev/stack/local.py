@@ -7,6 +7,7 @@ also when starting failed half-way. State lives under one directory::
     <state_dir>/pgdata.owner-password   password of its schema owner (0600)
     <state_dir>/temporal.db             the dev server's SQLite store
     <state_dir>/logs/*.log              one log per process, appended across runs
+    <state_dir>/logs/*.log.1            the one before, set aside past 64 MiB
     <state_dir>/run/*.json              pids of running children, to reap them after a crash
     <state_dir>/stack.lock              held while a stack runs from this directory
     <state_dir>/payload.key             the payload encryption key (0600), created on first start
@@ -472,7 +473,7 @@ class LocalStack(StartStop):
         private_directory(self.state_dir, traverse_gid=gid)
         private_directory(self.log_dir)
         # The one account that may pass through could still open a file it can name.
-        for path in (*self.state_dir.iterdir(), *self.log_dir.glob("*.log")):
+        for path in (*self.state_dir.iterdir(), *self.log_dir.glob("*.log*")):
             if path.is_file():
                 tighten_file(path)
 
