@@ -7,8 +7,9 @@ the replayer fails here first.
 Each generation of the workflow code keeps its histories, since executions started
 under it may still be running when the next one deploys: ``*_regular_store`` were
 recorded before the store's reads and writes became local activities,
-``*_local_store`` before the moves before each step went into the step's activity, and
-the plain names by today's code. After an intentional, patched change, rename today's files after what
+``*_local_store`` before the moves before each step went into the step's activity,
+``*_moves_in_steps`` before one patch marker stood for those two, and the plain names
+by today's code. After an intentional, patched change, rename today's files after what
 the change replaced and record new ones with ``TOLLGATE_RECORD_HISTORY=1`` on the tests
 that save them (tests/recording.py).
 """

@@ -5,7 +5,8 @@ up, completed) and every workflow task another; a local activity costs neither, 
 each still costs the worker a workflow activation. A happy-path order makes three
 activity round trips (its provider calls: validate, charge, reserve), each of which
 first moves the row (validate also records the order, and reserve completes it once
-the stock is held), in four workflow tasks, and no local activity.
+the stock is held), in four workflow tasks, and no local activity. It records one patch marker, since each
+marker costs the server an event and a search-attribute write.
 
 Validation stays a regular activity although it only reads: as a local activity it
 ran inside the workflow task that records the order, so while a slow catalog answered,
@@ -44,5 +45,7 @@ async def test_a_completed_order_makes_three_activity_round_trips_in_four_workfl
 
     assert scheduled == ["validate_order", "charge_payment", "reserve_inventory"]
     assert events[EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED] == 4
-    # no local activity: only the two patches the code is at
-    assert events[EventType.EVENT_TYPE_MARKER_RECORDED] == 2
+    # no local activity, and one patch marker: the one that stands for the code's patches
+    assert events[EventType.EVENT_TYPE_MARKER_RECORDED] == 1
+    # its TemporalChangeVersion, and the status at CHARGING, RESERVING and COMPLETED
+    assert events[EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES] == 4

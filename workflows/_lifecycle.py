@@ -222,6 +222,12 @@ LOCAL_STORE_PATCH = "local-store-activities"
 #: reservation): one activity instead of a local one and a regular one. Histories
 #: recorded before it replay with the moves apart.
 MOVES_IN_STEPS_PATCH = "moves-in-steps"
+#: Patch that stands for both of the above in a run that records it, as one marker.
+#: Each patch a run records costs a marker event and a search-attribute write
+#: (``TemporalChangeVersion``) on the server, and every run of today's code recorded
+#: both. Histories recorded before it replay through the two above, as they were
+#: recorded; the code they select is today's either way.
+LIFECYCLE_PATCH = "local-store-and-moves-in-steps"
 
 
 class StepFailed(Exception):
@@ -320,9 +326,16 @@ class LifecycleWorkflow(Generic[StatusT, StopT]):
     def patch_store(self) -> bool:
         """Whether store activities run local (this code) or regular (a history recorded
         before :data:`LOCAL_STORE_PATCH`), and whether forward steps make their own moves
-        (:data:`MOVES_IN_STEPS_PATCH`). Call once, at the start of the run."""
-        self._local_store = workflow.patched(LOCAL_STORE_PATCH)
-        self._moves_in_steps = self._local_store and workflow.patched(MOVES_IN_STEPS_PATCH)
+        (:data:`MOVES_IN_STEPS_PATCH`). Call once, at the start of the run.
+
+        A run of today's code records one marker, :data:`LIFECYCLE_PATCH`; only a history
+        without it (recorded before it) is asked about the two older patches.
+        """
+        if workflow.patched(LIFECYCLE_PATCH):
+            self._local_store = self._moves_in_steps = True
+        else:
+            self._local_store = workflow.patched(LOCAL_STORE_PATCH)
+            self._moves_in_steps = self._local_store and workflow.patched(MOVES_IN_STEPS_PATCH)
         return self._local_store
 
     async def store(
