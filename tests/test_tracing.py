@@ -39,6 +39,7 @@ from tollgate.tracing import parse_traceparent
 from tollgate_dev.commands import order_trace
 from tollgate_dev.sandbox import FaultSpec
 from tollgate_dev.traces import SpanRecord
+from tollgate_dev.traces.waterfall import describe_sql
 
 
 async def _starter(h: Harness, *args: str, **env: str) -> tuple[int, str, str]:
@@ -389,3 +390,27 @@ def test_provider_requests_are_logged_unless_their_spans_say_as_much(
     messages = [line["message"] for line in lines if line["logger"] == "httpx"]
     expected = ["HTTP Request: GET http://provider/ok"] if logged else []
     assert messages == [*expected, "provider answered slowly"]
+
+
+@pytest.mark.parametrize(
+    ("statement", "label"),
+    [
+        (
+            "WITH writer AS MATERIALIZED (SELECT set_config('tollgate.actor', $1, true)),"
+            " inserted AS (INSERT INTO orders (id, status) SELECT $4, $5"
+            " WHERE EXISTS (SELECT FROM writer) ON CONFLICT (id) DO NOTHING RETURNING *)"
+            " SELECT * FROM inserted UNION ALL SELECT * FROM orders WHERE id = $4",
+            "SQL INSERT orders",
+        ),
+        (
+            "WITH writer AS MATERIALIZED (SELECT set_config('tollgate.actor', $1, true))\n"
+            "  UPDATE messages SET status = $6 WHERE id = $4 RETURNING version",
+            "SQL UPDATE messages",
+        ),
+        ("SELECT status, version FROM orders WHERE id = $1", "SQL SELECT orders"),
+        ("WITH due AS (SELECT id FROM orders) SELECT * FROM due", "SQL SELECT due"),
+    ],
+)
+def test_a_waterfall_names_a_statement_by_what_it_writes(statement: str, label: str) -> None:
+    """The insert-or-match is a SELECT over a CTE that inserts: it shows as the insert."""
+    assert describe_sql(statement) == label

@@ -25,6 +25,9 @@ from tollgate_dev.traces.store import SpanRecord
 BAR_WIDTH = 28
 
 _WITH_PREFIX = re.compile(r"^WITH\b.*?\)\s*(INSERT|UPDATE|SELECT|DELETE)\b", re.IGNORECASE)
+#: The first write in a statement that begins with ``WITH``: a write in a CTE (the
+#: insert-or-match's ``inserted AS (INSERT ...)``) is what the statement is for.
+_FIRST_WRITE = re.compile(r"\b(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
 _TEMPORAL_LABELS = {
     "RunWorkflow": "workflow",
@@ -60,6 +63,9 @@ def describe_sql(statement: str) -> str:
     """``SQL <verb> <what>``, short: the statement's own first words, with Tollgate's
     ``WITH writer AS (...)`` preamble skipped to the statement it guards."""
     flat = _SPACES.sub(" ", statement).strip().rstrip(";")
+    write = _FIRST_WRITE.search(flat) if flat[:4].upper() == "WITH" else None
+    if write is not None:
+        return f"SQL {write.group(1).split(' ')[0].upper()} {write.group(2)}"
     match = _WITH_PREFIX.match(flat)
     if match is not None:
         flat = flat[match.start(1) :]
