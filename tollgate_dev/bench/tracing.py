@@ -93,11 +93,12 @@ class TracingReport(BaseModel):
     #: Median of the rounds' own on / off ratios (each round's batches ran back to back).
     round_ratio_median: float
     per_round: list[RoundResult]
-    #: Spans of one order's trace, over the orders exported: median, least, most.
     #: CPU (user + system) of each mode's worker per measured order, idle polling
     #: while the other mode's batches ran included (the same for both).
     worker_cpu_ms_on: float
     worker_cpu_ms_off: float
+    #: Spans of one order's trace, over the orders exported: median, least, most (one
+    #: SQL span more where validation's insert waited on the service's commit).
     spans_median: float
     spans_min: int
     spans_max: int
