@@ -104,6 +104,16 @@ def path_to(edges: Iterable[tuple[State, State]], start: State, target: State) -
     return path[::-1][1:]
 
 
+def order_input(prefix: str, *, customer_id: str = "alice", amount_cents: int = 100) -> OrderInput:
+    """A fresh order of one WIDGET, id ``<prefix>-<random>``."""
+    return OrderInput(
+        order_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
+        customer_id=customer_id,
+        items=[{"sku": "WIDGET", "quantity": 1}],
+        amount_cents=amount_cents,
+    )
+
+
 async def new_order(
     pool: asyncpg.Pool,
     prefix: str,
@@ -113,12 +123,7 @@ async def new_order(
     amount_cents: int = 100,
 ) -> str:
     """Insert a fresh PENDING order the way the CLI does; its id, ``<prefix>-<random>``."""
-    order = OrderInput(
-        order_id=f"{prefix}-{uuid.uuid4().hex[:12]}",
-        customer_id=customer_id,
-        items=[{"sku": "WIDGET", "quantity": 1}],
-        amount_cents=amount_cents,
-    )
+    order = order_input(prefix, customer_id=customer_id, amount_cents=amount_cents)
     async with pool.acquire() as conn:
         await order_store.insert_order(
             conn, order, workflow_id=f"order-{order.order_id}", actor=actor

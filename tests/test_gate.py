@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,16 @@ import asyncpg
 import pytest
 
 from tests.conftest import apply_transition
-from tests.db import attempt, audit_refusal, execute_as, move, new_message, new_order, path_to
+from tests.db import (
+    attempt,
+    audit_refusal,
+    execute_as,
+    move,
+    new_message,
+    new_order,
+    order_input,
+    path_to,
+)
 from tollgate import gate
 from tollgate.errors import OrderCancelled, VersionConflict
 from tollgate.lifecycle import LifecycleStatus
@@ -29,7 +37,6 @@ from tollgate.messages import store as message_store
 from tollgate.messages.states import MessageStatus
 from tollgate.migrate import SCHEMA_DIR, MigrationError, apply_migrations
 from tollgate.orders import store as order_store
-from tollgate.orders.models import OrderInput
 from tollgate.orders.states import ORDER_EDGES, OrderStatus
 
 S = OrderStatus
@@ -344,12 +351,7 @@ async def test_an_insert_that_waits_on_anothers_uncommitted_insert_matches_it(
     """The service's insert is still uncommitted when the workflow's first activity
     inserts the same order: the activity waits, then finds the row that committed
     meanwhile (outside the snapshot its own statement started with) and matches it."""
-    order = OrderInput(
-        order_id=f"r-{uuid.uuid4().hex[:12]}",
-        customer_id="alice",
-        items=[{"sku": "WIDGET", "quantity": 1}],
-        amount_cents=100,
-    )
+    order = order_input("r")
     workflow_id = f"order-{order.order_id}"
     async with pool.acquire() as service, pool.acquire() as activity:
         committing = service.transaction()
@@ -373,12 +375,7 @@ async def test_a_second_insert_matches_an_identical_row_and_refuses_a_different_
     """The service and the workflow's first activity both insert the row, whichever is
     second finds it. An order with the same id but another customer or amount is someone
     else's: refused, and the row stays as the first writer left it."""
-    first = OrderInput(
-        order_id=f"m-{uuid.uuid4().hex[:12]}",
-        customer_id="alice",
-        items=[{"sku": "WIDGET", "quantity": 1}],
-        amount_cents=100,
-    )
+    first = order_input("m")
     workflow_id = f"order-{first.order_id}"
     async with pool.acquire() as conn:
         inserted = await order_store.insert_order(conn, first, workflow_id=workflow_id, actor="a")

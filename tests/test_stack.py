@@ -542,20 +542,21 @@ async def test_stack_restarts_a_killed_worker_and_stops_supervising_on_stop(
         assert _mode(log) == 0o600, log
 
 
+#: A fake worker that says it is ready and waits to be stopped.
+_READY_THEN_WAITING = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print("worker ready")
+time.sleep(60)
+"""
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
 async def test_log_files_are_created_private_and_old_ones_tightened(tmp_path: Path) -> None:
-    project = _fake_worker(
-        tmp_path / "project",
-        """
-        import signal, sys, time
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print("worker ready")
-        time.sleep(60)
-        """,
-    )
+    project = _fake_worker(tmp_path / "project", _READY_THEN_WAITING)
     earlier = tmp_path / "logs" / "worker.log"
     earlier.parent.mkdir()
     earlier.write_text("a line from an earlier run\n")
@@ -575,15 +576,7 @@ async def test_a_log_past_its_bound_is_set_aside_when_its_process_restarts(
     """A stack left running for days restarts its worker now and then; the worker's log
     does not grow without end: past the bound it becomes ``worker.log.1``."""
     monkeypatch.setattr(stack_process, "LOG_ROTATE_BYTES", 1000)
-    project = _fake_worker(
-        tmp_path / "project",
-        """
-        import signal, sys, time
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print("worker ready")
-        time.sleep(60)
-        """,
-    )
+    project = _fake_worker(tmp_path / "project", _READY_THEN_WAITING)
     log = tmp_path / "logs" / "worker.log"
     log.parent.mkdir()
     log.write_text("a short earlier run\n")
