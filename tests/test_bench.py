@@ -146,9 +146,9 @@ async def test_tracing_bench_counts_an_orders_spans_and_times_both_modes(
     # calls (the door's catalog call only for a SKU it does not remember: not these).
     # One SQL span more when validation's insert waited on the service's uncommitted one
     # and read the row again (gate.insert_or_match).
-    assert 24 <= report.spans_min <= report.spans_max <= report.spans_min + 1
+    assert {report.spans_min, report.spans_max} <= {24, 25}
     assert report.spans_by_kind["temporal"] == 2 + 2 * 3
-    assert report.spans_by_kind["sql"] >= 9 and report.spans_by_kind["http client"] == 3
+    assert report.spans_by_kind["sql"] in (9, 10) and report.spans_by_kind["http client"] == 3
     text = io.StringIO()
     tracing.print_report(report, Console(file=text, width=120))
     assert "Spans per order: median" in text.getvalue()
