@@ -409,6 +409,10 @@ def test_provider_requests_are_logged_unless_their_spans_say_as_much(
         ),
         ("SELECT status, version FROM orders WHERE id = $1", "SQL SELECT orders"),
         ("WITH due AS (SELECT id FROM orders) SELECT * FROM due", "SQL SELECT due"),
+        (
+            "WITH due AS (SELECT id FROM orders FOR UPDATE SKIP LOCKED) SELECT * FROM due",
+            "SQL SELECT due",
+        ),
     ],
 )
 def test_a_waterfall_names_a_statement_by_what_it_writes(statement: str, label: str) -> None:

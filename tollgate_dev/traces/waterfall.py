@@ -26,8 +26,11 @@ BAR_WIDTH = 28
 
 _WITH_PREFIX = re.compile(r"^WITH\b.*?\)\s*(INSERT|UPDATE|SELECT|DELETE)\b", re.IGNORECASE)
 #: The first write in a statement that begins with ``WITH``: a write in a CTE (the
-#: insert-or-match's ``inserted AS (INSERT ...)``) is what the statement is for.
-_FIRST_WRITE = re.compile(r"\b(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE)
+#: insert-or-match's ``inserted AS (INSERT ...)``) is what the statement is for. A row
+#: lock (``FOR UPDATE``) or an upsert's ``DO UPDATE`` is not a write of its own.
+_FIRST_WRITE = re.compile(
+    r"\b(INSERT\s+INTO|(?<!FOR )(?<!DO )UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE
+)
 _SPACES = re.compile(r"\s+")
 _TEMPORAL_LABELS = {
     "RunWorkflow": "workflow",
