@@ -91,7 +91,7 @@ async def test_quick_bench_reports_every_figure(
     assert (tmp_path / "bench" / "latest.png").stat().st_size == chart_path.stat().st_size
 
     assert _nulls(data) == []
-    assert data["format"] == "tollgate-bench/3"
+    assert data["format"] == "tollgate-bench/4"
     assert set(data["scenarios"]) == SCENARIOS
     for name, scenario in data["scenarios"].items():
         assert set(scenario["levels"]) == {"1", "5", "10", "20", "40"}, name
@@ -104,9 +104,16 @@ async def test_quick_bench_reports_every_figure(
             "runs",
             "worker_seconds",
             "server_seconds",
+            "machine_seconds",
             "worker_seconds_per_run",
             "server_seconds_per_run",
+            "machine_seconds_per_run",
         }
+        # the machine's CPU holds each process's (the kernel counts the machine's by
+        # ticks and a process's more finely, so the sum is not compared)
+        cpu = scenario["cpu"]
+        assert cpu["machine_seconds"] > max(cpu["worker_seconds"], cpu["server_seconds"]) > 0
+        assert cpu["machine_seconds_per_run"] > 0, name
         assert scenario["breakdown"]["samples"] == QUICK.one_at_a_time, name
         assert scenario["breakdown"]["total_ms"] > 0, name
     steps = {k: (v["activities"], v["local_activities"]) for k, v in data["scenarios"].items()}

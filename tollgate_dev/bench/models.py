@@ -13,7 +13,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict
 
 #: Bumped when a figure is renamed or its meaning changes.
-REPORT_FORMAT: Final = "tollgate-bench/3"
+REPORT_FORMAT: Final = "tollgate-bench/4"
 
 #: Scenario keys. They run in the order ``run._scenarios`` lists them.
 ORDERS = "orders"
@@ -114,14 +114,20 @@ class Level(_Frozen):
 
 
 class Cpu(_Frozen):
-    """CPU time used by the worker serving a scenario and by the Temporal server, summed
-    over the scenario's measured phases, and per run that ended as expected."""
+    """CPU time used by the worker serving a scenario, by the Temporal server and by the
+    whole machine, summed over the scenario's measured phases, and per run that ended as
+    expected."""
 
     runs: int
     worker_seconds: float
     server_seconds: float
+    #: Every process's: the caller's side, Postgres and the provider sandbox included
+    #: (:func:`tollgate_dev.bench.procs.machine_busy_seconds`). What a run costs when
+    #: the cores are full, and so what throughput at saturation follows.
+    machine_seconds: float
     worker_seconds_per_run: float
     server_seconds_per_run: float
+    machine_seconds_per_run: float
 
 
 class Breakdown(_Frozen):
@@ -219,7 +225,7 @@ class Server(_Frozen):
 class BenchReport(_Frozen):
     """Everything one run measured."""
 
-    format: Literal["tollgate-bench/3"] = REPORT_FORMAT
+    format: Literal["tollgate-bench/4"] = REPORT_FORMAT
     plan: BenchPlan
     started_at: datetime
     seconds: float

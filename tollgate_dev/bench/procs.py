@@ -78,6 +78,16 @@ def server_flags(pid: int | None) -> tuple[bool | None, list[str], list[str]]:
     return "--db-filename" not in argv, values("--sqlite-pragma"), values("--dynamic-config-value")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy so far, over all cores: every process
+    (the server, both workers, Postgres, the provider sandbox, the trace receiver, this
+    bench), user and system, interrupts included; idle, I/O wait and time stolen by a
+    hypervisor left out."""
+    times = psutil.cpu_times()
+    busy = ("user", "nice", "system", "irq", "softirq")
+    return float(sum(getattr(times, name, 0.0) for name in busy))
+
+
 class ProcessClock:
     """CPU seconds (user + system) a process has used so far; 0 when it is unknown."""
 

@@ -160,8 +160,10 @@ def print_report(report: BenchReport, console: Console) -> None:
                 end_section=level_key == list(scenario.levels)[-1],
             )
     console.print(loops)
-    cpu = Table(title="CPU per run, over the measured phases (worker, Temporal server)")
-    for column in ("scenario", "runs", "worker ms/run", "server ms/run"):
+    cpu = Table(
+        title="CPU per run, over the measured phases (worker, Temporal server, whole machine)"
+    )
+    for column in ("scenario", "runs", "worker ms/run", "server ms/run", "machine ms/run"):
         cpu.add_column(column, justify="left" if column == "scenario" else "right")
     for scenario in report.scenarios.values():
         c = scenario.cpu
@@ -170,6 +172,7 @@ def print_report(report: BenchReport, console: Console) -> None:
             str(c.runs),
             f"{c.worker_seconds_per_run * 1000:.1f}",
             f"{c.server_seconds_per_run * 1000:.1f}",
+            f"{c.machine_seconds_per_run * 1000:.1f}",
         )
     console.print(cpu)
     samples = max(scenario.breakdown.samples for scenario in report.scenarios.values())

@@ -57,7 +57,13 @@ from tollgate_dev.bench.models import (
     Scenario,
     Server,
 )
-from tollgate_dev.bench.procs import ProcessClock, load_average, machine, server_flags
+from tollgate_dev.bench.procs import (
+    ProcessClock,
+    load_average,
+    machine,
+    machine_busy_seconds,
+    server_flags,
+)
 from tollgate_dev.bench.report import ratios
 from tollgate_dev.devices import DevicePlayer, register_recipients, retire_recipients
 from tollgate_dev.load import LOAD_RETRY, load_message, load_order, percentile
@@ -119,6 +125,7 @@ class _Scenario:
     breakdown: Breakdown | None = None
     worker_seconds: float = 0.0
     server_seconds: float = 0.0
+    machine_seconds: float = 0.0
     ok_runs: int = 0
 
     def runner(self, tag: str) -> Callable[[int], Awaitable[str]]:
@@ -142,8 +149,10 @@ class _Scenario:
                 runs=self.ok_runs,
                 worker_seconds=round(self.worker_seconds, 3),
                 server_seconds=round(self.server_seconds, 3),
+                machine_seconds=round(self.machine_seconds, 3),
                 worker_seconds_per_run=round(self.worker_seconds / runs, 5),
                 server_seconds_per_run=round(self.server_seconds / runs, 5),
+                machine_seconds_per_run=round(self.machine_seconds / runs, 5),
             ),
             breakdown=self.breakdown or _UNSAMPLED,
         )
@@ -420,8 +429,9 @@ async def _one_pass(
     s: _Scenario, server: ProcessClock, in_flight: int, runs: int, first: int
 ) -> Pass:
     """One pass of ``s`` at ``in_flight``: runs ``first`` on, then what they left
-    running settled; its worker's and the server's CPU go to ``s``."""
+    running settled; its worker's, the server's and the machine's CPU go to ``s``."""
     worker_before, server_before = s.worker.seconds(), server.seconds()
+    machine_before = machine_busy_seconds()
     loop = await closed_loop(
         s.runner(f"{s.key}-c{in_flight}"),
         runs=runs,
@@ -432,6 +442,7 @@ async def _one_pass(
     await s.settle()
     s.worker_seconds += s.worker.seconds() - worker_before
     s.server_seconds += server.seconds() - server_before
+    s.machine_seconds += machine_busy_seconds() - machine_before
     return loop
 
 
