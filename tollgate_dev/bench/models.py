@@ -123,7 +123,9 @@ class Cpu(_Frozen):
     server_seconds: float
     #: Every process's: the caller's side, Postgres and the provider sandbox included
     #: (:func:`tollgate_dev.bench.procs.machine_busy_seconds`). What a run costs when
-    #: the cores are full, and so what throughput at saturation follows.
+    #: the cores are full, and so what throughput at saturation follows. Work a pass
+    #: leaves behind (span exports, batched every few seconds) may land in the next
+    #: scenario's pass; the turns' alternating order spreads that over all of them.
     machine_seconds: float
     worker_seconds_per_run: float
     server_seconds_per_run: float
